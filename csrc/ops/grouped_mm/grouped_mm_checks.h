@@ -1,0 +1,31 @@
+#pragma once
+
+#include "ops/common.h"
+
+namespace moeyard::ops::detail {
+
+inline void check_grouped_mm_args(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offsets,
+    const char* op) {
+  check_float(input, op, "input");
+  check_dim(input, 2, op, "input", "[rows, in_features]");
+  check_float(weight, op, "weight");
+  check_dim(weight, 3, op, "weight", "[experts, out_features, in_features]");
+  check_same_dtype(input, weight, op, "input", "weight");
+  check_index(offsets, op, "expert_offsets");
+  check_dim(offsets, 1, op, "expert_offsets", "[experts + 1]");
+  TORCH_CHECK(
+      offsets.sym_size(0) == weight.sym_size(0) + 1,
+      op, ": expert_offsets must have num_experts + 1 = ", weight.sym_size(0) + 1,
+      " entries, got ", offsets.sym_size(0));
+  TORCH_CHECK(
+      input.sym_size(1) == weight.sym_size(2),
+      op, ": input has ", input.sym_size(1), " features but weight expects ",
+      weight.sym_size(2), " (weight shape ", weight.sym_sizes(), ")");
+  check_same_device(input, weight, op, "input", "weight");
+  check_same_device(input, offsets, op, "input", "expert_offsets");
+}
+
+} // namespace moeyard::ops::detail

@@ -1,0 +1,269 @@
+// router_topk on the CPU: one fused pass per token (scores, selection bias,
+// group limit, top-k, gather, renormalize, scale), parallel over tokens.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "ops/router_topk/router_topk_checks.h"
+#include "ops/vec_math.h"
+
+namespace moeyard::ops {
+namespace {
+
+constexpr int64_t kTokenGrain = 16;
+
+// Scores of one token into `s` (acc_t), softmax or sigmoid.
+template <typename scalar_t, typename acc_t>
+void score_row(const scalar_t* x, acc_t* s, int64_t E, bool sigmoid) {
+  for (int64_t e = 0; e < E; ++e) {
+    s[e] = static_cast<acc_t>(x[e]);
+  }
+  if (sigmoid) {
+    detail::sigmoid_inplace(s, E);
+  } else {
+    detail::softmax_inplace(s, E);
+  }
+}
+
+template <typename scalar_t>
+void router_topk_kernel(
+    const at::Tensor& logits,
+    const at::Tensor& bias, // acc dtype, contiguous, or undefined
+    int64_t K,
+    bool sigmoid,
+    bool renormalize,
+    double scale,
+    int64_t G,
+    int64_t TG,
+    at::Tensor& weights,
+    at::Tensor& indices,
+    at::Tensor& scores) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = logits.size(0);
+  const int64_t E = logits.size(1);
+  const int64_t group_size = E / G;
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const acc_t* b = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* w_out = weights.mutable_data_ptr<scalar_t>();
+  int64_t* i_out = indices.mutable_data_ptr<int64_t>();
+  scalar_t* s_out = scores.mutable_data_ptr<scalar_t>();
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s(E), sel(E), group_score(G);
+    std::vector<int64_t> order(E), group_order(G);
+    // Higher selection score first, ties to the lower index.
+    auto by_sel = [&](int64_t a, int64_t c) {
+      return sel[a] > sel[c] || (sel[a] == sel[c] && a < c);
+    };
+    auto by_group = [&](int64_t a, int64_t c) {
+      return group_score[a] > group_score[c] ||
+          (group_score[a] == group_score[c] && a < c);
+    };
+    for (int64_t t = begin; t < end; ++t) {
+      score_row(x + t * E, s.data(), E, sigmoid);
+      for (int64_t e = 0; e < E; ++e) {
+        sel[e] = b ? s[e] + b[e] : s[e];
+        s_out[t * E + e] = static_cast<scalar_t>(s[e]);
+      }
+      if (G > 1 && TG < G) {
+        // Group score: sum of the group's two best biased scores.
+        for (int64_t g = 0; g < G; ++g) {
+          const acc_t* p = sel.data() + g * group_size;
+          acc_t best = neg_inf, second = neg_inf;
+          for (int64_t j = 0; j < group_size; ++j) {
+            if (p[j] > best) {
+              second = best;
+              best = p[j];
+            } else if (p[j] > second) {
+              second = p[j];
+            }
+          }
+          group_score[g] = group_size >= 2 ? best + second : best;
+        }
+        std::iota(group_order.begin(), group_order.end(), 0);
+        std::partial_sort(
+            group_order.begin(),
+            group_order.begin() + TG,
+            group_order.end(),
+            by_group);
+        for (int64_t r = TG; r < G; ++r) {
+          acc_t* p = sel.data() + group_order[r] * group_size;
+          std::fill(p, p + group_size, neg_inf);
+        }
+      }
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + K, order.end(), by_sel);
+      acc_t denom = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        denom += s[order[k]];
+      }
+      const acc_t mult = renormalize ? static_cast<acc_t>(scale) /
+              (denom + static_cast<acc_t>(1e-20))
+                                     : static_cast<acc_t>(scale);
+      for (int64_t k = 0; k < K; ++k) {
+        i_out[t * K + k] = order[k];
+        w_out[t * K + k] = static_cast<scalar_t>(s[order[k]] * mult);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_cpu(
+    const at::Tensor& logits_in,
+    int64_t k,
+    c10::string_view score_fn,
+    bool renormalize,
+    double scale,
+    const std::optional<at::Tensor>& selection_bias,
+    int64_t num_groups,
+    int64_t topk_groups) {
+  detail::check_router_topk_args(
+      logits_in, k, score_fn, selection_bias, num_groups, topk_groups);
+  const bool sigmoid = detail::parse_score_fn(score_fn, "router_topk");
+  const auto logits = logits_in.contiguous();
+  const int64_t T = logits.size(0);
+  auto weights = at::empty({T, k}, logits.options());
+  auto indices = at::empty({T, k}, logits.options().dtype(at::kLong));
+  auto scores = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "router_topk_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        at::Tensor bias;
+        if (selection_bias.has_value() && selection_bias->defined()) {
+          bias = selection_bias->to(c10::CppTypeToScalarType<acc_t>::value)
+                     .contiguous();
+        }
+        router_topk_kernel<scalar_t>(
+            logits,
+            bias,
+            k,
+            sigmoid,
+            renormalize,
+            scale,
+            num_groups,
+            topk_groups,
+            weights,
+            indices,
+            scores);
+      });
+  return {weights, indices, scores};
+}
+
+// d logits from d weights and d scores (see docs/ops.md for the derivation).
+template <typename scalar_t>
+void router_topk_backward_kernel(
+    const at::Tensor& grad_weights,
+    const at::Tensor& grad_scores,
+    const at::Tensor& indices,
+    const at::Tensor& scores,
+    bool sigmoid,
+    bool renormalize,
+    double scale,
+    at::Tensor& grad_logits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = scores.size(0);
+  const int64_t E = scores.size(1);
+  const int64_t K = indices.size(1);
+  const scalar_t* gw = grad_weights.const_data_ptr<scalar_t>();
+  const scalar_t* gs_in = grad_scores.const_data_ptr<scalar_t>();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  const scalar_t* s_in = scores.const_data_ptr<scalar_t>();
+  scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
+
+  at::parallel_for(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gs(E), s(E);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t e = 0; e < E; ++e) {
+        gs[e] = static_cast<acc_t>(gs_in[t * E + e]);
+        s[e] = static_cast<acc_t>(s_in[t * E + e]);
+      }
+      const int64_t* it = idx + t * K;
+      const scalar_t* gwt = gw + t * K;
+      for (int64_t k = 0; k < K; ++k) {
+        TORCH_CHECK(
+            it[k] >= 0 && it[k] < E,
+            "router_topk_backward: indices must be in [0, ", E, "), got ",
+            it[k]);
+      }
+      if (renormalize) {
+        // w_k = scale * s_k / D, D = sum_j s_j (+1e-20) over the selected.
+        acc_t D = 0, dot = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          D += s[it[k]];
+        }
+        D += static_cast<acc_t>(1e-20);
+        for (int64_t k = 0; k < K; ++k) {
+          dot += static_cast<acc_t>(gwt[k]) * s[it[k]];
+        }
+        const acc_t c = static_cast<acc_t>(scale) / D;
+        for (int64_t k = 0; k < K; ++k) {
+          gs[it[k]] += c * (static_cast<acc_t>(gwt[k]) - dot / D);
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          gs[it[k]] += static_cast<acc_t>(scale) * static_cast<acc_t>(gwt[k]);
+        }
+      }
+      scalar_t* o = out + t * E;
+      if (sigmoid) {
+        for (int64_t e = 0; e < E; ++e) {
+          o[e] = static_cast<scalar_t>(gs[e] * s[e] * (acc_t(1) - s[e]));
+        }
+      } else {
+        acc_t dot = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          dot += gs[e] * s[e];
+        }
+        for (int64_t e = 0; e < E; ++e) {
+          o[e] = static_cast<scalar_t>(s[e] * (gs[e] - dot));
+        }
+      }
+    }
+  });
+}
+
+at::Tensor router_topk_backward_cpu(
+    const at::Tensor& grad_weights,
+    const at::Tensor& grad_scores,
+    const at::Tensor& indices,
+    const at::Tensor& scores,
+    c10::string_view score_fn,
+    bool renormalize,
+    double scale) {
+  detail::check_router_topk_backward_args(
+      grad_weights, grad_scores, indices, scores, score_fn);
+  const bool sigmoid = detail::parse_score_fn(score_fn, "router_topk_backward");
+  const auto s = scores.contiguous();
+  const auto dt = s.scalar_type();
+  const auto gw = grad_weights.to(dt).contiguous();
+  const auto gs = grad_scores.to(dt).contiguous();
+  const auto idx = indices.contiguous();
+  auto grad_logits = at::empty_like(s, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dt, "router_topk_backward_cpu", [&] {
+        router_topk_backward_kernel<scalar_t>(
+            gw, gs, idx, s, sigmoid, renormalize, scale, grad_logits);
+      });
+  return grad_logits;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
+  m.impl("router_topk", &router_topk_cpu);
+  m.impl("router_topk_backward", &router_topk_backward_cpu);
+}
+
+} // namespace moeyard::ops
