@@ -7,7 +7,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -110,9 +113,8 @@ template <typename Fn>
 void dispatch_rows_weights(
     at::ScalarType rows_t,
     at::ScalarType w_t,
-    const char* name,
     Fn&& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows_t, name, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows_t, "unpermute", [&] {
     if (w_t == rows_t) {
       fn.template operator()<scalar_t, scalar_t>();
     } else {
@@ -132,7 +134,7 @@ at::Tensor unpermute_cpu(
   check_slots(slot, rows.size(0), "unpermute");
   auto y = at::empty({slot.size(0), rows.size(1)}, rows.options());
   dispatch_rows_weights(
-      rows.scalar_type(), weights.scalar_type(), "unpermute_cpu",
+      rows.scalar_type(), weights.scalar_type(),
       [&]<typename scalar_t, typename w_t>() {
         unpermute_kernel<scalar_t, w_t>(rows, slot, weights, y);
       });
@@ -161,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
   auto grad_rows = at::zeros_like(rows, at::MemoryFormat::Contiguous);
   auto grad_weights = at::empty_like(weights, at::MemoryFormat::Contiguous);
   dispatch_rows_weights(
-      rows.scalar_type(), weights.scalar_type(), "unpermute_backward_cpu",
+      rows.scalar_type(), weights.scalar_type(),
       [&]<typename scalar_t, typename w_t>() {
         unpermute_backward_kernel<scalar_t, w_t>(
             grad_y, rows, slot, weights, grad_rows, grad_weights);
