@@ -1,0 +1,11 @@
+"""`moeyard` console entry point: runs the C++ executable installed with the package."""
+
+import os
+import sys
+
+
+def main() -> None:
+    exe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", "moeyard")
+    if not os.path.exists(exe):
+        sys.exit(f"moeyard: the native executable is missing at {exe}; reinstall the package")
+    os.execv(exe, [exe] + sys.argv[1:])

@@ -1,0 +1,176 @@
+"""opcheck, gradcheck and reference checks of every torch.ops.moeyard op."""
+
+import itertools
+
+import pytest
+import torch
+from torch.library import opcheck
+
+ops = torch.ops.moeyard
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _routing(T, E, K, dtype=torch.float32, seed=0, capacity=-1, policy="position"):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g, dtype=dtype)
+    w, idx, _ = ops.router_topk(logits, K)
+    return ops.route_plan(idx, w, E, capacity, policy) + (w, idx)
+
+
+def sample_inputs():
+    """(op name, args, kwargs) covering the options of every op and its backward."""
+    out = []
+    for dtype, (T, E, K) in itertools.product(DTYPES, [(7, 4, 2), (5, 8, 8), (0, 3, 1), (9, 1, 1)]):
+        g = torch.Generator().manual_seed(T * 100 + E)
+        logits = torch.randn(T, E, generator=g).to(dtype)
+        for score_fn, renorm in [("softmax", True), ("sigmoid", False), ("sigmoid", True)]:
+            out.append(("router_topk", (logits.clone().requires_grad_(True), K), dict(score_fn=score_fn, renormalize=renorm, scale=1.5)))
+        if E % 4 == 0 and E >= 4:
+            bias = torch.randn(E, generator=g)
+            out.append(("router_topk", (logits, K), dict(score_fn="sigmoid", selection_bias=bias, num_groups=4, topk_groups=2 if K <= E // 2 else 4)))
+        w, idx, s = ops.router_topk(logits, K)
+        out.append(("router_topk_backward", (torch.randn(T, K).to(dtype), torch.randn(T, E).to(dtype), idx, s, "softmax", True, 2.0), {}))
+        out.append(("router_topk_backward", (torch.randn(T, K).to(dtype), torch.randn(T, E).to(dtype), idx, s, "sigmoid", False, 1.0), {}))
+        for cap, pol in [(-1, "position"), (1, "position"), (2, "probs"), (T + 1, "probs")]:
+            out.append(("route_plan", (idx, w, E, cap, pol), {}))
+        idx_pad = idx.clone()
+        if T > 0:
+            idx_pad[0] = -1
+        out.append(("route_plan", (idx_pad, w, E), {}))
+        H = 6
+        x = torch.randn(T, H, generator=g).to(dtype)
+        for cap in (-1, 1):
+            row_token, slot, offsets, counts = ops.route_plan(idx, w, E, cap)
+            out.append(("permute", (x.clone().requires_grad_(True), row_token), {}))
+            out.append(("permute_backward", (torch.randn(row_token.numel(), H).to(dtype), row_token, T), {}))
+            rows = torch.randn(row_token.numel(), H).to(dtype)
+            for wd in {dtype, torch.float32}:
+                ww = w.to(wd)
+                out.append(("unpermute", (rows.clone().requires_grad_(True), slot, ww.clone().requires_grad_(True)), {}))
+                out.append(("unpermute_backward", (torch.randn(T, H).to(dtype), rows, slot, ww), {}))
+            weight = torch.randn(E, 5, H).to(dtype)
+            out.append(("grouped_mm", (rows.clone().requires_grad_(True), weight.clone().requires_grad_(True), offsets), {}))
+            out.append(("grouped_mm_backward", (torch.randn(rows.shape[0], 5).to(dtype), rows, weight, offsets), {}))
+        gate_up = torch.randn(T, 10, generator=g).to(dtype)
+        out.append(("swiglu", (gate_up.clone().requires_grad_(True),), {}))
+        out.append(("swiglu_backward", (torch.randn(T, 5).to(dtype), gate_up), {}))
+    return out
+
+
+SAMPLES = sample_inputs()
+
+
+@pytest.mark.parametrize("i", range(len(SAMPLES)), ids=[f"{s[0]}-{i}" for i, s in enumerate(SAMPLES)])
+def test_opcheck(i):
+    name, args, kwargs = SAMPLES[i]
+    opcheck(getattr(ops, name).default, args, kwargs)
+
+
+def test_samples_cover_every_op():
+    names = {s[0] for s in SAMPLES}
+    registered = {
+        "router_topk", "router_topk_backward", "route_plan", "permute", "permute_backward",
+        "unpermute", "unpermute_backward", "grouped_mm", "grouped_mm_backward", "swiglu", "swiglu_backward",
+    }
+    assert names == registered
+
+
+# ---- float64 gradcheck of every differentiable op ------------------------------------
+
+
+@pytest.mark.parametrize("score_fn,renorm,groups", [("softmax", True, 1), ("softmax", False, 1), ("sigmoid", True, 2), ("sigmoid", False, 1)])
+def test_gradcheck_router_topk(score_fn, renorm, groups):
+    logits = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64) * 0.1
+    def f(l):
+        w, _, s = ops.router_topk(l, 3, score_fn, renorm, 1.7, bias, groups, groups)
+        return w, s
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+@pytest.mark.parametrize("capacity", [-1, 2])
+def test_gradcheck_permute_unpermute(capacity):
+    row_token, slot, offsets, counts, w, idx = _routing(6, 4, 2, capacity=capacity)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ops.permute(x, row_token), (x,))
+    rows = torch.randn(row_token.numel(), 5, dtype=torch.float64, requires_grad=True)
+    ww = w.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda r, w: ops.unpermute(r, slot, w), (rows, ww))
+
+
+def test_gradcheck_grouped_mm_and_swiglu():
+    row_token, slot, offsets, counts, w, idx = _routing(7, 3, 2)
+    rows = torch.randn(row_token.numel(), 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r, wt: ops.grouped_mm(r, wt, offsets), (rows, weight))
+    gu = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.swiglu, (gu,))
+
+
+# ---- references written with plain torch ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_router_topk_matches_aten(dtype):
+    logits = torch.randn(33, 16).to(dtype)
+    w, idx, s = ops.router_topk(logits, 4)
+    ref_s = logits.float().softmax(-1)
+    ref_w, ref_i = ref_s.topk(4, -1)
+    ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+    tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6
+    torch.testing.assert_close(s.float(), ref_s, atol=tol, rtol=tol)
+    if dtype in (torch.float32, torch.float64):
+        assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(w.float(), ref_w, atol=tol, rtol=tol)
+
+
+def test_route_plan_reference_loop():
+    T, E, K, C = 20, 4, 2, 4
+    row_token, slot, offsets, counts, w, idx = _routing(T, E, K, capacity=C)
+    seen = [0] * E
+    for t in range(T):
+        for k in range(K):
+            e = int(idx[t, k])
+            if seen[e] < C:
+                assert int(slot[t, k]) == e * C + seen[e]
+                assert int(row_token[e * C + seen[e]]) == t
+            else:
+                assert int(slot[t, k]) == -1
+            seen[e] += 1
+    assert counts.tolist() == [min(s, C) for s in seen]
+    assert offsets.tolist() == [e * C for e in range(E + 1)]
+
+
+def test_route_plan_probs_keeps_highest():
+    T, E, K, C = 30, 3, 1, 5
+    row_token, slot, offsets, counts, w, idx = _routing(T, E, K, capacity=C, policy="probs")
+    for e in range(E):
+        mine = [(float(w[t, 0]), -t) for t in range(T) if int(idx[t, 0]) == e]
+        keep = sorted(sorted(mine, reverse=True)[:C], key=lambda p: -p[1])
+        got = [int(row_token[e * C + j]) for j in range(int(counts[e]))]
+        assert got == [-p[1] for p in keep]
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: ops.router_topk(torch.randn(4, 3), 4), "router_topk: k must be in"),
+        (lambda: ops.router_topk(torch.randn(4, 3), 0), "router_topk: k must be in"),
+        (lambda: ops.router_topk(torch.randn(4, 3), 1, "relu"), "score_fn must be"),
+        (lambda: ops.router_topk(torch.randn(4, 3, dtype=torch.float64).long(), 1), "logits must be float"),
+        (lambda: ops.router_topk(torch.randn(4), 1), "logits must be 2-D"),
+        (lambda: ops.route_plan(torch.tensor([[5]]), torch.ones(1, 1), 3), "indices must be in"),
+        (lambda: ops.route_plan(torch.tensor([[0]]), torch.ones(1, 1), 3, 0), "capacity must be >= 1"),
+        (lambda: ops.route_plan(torch.tensor([[0]]), torch.ones(1, 1), 3, -1, "random"), "drop_policy must be"),
+        (lambda: ops.route_plan(torch.tensor([[0]], dtype=torch.int32), torch.ones(1, 1), 3), "indices must be int64"),
+        (lambda: ops.permute(torch.randn(3, 2), torch.tensor([3])), "row_token must be in"),
+        (lambda: ops.unpermute(torch.randn(3, 2), torch.tensor([[4]]), torch.ones(1, 1)), "slot must be in"),
+        (lambda: ops.grouped_mm(torch.randn(3, 2), torch.randn(2, 4, 5), torch.tensor([0, 1, 3])), "input has 2 features"),
+        (lambda: ops.grouped_mm(torch.randn(3, 2), torch.randn(2, 4, 2).double(), torch.tensor([0, 1, 3])), "same dtype"),
+        (lambda: ops.grouped_mm(torch.randn(3, 2), torch.randn(2, 4, 2), torch.tensor([0, 2, 1])), "non-decreasing"),
+        (lambda: ops.swiglu(torch.randn(3, 5)), "even number of columns"),
+    ],
+)
+def test_bad_input(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
