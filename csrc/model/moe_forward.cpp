@@ -11,37 +11,47 @@ namespace {
 
 // The plan of one routing decision in the form every routing mode shares.
 struct Plan {
-  at::Tensor row_token, slot, offsets, counts; // route_plan's outputs
-  at::Tensor weights; // [T, K'] combine weights (fp32)
-  at::Tensor indices; // reported choice
-  at::Tensor assigned; // [E] fp32: assignments before drops
+  at::Tensor row_token, slot, offsets, counts;  // route_plan's outputs
+  at::Tensor weights;   // [T, K'] combine weights (fp32)
+  at::Tensor indices;   // reported choice
+  at::Tensor assigned;  // [E] fp32: assignments before drops
 };
 
 void check_options(const MoEOptions& o, int64_t E) {
   TORCH_CHECK(
       o.routing == "token_choice" || o.routing == "expert_choice",
       "moe_forward: routing must be 'token_choice' or 'expert_choice', got '",
-      o.routing, "'");
+      o.routing,
+      "'");
   TORCH_CHECK(
       o.noise == "none" || o.noise == "noisy_topk" || o.noise == "gumbel" ||
           o.noise == "jitter",
       "moe_forward: noise must be one of none, noisy_topk, gumbel, jitter, "
-      "got '", o.noise, "'");
+      "got '",
+      o.noise,
+      "'");
   TORCH_CHECK(
       o.top_k >= 1 && o.top_k <= E,
-      "moe_forward: top_k must be in [1, num_experts=", E, "], got ", o.top_k);
+      "moe_forward: top_k must be in [1, num_experts=",
+      E,
+      "], got ",
+      o.top_k);
   TORCH_CHECK(
       o.min_capacity >= 1,
-      "moe_forward: min_capacity must be >= 1, got ", o.min_capacity);
+      "moe_forward: min_capacity must be >= 1, got ",
+      o.min_capacity);
   TORCH_CHECK(
       o.temperature > 0,
-      "moe_forward: temperature must be > 0, got ", o.temperature);
+      "moe_forward: temperature must be > 0, got ",
+      o.temperature);
   TORCH_CHECK(
       o.noise_eps >= 0 && o.noise_eps < 1,
-      "moe_forward: noise_eps must be in [0, 1), got ", o.noise_eps);
+      "moe_forward: noise_eps must be in [0, 1), got ",
+      o.noise_eps);
 }
 
-int64_t capacity_of(double factor, int64_t T, int64_t K, int64_t E, int64_t min_c) {
+int64_t capacity_of(
+    double factor, int64_t T, int64_t K, int64_t E, int64_t min_c) {
   const double c = std::ceil(factor * static_cast<double>(T * K) / E);
   return std::max<int64_t>(min_c, static_cast<int64_t>(c));
 }
@@ -58,15 +68,22 @@ Plan plan_token_choice(
     bias = w.selection_bias;
   }
   auto [weights, indices, s] = ops::router_topk(
-      logits, o.top_k, o.score_fn, o.renormalize, o.scale, bias,
-      o.num_groups, o.topk_groups);
+      logits,
+      o.top_k,
+      o.score_fn,
+      o.renormalize,
+      o.scale,
+      bias,
+      o.num_groups,
+      o.topk_groups);
   scores = s;
   if (valid.defined()) {
     indices = at::where(valid.unsqueeze(1), indices, -1);
   }
-  const int64_t C = o.capacity_factor > 0
-      ? capacity_of(o.capacity_factor, T, o.top_k, E, o.min_capacity)
-      : -1;
+  const int64_t C =
+      o.capacity_factor > 0
+          ? capacity_of(o.capacity_factor, T, o.top_k, E, o.min_capacity)
+          : -1;
   auto [row_token, slot, offsets, counts] =
       ops::route_plan(indices, weights, E, C, o.drop_policy);
   auto assigned = at::zeros({E + 1}, logits.options())
@@ -87,8 +104,8 @@ Plan plan_expert_choice(
   const int64_t T = logits.size(0), E = logits.size(1);
   scores = o.score_fn == "sigmoid" ? logits.sigmoid() : logits.softmax(-1);
   const double factor = o.capacity_factor > 0 ? o.capacity_factor : 1.0;
-  const int64_t C = std::min<int64_t>(
-      T, capacity_of(factor, T, o.top_k, E, o.min_capacity));
+  const int64_t C =
+      std::min<int64_t>(T, capacity_of(factor, T, o.top_k, E, o.min_capacity));
   auto opts = logits.options().dtype(at::kLong);
   auto key = scores.detach();
   if (valid.defined()) {
@@ -96,29 +113,37 @@ Plan plan_expert_choice(
   }
   // Stable descending sort: ties go to the earlier token.
   auto order = std::get<1>(at::sort(key.t(), /*stable=*/true, 1, true));
-  auto chosen = std::get<0>(at::sort(order.narrow(1, 0, C), 1)); // [E, C]
-  auto ok = valid.defined() ? valid.index_select(0, chosen.flatten()).view({E, C})
-                            : at::ones({E, C}, opts.dtype(at::kBool));
+  auto chosen = std::get<0>(at::sort(order.narrow(1, 0, C), 1));  // [E, C]
+  auto ok = valid.defined()
+                ? valid.index_select(0, chosen.flatten()).view({E, C})
+                : at::ones({E, C}, opts.dtype(at::kBool));
   auto rows = at::arange(E * C, opts).view({E, C});
-  auto slot_t = at::full({E, T}, -1, opts)
-                    .scatter_(1, chosen, at::where(ok, rows, -1));
-  auto slot = slot_t.t().contiguous(); // [T, E]
+  auto slot_t =
+      at::full({E, T}, -1, opts).scatter_(1, chosen, at::where(ok, rows, -1));
+  auto slot = slot_t.t().contiguous();  // [T, E]
   auto row_token = at::where(ok, chosen, -1).flatten();
   auto counts = ok.sum(1);
   auto offsets = at::arange(E + 1, opts) * C;
   auto weights = scores * (slot >= 0).to(scores.scalar_type());
-  return {row_token, slot, offsets, counts, weights, chosen,
-          counts.to(logits.scalar_type())};
+  return {
+      row_token,
+      slot,
+      offsets,
+      counts,
+      weights,
+      chosen,
+      counts.to(logits.scalar_type())};
 }
 
-} // namespace
+}  // namespace
 
 MoEOutput moe_forward(
     const at::Tensor& x,
     const MoEWeights& w,
     const MoEOptions& o,
     const at::Tensor& mask) {
-  TORCH_CHECK(x.dim() >= 1, "moe_forward: x must be [..., hidden], got ", x.sizes());
+  TORCH_CHECK(
+      x.dim() >= 1, "moe_forward: x must be [..., hidden], got ", x.sizes());
   TORCH_CHECK(
       w.router_weight.defined() && w.router_weight.dim() == 2,
       "moe_forward: router_weight must be [num_experts, hidden]");
@@ -129,29 +154,47 @@ MoEOutput moe_forward(
   const int64_t E = w.router_weight.size(0);
   TORCH_CHECK(
       w.router_weight.size(1) == H,
-      "moe_forward: router_weight must be [", E, ", ", H, "] for hidden=", H,
-      ", got ", w.router_weight.sizes());
+      "moe_forward: router_weight must be [",
+      E,
+      ", ",
+      H,
+      "] for hidden=",
+      H,
+      ", got ",
+      w.router_weight.sizes());
   TORCH_CHECK(
       w.w_gate_up.dim() == 3 && w.w_gate_up.size(0) == E &&
           w.w_gate_up.size(2) == H && w.w_gate_up.size(1) % 2 == 0,
-      "moe_forward: w_gate_up must be [", E, ", 2F, ", H, "], got ",
+      "moe_forward: w_gate_up must be [",
+      E,
+      ", 2F, ",
+      H,
+      "], got ",
       w.w_gate_up.sizes());
   const int64_t F = w.w_gate_up.size(1) / 2;
   TORCH_CHECK(
       w.w_down.dim() == 3 && w.w_down.size(0) == E && w.w_down.size(1) == H &&
           w.w_down.size(2) == F,
-      "moe_forward: w_down must be [", E, ", ", H, ", ", F, "], got ",
+      "moe_forward: w_down must be [",
+      E,
+      ", ",
+      H,
+      ", ",
+      F,
+      "], got ",
       w.w_down.sizes());
   check_options(o, E);
 
   const auto x2 = x.reshape({-1, H});
   const int64_t T = x2.size(0);
   const int64_t K = o.routing == "expert_choice" ? E : o.top_k;
-  at::Tensor valid; // [T] bool, undefined = all tokens real
+  at::Tensor valid;  // [T] bool, undefined = all tokens real
   if (mask.defined()) {
     TORCH_CHECK(
         mask.numel() == T,
-        "moe_forward: mask must have one entry per token (", T, "), got shape ",
+        "moe_forward: mask must have one entry per token (",
+        T,
+        "), got shape ",
         mask.sizes());
     valid = mask.reshape({T}).to(at::kBool);
   }
@@ -166,13 +209,19 @@ MoEOutput moe_forward(
   if (w.router_bias.defined()) {
     router_bias = w.router_bias.to(at::kFloat);
   }
-  const auto logits = at::linear(xr, w.router_weight.to(at::kFloat), router_bias);
+  const auto logits =
+      at::linear(xr, w.router_weight.to(at::kFloat), router_bias);
   auto route_logits = logits;
   if (train_noise && o.noise == "noisy_topk") {
     TORCH_CHECK(
         w.noise_weight.defined(),
-        "moe_forward: noise 'noisy_topk' needs noise_weight [", E, ", ", H, "]");
-    const auto std_dev = at::softplus(at::linear(xr, w.noise_weight.to(at::kFloat)));
+        "moe_forward: noise 'noisy_topk' needs noise_weight [",
+        E,
+        ", ",
+        H,
+        "]");
+    const auto std_dev =
+        at::softplus(at::linear(xr, w.noise_weight.to(at::kFloat)));
     route_logits = logits + at::randn_like(logits) * std_dev;
   } else if (train_noise && o.noise == "gumbel") {
     const auto u = at::empty_like(logits).uniform_(1e-10, 1.0);
@@ -181,8 +230,8 @@ MoEOutput moe_forward(
 
   at::Tensor scores;
   Plan plan = o.routing == "expert_choice"
-      ? plan_expert_choice(route_logits, valid, o, scores)
-      : plan_token_choice(route_logits, valid, w, o, scores);
+                  ? plan_expert_choice(route_logits, valid, o, scores)
+                  : plan_token_choice(route_logits, valid, w, o, scores);
 
   // Experts on expert-contiguous rows.
   auto rows = ops::permute(x2, plan.row_token);
@@ -222,7 +271,7 @@ MoEOutput moe_forward(
     probs = scores / (scores.sum(-1, true) + 1e-20);
   }
   const auto masked_probs = probs * vw.unsqueeze(1);
-  const auto importance = masked_probs.sum(0); // [E]
+  const auto importance = masked_probs.sum(0);  // [E]
   const auto frac = plan.assigned / (n_valid * o.top_k);
   out.switch_loss = E * (frac * importance / n_valid).sum();
   auto cv2 = [](const at::Tensor& v) {
@@ -233,14 +282,15 @@ MoEOutput moe_forward(
   out.z_loss = (at::logsumexp(logits, -1).square() * vw).sum() / n_valid;
   out.tokens_per_expert = plan.assigned;
   const auto kept = plan.counts.sum().to(at::kFloat);
-  out.dropped_fraction = o.routing == "expert_choice"
-      // fraction of real tokens no expert took
-      ? 1.0 - ((plan.slot >= 0).any(1).to(at::kFloat) * vw).sum() / n_valid
-      : 1.0 - kept / (n_valid * K);
+  out.dropped_fraction =
+      o.routing == "expert_choice"
+          // fraction of real tokens no expert took
+          ? 1.0 - ((plan.slot >= 0).any(1).to(at::kFloat) * vw).sum() / n_valid
+          : 1.0 - kept / (n_valid * K);
   const auto ent = -(probs * at::log(probs.clamp_min(1e-20))).sum(-1);
   out.router_entropy = (ent * vw).sum() / n_valid;
   out.indices = plan.indices;
   return out;
 }
 
-} // namespace moeyard
+}  // namespace moeyard

@@ -11,10 +11,11 @@ namespace moeyard::ops::detail {
 
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 ||
-      t == at::kHalf;
+         t == at::kHalf;
 }
 
-inline void check_defined(const at::Tensor& t, const char* op, const char* arg) {
+inline void check_defined(
+    const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.defined(), op, ": ", arg, " must be a defined tensor");
 }
 
@@ -22,7 +23,10 @@ inline void check_float(const at::Tensor& t, const char* op, const char* arg) {
   check_defined(t, op, arg);
   TORCH_CHECK(
       is_float_dtype(t.scalar_type()),
-      op, ": ", arg, " must be float32, float64, bfloat16 or float16, got ",
+      op,
+      ": ",
+      arg,
+      " must be float32, float64, bfloat16 or float16, got ",
       t.scalar_type());
 }
 
@@ -30,7 +34,11 @@ inline void check_index(const at::Tensor& t, const char* op, const char* arg) {
   check_defined(t, op, arg);
   TORCH_CHECK(
       t.scalar_type() == at::kLong,
-      op, ": ", arg, " must be int64, got ", t.scalar_type());
+      op,
+      ": ",
+      arg,
+      " must be int64, got ",
+      t.scalar_type());
 }
 
 inline void check_dim(
@@ -41,7 +49,15 @@ inline void check_dim(
     const char* shape) {
   TORCH_CHECK(
       t.dim() == dim,
-      op, ": ", arg, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
+      op,
+      ": ",
+      arg,
+      " must be ",
+      dim,
+      "-D ",
+      shape,
+      ", got shape ",
+      t.sizes());
 }
 
 inline void check_same_device(
@@ -52,8 +68,15 @@ inline void check_same_device(
     const char* arg_b) {
   TORCH_CHECK(
       a.device() == b.device(),
-      op, ": ", arg_a, " and ", arg_b, " must be on the same device, got ",
-      a.device(), " and ", b.device());
+      op,
+      ": ",
+      arg_a,
+      " and ",
+      arg_b,
+      " must be on the same device, got ",
+      a.device(),
+      " and ",
+      b.device());
 }
 
 inline void check_same_dtype(
@@ -64,8 +87,15 @@ inline void check_same_dtype(
     const char* arg_b) {
   TORCH_CHECK(
       a.scalar_type() == b.scalar_type(),
-      op, ": ", arg_a, " and ", arg_b, " must have the same dtype, got ",
-      a.scalar_type(), " and ", b.scalar_type());
+      op,
+      ": ",
+      arg_a,
+      " and ",
+      arg_b,
+      " must have the same dtype, got ",
+      a.scalar_type(),
+      " and ",
+      b.scalar_type());
 }
 
 // "softmax" -> false, "sigmoid" -> true; anything else is an error.
@@ -75,7 +105,9 @@ inline bool parse_score_fn(c10::string_view s, const char* op) {
   }
   TORCH_CHECK(
       s == "sigmoid",
-      op, ": score_fn must be 'softmax' or 'sigmoid', got '", std::string(s),
+      op,
+      ": score_fn must be 'softmax' or 'sigmoid', got '",
+      std::string(s),
       "'");
   return true;
 }
@@ -87,9 +119,11 @@ inline bool parse_drop_policy(c10::string_view s, const char* op) {
   }
   TORCH_CHECK(
       s == "probs",
-      op, ": drop_policy must be 'position' or 'probs', got '", std::string(s),
+      op,
+      ": drop_policy must be 'position' or 'probs', got '",
+      std::string(s),
       "'");
   return true;
 }
 
-} // namespace moeyard::ops::detail
+}  // namespace moeyard::ops::detail

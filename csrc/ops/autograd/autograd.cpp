@@ -69,9 +69,7 @@ class RouterTopkFn : public torch::autograd::Function<RouterTopkFn> {
 class PermuteFn : public torch::autograd::Function<PermuteFn> {
  public:
   static at::Tensor forward(
-      AutogradContext* ctx,
-      const at::Tensor& x,
-      const at::Tensor& row_token) {
+      AutogradContext* ctx, const at::Tensor& x, const at::Tensor& row_token) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({row_token});
     ctx->saved_data["num_tokens"] = x.sym_size(0);
@@ -99,7 +97,8 @@ class UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    auto [grad_rows, grad_weights] = unpermute_backward(grads[0], s[0], s[1], s[2]);
+    auto [grad_rows, grad_weights] =
+        unpermute_backward(grads[0], s[0], s[1], s[2]);
     return {grad_rows, {}, grad_weights};
   }
 };
@@ -118,7 +117,8 @@ class GroupedMmFn : public torch::autograd::Function<GroupedMmFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    auto [grad_input, grad_weight] = grouped_mm_backward(grads[0], s[0], s[1], s[2]);
+    auto [grad_input, grad_weight] =
+        grouped_mm_backward(grads[0], s[0], s[1], s[2]);
     return {grad_input, grad_weight, {}};
   }
 };
@@ -163,9 +163,7 @@ at::Tensor permute_autograd(const at::Tensor& x, const at::Tensor& row_token) {
 }
 
 at::Tensor unpermute_autograd(
-    const at::Tensor& rows,
-    const at::Tensor& slot,
-    const at::Tensor& weights) {
+    const at::Tensor& rows, const at::Tensor& slot, const at::Tensor& weights) {
   return UnpermuteFn::apply(rows, slot, weights);
 }
 
@@ -180,7 +178,7 @@ at::Tensor swiglu_autograd(const at::Tensor& gate_up) {
   return SwigluFn::apply(gate_up);
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Autograd, m) {
   m.impl("router_topk", &router_topk_autograd);
@@ -199,4 +197,4 @@ TORCH_LIBRARY_IMPL(moeyard, Autograd, m) {
   }
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

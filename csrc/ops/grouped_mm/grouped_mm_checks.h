@@ -18,14 +18,23 @@ inline void check_grouped_mm_args(
   check_dim(offsets, 1, op, "expert_offsets", "[experts + 1]");
   TORCH_CHECK(
       offsets.sym_size(0) == weight.sym_size(0) + 1,
-      op, ": expert_offsets must have num_experts + 1 = ", weight.sym_size(0) + 1,
-      " entries, got ", offsets.sym_size(0));
+      op,
+      ": expert_offsets must have num_experts + 1 = ",
+      weight.sym_size(0) + 1,
+      " entries, got ",
+      offsets.sym_size(0));
   TORCH_CHECK(
       input.sym_size(1) == weight.sym_size(2),
-      op, ": input has ", input.sym_size(1), " features but weight expects ",
-      weight.sym_size(2), " (weight shape ", weight.sym_sizes(), ")");
+      op,
+      ": input has ",
+      input.sym_size(1),
+      " features but weight expects ",
+      weight.sym_size(2),
+      " (weight shape ",
+      weight.sym_sizes(),
+      ")");
   check_same_device(input, weight, op, "input", "weight");
   check_same_device(input, offsets, op, "input", "expert_offsets");
 }
 
-} // namespace moeyard::ops::detail
+}  // namespace moeyard::ops::detail

@@ -35,8 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_meta(
   detail::check_route_plan_args(
       indices, weights, num_experts, capacity, drop_policy);
   const auto opts = indices.options();
-  c10::SymInt N = capacity < 0 ? indices.sym_numel()
-                               : c10::SymInt(num_experts * capacity);
+  c10::SymInt N =
+      capacity < 0 ? indices.sym_numel() : c10::SymInt(num_experts * capacity);
   auto row_token = at::empty_symint({N}, opts);
   auto slot = at::empty_symint(indices.sym_sizes(), opts);
   auto offsets = at::empty({num_experts + 1}, opts);
@@ -44,10 +44,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_meta(
   return {row_token, slot, offsets, counts};
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Meta, m) {
   m.impl("route_plan", &route_plan_meta);
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

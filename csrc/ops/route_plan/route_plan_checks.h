@@ -16,15 +16,20 @@ inline void check_route_plan_args(
   check_float(weights, op, "weights");
   TORCH_CHECK(
       weights.sym_sizes() == indices.sym_sizes(),
-      op, ": weights must have the shape of indices ", indices.sym_sizes(),
-      ", got ", weights.sym_sizes());
+      op,
+      ": weights must have the shape of indices ",
+      indices.sym_sizes(),
+      ", got ",
+      weights.sym_sizes());
   check_same_device(indices, weights, op, "indices", "weights");
   TORCH_CHECK(
       num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
   TORCH_CHECK(
       capacity == -1 || capacity >= 1,
-      op, ": capacity must be >= 1 (or -1 for dropless), got ", capacity);
+      op,
+      ": capacity must be >= 1 (or -1 for dropless), got ",
+      capacity);
   parse_drop_policy(drop_policy, op);
 }
 
-} // namespace moeyard::ops::detail
+}  // namespace moeyard::ops::detail

@@ -2,9 +2,9 @@
 
 #include "ops/router_topk/router_topk.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "ops/router_topk/router_topk_checks.h"
@@ -83,11 +83,11 @@ at::Tensor router_topk_backward_meta(
   return at::empty_like(scores, at::MemoryFormat::Contiguous);
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Meta, m) {
   m.impl("router_topk", &router_topk_meta);
   m.impl("router_topk_backward", &router_topk_backward_meta);
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

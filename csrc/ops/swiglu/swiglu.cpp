@@ -34,17 +34,16 @@ at::Tensor swiglu_meta(const at::Tensor& gate_up) {
 }
 
 at::Tensor swiglu_backward_meta(
-    const at::Tensor& grad,
-    const at::Tensor& gate_up) {
+    const at::Tensor& grad, const at::Tensor& gate_up) {
   detail::check_swiglu_backward_args(grad, gate_up);
   return at::empty_like(gate_up, at::MemoryFormat::Contiguous);
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Meta, m) {
   m.impl("swiglu", &swiglu_meta);
   m.impl("swiglu_backward", &swiglu_backward_meta);
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

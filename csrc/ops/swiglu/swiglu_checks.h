@@ -9,22 +9,27 @@ inline void check_swiglu_args(const at::Tensor& gate_up, const char* op) {
   check_dim(gate_up, 2, op, "gate_up", "[rows, 2 * ffn]");
   TORCH_CHECK(
       gate_up.sym_size(1) % 2 == 0,
-      op, ": gate_up must have an even number of columns (gate then up), got ",
+      op,
+      ": gate_up must have an even number of columns (gate then up), got ",
       gate_up.sym_size(1));
 }
 
 inline void check_swiglu_backward_args(
-    const at::Tensor& grad,
-    const at::Tensor& gate_up) {
+    const at::Tensor& grad, const at::Tensor& gate_up) {
   constexpr const char* op = "swiglu_backward";
   check_swiglu_args(gate_up, op);
   check_float(grad, op, "grad");
   TORCH_CHECK(
       grad.dim() == 2 && grad.sym_size(0) == gate_up.sym_size(0) &&
           grad.sym_size(1) * 2 == gate_up.sym_size(1),
-      op, ": grad must have shape [", gate_up.sym_size(0), ", ",
-      gate_up.sym_size(1) / 2, "], got ", grad.sym_sizes());
+      op,
+      ": grad must have shape [",
+      gate_up.sym_size(0),
+      ", ",
+      gate_up.sym_size(1) / 2,
+      "], got ",
+      grad.sym_sizes());
   check_same_device(grad, gate_up, op, "grad", "gate_up");
 }
 
-} // namespace moeyard::ops::detail
+}  // namespace moeyard::ops::detail

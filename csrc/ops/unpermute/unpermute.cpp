@@ -12,9 +12,7 @@
 namespace moeyard::ops {
 
 at::Tensor unpermute(
-    const at::Tensor& rows,
-    const at::Tensor& slot,
-    const at::Tensor& weights) {
+    const at::Tensor& rows, const at::Tensor& slot, const at::Tensor& weights) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("moeyard::unpermute", "")
                        .typed<decltype(unpermute)>();
@@ -35,9 +33,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(
 namespace {
 
 at::Tensor unpermute_meta(
-    const at::Tensor& rows,
-    const at::Tensor& slot,
-    const at::Tensor& weights) {
+    const at::Tensor& rows, const at::Tensor& slot, const at::Tensor& weights) {
   detail::check_unpermute_args(rows, slot, weights, "unpermute");
   return at::empty_symint({slot.sym_size(0), rows.sym_size(1)}, rows.options());
 }
@@ -53,11 +49,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_meta(
       at::empty_like(weights, at::MemoryFormat::Contiguous)};
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Meta, m) {
   m.impl("unpermute", &unpermute_meta);
   m.impl("unpermute_backward", &unpermute_backward_meta);
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

@@ -11,9 +11,7 @@ namespace moeyard::ops {
 // (float32 or the dtype of rows). Gathers per token, accumulates in float32
 // (float64 for float64 rows). Returns y [T, H] in the dtype of rows.
 at::Tensor unpermute(
-    const at::Tensor& rows,
-    const at::Tensor& slot,
-    const at::Tensor& weights);
+    const at::Tensor& rows, const at::Tensor& slot, const at::Tensor& weights);
 
 // Gradients of unpermute: grad_rows [N, H] (zero on rows no slot points to)
 // and grad_weights [T, K] (zero where slot == -1).
@@ -23,4 +21,4 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(
     const at::Tensor& slot,
     const at::Tensor& weights);
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

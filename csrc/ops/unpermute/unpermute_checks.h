@@ -16,15 +16,21 @@ inline void check_unpermute_args(
   check_float(weights, op, "weights");
   TORCH_CHECK(
       weights.sym_sizes() == slot.sym_sizes(),
-      op, ": weights must have the shape of slot ", slot.sym_sizes(), ", got ",
+      op,
+      ": weights must have the shape of slot ",
+      slot.sym_sizes(),
+      ", got ",
       weights.sym_sizes());
   TORCH_CHECK(
       weights.scalar_type() == rows.scalar_type() ||
           weights.scalar_type() == at::kFloat,
-      op, ": weights must be float32 or the dtype of rows (",
-      rows.scalar_type(), "), got ", weights.scalar_type());
+      op,
+      ": weights must be float32 or the dtype of rows (",
+      rows.scalar_type(),
+      "), got ",
+      weights.scalar_type());
   check_same_device(rows, slot, op, "rows", "slot");
   check_same_device(rows, weights, op, "rows", "weights");
 }
 
-} // namespace moeyard::ops::detail
+}  // namespace moeyard::ops::detail

@@ -3,8 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
@@ -17,17 +17,24 @@ namespace moeyard::ops {
 namespace {
 
 std::vector<int64_t> read_offsets(
-    const at::Tensor& offsets,
-    int64_t N,
-    const char* op) {
+    const at::Tensor& offsets, int64_t N, const char* op) {
   const auto o = offsets.contiguous();
   const int64_t* p = o.const_data_ptr<int64_t>();
   std::vector<int64_t> v(p, p + o.numel());
   for (size_t e = 0; e + 1 < v.size(); ++e) {
     TORCH_CHECK(
         v[e] >= 0 && v[e] <= v[e + 1] && v[e + 1] <= N,
-        op, ": expert_offsets must be non-decreasing within [0, num_rows=", N,
-        "], got offsets[", e, "]=", v[e], ", offsets[", e + 1, "]=", v[e + 1]);
+        op,
+        ": expert_offsets must be non-decreasing within [0, num_rows=",
+        N,
+        "], got offsets[",
+        e,
+        "]=",
+        v[e],
+        ", offsets[",
+        e + 1,
+        "]=",
+        v[e + 1]);
   }
   return v;
 }
@@ -69,7 +76,12 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(
   TORCH_CHECK(
       grad_out_in.dim() == 2 && grad_out_in.size(0) == N &&
           grad_out_in.size(1) == Dout,
-      op, ": grad_out must have shape [", N, ", ", Dout, "], got ",
+      op,
+      ": grad_out must have shape [",
+      N,
+      ", ",
+      Dout,
+      "], got ",
       grad_out_in.sizes());
   const auto grad_out = grad_out_in.to(input.scalar_type()).contiguous();
   const auto off = read_offsets(expert_offsets, N, op);
@@ -90,11 +102,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(
   return {grad_input, grad_weight};
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("grouped_mm", &grouped_mm_cpu);
   m.impl("grouped_mm_backward", &grouped_mm_backward_cpu);
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

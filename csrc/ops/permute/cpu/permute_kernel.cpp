@@ -23,8 +23,13 @@ void check_row_tokens(const at::Tensor& row_token, int64_t T, const char* op) {
   for (int64_t i = 0; i < row_token.numel(); ++i) {
     TORCH_CHECK(
         rt[i] >= -1 && rt[i] < T,
-        op, ": row_token must be in [-1, num_tokens=", T, "), got ", rt[i],
-        " at row ", i);
+        op,
+        ": row_token must be in [-1, num_tokens=",
+        T,
+        "), got ",
+        rt[i],
+        " at row ",
+        i);
   }
 }
 
@@ -53,9 +58,7 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& row_token_in) {
 }
 
 at::Tensor permute_backward_cpu(
-    const at::Tensor& grad_rows_in,
-    const at::Tensor& row_token_in,
-    int64_t T) {
+    const at::Tensor& grad_rows_in, const at::Tensor& row_token_in, int64_t T) {
   detail::check_permute_args(
       grad_rows_in, row_token_in, "permute_backward", "grad_rows");
   TORCH_CHECK(T >= 0, "permute_backward: num_tokens must be >= 0, got ", T);
@@ -64,7 +67,9 @@ at::Tensor permute_backward_cpu(
   TORCH_CHECK(
       g.size(0) == row_token.size(0),
       "permute_backward: grad_rows must have one row per row_token entry (",
-      row_token.size(0), "), got ", g.size(0));
+      row_token.size(0),
+      "), got ",
+      g.size(0));
   check_row_tokens(row_token, T, "permute_backward");
   const int64_t H = g.size(1), N = row_token.size(0);
   auto grad_x = at::zeros({T, H}, g.options());
@@ -104,11 +109,11 @@ at::Tensor permute_backward_cpu(
   return grad_x;
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("permute", &permute_cpu);
   m.impl("permute_backward", &permute_backward_cpu);
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

@@ -25,7 +25,7 @@ constexpr int64_t kPairGrain = 4096;
 
 template <typename scalar_t>
 void keep_highest_weights(
-    const int64_t* pairs, // pairs of one expert, in flat order
+    const int64_t* pairs,  // pairs of one expert, in flat order
     int64_t n,
     int64_t C,
     const scalar_t* w,
@@ -62,8 +62,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_cpu(
   for (int64_t p = 0; p < P; ++p) {
     TORCH_CHECK(
         idx[p] >= -1 && idx[p] < E,
-        "route_plan: indices must be in [0, num_experts=", E,
-        ") or -1 (unassigned), got ", idx[p], " at token ", p / K, ", slot ",
+        "route_plan: indices must be in [0, num_experts=",
+        E,
+        ") or -1 (unassigned), got ",
+        idx[p],
+        " at token ",
+        p / K,
+        ", slot ",
         p % K);
   }
 
@@ -114,8 +119,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_cpu(
   at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<int64_t> next(E);
     for (int64_t c = cb; c < ce; ++c) {
-      std::copy(rank_start.begin() + c * E, rank_start.begin() + (c + 1) * E,
-                next.begin());
+      std::copy(
+          rank_start.begin() + c * E,
+          rank_start.begin() + (c + 1) * E,
+          next.begin());
       for (int64_t p = c * chunk; p < std::min(P, (c + 1) * chunk); ++p) {
         const int64_t e = idx[p];
         if (e < 0) {
@@ -141,14 +148,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_cpu(
   if (!place_final) {
     const auto weights = weights_in.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, weights.scalar_type(), "route_plan_probs",
+        at::kHalf,
+        at::kBFloat16,
+        weights.scalar_type(),
+        "route_plan_probs",
         [&] {
           const scalar_t* w = weights.const_data_ptr<scalar_t>();
           at::parallel_for(0, E, 1, [&](int64_t eb, int64_t ee) {
             std::vector<int64_t> kept;
             for (int64_t e = eb; e < ee; ++e) {
-              keep_highest_weights(pair_at.data() + dropless_offset[e],
-                                   total[e], capacity, w, kept);
+              keep_highest_weights(
+                  pair_at.data() + dropless_offset[e],
+                  total[e],
+                  capacity,
+                  w,
+                  kept);
               for (size_t j = 0; j < kept.size(); ++j) {
                 const int64_t row = e * capacity + static_cast<int64_t>(j);
                 sl[kept[j]] = row;
@@ -166,10 +180,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_cpu(
   return {row_token, slot, offsets, counts};
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("route_plan", &route_plan_cpu);
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

@@ -39,7 +39,7 @@ void score_row(const scalar_t* x, acc_t* s, int64_t E, bool sigmoid) {
 template <typename scalar_t>
 void router_topk_kernel(
     const at::Tensor& logits,
-    const at::Tensor& bias, // acc dtype, contiguous, or undefined
+    const at::Tensor& bias,  // acc dtype, contiguous, or undefined
     int64_t K,
     bool sigmoid,
     bool renormalize,
@@ -69,7 +69,7 @@ void router_topk_kernel(
     };
     auto by_group = [&](int64_t a, int64_t c) {
       return group_score[a] > group_score[c] ||
-          (group_score[a] == group_score[c] && a < c);
+             (group_score[a] == group_score[c] && a < c);
     };
     for (int64_t t = begin; t < end; ++t) {
       score_row(x + t * E, s.data(), E, sigmoid);
@@ -110,7 +110,7 @@ void router_topk_kernel(
         denom += s[order[k]];
       }
       const acc_t mult = renormalize ? static_cast<acc_t>(scale) /
-              (denom + static_cast<acc_t>(1e-20))
+                                           (denom + static_cast<acc_t>(1e-20))
                                      : static_cast<acc_t>(scale);
       for (int64_t k = 0; k < K; ++k) {
         i_out[t * K + k] = order[k];
@@ -194,7 +194,9 @@ void router_topk_backward_kernel(
       for (int64_t k = 0; k < K; ++k) {
         TORCH_CHECK(
             it[k] >= 0 && it[k] < E,
-            "router_topk_backward: indices must be in [0, ", E, "), got ",
+            "router_topk_backward: indices must be in [0, ",
+            E,
+            "), got ",
             it[k]);
       }
       if (renormalize) {
@@ -259,11 +261,11 @@ at::Tensor router_topk_backward_cpu(
   return grad_logits;
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("router_topk", &router_topk_cpu);
   m.impl("router_topk_backward", &router_topk_backward_cpu);
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

@@ -25,7 +25,8 @@ inline T sigmoid_scalar(T x) {
 
 // One row: out[j] = silu(g[j]) * u[j].
 template <typename scalar_t>
-void swiglu_row(const scalar_t* g, const scalar_t* u, scalar_t* out, int64_t F) {
+void swiglu_row(
+    const scalar_t* g, const scalar_t* u, scalar_t* out, int64_t F) {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t j = 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -97,8 +98,7 @@ at::Tensor swiglu_cpu(const at::Tensor& gate_up_in) {
 }
 
 at::Tensor swiglu_backward_cpu(
-    const at::Tensor& grad_in,
-    const at::Tensor& gate_up_in) {
+    const at::Tensor& grad_in, const at::Tensor& gate_up_in) {
   detail::check_swiglu_backward_args(grad_in, gate_up_in);
   const auto gate_up = gate_up_in.contiguous();
   const auto grad = grad_in.to(gate_up.scalar_type()).contiguous();
@@ -106,7 +106,10 @@ at::Tensor swiglu_backward_cpu(
   auto grad_gate_up = at::empty_like(gate_up, at::MemoryFormat::Contiguous);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, gate_up.scalar_type(), "swiglu_backward_cpu",
+      at::kHalf,
+      at::kBFloat16,
+      gate_up.scalar_type(),
+      "swiglu_backward_cpu",
       [&] {
         const scalar_t* x = gate_up.const_data_ptr<scalar_t>();
         const scalar_t* dy = grad.const_data_ptr<scalar_t>();
@@ -122,11 +125,11 @@ at::Tensor swiglu_backward_cpu(
   return grad_gate_up;
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("swiglu", &swiglu_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops

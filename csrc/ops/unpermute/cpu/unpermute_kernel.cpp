@@ -8,7 +8,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
@@ -26,8 +25,15 @@ void check_slots(const at::Tensor& slot, int64_t N, const char* op) {
   for (int64_t p = 0; p < slot.numel(); ++p) {
     TORCH_CHECK(
         s[p] >= -1 && s[p] < N,
-        op, ": slot must be in [-1, num_rows=", N, "), got ", s[p],
-        " at token ", p / K, ", slot ", p % K);
+        op,
+        ": slot must be in [-1, num_rows=",
+        N,
+        "), got ",
+        s[p],
+        " at token ",
+        p / K,
+        ", slot ",
+        p % K);
   }
 }
 
@@ -110,17 +116,15 @@ void unpermute_backward_kernel(
 
 // Calls fn.template operator()<scalar_t, w_t>() for the dtype pair in use.
 template <typename Fn>
-void dispatch_rows_weights(
-    at::ScalarType rows_t,
-    at::ScalarType w_t,
-    Fn&& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows_t, "unpermute", [&] {
-    if (w_t == rows_t) {
-      fn.template operator()<scalar_t, scalar_t>();
-    } else {
-      fn.template operator()<scalar_t, float>();
-    }
-  });
+void dispatch_rows_weights(at::ScalarType rows_t, at::ScalarType w_t, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, rows_t, "unpermute", [&] {
+        if (w_t == rows_t) {
+          fn.template operator()<scalar_t, scalar_t>();
+        } else {
+          fn.template operator()<scalar_t, float>();
+        }
+      });
 }
 
 at::Tensor unpermute_cpu(
@@ -134,7 +138,8 @@ at::Tensor unpermute_cpu(
   check_slots(slot, rows.size(0), "unpermute");
   auto y = at::empty({slot.size(0), rows.size(1)}, rows.options());
   dispatch_rows_weights(
-      rows.scalar_type(), weights.scalar_type(),
+      rows.scalar_type(),
+      weights.scalar_type(),
       [&]<typename scalar_t, typename w_t>() {
         unpermute_kernel<scalar_t, w_t>(rows, slot, weights, y);
       });
@@ -152,8 +157,13 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
   TORCH_CHECK(
       grad_y_in.dim() == 2 && grad_y_in.size(0) == slot_in.size(0) &&
           grad_y_in.size(1) == rows_in.size(1),
-      op, ": grad_y must have shape [", slot_in.size(0), ", ", rows_in.size(1),
-      "], got ", grad_y_in.sizes());
+      op,
+      ": grad_y must have shape [",
+      slot_in.size(0),
+      ", ",
+      rows_in.size(1),
+      "], got ",
+      grad_y_in.sizes());
   const auto rows = rows_in.contiguous();
   const auto slot = slot_in.contiguous();
   const auto weights = weights_in.contiguous();
@@ -163,7 +173,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
   auto grad_rows = at::zeros_like(rows, at::MemoryFormat::Contiguous);
   auto grad_weights = at::empty_like(weights, at::MemoryFormat::Contiguous);
   dispatch_rows_weights(
-      rows.scalar_type(), weights.scalar_type(),
+      rows.scalar_type(),
+      weights.scalar_type(),
       [&]<typename scalar_t, typename w_t>() {
         unpermute_backward_kernel<scalar_t, w_t>(
             grad_y, rows, slot, weights, grad_rows, grad_weights);
@@ -171,11 +182,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
   return {grad_rows, grad_weights};
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("unpermute", &unpermute_cpu);
   m.impl("unpermute_backward", &unpermute_backward_cpu);
 }
 
-} // namespace moeyard::ops
+}  // namespace moeyard::ops
