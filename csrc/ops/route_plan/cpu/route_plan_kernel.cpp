@@ -1,9 +1,5 @@
-// route_plan on the CPU. The same three phases as the CUDA kernel:
-//   1. per-chunk histogram of the (token, slot) pairs over experts,
-//   2. exclusive scan over (expert, chunk) -> each chunk's first rank,
-//   3. stable placement: a pair's rank within its expert is its position in
-//      flat (token, slot) order among the pairs of that expert.
-// The result does not depend on the number of chunks or threads.
+// route_plan on the CPU: the per-chunk functions of kernels/route_plan.cuh
+// (shared with the CUDA kernels), one chunk per thread.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,6 +12,7 @@
 #include <numeric>
 #include <vector>
 
+#include "kernels/route_plan.cuh"
 #include "ops/route_plan/route_plan_checks.h"
 
 namespace moeyard::ops {
@@ -72,35 +69,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_cpu(
         p % K);
   }
 
-  // Phase 1: histogram per chunk.
+  namespace rp = kernels::route_plan;
+  // Phase 1: per-chunk histograms, expert-major table [E, n_chunks].
   const int64_t n_chunks = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), P / kPairGrain));
-  const int64_t chunk = (P + n_chunks - 1) / std::max<int64_t>(n_chunks, 1);
-  std::vector<int64_t> hist(n_chunks * E, 0);
+  const int64_t chunk = kernels::ceil_div(std::max<int64_t>(P, 1), n_chunks);
+  auto chunk_end = [&](int64_t c) { return std::min(P, (c + 1) * chunk); };
+  std::vector<int64_t> table(E * n_chunks);
   at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
-      int64_t* h = hist.data() + c * E;
-      for (int64_t p = c * chunk; p < std::min(P, (c + 1) * chunk); ++p) {
-        if (idx[p] >= 0) {
-          ++h[idx[p]];
-        }
-      }
+      rp::count_chunk(
+          idx, c * chunk, chunk_end(c), E, table.data() + c, n_chunks);
     }
   });
-  // Phase 2: exclusive scan over (expert, chunk) in expert-major order.
-  std::vector<int64_t> total(E, 0), rank_start(n_chunks * E);
-  for (int64_t e = 0; e < E; ++e) {
-    int64_t run = 0;
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      rank_start[c * E + e] = run;
-      run += hist[c * E + e];
+  // Phase 2: exclusive scan in place; chunk 0's value is the expert offset.
+  std::vector<int64_t> dropless_offset(E + 1);
+  int64_t run = 0;
+  for (int64_t i = 0; i < E * n_chunks; ++i) {
+    if (i % n_chunks == 0) {
+      dropless_offset[i / n_chunks] = run;
     }
-    total[e] = run;
+    const int64_t n = table[i];
+    table[i] = run;
+    run += n;
   }
-  std::vector<int64_t> dropless_offset(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) {
-    dropless_offset[e + 1] = dropless_offset[e] + total[e];
-  }
+  dropless_offset[E] = run;
 
   auto row_token = at::full({N}, -1, opts);
   auto slot = at::empty({indices.size(0), K}, opts);
@@ -108,44 +101,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_cpu(
   auto counts = at::empty({E}, opts);
   int64_t* rt = row_token.mutable_data_ptr<int64_t>();
   int64_t* sl = slot.mutable_data_ptr<int64_t>();
-  int64_t* off = offsets.mutable_data_ptr<int64_t>();
-  int64_t* cnt = counts.mutable_data_ptr<int64_t>();
 
-  // Phase 3: stable placement. In capacity mode a pair whose rank reaches C
-  // is dropped (policy "position"); for "probs" the dropless order is built
-  // first and each over-full expert then keeps its C highest weights.
-  const bool place_final = dropless || !by_probs;
-  std::vector<int64_t> pair_at(place_final ? 0 : P);
+  // Phase 3: stable placement, each chunk advancing its own table column.
+  const bool keep_by_position = !by_probs;
+  std::vector<int64_t> pair_at(dropless || keep_by_position ? 0 : P);
   at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<int64_t> next(E);
     for (int64_t c = cb; c < ce; ++c) {
-      std::copy(
-          rank_start.begin() + c * E,
-          rank_start.begin() + (c + 1) * E,
-          next.begin());
-      for (int64_t p = c * chunk; p < std::min(P, (c + 1) * chunk); ++p) {
-        const int64_t e = idx[p];
-        if (e < 0) {
-          sl[p] = -1;
-          continue;
-        }
-        const int64_t r = next[e]++;
-        if (dropless) {
-          sl[p] = dropless_offset[e] + r;
-          rt[sl[p]] = p / K;
-        } else if (!by_probs) {
-          sl[p] = r < capacity ? e * capacity + r : -1;
-          if (r < capacity) {
-            rt[sl[p]] = p / K;
-          }
-        } else {
-          pair_at[dropless_offset[e] + r] = p;
-          sl[p] = -1;
-        }
-      }
+      rp::place_chunk(
+          idx,
+          c * chunk,
+          chunk_end(c),
+          K,
+          capacity,
+          keep_by_position,
+          table.data() + c,
+          n_chunks,
+          dropless_offset.data(),
+          sl,
+          rt,
+          pair_at.data());
     }
   });
-  if (!place_final) {
+  if (!pair_at.empty()) {
+    // "probs": each over-full expert keeps its C highest weights.
     const auto weights = weights_in.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf,
@@ -159,24 +137,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_cpu(
             for (int64_t e = eb; e < ee; ++e) {
               keep_highest_weights(
                   pair_at.data() + dropless_offset[e],
-                  total[e],
+                  dropless_offset[e + 1] - dropless_offset[e],
                   capacity,
                   w,
                   kept);
-              for (size_t j = 0; j < kept.size(); ++j) {
-                const int64_t row = e * capacity + static_cast<int64_t>(j);
-                sl[kept[j]] = row;
-                rt[row] = kept[j] / K;
-              }
+              rp::write_kept(e, kept.data(), kept.size(), K, capacity, sl, rt);
             }
           });
         });
   }
   for (int64_t e = 0; e < E; ++e) {
-    cnt[e] = dropless ? total[e] : std::min(total[e], capacity);
-    off[e] = dropless ? dropless_offset[e] : e * capacity;
+    rp::finish_expert(
+        e,
+        dropless_offset.data(),
+        capacity,
+        offsets.mutable_data_ptr<int64_t>(),
+        counts.mutable_data_ptr<int64_t>(),
+        E);
   }
-  off[E] = dropless ? dropless_offset[E] : E * capacity;
   return {row_token, slot, offsets, counts};
 }
 
