@@ -15,12 +15,14 @@
 #include <numeric>
 #include <vector>
 
+#include "kernels/router_topk.cuh"
 #include "ops/router_topk/router_topk_checks.h"
 #include "ops/vec_math.h"
 
 namespace moeyard::ops {
 namespace {
 
+namespace kr = kernels::router_topk;
 constexpr int64_t kTokenGrain = 16;
 
 // Scores of one token into `s` (acc_t), softmax or sigmoid.
@@ -65,11 +67,10 @@ void router_topk_kernel(
     std::vector<int64_t> order(E), group_order(G);
     // Higher selection score first, ties to the lower index.
     auto by_sel = [&](int64_t a, int64_t c) {
-      return sel[a] > sel[c] || (sel[a] == sel[c] && a < c);
+      return kernels::ranks_before(sel[a], a, sel[c], c);
     };
     auto by_group = [&](int64_t a, int64_t c) {
-      return group_score[a] > group_score[c] ||
-             (group_score[a] == group_score[c] && a < c);
+      return kernels::ranks_before(group_score[a], a, group_score[c], c);
     };
     for (int64_t t = begin; t < end; ++t) {
       score_row(x + t * E, s.data(), E, sigmoid);
@@ -80,17 +81,8 @@ void router_topk_kernel(
       if (G > 1 && TG < G) {
         // Group score: sum of the group's two best biased scores.
         for (int64_t g = 0; g < G; ++g) {
-          const acc_t* p = sel.data() + g * group_size;
-          acc_t best = neg_inf, second = neg_inf;
-          for (int64_t j = 0; j < group_size; ++j) {
-            if (p[j] > best) {
-              second = best;
-              best = p[j];
-            } else if (p[j] > second) {
-              second = p[j];
-            }
-          }
-          group_score[g] = group_size >= 2 ? best + second : best;
+          group_score[g] = kr::group_top2_sum(
+              sel.data() + g * group_size, group_size, neg_inf);
         }
         std::iota(group_order.begin(), group_order.end(), 0);
         std::partial_sort(
@@ -105,17 +97,9 @@ void router_topk_kernel(
       }
       std::iota(order.begin(), order.end(), 0);
       std::partial_sort(order.begin(), order.begin() + K, order.end(), by_sel);
-      acc_t denom = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        denom += s[order[k]];
-      }
-      const acc_t mult = renormalize ? static_cast<acc_t>(scale) /
-                                           (denom + static_cast<acc_t>(1e-20))
-                                     : static_cast<acc_t>(scale);
-      for (int64_t k = 0; k < K; ++k) {
-        i_out[t * K + k] = order[k];
-        w_out[t * K + k] = static_cast<scalar_t>(s[order[k]] * mult);
-      }
+      int64_t* it = i_out + t * K;
+      std::copy(order.begin(), order.begin() + K, it);
+      kr::finalize_weights(s.data(), it, K, renormalize, scale, w_out + t * K);
     }
   });
 }
@@ -199,25 +183,7 @@ void router_topk_backward_kernel(
             "), got ",
             it[k]);
       }
-      if (renormalize) {
-        // w_k = scale * s_k / D, D = sum_j s_j (+1e-20) over the selected.
-        acc_t D = 0, dot = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          D += s[it[k]];
-        }
-        D += static_cast<acc_t>(1e-20);
-        for (int64_t k = 0; k < K; ++k) {
-          dot += static_cast<acc_t>(gwt[k]) * s[it[k]];
-        }
-        const acc_t c = static_cast<acc_t>(scale) / D;
-        for (int64_t k = 0; k < K; ++k) {
-          gs[it[k]] += c * (static_cast<acc_t>(gwt[k]) - dot / D);
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k) {
-          gs[it[k]] += static_cast<acc_t>(scale) * static_cast<acc_t>(gwt[k]);
-        }
-      }
+      kr::add_weight_grad(s.data(), it, gwt, K, renormalize, scale, gs.data());
       scalar_t* o = out + t * E;
       if (sigmoid) {
         for (int64_t e = 0; e < E; ++e) {
