@@ -2,4 +2,4 @@
 
 namespace moeyard {
 inline constexpr const char* kVersion = "0.1.0";
-}  // namespace moeyard
+} // namespace moeyard

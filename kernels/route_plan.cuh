@@ -84,7 +84,7 @@ MOEYARD_HD void place_chunk(
 // Final per-expert outputs once the dropless offsets are known.
 MOEYARD_HD void finish_expert(
     int64_t e,
-    const int64_t* dropless_offset,  // [E + 1]
+    const int64_t* dropless_offset, // [E + 1]
     int64_t capacity,
     int64_t* expert_offsets,
     int64_t* counts,
@@ -122,4 +122,152 @@ MOEYARD_HD void write_kept(
   }
 }
 
-}  // namespace moeyard::kernels::route_plan
+// Pairs per CUDA thread in count/place (the CPU kernel uses one chunk per
+// thread instead; the plan is the same).
+constexpr int64_t kCudaChunk = 32;
+
+#if defined(__CUDACC__)
+
+__global__ void count_kernel(
+    const int64_t* __restrict__ indices,
+    int64_t P,
+    int64_t E,
+    int64_t n_chunks,
+    int64_t* __restrict__ table) {
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       c < n_chunks;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t begin = c * kCudaChunk;
+    const int64_t end = begin + kCudaChunk < P ? begin + kCudaChunk : P;
+    for (int64_t p = begin; p < end; ++p) {
+      MOEYARD_KERNEL_ASSERT(indices[p] >= -1 && indices[p] < E);
+    }
+    count_chunk(indices, begin, end, E, table + c, n_chunks);
+  }
+}
+
+// scan has E * n_chunks + 1 entries: scan[i] = sum of table[0:i).
+__global__ void offsets_kernel(
+    const int64_t* __restrict__ scan,
+    int64_t E,
+    int64_t n_chunks,
+    int64_t* __restrict__ dropless_offset) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       e <= E;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dropless_offset[e] = scan[e * n_chunks];
+  }
+}
+
+__global__ void place_kernel(
+    const int64_t* __restrict__ indices,
+    int64_t P,
+    int64_t K,
+    int64_t capacity,
+    bool keep_by_position,
+    int64_t n_chunks,
+    int64_t* __restrict__ cursor,
+    const int64_t* __restrict__ dropless_offset,
+    int64_t* __restrict__ slot,
+    int64_t* __restrict__ row_token,
+    int64_t* __restrict__ pair_at) {
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       c < n_chunks;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t begin = c * kCudaChunk;
+    const int64_t end = begin + kCudaChunk < P ? begin + kCudaChunk : P;
+    place_chunk(
+        indices,
+        begin,
+        end,
+        K,
+        capacity,
+        keep_by_position,
+        cursor + c,
+        n_chunks,
+        dropless_offset,
+        slot,
+        row_token,
+        pair_at);
+  }
+}
+
+__global__ void finish_kernel(
+    const int64_t* __restrict__ dropless_offset,
+    int64_t capacity,
+    int64_t E,
+    int64_t* __restrict__ expert_offsets,
+    int64_t* __restrict__ counts) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       e < E;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    finish_expert(e, dropless_offset, capacity, expert_offsets, counts, E);
+  }
+}
+
+// "probs": sort keys are the pairs' weights in dropless order.
+template <typename W>
+__global__ void gather_weight_keys(
+    const int64_t* __restrict__ pair_at,
+    const W* __restrict__ weights,
+    const int64_t* __restrict__ dropless_offset,
+    int64_t E,
+    int64_t P,
+    float* __restrict__ keys) {
+  const int64_t assigned = dropless_offset[E];
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       r < P;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    keys[r] = r < assigned ? static_cast<float>(weights[pair_at[r]]) : 0.f;
+  }
+}
+
+// After the descending sort: each expert's first min(count, C) pairs go to
+// kept[e*C ...] with segment bounds for the second (by pair index) sort.
+__global__ void take_kept_kernel(
+    const int64_t* __restrict__ sorted_pairs,
+    const int64_t* __restrict__ dropless_offset,
+    int64_t E,
+    int64_t capacity,
+    int64_t* __restrict__ kept,
+    int64_t* __restrict__ kept_begin,
+    int64_t* __restrict__ kept_end) {
+  for (int64_t e = blockIdx.x; e < E; e += gridDim.x) {
+    const int64_t begin = dropless_offset[e];
+    const int64_t total = dropless_offset[e + 1] - begin;
+    const int64_t n = total < capacity ? total : capacity;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      kept[e * capacity + j] = sorted_pairs[begin + j];
+    }
+    if (threadIdx.x == 0) {
+      kept_begin[e] = e * capacity;
+      kept_end[e] = e * capacity + n;
+    }
+  }
+}
+
+__global__ void write_kept_kernel(
+    const int64_t* __restrict__ kept,
+    const int64_t* __restrict__ kept_end,
+    int64_t E,
+    int64_t K,
+    int64_t capacity,
+    int64_t* __restrict__ slot,
+    int64_t* __restrict__ row_token) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       e < E;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    write_kept(
+        e,
+        kept + e * capacity,
+        kept_end[e] - e * capacity,
+        K,
+        capacity,
+        slot,
+        row_token);
+  }
+}
+
+#endif // __CUDACC__
+
+} // namespace moeyard::kernels::route_plan

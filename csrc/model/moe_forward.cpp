@@ -11,10 +11,10 @@ namespace {
 
 // The plan of one routing decision in the form every routing mode shares.
 struct Plan {
-  at::Tensor row_token, slot, offsets, counts;  // route_plan's outputs
-  at::Tensor weights;   // [T, K'] combine weights (fp32)
-  at::Tensor indices;   // reported choice
-  at::Tensor assigned;  // [E] fp32: assignments before drops
+  at::Tensor row_token, slot, offsets, counts; // route_plan's outputs
+  at::Tensor weights;                          // [T, K'] combine weights (fp32)
+  at::Tensor indices;                          // reported choice
+  at::Tensor assigned; // [E] fp32: assignments before drops
 };
 
 void check_options(const MoEOptions& o, int64_t E) {
@@ -113,14 +113,14 @@ Plan plan_expert_choice(
   }
   // Stable descending sort: ties go to the earlier token.
   auto order = std::get<1>(at::sort(key.t(), /*stable=*/true, 1, true));
-  auto chosen = std::get<0>(at::sort(order.narrow(1, 0, C), 1));  // [E, C]
+  auto chosen = std::get<0>(at::sort(order.narrow(1, 0, C), 1)); // [E, C]
   auto ok = valid.defined()
                 ? valid.index_select(0, chosen.flatten()).view({E, C})
                 : at::ones({E, C}, opts.dtype(at::kBool));
   auto rows = at::arange(E * C, opts).view({E, C});
   auto slot_t =
       at::full({E, T}, -1, opts).scatter_(1, chosen, at::where(ok, rows, -1));
-  auto slot = slot_t.t().contiguous();  // [T, E]
+  auto slot = slot_t.t().contiguous(); // [T, E]
   auto row_token = at::where(ok, chosen, -1).flatten();
   auto counts = ok.sum(1);
   auto offsets = at::arange(E + 1, opts) * C;
@@ -135,7 +135,7 @@ Plan plan_expert_choice(
       counts.to(logits.scalar_type())};
 }
 
-}  // namespace
+} // namespace
 
 MoEOutput moe_forward(
     const at::Tensor& x,
@@ -188,7 +188,7 @@ MoEOutput moe_forward(
   const auto x2 = x.reshape({-1, H});
   const int64_t T = x2.size(0);
   const int64_t K = o.routing == "expert_choice" ? E : o.top_k;
-  at::Tensor valid;  // [T] bool, undefined = all tokens real
+  at::Tensor valid; // [T] bool, undefined = all tokens real
   if (mask.defined()) {
     TORCH_CHECK(
         mask.numel() == T,
@@ -271,7 +271,7 @@ MoEOutput moe_forward(
     probs = scores / (scores.sum(-1, true) + 1e-20);
   }
   const auto masked_probs = probs * vw.unsqueeze(1);
-  const auto importance = masked_probs.sum(0);  // [E]
+  const auto importance = masked_probs.sum(0); // [E]
   const auto frac = plan.assigned / (n_valid * o.top_k);
   out.switch_loss = E * (frac * importance / n_valid).sum();
   auto cv2 = [](const at::Tensor& v) {
@@ -293,4 +293,4 @@ MoEOutput moe_forward(
   return out;
 }
 
-}  // namespace moeyard
+} // namespace moeyard

@@ -90,7 +90,7 @@ Out moe_forward_op(
       r.indices};
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_FRAGMENT(moeyard, m) {
   m.def(
@@ -114,4 +114,4 @@ TORCH_LIBRARY_IMPL(moeyard, CompositeImplicitAutograd, m) {
   m.impl("moe_forward", &moe_forward_op);
 }
 
-}  // namespace moeyard
+} // namespace moeyard

@@ -126,4 +126,4 @@ inline bool parse_drop_policy(c10::string_view s, const char* op) {
   return true;
 }
 
-}  // namespace moeyard::ops::detail
+} // namespace moeyard::ops::detail

@@ -32,4 +32,4 @@ void sigmoid_inplace(T* s, int64_t n) {
       [](Vec v) { return Vec(T(1)) / (Vec(T(1)) + v.neg().exp()); }, s, s, n);
 }
 
-}  // namespace moeyard::ops::detail
+} // namespace moeyard::ops::detail

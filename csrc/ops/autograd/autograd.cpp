@@ -178,7 +178,7 @@ at::Tensor swiglu_autograd(const at::Tensor& gate_up) {
   return SwigluFn::apply(gate_up);
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Autograd, m) {
   m.impl("router_topk", &router_topk_autograd);
@@ -197,4 +197,4 @@ TORCH_LIBRARY_IMPL(moeyard, Autograd, m) {
   }
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

@@ -55,11 +55,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_meta(
       at::empty_like(weight, at::MemoryFormat::Contiguous)};
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Meta, m) {
   m.impl("grouped_mm", &grouped_mm_meta);
   m.impl("grouped_mm_backward", &grouped_mm_backward_meta);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

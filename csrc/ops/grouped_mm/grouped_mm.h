@@ -24,4 +24,4 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(
     const at::Tensor& weight,
     const at::Tensor& expert_offsets);
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

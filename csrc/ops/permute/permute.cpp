@@ -44,11 +44,11 @@ at::Tensor permute_backward_meta(
       {std::move(num_tokens), grad_rows.sym_size(1)}, grad_rows.options());
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Meta, m) {
   m.impl("permute", &permute_meta);
   m.impl("permute_backward", &permute_backward_meta);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

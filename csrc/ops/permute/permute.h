@@ -15,4 +15,4 @@ at::Tensor permute_backward(
     const at::Tensor& row_token,
     c10::SymInt num_tokens);
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

@@ -16,4 +16,4 @@ inline void check_permute_args(
   check_same_device(x, row_token, op, x_name, "row_token");
 }
 
-}  // namespace moeyard::ops::detail
+} // namespace moeyard::ops::detail

@@ -44,10 +44,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_meta(
   return {row_token, slot, offsets, counts};
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Meta, m) {
   m.impl("route_plan", &route_plan_meta);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

@@ -24,4 +24,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan(
     int64_t capacity = -1,
     c10::string_view drop_policy = "position");
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

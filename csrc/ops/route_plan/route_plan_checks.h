@@ -32,4 +32,4 @@ inline void check_route_plan_args(
   parse_drop_policy(drop_policy, op);
 }
 
-}  // namespace moeyard::ops::detail
+} // namespace moeyard::ops::detail

@@ -83,11 +83,11 @@ at::Tensor router_topk_backward_meta(
   return at::empty_like(scores, at::MemoryFormat::Contiguous);
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Meta, m) {
   m.impl("router_topk", &router_topk_meta);
   m.impl("router_topk_backward", &router_topk_backward_meta);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

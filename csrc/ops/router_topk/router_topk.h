@@ -34,4 +34,4 @@ at::Tensor router_topk_backward(
     bool renormalize,
     double scale);
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

@@ -103,4 +103,4 @@ inline void check_router_topk_backward_args(
   check_same_device(scores, grad_scores, op, "scores", "grad_scores");
 }
 
-}  // namespace moeyard::ops::detail
+} // namespace moeyard::ops::detail

@@ -39,11 +39,11 @@ at::Tensor swiglu_backward_meta(
   return at::empty_like(gate_up, at::MemoryFormat::Contiguous);
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Meta, m) {
   m.impl("swiglu", &swiglu_meta);
   m.impl("swiglu_backward", &swiglu_backward_meta);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

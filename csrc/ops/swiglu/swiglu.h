@@ -10,4 +10,4 @@ at::Tensor swiglu(const at::Tensor& gate_up);
 // Gradient of swiglu with respect to gate_up, shape [N, 2F].
 at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up);
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

@@ -32,4 +32,4 @@ inline void check_swiglu_backward_args(
   check_same_device(grad, gate_up, op, "grad", "gate_up");
 }
 
-}  // namespace moeyard::ops::detail
+} // namespace moeyard::ops::detail

@@ -49,11 +49,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_meta(
       at::empty_like(weights, at::MemoryFormat::Contiguous)};
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Meta, m) {
   m.impl("unpermute", &unpermute_meta);
   m.impl("unpermute_backward", &unpermute_backward_meta);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

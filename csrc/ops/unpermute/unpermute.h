@@ -21,4 +21,4 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(
     const at::Tensor& slot,
     const at::Tensor& weights);
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

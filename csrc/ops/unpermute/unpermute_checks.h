@@ -33,4 +33,4 @@ inline void check_unpermute_args(
   check_same_device(rows, weights, op, "rows", "weights");
 }
 
-}  // namespace moeyard::ops::detail
+} // namespace moeyard::ops::detail

@@ -21,21 +21,7 @@ std::vector<int64_t> read_offsets(
   const auto o = offsets.contiguous();
   const int64_t* p = o.const_data_ptr<int64_t>();
   std::vector<int64_t> v(p, p + o.numel());
-  for (size_t e = 0; e + 1 < v.size(); ++e) {
-    TORCH_CHECK(
-        v[e] >= 0 && v[e] <= v[e + 1] && v[e + 1] <= N,
-        op,
-        ": expert_offsets must be non-decreasing within [0, num_rows=",
-        N,
-        "], got offsets[",
-        e,
-        "]=",
-        v[e],
-        ", offsets[",
-        e + 1,
-        "]=",
-        v[e + 1]);
-  }
+  detail::check_grouped_mm_offsets(v.data(), v.size(), N, op);
   return v;
 }
 
@@ -102,11 +88,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(
   return {grad_input, grad_weight};
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("grouped_mm", &grouped_mm_cpu);
   m.impl("grouped_mm_backward", &grouped_mm_backward_cpu);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

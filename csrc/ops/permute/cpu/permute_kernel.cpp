@@ -109,11 +109,11 @@ at::Tensor permute_backward_cpu(
   return grad_x;
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("permute", &permute_cpu);
   m.impl("permute_backward", &permute_backward_cpu);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

@@ -22,7 +22,7 @@ constexpr int64_t kPairGrain = 4096;
 
 template <typename scalar_t>
 void keep_highest_weights(
-    const int64_t* pairs,  // pairs of one expert, in flat order
+    const int64_t* pairs, // pairs of one expert, in flat order
     int64_t n,
     int64_t C,
     const scalar_t* w,
@@ -158,10 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_plan_cpu(
   return {row_token, slot, offsets, counts};
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("route_plan", &route_plan_cpu);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

@@ -41,7 +41,7 @@ void score_row(const scalar_t* x, acc_t* s, int64_t E, bool sigmoid) {
 template <typename scalar_t>
 void router_topk_kernel(
     const at::Tensor& logits,
-    const at::Tensor& bias,  // acc dtype, contiguous, or undefined
+    const at::Tensor& bias, // acc dtype, contiguous, or undefined
     int64_t K,
     bool sigmoid,
     bool renormalize,
@@ -227,11 +227,11 @@ at::Tensor router_topk_backward_cpu(
   return grad_logits;
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("router_topk", &router_topk_cpu);
   m.impl("router_topk_backward", &router_topk_backward_cpu);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

@@ -125,11 +125,11 @@ at::Tensor swiglu_backward_cpu(
   return grad_gate_up;
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("swiglu", &swiglu_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops

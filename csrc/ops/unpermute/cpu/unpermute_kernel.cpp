@@ -182,11 +182,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
   return {grad_rows, grad_weights};
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
   m.impl("unpermute", &unpermute_cpu);
   m.impl("unpermute_backward", &unpermute_backward_cpu);
 }
 
-}  // namespace moeyard::ops
+} // namespace moeyard::ops
