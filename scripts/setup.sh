@@ -38,10 +38,16 @@ if ! cmp -s "$ROOT/requirements.txt" "$VENV/.moeyard-requirements"; then
   cp "$ROOT/requirements.txt" "$VENV/.moeyard-requirements"
 fi
 
+# The venv's CMake (requirements.txt) builds; Debian's is too old for CUDA 13.
+export PATH="$VENV/bin:$PATH"
+
 # 3. Build (CMake + Ninja + ccache): libmoeyard, moeyard._C, the moeyard
 #    executable and the GoogleTest suite.
 export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/moeyard/ccache}
-if [ ! -f "$BUILD/build.ninja" ]; then
+# Paths relative to the checkout: a fresh clone elsewhere still hits the cache.
+export CCACHE_BASEDIR="$ROOT" CCACHE_NOHASHDIR=1 CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-5G}
+if [ ! -f "$BUILD/build.ninja" ] || ! grep -q "CMAKE_COMMAND:INTERNAL=$VENV/" "$BUILD/CMakeCache.txt" 2>/dev/null; then
+  rm -rf "$BUILD"
   log "configuring $BUILD"
   cmake -S "$ROOT" -B "$BUILD" -G Ninja -DPython3_EXECUTABLE="$VENV/bin/python" \
     ${MOEYARD_CMAKE_ARGS:-} >/dev/null
