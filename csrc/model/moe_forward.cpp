@@ -12,8 +12,8 @@ namespace {
 // The plan of one routing decision in the form every routing mode shares.
 struct Plan {
   at::Tensor row_token, slot, offsets, counts; // route_plan's outputs
-  at::Tensor weights;                          // [T, K'] combine weights (fp32)
-  at::Tensor indices;                          // reported choice
+  at::Tensor weights; // [T, K'] combine weights (fp32)
+  at::Tensor indices; // reported choice
   at::Tensor assigned; // [E] fp32: assignments before drops
 };
 
@@ -248,7 +248,11 @@ MoEOutput moe_forward(
     combine = (plan.slot >= 0).to(combine.scalar_type());
   }
   auto h = ops::grouped_mm(rows, w.w_gate_up, plan.offsets);
-  auto out_rows = ops::grouped_mm(ops::swiglu(h), w.w_down, plan.offsets);
+  auto act = ops::swiglu(h);
+  if (o.training && o.expert_dropout > 0) {
+    act = at::dropout(act, o.expert_dropout, /*train=*/true);
+  }
+  auto out_rows = ops::grouped_mm(act, w.w_down, plan.offsets);
   auto y = ops::unpermute(out_rows, plan.slot, combine);
 
   if (w.shared_gate_up.defined()) {
@@ -272,8 +276,29 @@ MoEOutput moe_forward(
   }
   const auto masked_probs = probs * vw.unsqueeze(1);
   const auto importance = masked_probs.sum(0); // [E]
-  const auto frac = plan.assigned / (n_valid * o.top_k);
-  out.switch_loss = E * (frac * importance / n_valid).sum();
+  if (o.sequence_length > 0 && o.routing == "token_choice") {
+    // Per sequence: f and P over each sequence's real tokens, then the mean.
+    const int64_t S = o.sequence_length;
+    TORCH_CHECK(
+        T % S == 0,
+        "moe_forward: sequence_length (",
+        S,
+        ") must divide the token count (",
+        T,
+        ")");
+    const auto one_hot =
+        at::zeros({T, E + 1}, fopts)
+            .scatter_add_(
+                1, plan.indices + 1, at::ones(plan.indices.sizes(), fopts))
+            .narrow(1, 1, E);
+    const auto n_seq = vw.view({-1, S}).sum(1, true).clamp_min(1.0); // [B,1]
+    const auto f_seq = one_hot.view({-1, S, E}).sum(1) / (n_seq * o.top_k);
+    const auto p_seq = masked_probs.view({-1, S, E}).sum(1) / n_seq;
+    out.switch_loss = E * (f_seq * p_seq).sum(1).mean();
+  } else {
+    const auto frac = plan.assigned / (n_valid * o.top_k);
+    out.switch_loss = E * (frac * importance / n_valid).sum();
+  }
   auto cv2 = [](const at::Tensor& v) {
     return v.var(0, /*unbiased=*/false) / (v.mean().square() + 1e-10);
   };
@@ -289,6 +314,8 @@ MoEOutput moe_forward(
           : 1.0 - kept / (n_valid * K);
   const auto ent = -(probs * at::log(probs.clamp_min(1e-20))).sum(-1);
   out.router_entropy = (ent * vw).sum() / n_valid;
+  out.capacity_utilization =
+      kept / std::max<int64_t>(plan.row_token.size(0), 1);
   out.indices = plan.indices;
   return out;
 }

@@ -14,9 +14,9 @@ namespace moeyard {
 struct MoEOptions {
   int64_t top_k = 2;
   std::string score_fn = "softmax"; // "softmax" | "sigmoid"
-  bool renormalize = true;          // divide the k weights by their sum
-  double scale = 1.0;               // routed scaling factor
-  int64_t num_groups = 1;           // group-limited top-k (DeepSeek-V3)
+  bool renormalize = true; // divide the k weights by their sum
+  double scale = 1.0; // routed scaling factor
+  int64_t num_groups = 1; // group-limited top-k (DeepSeek-V3)
   int64_t topk_groups = 1;
   std::string routing = "token_choice"; // "token_choice" | "expert_choice"
   bool weight_on_input = false; // Llama-4: weight scales the expert input
@@ -24,37 +24,42 @@ struct MoEOptions {
   int64_t min_capacity = 1;
   std::string drop_policy = "position"; // "position" | "probs"
   std::string noise = "none"; // "none" | "noisy_topk" | "gumbel" | "jitter"
-  double noise_eps = 1e-2;    // jitter: router input * U(1 - eps, 1 + eps)
-  double temperature = 1.0;   // gumbel: (logits + G) / temperature
-  bool training = false;      // noise is applied in training only
+  double noise_eps = 1e-2; // jitter: router input * U(1 - eps, 1 + eps)
+  double temperature = 1.0; // gumbel: (logits + G) / temperature
+  double expert_dropout = 0.0; // dropout on expert activations (training)
+  // > 0: the switch loss is computed per sequence of this many tokens
+  // (x's tokens in order) and averaged; 0: over the whole micro-batch.
+  int64_t sequence_length = 0;
+  bool training = false; // noise and dropout apply in training only
 };
 
 // Expert weights are [E, 2F, H] (gate rows, then up rows) and [E, H, F].
 // Optional tensors may be undefined.
 struct MoEWeights {
-  at::Tensor router_weight;  // [E, H] float32
-  at::Tensor router_bias;    // [E] float32 (GPT-OSS)
-  at::Tensor w_gate_up;      // [E, 2F, H]
-  at::Tensor w_down;         // [E, H, F]
+  at::Tensor router_weight; // [E, H] float32
+  at::Tensor router_bias; // [E] float32 (GPT-OSS)
+  at::Tensor w_gate_up; // [E, 2F, H]
+  at::Tensor w_down; // [E, H, F]
   at::Tensor shared_gate_up; // [2Fs, H]
-  at::Tensor shared_down;    // [H, Fs]
-  at::Tensor shared_gate;    // [1, H]: sigmoid gate on the shared output
+  at::Tensor shared_down; // [H, Fs]
+  at::Tensor shared_gate; // [1, H]: sigmoid gate on the shared output
   at::Tensor selection_bias; // [E] float32, selection only
-  at::Tensor noise_weight;   // [E, H] float32, noisy top-k noise scale
+  at::Tensor noise_weight; // [E, H] float32, noisy top-k noise scale
 };
 
 struct MoEOutput {
   at::Tensor y; // shape of x
   // Aux losses, float32 scalars, padding tokens excluded.
-  at::Tensor switch_loss;     // E * sum_e f_e * P_e
+  at::Tensor switch_loss; // E * sum_e f_e * P_e
   at::Tensor importance_loss; // CV^2 of per-expert summed probabilities
-  at::Tensor load_loss;       // CV^2 of per-expert assignment counts
-  at::Tensor z_loss;          // mean_t logsumexp(logits_t)^2
+  at::Tensor load_loss; // CV^2 of per-expert assignment counts
+  at::Tensor z_loss; // mean_t logsumexp(logits_t)^2
   // Routing statistics.
   at::Tensor tokens_per_expert; // [E] float32, assignments before drops
-  at::Tensor dropped_fraction;  // scalar: dropped / valid assignments
-  at::Tensor router_entropy;    // scalar: mean entropy of routing probs
-  at::Tensor indices;           // token choice: [T, K] (-1 padding); EC: [E, C]
+  at::Tensor dropped_fraction; // scalar: dropped / valid assignments
+  at::Tensor router_entropy; // scalar: mean entropy of routing probs
+  at::Tensor capacity_utilization; // scalar: filled / allocated expert rows
+  at::Tensor indices; // token choice: [T, K] (-1 padding); EC: [E, C]
 };
 
 // x [..., H]; mask (optional) [...] of x's leading shape, nonzero = real

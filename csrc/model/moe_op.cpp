@@ -18,6 +18,7 @@ using Out = std::tuple<
     at::Tensor,
     at::Tensor,
     at::Tensor,
+    at::Tensor,
     at::Tensor>;
 
 at::Tensor opt(const std::optional<at::Tensor>& t) {
@@ -50,6 +51,8 @@ Out moe_forward_op(
     c10::string_view noise,
     double noise_eps,
     double temperature,
+    double expert_dropout,
+    int64_t sequence_length,
     bool training) {
   MoEWeights w{
       router_weight,
@@ -76,6 +79,8 @@ Out moe_forward_op(
   o.noise = std::string(noise);
   o.noise_eps = noise_eps;
   o.temperature = temperature;
+  o.expert_dropout = expert_dropout;
+  o.sequence_length = sequence_length;
   o.training = training;
   auto r = moe_forward(x, w, o, opt(mask));
   return {
@@ -87,6 +92,7 @@ Out moe_forward_op(
       r.tokens_per_expert,
       r.dropped_fraction,
       r.router_entropy,
+      r.capacity_utilization,
       r.indices};
 }
 
@@ -104,10 +110,11 @@ TORCH_LIBRARY_FRAGMENT(moeyard, m) {
       "bool weight_on_input=False, float capacity_factor=0.0, "
       "int min_capacity=1, str drop_policy=\"position\", "
       "str noise=\"none\", float noise_eps=0.01, float temperature=1.0, "
+      "float expert_dropout=0.0, int sequence_length=0, "
       "bool training=False) -> (Tensor y, Tensor switch_loss, "
       "Tensor importance_loss, Tensor load_loss, Tensor z_loss, "
       "Tensor tokens_per_expert, Tensor dropped_fraction, "
-      "Tensor router_entropy, Tensor indices)");
+      "Tensor router_entropy, Tensor capacity_utilization, Tensor indices)");
 }
 
 TORCH_LIBRARY_IMPL(moeyard, CompositeImplicitAutograd, m) {

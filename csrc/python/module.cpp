@@ -1,11 +1,130 @@
 // moeyard._C: loading this module loads libmoeyard, whose static registrars
-// define torch.ops.moeyard.*. Model and trainer bindings join here later.
+// define torch.ops.moeyard.*; it also binds the C++ Transformer.
 
-#include <pybind11/pybind11.h>
+#include <torch/extension.h>
 
+#include "model/transformer.h"
 #include "version.h"
+
+namespace py = pybind11;
+using moeyard::MoEOutput;
+using moeyard::TransformerImpl;
+
+namespace {
+
+py::dict moe_stats(const MoEOutput& o) {
+  py::dict d;
+  d["switch_loss"] = o.switch_loss;
+  d["importance_loss"] = o.importance_loss;
+  d["load_loss"] = o.load_loss;
+  d["z_loss"] = o.z_loss;
+  d["tokens_per_expert"] = o.tokens_per_expert;
+  d["dropped_fraction"] = o.dropped_fraction;
+  d["router_entropy"] = o.router_entropy;
+  d["capacity_utilization"] = o.capacity_utilization;
+  d["dead_experts"] = (o.tokens_per_expert == 0).sum();
+  d["indices"] = o.indices;
+  return d;
+}
+
+py::dict output_dict(const moeyard::TransformerOutput& out) {
+  py::dict d;
+  d["logits"] = out.logits;
+  py::list layers;
+  for (const auto& l : out.moe_layers) {
+    py::dict s = moe_stats(l.moe);
+    s["layer"] = l.layer;
+    layers.append(s);
+  }
+  d["moe_layers"] = layers;
+  return d;
+}
+
+at::Tensor opt_mask(const std::optional<at::Tensor>& m) {
+  return m.has_value() ? *m : at::Tensor();
+}
+
+} // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moeyard native library";
   m.attr("__version__") = moeyard::kVersion;
+
+  py::class_<TransformerImpl, std::shared_ptr<TransformerImpl>>(
+      m, "TransformerImpl")
+      .def(py::init([](const std::string& yaml) {
+        return std::make_shared<TransformerImpl>(
+            moeyard::ModelConfig::from_yaml_string(yaml));
+      }))
+      .def(
+          "forward",
+          [](TransformerImpl& self,
+             const at::Tensor& tokens,
+             const std::optional<at::Tensor>& mask) {
+            return output_dict(self.forward(tokens, opt_mask(mask)));
+          },
+          py::arg("tokens"),
+          py::arg("mask") = py::none())
+      .def(
+          "loss",
+          [](TransformerImpl& self,
+             const at::Tensor& tokens,
+             const std::optional<at::Tensor>& mask) {
+            auto r = self.loss(tokens, opt_mask(mask));
+            py::dict d = output_dict(r.out);
+            d["loss"] = r.loss;
+            d["ce"] = r.ce;
+            d["aux"] = r.aux;
+            d["tokens"] = r.tokens;
+            return d;
+          },
+          py::arg("tokens"),
+          py::arg("mask") = py::none())
+      .def(
+          "named_parameters",
+          [](TransformerImpl& self) {
+            py::list out;
+            for (const auto& p : self.named_parameters()) {
+              out.append(py::make_tuple(p.key(), p.value()));
+            }
+            return out;
+          })
+      .def(
+          "named_buffers",
+          [](TransformerImpl& self) {
+            py::list out;
+            for (const auto& p : self.named_buffers()) {
+              out.append(py::make_tuple(p.key(), p.value()));
+            }
+            return out;
+          })
+      .def("train", [](TransformerImpl& self, bool on) { self.train(on); })
+      .def(
+          "is_training",
+          [](TransformerImpl& self) { return self.is_training(); })
+      .def(
+          "moe_layer_indices",
+          [](TransformerImpl& self) {
+            std::vector<int64_t> out;
+            for (int64_t i = 0; i < self.config.num_layers; ++i) {
+              if (self.config.is_moe_layer(i)) {
+                out.push_back(i);
+              }
+            }
+            return out;
+          })
+      .def(
+          "update_selection_bias",
+          [](TransformerImpl& self,
+             int64_t layer,
+             const at::Tensor& load,
+             double rate) {
+            auto block = self.layers[layer]->as<moeyard::BlockImpl>();
+            TORCH_CHECK(block->moe, "layer ", layer, " is not an MoE layer");
+            block->moe->update_selection_bias(load, rate);
+          })
+      .def(
+          "init_weights",
+          &TransformerImpl::init_weights,
+          py::arg("std") = 0.02);
 }

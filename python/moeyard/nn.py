@@ -32,6 +32,7 @@ class MoEResult:
     tokens_per_expert: Tensor  # [E] assignments before capacity drops
     dropped_fraction: Tensor  # dropped / valid (token, slot) assignments
     router_entropy: Tensor  # mean entropy of the routing distribution
+    capacity_utilization: Tensor  # filled / allocated expert rows
     indices: Tensor  # token choice: [T, K] experts (-1 = padding); EC: [E, C] tokens
 
 
@@ -71,6 +72,7 @@ class MoE(nn.Module):
             Shazeer et al. 2017), ``"gumbel"``, ``"jitter"`` (multiplicative
             on the router input), or ``"none"``.
         noise_eps: jitter amplitude. temperature: Gumbel temperature.
+        expert_dropout: dropout on the experts' hidden activations (training).
         dtype, device: of the experts and shared experts (the router is
             float32 always).
     """
@@ -100,6 +102,7 @@ class MoE(nn.Module):
         noise: str = "none",
         noise_eps: float = 1e-2,
         temperature: float = 1.0,
+        expert_dropout: float = 0.0,
         dtype: Optional[torch.dtype] = None,
         device=None,
     ) -> None:
@@ -126,6 +129,9 @@ class MoE(nn.Module):
         self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
         self.drop_policy = drop_policy
         self.noise, self.noise_eps, self.temperature = noise, noise_eps, temperature
+        if not 0.0 <= expert_dropout < 1.0:
+            raise ValueError(f"MoE: expert_dropout must be in [0, 1), got {expert_dropout}")
+        self.expert_dropout = expert_dropout
 
         fp32 = dict(device=device, dtype=torch.float32)
         dd = dict(device=device, dtype=dtype)
@@ -185,6 +191,8 @@ class MoE(nn.Module):
             self.noise,
             self.noise_eps,
             self.temperature,
+            self.expert_dropout,
+            0,
             self.training,
         )
         return out[0], MoEResult(*out[1:])

@@ -1,0 +1,87 @@
+#pragma once
+// The model's configuration: every field has a default and a one-line doc
+// (docs/model.md lists them). Built from YAML (a file, a string, or a node
+// of a larger config); unknown keys, wrong types and inconsistent values are
+// errors naming the key path.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/moe_forward.h"
+
+namespace YAML {
+class Node;
+}
+
+namespace moeyard {
+
+struct MoEConfig {
+  int64_t num_experts = 8; // routed experts E (0: no MoE layers)
+  int64_t ffn_size = 0; // width of each routed expert (0: model.ffn_size)
+  int64_t moe_every_n = 1; // MoE in layer i when (i + 1) % n == 0
+  int64_t first_k_dense = 0; // the first k layers are dense
+  std::vector<int64_t> layers; // explicit MoE layers (overrides the two above)
+  int64_t num_shared_experts = 0; // always-on experts
+  int64_t shared_ffn_size = 0; // width of each shared expert (0: ffn_size)
+  bool shared_gate = false; // sigmoid gate on the shared output (Qwen2-MoE)
+  bool router_bias = false; // router linear has a bias (GPT-OSS)
+  bool selection_bias = false; // aux-loss-free bias buffer (DeepSeek-V3)
+  double expert_dropout = 0.0; // dropout on expert activations in training
+  // aux loss coefficients (summed into the loss by Transformer::loss)
+  double switch_coeff = 0.01;
+  bool switch_per_sequence = false; // balance per sequence, then average
+  double importance_coeff = 0.0;
+  double load_coeff = 0.0;
+  double z_coeff = 0.001;
+  MoEOptions routing; // top_k, score_fn, capacity, drop policy, noise, ...
+};
+
+struct ModelConfig {
+  int64_t vocab_size = 256;
+  int64_t hidden_size = 128;
+  int64_t num_layers = 2;
+  int64_t num_heads = 4;
+  int64_t num_kv_heads = 0; // 0: num_heads (MHA); 1: MQA; else GQA
+  int64_t head_dim = 0; // 0: hidden_size / num_heads
+  int64_t ffn_size = 512; // dense MLP width
+  int64_t dense_ffn_size = 0; // dense layers in an MoE model (0: ffn_size)
+  std::string mlp = "swiglu"; // "swiglu" | "gelu"
+  std::string norm = "rmsnorm"; // "rmsnorm" | "layernorm"
+  double norm_eps = 1e-6;
+  std::string qk_norm = "none"; // "none" | "head" | "projection"
+  bool qkv_bias = false;
+  int64_t sliding_window = 0; // 0: full attention
+  double rope_theta = 10000.0;
+  double rotary_pct = 1.0; // fraction of head_dim that is rotated
+  std::string rope_scaling = "none"; // "none" | "linear" | "yarn"
+  double rope_factor = 1.0;
+  int64_t rope_original_max_position = 2048; // YaRN
+  double yarn_beta_fast = 32.0;
+  double yarn_beta_slow = 1.0;
+  int64_t max_seq_len = 2048;
+  bool tie_embeddings = true;
+  std::string dtype = "float32"; // experts/attention dtype; router is fp32
+  MoEConfig moe;
+
+  // Derived values.
+  int64_t kv_heads() const {
+    return num_kv_heads > 0 ? num_kv_heads : num_heads;
+  }
+  int64_t dim_per_head() const {
+    return head_dim > 0 ? head_dim : hidden_size / num_heads;
+  }
+  bool is_moe_layer(int64_t i) const;
+
+  // Throws c10::Error naming the field and values on inconsistent sizes.
+  void validate() const;
+
+  static ModelConfig from_yaml(
+      const YAML::Node& node,
+      const std::string& path = "model",
+      const std::string& file = "");
+  static ModelConfig from_yaml_string(const std::string& text);
+  static ModelConfig from_yaml_file(const std::string& file);
+};
+
+} // namespace moeyard

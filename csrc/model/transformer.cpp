@@ -1,0 +1,426 @@
+#include "model/transformer.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace moeyard {
+
+at::ScalarType parse_dtype(const std::string& name) {
+  if (name == "float32") {
+    return at::kFloat;
+  }
+  if (name == "bfloat16") {
+    return at::kBFloat16;
+  }
+  TORCH_CHECK(
+      name == "float64",
+      "config: model.dtype must be float32, bfloat16 or float64, got '",
+      name,
+      "'");
+  return at::kDouble;
+}
+
+// ---- Linear, Norm ---------------------------------------------------------
+
+LinearImpl::LinearImpl(
+    int64_t in, int64_t out, bool has_bias, at::ScalarType dt) {
+  weight = register_parameter("weight", at::empty({out, in}, at::dtype(dt)));
+  if (has_bias) {
+    bias = register_parameter("bias", at::zeros({out}, at::dtype(dt)));
+  }
+}
+
+at::Tensor LinearImpl::forward(const at::Tensor& x) const {
+  return at::linear(
+      x, weight, bias.defined() ? std::optional(bias) : std::nullopt);
+}
+
+NormImpl::NormImpl(
+    int64_t dim, const std::string& kind, double e, at::ScalarType dt)
+    : layernorm(kind == "layernorm"), eps(e) {
+  weight = register_parameter("weight", at::ones({dim}, at::dtype(dt)));
+  if (layernorm) {
+    bias = register_parameter("bias", at::zeros({dim}, at::dtype(dt)));
+  }
+}
+
+at::Tensor NormImpl::forward(const at::Tensor& x) const {
+  if (layernorm) {
+    return at::layer_norm(x, {x.size(-1)}, weight, bias, eps);
+  }
+  // HF convention: normalize in float32, cast back, then scale.
+  const auto xf = x.to(at::kFloat);
+  const auto normed = xf * at::rsqrt(xf.square().mean(-1, true) + eps);
+  return weight * normed.to(x.scalar_type());
+}
+
+// ---- Rotary ---------------------------------------------------------------
+
+Rotary::Rotary(const ModelConfig& c) {
+  dim = static_cast<int64_t>(c.rotary_pct * c.dim_per_head());
+  if (dim == 0) {
+    return;
+  }
+  const auto opts = at::dtype(at::kDouble);
+  const auto exponents = at::arange(0, dim, 2, opts) / dim;
+  const auto pos_freqs = at::pow(c.rope_theta, exponents);
+  auto inv_freq = 1.0 / pos_freqs;
+  auto positions = at::arange(c.max_seq_len, opts);
+  double attention_factor = 1.0;
+  if (c.rope_scaling == "linear") {
+    positions = positions / c.rope_factor;
+  } else if (c.rope_scaling == "yarn") {
+    // YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones,
+    // linear ramp between the correction dims; scale cos/sin.
+    const double f = c.rope_factor;
+    auto correction_dim = [&](double rotations) {
+      return dim *
+             std::log(c.rope_original_max_position / (rotations * 2 * M_PI)) /
+             (2 * std::log(c.rope_theta));
+    };
+    double low = std::floor(correction_dim(c.yarn_beta_fast));
+    double high = std::ceil(correction_dim(c.yarn_beta_slow));
+    low = std::max(low, 0.0);
+    high = std::min(high, static_cast<double>(dim - 1));
+    if (low == high) {
+      high += 0.001;
+    }
+    const auto ramp =
+        ((at::arange(dim / 2, opts) - low) / (high - low)).clamp(0, 1);
+    const auto extrapolation = 1.0 - ramp;
+    inv_freq =
+        (inv_freq / f) * (1.0 - extrapolation) + inv_freq * extrapolation;
+    attention_factor = f > 1 ? 0.1 * std::log(f) + 1.0 : 1.0;
+  }
+  const auto freqs = at::outer(positions, inv_freq);
+  const auto emb = at::cat({freqs, freqs}, -1);
+  cos = (emb.cos() * attention_factor).to(at::kFloat);
+  sin = (emb.sin() * attention_factor).to(at::kFloat);
+}
+
+at::Tensor Rotary::apply(const at::Tensor& x, int64_t S) const {
+  if (dim == 0) {
+    return x;
+  }
+  TORCH_CHECK(
+      S <= cos.size(0),
+      "Transformer: sequence length ",
+      S,
+      " exceeds model.max_seq_len (",
+      cos.size(0),
+      ")");
+  const auto c = cos.narrow(0, 0, S).to(x.scalar_type());
+  const auto s = sin.narrow(0, 0, S).to(x.scalar_type());
+  const int64_t D = x.size(-1);
+  auto rot = x.narrow(-1, 0, dim);
+  const auto half1 = rot.narrow(-1, 0, dim / 2);
+  const auto half2 = rot.narrow(-1, dim / 2, dim / 2);
+  const auto rotated = at::cat({-half2, half1}, -1);
+  auto out = rot * c + rotated * s;
+  if (dim == D) {
+    return out;
+  }
+  return at::cat({out, x.narrow(-1, dim, D - dim)}, -1);
+}
+
+// ---- Attention ------------------------------------------------------------
+
+AttentionImpl::AttentionImpl(const ModelConfig& c)
+    : heads(c.num_heads),
+      kv_heads(c.kv_heads()),
+      head_dim(c.dim_per_head()),
+      qk_norm(c.qk_norm) {
+  const auto dt = parse_dtype(c.dtype);
+  const int64_t H = c.hidden_size;
+  q_proj =
+      register_module("q_proj", Linear(H, heads * head_dim, c.qkv_bias, dt));
+  k_proj =
+      register_module("k_proj", Linear(H, kv_heads * head_dim, c.qkv_bias, dt));
+  v_proj =
+      register_module("v_proj", Linear(H, kv_heads * head_dim, c.qkv_bias, dt));
+  o_proj = register_module("o_proj", Linear(heads * head_dim, H, false, dt));
+  if (qk_norm == "head") {
+    q_norm =
+        register_module("q_norm", Norm(head_dim, "rmsnorm", c.norm_eps, dt));
+    k_norm =
+        register_module("k_norm", Norm(head_dim, "rmsnorm", c.norm_eps, dt));
+  } else if (qk_norm == "projection") {
+    q_norm = register_module(
+        "q_norm", Norm(heads * head_dim, "rmsnorm", c.norm_eps, dt));
+    k_norm = register_module(
+        "k_norm", Norm(kv_heads * head_dim, "rmsnorm", c.norm_eps, dt));
+  }
+}
+
+at::Tensor AttentionImpl::forward(
+    const at::Tensor& x,
+    const at::Tensor& attn_mask,
+    const Rotary& rotary) const {
+  const int64_t B = x.size(0), S = x.size(1);
+  auto q = q_proj->forward(x);
+  auto k = k_proj->forward(x);
+  auto v = v_proj->forward(x);
+  if (qk_norm == "projection") {
+    q = q_norm->forward(q);
+    k = k_norm->forward(k);
+  }
+  q = q.view({B, S, heads, head_dim});
+  k = k.view({B, S, kv_heads, head_dim});
+  v = v.view({B, S, kv_heads, head_dim}).transpose(1, 2);
+  if (qk_norm == "head") {
+    q = q_norm->forward(q);
+    k = k_norm->forward(k);
+  }
+  q = rotary.apply(q.transpose(1, 2), S);
+  k = rotary.apply(k.transpose(1, 2), S);
+  auto o = at::scaled_dot_product_attention(
+      q, k, v, attn_mask, 0.0, false, std::nullopt, kv_heads != heads);
+  return o_proj->forward(o.transpose(1, 2).reshape({B, S, heads * head_dim}));
+}
+
+// ---- MLP, MoE -------------------------------------------------------------
+
+MlpImpl::MlpImpl(
+    int64_t H, int64_t F, const std::string& kind, at::ScalarType dt) {
+  if (kind == "swiglu") {
+    gate_up = register_module("gate_up", Linear(H, 2 * F, false, dt));
+  } else {
+    up = register_module("up", Linear(H, F, false, dt));
+  }
+  down = register_module("down", Linear(F, H, false, dt));
+}
+
+at::Tensor MlpImpl::forward(const at::Tensor& x) const {
+  if (gate_up) {
+    auto h = gate_up->forward(x);
+    const int64_t F = h.size(-1) / 2;
+    return down->forward(at::silu(h.narrow(-1, 0, F)) * h.narrow(-1, F, F));
+  }
+  return down->forward(at::gelu(up->forward(x), "tanh"));
+}
+
+MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
+  const auto dt = parse_dtype(c.dtype);
+  const auto& m = c.moe;
+  const int64_t H = c.hidden_size, E = m.num_experts;
+  const int64_t F = m.ffn_size > 0 ? m.ffn_size : c.ffn_size;
+  options.expert_dropout = m.expert_dropout;
+  router = register_module("router", Linear(H, E, m.router_bias, at::kFloat));
+  w_gate_up =
+      register_parameter("w_gate_up", at::empty({E, 2 * F, H}, at::dtype(dt)));
+  w_down = register_parameter("w_down", at::empty({E, H, F}, at::dtype(dt)));
+  if (m.num_shared_experts > 0) {
+    const int64_t Fs =
+        m.num_shared_experts * (m.shared_ffn_size > 0 ? m.shared_ffn_size : F);
+    shared_gate_up = register_parameter(
+        "shared_gate_up", at::empty({2 * Fs, H}, at::dtype(dt)));
+    shared_down =
+        register_parameter("shared_down", at::empty({H, Fs}, at::dtype(dt)));
+    if (m.shared_gate) {
+      shared_gate =
+          register_parameter("shared_gate", at::empty({1, H}, at::dtype(dt)));
+    }
+  }
+  if (m.selection_bias) {
+    selection_bias = register_buffer("selection_bias", at::zeros({E}));
+  }
+  if (options.noise == "noisy_topk") {
+    noise_weight = register_parameter("noise_weight", at::zeros({E, H}));
+  }
+}
+
+MoEWeights MoELayerImpl::weights() const {
+  return {
+      router->weight,
+      router->bias,
+      w_gate_up,
+      w_down,
+      shared_gate_up,
+      shared_down,
+      shared_gate,
+      selection_bias,
+      noise_weight};
+}
+
+MoEOutput MoELayerImpl::forward(
+    const at::Tensor& x, const at::Tensor& mask) const {
+  MoEOptions o = options;
+  o.training = is_training();
+  if (o.sequence_length < 0) {
+    o.sequence_length = x.size(1); // per-sequence switch loss
+  }
+  return moe_forward(x, weights(), o, mask);
+}
+
+void MoELayerImpl::update_selection_bias(const at::Tensor& load, double rate) {
+  TORCH_CHECK(
+      selection_bias.defined(),
+      "MoE: update_selection_bias needs moe.selection_bias: true");
+  at::NoGradGuard g;
+  const auto l = load.to(at::kFloat);
+  selection_bias.add_(at::sign(l.mean() - l), rate);
+}
+
+// ---- Block, Transformer ---------------------------------------------------
+
+BlockImpl::BlockImpl(const ModelConfig& c, int64_t index) {
+  const auto dt = parse_dtype(c.dtype);
+  attn_norm =
+      register_module("attn_norm", Norm(c.hidden_size, c.norm, c.norm_eps, dt));
+  attn = register_module("attn", Attention(c));
+  mlp_norm =
+      register_module("mlp_norm", Norm(c.hidden_size, c.norm, c.norm_eps, dt));
+  if (c.is_moe_layer(index)) {
+    moe = register_module("moe", MoELayer(c));
+    if (c.moe.switch_per_sequence) {
+      moe->options.sequence_length = -1; // set per forward from x
+    }
+  } else {
+    const bool moe_model = c.moe.num_experts > 0;
+    const int64_t F =
+        moe_model && c.dense_ffn_size > 0 ? c.dense_ffn_size : c.ffn_size;
+    mlp = register_module("mlp", Mlp(c.hidden_size, F, c.mlp, dt));
+  }
+}
+
+at::Tensor BlockImpl::forward(
+    const at::Tensor& x,
+    const at::Tensor& attn_mask,
+    const at::Tensor& token_mask,
+    const Rotary& rotary,
+    std::optional<MoEOutput>& moe_out) const {
+  auto h = x + attn->forward(attn_norm->forward(x), attn_mask, rotary);
+  const auto n = mlp_norm->forward(h);
+  if (moe) {
+    moe_out = moe->forward(n, token_mask);
+    return h + moe_out->y;
+  }
+  return h + mlp->forward(n);
+}
+
+TransformerImpl::TransformerImpl(ModelConfig c)
+    : config(std::move(c)), rotary(config) {
+  config.validate();
+  const auto dt = parse_dtype(config.dtype);
+  // Embedding [V, H]; stored as a bias-free Linear H -> V so that the
+  // parameter is named embed.weight (and lm_head.weight when untied).
+  embed = register_module(
+      "embed", Linear(config.hidden_size, config.vocab_size, false, dt));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < config.num_layers; ++i) {
+    layers->push_back(Block(config, i));
+  }
+  norm = register_module(
+      "norm", Norm(config.hidden_size, config.norm, config.norm_eps, dt));
+  if (!config.tie_embeddings) {
+    lm_head = register_module(
+        "lm_head", Linear(config.hidden_size, config.vocab_size, false, dt));
+  }
+  init_weights();
+}
+
+void TransformerImpl::init_weights(double std) {
+  at::NoGradGuard g;
+  for (auto& p : named_parameters()) {
+    const auto& name = p.key();
+    auto& t = p.value();
+    const bool is_norm = name.find("norm") != std::string::npos;
+    if (is_norm) {
+      name.size() > 5 && name.substr(name.size() - 4) == "bias" ? t.zero_()
+                                                                : t.fill_(1.0);
+    } else if (name.size() > 4 && name.substr(name.size() - 4) == "bias") {
+      t.zero_();
+    } else if (name.find("noise_weight") != std::string::npos) {
+      t.zero_();
+    } else {
+      t.normal_(0.0, std);
+    }
+  }
+}
+
+namespace {
+
+// [B, 1, S, S] bool: causal, sliding window, key padding; a query always
+// sees itself so that padding rows stay finite.
+at::Tensor attention_mask(
+    const at::Tensor& mask,
+    int64_t B,
+    int64_t S,
+    int64_t window,
+    const at::TensorOptions& opts) {
+  const auto i = at::arange(S, opts.dtype(at::kLong)).unsqueeze(1);
+  const auto j = at::arange(S, opts.dtype(at::kLong)).unsqueeze(0);
+  auto allowed = j <= i;
+  if (window > 0) {
+    allowed = allowed & (i - j < window);
+  }
+  auto m = allowed.view({1, 1, S, S}).expand({B, 1, S, S});
+  if (mask.defined()) {
+    m = m & mask.to(at::kBool).view({B, 1, 1, S});
+  }
+  return m | at::eye(S, opts.dtype(at::kBool)).view({1, 1, S, S});
+}
+
+} // namespace
+
+TransformerOutput TransformerImpl::forward(
+    const at::Tensor& tokens, const at::Tensor& mask) {
+  TORCH_CHECK(
+      tokens.dim() == 2 && tokens.scalar_type() == at::kLong,
+      "Transformer: tokens must be int64 [batch, seq], got ",
+      tokens.scalar_type(),
+      " ",
+      tokens.sizes());
+  const int64_t B = tokens.size(0), S = tokens.size(1);
+  if (mask.defined()) {
+    TORCH_CHECK(
+        mask.sizes() == tokens.sizes(),
+        "Transformer: mask must have the shape of tokens ",
+        tokens.sizes(),
+        ", got ",
+        mask.sizes());
+  }
+  auto x = at::embedding(embed->weight, tokens);
+  const auto attn_mask = attention_mask(
+      mask, B, S, config.sliding_window, x.options().device(x.device()));
+  TransformerOutput out;
+  for (int64_t i = 0; i < static_cast<int64_t>(layers->size()); ++i) {
+    std::optional<MoEOutput> moe_out;
+    x = layers[i]->as<BlockImpl>()->forward(
+        x, attn_mask, mask, rotary, moe_out);
+    if (moe_out) {
+      out.moe_layers.push_back({i, std::move(*moe_out)});
+    }
+  }
+  x = norm->forward(x);
+  const auto& head = config.tie_embeddings ? embed->weight : lm_head->weight;
+  out.logits = at::linear(x, head).to(at::kFloat);
+  return out;
+}
+
+LossOutput TransformerImpl::loss(
+    const at::Tensor& tokens, const at::Tensor& mask) {
+  LossOutput r;
+  r.out = forward(tokens, mask);
+  const int64_t S = tokens.size(1), V = config.vocab_size;
+  const auto logits = r.out.logits.narrow(1, 0, S - 1).reshape({-1, V});
+  auto target = tokens.narrow(1, 1, S - 1).reshape({-1});
+  if (mask.defined()) {
+    const auto keep = mask.narrow(1, 1, S - 1).reshape({-1}).to(at::kBool);
+    target = at::where(keep, target, -100);
+  }
+  r.tokens = (target != -100).sum();
+  r.ce = at::cross_entropy_loss(logits, target, {}, at::Reduction::Mean, -100);
+  const auto& m = config.moe;
+  r.aux = at::zeros({}, logits.options());
+  for (const auto& l : r.out.moe_layers) {
+    r.aux = r.aux + m.switch_coeff * l.moe.switch_loss +
+            m.importance_coeff * l.moe.importance_loss +
+            m.load_coeff * l.moe.load_loss + m.z_coeff * l.moe.z_loss;
+  }
+  r.loss = r.ce + r.aux;
+  return r;
+}
+
+} // namespace moeyard

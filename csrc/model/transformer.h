@@ -1,0 +1,156 @@
+#pragma once
+// The decoder-only MoE Transformer as torch::nn modules. The single source of
+// truth for the model: the trainer, the Python bindings and the checkpoint
+// importers all build this. Parameter names are stable (docs/model.md):
+//   embed.weight, layers.{i}.attn_norm.*, layers.{i}.attn.{q,k,v,o}_proj.*,
+//   layers.{i}.attn.{q,k}_norm.weight, layers.{i}.mlp_norm.*,
+//   layers.{i}.mlp.{gate_up,up,down}.weight (dense layers),
+//   layers.{i}.moe.{router.weight,router.bias,w_gate_up,w_down,
+//   shared_gate_up,shared_down,shared_gate,noise_weight} and the buffer
+//   layers.{i}.moe.selection_bias (MoE layers), norm.*, lm_head.weight.
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+
+#include <optional>
+#include <vector>
+
+#include "model/config.h"
+#include "model/moe_forward.h"
+
+namespace moeyard {
+
+// y = x W^T (+ b) with W [out, in].
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(int64_t in, int64_t out, bool bias, at::ScalarType dtype);
+  at::Tensor forward(const at::Tensor& x) const;
+  at::Tensor weight, bias;
+};
+TORCH_MODULE(Linear);
+
+// RMSNorm (float32 math, HF convention) or LayerNorm.
+class NormImpl : public torch::nn::Module {
+ public:
+  NormImpl(
+      int64_t dim, const std::string& kind, double eps, at::ScalarType dtype);
+  at::Tensor forward(const at::Tensor& x) const;
+  at::Tensor weight, bias;
+  bool layernorm;
+  double eps;
+};
+TORCH_MODULE(Norm);
+
+// cos/sin tables of rotary embeddings: full or partial rotary dims, linear
+// position scaling or YaRN (frequency ramp + attention factor).
+struct Rotary {
+  explicit Rotary(const ModelConfig& c);
+  // Applies the rotation to the first `dim` features of x [B, heads, S, D].
+  at::Tensor apply(const at::Tensor& x, int64_t seq_len) const;
+  int64_t dim = 0;
+  at::Tensor cos, sin; // [max_seq_len, dim] float32
+};
+
+// Multi-head attention with GQA/MQA, optional q/k norm, qkv bias and sliding
+// window, on at::scaled_dot_product_attention.
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const ModelConfig& c);
+  // x [B, S, H]; attn_mask [B, 1, S, S] bool (true = may attend).
+  at::Tensor forward(
+      const at::Tensor& x,
+      const at::Tensor& attn_mask,
+      const Rotary& rotary) const;
+  Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  Norm q_norm{nullptr}, k_norm{nullptr};
+  int64_t heads, kv_heads, head_dim;
+  std::string qk_norm;
+};
+TORCH_MODULE(Attention);
+
+// Dense SwiGLU or GELU MLP.
+class MlpImpl : public torch::nn::Module {
+ public:
+  MlpImpl(
+      int64_t hidden,
+      int64_t ffn,
+      const std::string& kind,
+      at::ScalarType dtype);
+  at::Tensor forward(const at::Tensor& x) const;
+  Linear gate_up{nullptr}, up{nullptr}, down{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+// The MoE layer: parameters, with the math in moe_forward.
+class MoELayerImpl : public torch::nn::Module {
+ public:
+  MoELayerImpl(const ModelConfig& c);
+  MoEOutput forward(const at::Tensor& x, const at::Tensor& mask) const;
+  // Aux-loss-free balancing: bias += rate * sign(mean_load - load_e).
+  void update_selection_bias(const at::Tensor& tokens_per_expert, double rate);
+  MoEWeights weights() const;
+  Linear router{nullptr};
+  at::Tensor w_gate_up, w_down, shared_gate_up, shared_down, shared_gate,
+      selection_bias, noise_weight;
+  MoEOptions options;
+};
+TORCH_MODULE(MoELayer);
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  BlockImpl(const ModelConfig& c, int64_t index);
+  // Returns the block output; fills `moe_out` for MoE blocks.
+  at::Tensor forward(
+      const at::Tensor& x,
+      const at::Tensor& attn_mask,
+      const at::Tensor& token_mask,
+      const Rotary& rotary,
+      std::optional<MoEOutput>& moe_out) const;
+  Norm attn_norm{nullptr}, mlp_norm{nullptr};
+  Attention attn{nullptr};
+  Mlp mlp{nullptr};
+  MoELayer moe{nullptr};
+};
+TORCH_MODULE(Block);
+
+struct LayerStats {
+  int64_t layer;
+  MoEOutput moe; // aux losses and routing statistics of that layer
+};
+
+struct TransformerOutput {
+  at::Tensor logits; // [B, S, V] float32
+  std::vector<LayerStats> moe_layers;
+};
+
+struct LossOutput {
+  at::Tensor loss; // ce + weighted aux terms
+  at::Tensor ce; // next-token cross-entropy over real tokens
+  at::Tensor aux; // weighted sum of aux losses over MoE layers
+  at::Tensor tokens; // number of predicted (real) tokens
+  TransformerOutput out;
+};
+
+class TransformerImpl : public torch::nn::Module {
+ public:
+  explicit TransformerImpl(ModelConfig c);
+  // tokens [B, S] int64; mask [B, S] (nonzero = real token) or undefined.
+  TransformerOutput forward(
+      const at::Tensor& tokens, const at::Tensor& mask = {});
+  // Next-token loss: predicts tokens[:, 1:] from tokens[:, :-1]; positions
+  // whose target is padding are excluded; plus the weighted aux losses.
+  LossOutput loss(const at::Tensor& tokens, const at::Tensor& mask = {});
+  // Resets parameters (normal(0, std) for matrices, ones for norms).
+  void init_weights(double std = 0.02);
+
+  ModelConfig config;
+  Linear embed{nullptr}, lm_head{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  Norm norm{nullptr};
+  Rotary rotary;
+};
+TORCH_MODULE(Transformer);
+
+at::ScalarType parse_dtype(const std::string& name);
+
+} // namespace moeyard

@@ -1,0 +1,93 @@
+"""``moeyard.Transformer``: the C++ MoE Transformer from Python.
+
+The model, its forward pass and its loss are C++ (``csrc/model``); this class
+holds the native module and gives it the parts of the ``nn.Module`` API that
+training code uses: ``parameters()``, ``named_parameters()``,
+``state_dict()``, ``load_state_dict()``, ``train()``/``eval()``.
+"""
+
+import json
+import os
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+
+def _config_text(config: Union[str, os.PathLike, Dict[str, Any]]) -> str:
+    if isinstance(config, dict):
+        return json.dumps(config)  # JSON is YAML
+    text = os.fspath(config)
+    if os.path.exists(text):
+        with open(text) as f:
+            return f.read()
+    return text
+
+
+class Transformer:
+    """Decoder-only MoE Transformer. ``config``: a dict, a YAML string or a
+    YAML file with the fields of ``docs/model.md`` (``moe:`` nested)."""
+
+    def __init__(self, config: Union[str, os.PathLike, Dict[str, Any]]) -> None:
+        self._impl = _C.TransformerImpl(_config_text(config))
+        self.training = True
+
+    def __call__(self, tokens: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Any]:
+        return self.forward(tokens, mask)
+
+    def forward(self, tokens: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Any]:
+        """Returns ``{"logits": [B, S, V], "moe_layers": [per-layer stats]}``."""
+        return self._impl.forward(tokens, mask)
+
+    def loss(self, tokens: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Any]:
+        """Next-token loss plus weighted aux losses: keys loss, ce, aux, tokens,
+        logits, moe_layers."""
+        return self._impl.loss(tokens, mask)
+
+    def named_parameters(self) -> Iterator[Tuple[str, Tensor]]:
+        yield from self._impl.named_parameters()
+
+    def parameters(self) -> Iterator[Tensor]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_buffers(self) -> Iterator[Tuple[str, Tensor]]:
+        yield from self._impl.named_buffers()
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        sd = {n: p.detach() for n, p in self.named_parameters()}
+        sd.update({n: b for n, b in self.named_buffers()})
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Dict[str, Tensor], strict: bool = True) -> None:
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing {missing}, unexpected {unexpected}")
+        for name, t in state.items():
+            if name in own:
+                if own[name].shape != t.shape:
+                    raise ValueError(f"load_state_dict: {name} has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
+                own[name].copy_(t)
+
+    def train(self, mode: bool = True) -> "Transformer":
+        self._impl.train(mode)
+        self.training = mode
+        return self
+
+    def eval(self) -> "Transformer":
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def moe_layer_indices(self):
+        return self._impl.moe_layer_indices()
+
+    def update_selection_bias(self, layer: int, tokens_per_expert: Tensor, rate: float) -> None:
+        self._impl.update_selection_bias(layer, tokens_per_expert, rate)
