@@ -199,18 +199,19 @@ MoEOutput moe_forward(
     valid = mask.reshape({T}).to(at::kBool);
   }
 
-  // Router in float32, always.
-  auto xr = x2.to(at::kFloat);
+  // Router in float32, or float64 for a float64 model (never lower).
+  const auto rdt = x2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto xr = x2.to(rdt);
   const bool train_noise = o.training && o.noise != "none";
   if (train_noise && o.noise == "jitter") {
     xr = xr * at::empty_like(xr).uniform_(1.0 - o.noise_eps, 1.0 + o.noise_eps);
   }
   std::optional<at::Tensor> router_bias;
   if (w.router_bias.defined()) {
-    router_bias = w.router_bias.to(at::kFloat);
+    router_bias = w.router_bias.to(rdt);
   }
   const auto logits =
-      at::linear(xr, w.router_weight.to(at::kFloat), router_bias);
+      at::linear(xr, w.router_weight.to(rdt), router_bias);
   auto route_logits = logits;
   if (train_noise && o.noise == "noisy_topk") {
     TORCH_CHECK(
@@ -220,8 +221,7 @@ MoEOutput moe_forward(
         ", ",
         H,
         "]");
-    const auto std_dev =
-        at::softplus(at::linear(xr, w.noise_weight.to(at::kFloat)));
+    const auto std_dev = at::softplus(at::linear(xr, w.noise_weight.to(rdt)));
     route_logits = logits + at::randn_like(logits) * std_dev;
   } else if (train_noise && o.noise == "gumbel") {
     const auto u = at::empty_like(logits).uniform_(1e-10, 1.0);
@@ -244,7 +244,7 @@ MoEOutput moe_forward(
     const auto row_w = at::zeros({N + 1}, combine.options())
                            .scatter(0, target, combine.flatten())
                            .narrow(0, 0, N);
-    rows = (rows.to(at::kFloat) * row_w.unsqueeze(1)).to(x2.scalar_type());
+    rows = (rows.to(rdt) * row_w.unsqueeze(1)).to(x2.scalar_type());
     combine = (plan.slot >= 0).to(combine.scalar_type());
   }
   auto h = ops::grouped_mm(rows, w.w_gate_up, plan.offsets);
@@ -268,7 +268,7 @@ MoEOutput moe_forward(
   MoEOutput out;
   out.y = y.view(x.sizes());
   const auto fopts = logits.options();
-  const auto vw = valid.defined() ? valid.to(at::kFloat) : at::ones({T}, fopts);
+  const auto vw = valid.defined() ? valid.to(rdt) : at::ones({T}, fopts);
   const auto n_valid = vw.sum().clamp_min(1.0);
   auto probs = scores;
   if (o.score_fn == "sigmoid") {
@@ -306,11 +306,11 @@ MoEOutput moe_forward(
   out.load_loss = cv2(plan.assigned);
   out.z_loss = (at::logsumexp(logits, -1).square() * vw).sum() / n_valid;
   out.tokens_per_expert = plan.assigned;
-  const auto kept = plan.counts.sum().to(at::kFloat);
+  const auto kept = plan.counts.sum().to(rdt);
   out.dropped_fraction =
       o.routing == "expert_choice"
           // fraction of real tokens no expert took
-          ? 1.0 - ((plan.slot >= 0).any(1).to(at::kFloat) * vw).sum() / n_valid
+          ? 1.0 - ((plan.slot >= 0).any(1).to(rdt) * vw).sum() / n_valid
           : 1.0 - kept / (n_valid * K);
   const auto ent = -(probs * at::log(probs.clamp_min(1e-20))).sum(-1);
   out.router_entropy = (ent * vw).sum() / n_valid;

@@ -50,7 +50,7 @@ at::Tensor NormImpl::forward(const at::Tensor& x) const {
     return at::layer_norm(x, {x.size(-1)}, weight, bias, eps);
   }
   // HF convention: normalize in float32, cast back, then scale.
-  const auto xf = x.to(at::kFloat);
+  const auto xf = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
   const auto normed = xf * at::rsqrt(xf.square().mean(-1, true) + eps);
   return weight * normed.to(x.scalar_type());
 }
@@ -206,7 +206,9 @@ MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
   const int64_t H = c.hidden_size, E = m.num_experts;
   const int64_t F = m.ffn_size > 0 ? m.ffn_size : c.ffn_size;
   options.expert_dropout = m.expert_dropout;
-  router = register_module("router", Linear(H, E, m.router_bias, at::kFloat));
+  // The router is float32 (float64 in a float64 model), whatever the experts.
+  const auto router_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
+  router = register_module("router", Linear(H, E, m.router_bias, router_dt));
   w_gate_up =
       register_parameter("w_gate_up", at::empty({E, 2 * F, H}, at::dtype(dt)));
   w_down = register_parameter("w_down", at::empty({E, H, F}, at::dtype(dt)));
@@ -223,10 +225,12 @@ MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
     }
   }
   if (m.selection_bias) {
-    selection_bias = register_buffer("selection_bias", at::zeros({E}));
+    selection_bias =
+        register_buffer("selection_bias", at::zeros({E}, at::dtype(router_dt)));
   }
   if (options.noise == "noisy_topk") {
-    noise_weight = register_parameter("noise_weight", at::zeros({E, H}));
+    noise_weight = register_parameter(
+        "noise_weight", at::zeros({E, H}, at::dtype(router_dt)));
   }
 }
 
@@ -395,7 +399,10 @@ TransformerOutput TransformerImpl::forward(
   }
   x = norm->forward(x);
   const auto& head = config.tie_embeddings ? embed->weight : lm_head->weight;
-  out.logits = at::linear(x, head).to(at::kFloat);
+  out.logits = at::linear(x, head);
+  if (out.logits.scalar_type() != at::kDouble) {
+    out.logits = out.logits.to(at::kFloat);
+  }
   return out;
 }
 

@@ -56,6 +56,12 @@ PYBIND11_MODULE(_C, m) {
         return std::make_shared<TransformerImpl>(
             moeyard::ModelConfig::from_yaml_string(yaml));
       }))
+      .def_static(
+          "from_file",
+          [](const std::string& path) {
+            return std::make_shared<TransformerImpl>(
+                moeyard::ModelConfig::from_yaml_file(path));
+          })
       .def(
           "forward",
           [](TransformerImpl& self,

@@ -16,14 +16,13 @@ from torch import Tensor
 from . import _C
 
 
-def _config_text(config: Union[str, os.PathLike, Dict[str, Any]]) -> str:
+def _build(config: Union[str, os.PathLike, Dict[str, Any]]):
     if isinstance(config, dict):
-        return json.dumps(config)  # JSON is YAML
+        return _C.TransformerImpl(json.dumps(config))  # JSON is YAML
     text = os.fspath(config)
     if os.path.exists(text):
-        with open(text) as f:
-            return f.read()
-    return text
+        return _C.TransformerImpl.from_file(text)  # errors cite file:line
+    return _C.TransformerImpl(text)
 
 
 class Transformer:
@@ -31,7 +30,7 @@ class Transformer:
     YAML file with the fields of ``docs/model.md`` (``moe:`` nested)."""
 
     def __init__(self, config: Union[str, os.PathLike, Dict[str, Any]]) -> None:
-        self._impl = _C.TransformerImpl(_config_text(config))
+        self._impl = _build(config)
         self.training = True
 
     def __call__(self, tokens: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Any]:
