@@ -50,6 +50,14 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "moeyard native library";
   m.attr("__version__") = moeyard::kVersion;
 
+  m.def(
+      "rotary_tables",
+      [](const std::string& yaml) {
+        moeyard::Rotary r(moeyard::ModelConfig::from_yaml_string(yaml));
+        return py::make_tuple(r.cos, r.sin);
+      },
+      "cos, sin [max_seq_len, rotary dims] of a model config (for tests)");
+
   py::class_<TransformerImpl, std::shared_ptr<TransformerImpl>>(
       m, "TransformerImpl")
       .def(py::init([](const std::string& yaml) {

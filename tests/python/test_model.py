@@ -230,3 +230,32 @@ def test_capacity_stats():
         kept = s["tokens_per_expert"].clamp(max=C).sum()
         torch.testing.assert_close(s["capacity_utilization"], kept / (4 * C))
         assert int(s["dead_experts"]) == int((s["tokens_per_expert"] == 0).sum())
+
+
+@pytest.mark.parametrize("scaling", ["none", "linear", "yarn"])
+def test_rope_tables_match_transformers(scaling):
+    import json
+
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": "default" if scaling == "none" else scaling, "rope_theta": 500.0}
+    if scaling != "none":
+        params["factor"] = 4.0
+    if scaling == "yarn":
+        params["original_max_position_embeddings"] = 16
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64, rope_parameters=params)
+    ours = dict(BASE, hidden_size=64, num_heads=4, rope_theta=500.0, rope_scaling=scaling,
+                rope_factor=4.0 if scaling != "none" else 1.0, rope_original_max_position=16, max_seq_len=64)
+    cos, sin = moeyard._C.rotary_tables(json.dumps(ours))
+    init = ROPE_INIT_FUNCTIONS.get(params["rope_type"])
+    if init is None:  # default rope
+        inv_freq = 1.0 / (500.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+        factor = 1.0
+    else:
+        inv_freq, factor = init(hf, "cpu")
+    pos = torch.arange(64, dtype=torch.float64)
+    freqs = torch.outer(pos, inv_freq.double())
+    emb = torch.cat([freqs, freqs], -1)
+    torch.testing.assert_close(cos, (emb.cos() * factor).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sin, (emb.sin() * factor).float(), atol=1e-5, rtol=1e-5)
