@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Sets up everything (scripts/setup.sh) and runs the main job.
-# Until the trainer lands (`moeyard train --config configs/tiny.yaml`), the
-# main job is the MoE layer example: a small MoE layer trained for a few
-# steps on CPU, printing its loss and routing statistics.
+# Sets up everything (scripts/setup.sh), prepares the built-in corpus (byte
+# shards of the Python standard library's sources) once, and trains
+# configs/tiny.yaml. Extra arguments go to `moeyard train`, e.g.
+#   scripts/train.sh --set train.steps=50 --resume never
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/setup.sh"
 source "$ROOT/scripts/env.sh"
-exec python -m moeyard.examples.moe_layer "$@"
+cd "$ROOT"
+if [ ! -f data/builtin/train.bin ]; then
+  python scripts/prepare_data.py --builtin --out data/builtin --max-bytes 20000000
+fi
+exec "${MOEYARD_BUILD_DIR:-$ROOT/build}/moeyard" train --config configs/tiny.yaml "$@"

@@ -8,9 +8,8 @@
 #include "config/yaml_reader.h"
 
 namespace moeyard {
-namespace {
 
-void read_moe(config::YamlReader r, MoEConfig& m) {
+void read_moe_config(config::YamlReader r, MoEConfig& m) {
   r.get("num_experts", m.num_experts);
   r.get("ffn_size", m.ffn_size);
   r.get("moe_every_n", m.moe_every_n);
@@ -44,6 +43,8 @@ void read_moe(config::YamlReader r, MoEConfig& m) {
   r.get("temperature", o.temperature);
   r.finish();
 }
+
+namespace {
 
 template <typename T>
 void check_one_of(
@@ -183,10 +184,7 @@ void ModelConfig::validate() const {
       moe.num_shared_experts);
 }
 
-ModelConfig ModelConfig::from_yaml(
-    const YAML::Node& node, const std::string& path, const std::string& file) {
-  ModelConfig c;
-  config::YamlReader r(node, path, file);
+void read_model_fields(config::YamlReader& r, ModelConfig& c) {
   r.get("vocab_size", c.vocab_size);
   r.get("hidden_size", c.hidden_size);
   r.get("num_layers", c.num_layers);
@@ -211,7 +209,16 @@ ModelConfig ModelConfig::from_yaml(
   r.get("max_seq_len", c.max_seq_len);
   r.get("tie_embeddings", c.tie_embeddings);
   r.get("dtype", c.dtype);
-  read_moe(r.child("moe"), c.moe);
+}
+
+ModelConfig ModelConfig::from_yaml(
+    const YAML::Node& node,
+    const std::string& path,
+    const std::string& file) {
+  ModelConfig c;
+  config::YamlReader r(node, path, file);
+  read_model_fields(r, c);
+  read_moe_config(r.child("moe"), c.moe);
   r.finish();
   c.validate();
   return c;

@@ -13,6 +13,9 @@
 namespace YAML {
 class Node;
 }
+namespace moeyard::config {
+class YamlReader;
+}
 
 namespace moeyard {
 
@@ -83,5 +86,10 @@ struct ModelConfig {
   static ModelConfig from_yaml_string(const std::string& text);
   static ModelConfig from_yaml_file(const std::string& file);
 };
+
+// Readers of the two sections, for configs that hold them at other paths
+// (the trainer's top-level `model:` and `moe:`).
+void read_model_fields(config::YamlReader& r, ModelConfig& c);
+void read_moe_config(config::YamlReader r, MoEConfig& m);
 
 } // namespace moeyard

@@ -1,0 +1,41 @@
+#pragma once
+// Memory-mapped token shards (format: scripts/prepare_data.py and
+// docs/training.md). Every header field is validated against the file; token
+// ids are checked against the model's vocabulary when a batch is read.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+
+namespace moeyard::io {
+
+class TokenShard {
+ public:
+  explicit TokenShard(const std::string& path);
+  ~TokenShard();
+  TokenShard(const TokenShard&) = delete;
+  TokenShard& operator=(const TokenShard&) = delete;
+
+  int64_t size() const {
+    return count_;
+  }
+  int64_t vocab_size() const {
+    return vocab_;
+  }
+  const std::string& path() const {
+    return path_;
+  }
+  // tokens[start : start + n] as int64; ids >= vocab are an error naming the
+  // file and the position.
+  at::Tensor read(int64_t start, int64_t n, int64_t vocab) const;
+
+ private:
+  std::string path_;
+  void* map_ = nullptr;
+  size_t bytes_ = 0;
+  int64_t width_ = 0, count_ = 0, vocab_ = 0;
+  const uint8_t* data_ = nullptr;
+};
+
+} // namespace moeyard::io

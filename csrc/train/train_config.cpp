@@ -1,0 +1,207 @@
+#include "train/train_config.h"
+
+#include <c10/util/Exception.h>
+#include <yaml-cpp/yaml.h>
+
+#include <cmath>
+#include <sstream>
+
+#include "config/yaml_reader.h"
+
+namespace moeyard::train {
+
+double Schedule::value(int64_t step, int64_t total) const {
+  const int64_t len = steps > 0 ? steps : std::max<int64_t>(total - begin, 1);
+  const double f =
+      std::clamp(static_cast<double>(step - begin) / len, 0.0, 1.0);
+  if (type == "constant") {
+    return start;
+  }
+  if (type == "linear") {
+    return start + (end - start) * f;
+  }
+  if (type == "cosine") {
+    return end + (start - end) * 0.5 * (1 + std::cos(M_PI * f));
+  }
+  // step: start until the move ends, then end
+  return f < 1.0 ? start : end;
+}
+
+namespace {
+
+void read_schedule(config::YamlReader r, Schedule& s) {
+  r.get("type", s.type);
+  r.get("start", s.start);
+  r.get("end", s.end);
+  r.get("steps", s.steps);
+  r.get("begin", s.begin);
+  r.finish();
+  for (const char* t : {"constant", "linear", "cosine", "step"}) {
+    if (s.type == t) {
+      return;
+    }
+  }
+  r.fail(
+      "type", "must be constant, linear, cosine or step, got '" + s.type + "'");
+}
+
+// Applies "a.b.c=value" to the YAML tree.
+void apply_override(YAML::Node root, const std::string& kv) {
+  const auto eq = kv.find('=');
+  TORCH_CHECK(
+      eq != std::string::npos && eq > 0,
+      "config: --set expects key.path=value, got '",
+      kv,
+      "'");
+  const std::string path = kv.substr(0, eq);
+  YAML::Node value = YAML::Load(kv.substr(eq + 1));
+  std::stringstream ss(path);
+  std::string part;
+  std::vector<std::string> parts;
+  while (std::getline(ss, part, '.')) {
+    parts.push_back(part);
+  }
+  YAML::Node node = root;
+  for (size_t i = 0; i + 1 < parts.size(); ++i) {
+    YAML::Node next = node[parts[i]];
+    if (!next.IsDefined() || next.IsNull()) {
+      node[parts[i]] = YAML::Node(YAML::NodeType::Map);
+    }
+    node.reset(node[parts[i]]);
+  }
+  node[parts.back()] = value;
+}
+
+} // namespace
+
+TrainConfig TrainConfig::load(
+    const std::string& file, const std::vector<std::string>& overrides) {
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(file);
+  } catch (const YAML::Exception& e) {
+    TORCH_CHECK(false, "config: cannot read ", file, ": ", e.what());
+  }
+  for (const auto& o : overrides) {
+    apply_override(root, o);
+  }
+  TrainConfig c;
+  config::YamlReader top(root, "", file);
+  {
+    auto r = top.child("model");
+    read_model_fields(r, c.model);
+    r.finish();
+  }
+  read_moe_config(top.child("moe"), c.model.moe);
+  {
+    auto r = top.child("data");
+    r.get("train", c.data.train);
+    r.get("valid", c.data.valid);
+    r.get("seq_len", c.data.seq_len);
+    r.get("seed", c.data.seed);
+    r.finish();
+    if (c.data.seq_len < 2) {
+      r.fail("seq_len", "must be >= 2");
+    }
+  }
+  {
+    auto r = top.child("optim");
+    auto& o = c.optim;
+    r.get("lr", o.lr);
+    r.get("min_lr_ratio", o.min_lr_ratio);
+    r.get("lr_schedule", o.lr_schedule);
+    r.get("warmup", o.warmup);
+    r.get("wsd_decay_fraction", o.wsd_decay_fraction);
+    r.get("weight_decay", o.weight_decay);
+    r.get("beta1", o.beta1);
+    r.get("beta2", o.beta2);
+    r.get("eps", o.eps);
+    r.get("router_lr_mult", o.router_lr_mult);
+    r.get("grad_clip", o.grad_clip);
+    r.finish();
+    if (!(o.lr > 0)) {
+      r.fail("lr", "must be > 0");
+    }
+    if (o.lr_schedule != "cosine" && o.lr_schedule != "linear" &&
+        o.lr_schedule != "constant" && o.lr_schedule != "wsd") {
+      r.fail(
+          "lr_schedule",
+          "must be cosine, linear, constant or wsd, got '" + o.lr_schedule +
+              "'");
+    }
+  }
+  {
+    auto r = top.child("train");
+    auto& t = c.train;
+    r.get("steps", t.steps);
+    r.get("micro_batch", t.micro_batch);
+    r.get("grad_accum", t.grad_accum);
+    r.get("seed", t.seed);
+    r.get("threads", t.threads);
+    r.get("eval_every", t.eval_every);
+    r.get("eval_batches", t.eval_batches);
+    r.get("max_bad_steps", t.max_bad_steps);
+    r.finish();
+    if (t.steps < 1) {
+      r.fail("steps", "must be >= 1");
+    }
+    if (t.micro_batch < 1) {
+      r.fail("micro_batch", "must be >= 1");
+    }
+    if (t.grad_accum < 1) {
+      r.fail("grad_accum", "must be >= 1");
+    }
+  }
+  {
+    auto r = top.child("checkpoint");
+    r.get("dir", c.checkpoint.dir);
+    r.get("every", c.checkpoint.every);
+    r.get("keep_last", c.checkpoint.keep_last);
+    r.finish();
+  }
+  {
+    auto r = top.child("log");
+    r.get("every", c.log.every);
+    r.get("metrics", c.log.metrics);
+    r.finish();
+  }
+  {
+    auto r = top.child("schedule");
+    c.schedule.capacity_factor.start = -1; // "not scheduled"
+    c.schedule.top_k.start = -1;
+    read_schedule(r.child("capacity_factor"), c.schedule.capacity_factor);
+    read_schedule(r.child("top_k"), c.schedule.top_k);
+    r.get("bias_update_rate", c.schedule.bias_update_rate);
+    r.finish();
+  }
+  {
+    auto r = top.child("parallel");
+    int64_t tp = 1, dp = 1, ep = 1;
+    r.get("tensor_parallel", tp);
+    r.get("data_parallel", dp);
+    r.get("expert_parallel", ep);
+    r.finish();
+    if (tp != 1 || dp != 1 || ep != 1) {
+      r.fail(
+          "tensor_parallel",
+          "distributed layouts are not implemented yet (issue 7); use 1");
+    }
+  }
+  top.finish();
+  c.model.validate();
+  if (c.data.seq_len > c.model.max_seq_len) {
+    TORCH_CHECK(
+        false,
+        "config: data.seq_len (",
+        c.data.seq_len,
+        ") exceeds model.max_seq_len (",
+        c.model.max_seq_len,
+        ")");
+  }
+  YAML::Emitter out;
+  out << root;
+  c.text = out.c_str();
+  return c;
+}
+
+} // namespace moeyard::train

@@ -1,0 +1,86 @@
+#pragma once
+// The trainer's configuration: one YAML file onto typed sections. Every field
+// has a default and a one-line doc (docs/training.md lists them); unknown
+// keys, wrong types and bad values are errors naming the key path and line.
+
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace moeyard::train {
+
+// A value that changes over training (DESIGN: one schedule type).
+struct Schedule {
+  std::string type = "constant"; // constant | linear | cosine | step
+  double start = 0.0;
+  double end = 0.0;
+  int64_t warmup = 0; // linear ramp from 0 to start (lr)
+  int64_t steps = 0; // length of the start->end move (0: whole run)
+  int64_t begin = 0; // step the move starts at
+  double value(int64_t step, int64_t total_steps) const;
+};
+
+struct DataConfig {
+  std::string train = "data/builtin/train.bin"; // token shard
+  std::string valid = "data/builtin/valid.bin"; // token shard ("" : none)
+  int64_t seq_len = 128;
+  int64_t seed = 1234;
+};
+
+struct OptimConfig {
+  double lr = 3e-3;
+  double min_lr_ratio = 0.1; // cosine/linear decay to lr * ratio
+  std::string lr_schedule = "cosine"; // cosine | linear | constant | wsd
+  int64_t warmup = 20;
+  double wsd_decay_fraction = 0.2; // WSD: last fraction of steps decays
+  double weight_decay = 0.1; // not applied to norms, biases, embeddings
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
+  double router_lr_mult = 1.0;
+  double grad_clip = 1.0; // global norm (0: off)
+};
+
+struct TrainSection {
+  int64_t steps = 200;
+  int64_t micro_batch = 8;
+  int64_t grad_accum = 1;
+  int64_t seed = 0;
+  int64_t threads = 0; // 0: PyTorch default
+  int64_t eval_every = 50;
+  int64_t eval_batches = 4;
+  int64_t max_bad_steps = 5; // consecutive non-finite steps before abort
+};
+
+struct CheckpointConfig {
+  std::string dir = "runs/tiny";
+  int64_t every = 100; // 0: only the final save
+  int64_t keep_last = 2;
+};
+
+struct LogConfig {
+  int64_t every = 10;
+  std::string metrics = ""; // JSONL file ("" : <checkpoint.dir>/metrics.jsonl)
+};
+
+struct MoESchedules {
+  Schedule capacity_factor; // type "none" (start < 0): keep moe.capacity_factor
+  Schedule top_k;
+  double bias_update_rate = 0.0; // aux-loss-free selection bias update
+};
+
+struct TrainConfig {
+  ModelConfig model;
+  DataConfig data;
+  OptimConfig optim;
+  TrainSection train;
+  CheckpointConfig checkpoint;
+  LogConfig log;
+  MoESchedules schedule;
+  std::string text; // the resolved config as YAML (saved with checkpoints)
+
+  // overrides: "a.b=value" applied before parsing.
+  static TrainConfig load(
+      const std::string& file, const std::vector<std::string>& overrides = {});
+};
+
+} // namespace moeyard::train

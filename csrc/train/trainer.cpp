@@ -1,0 +1,643 @@
+#include "train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/optim/adamw.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "io/safetensors.h"
+#include "io/token_shard.h"
+#include "model/transformer.h"
+#include "util/log.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace moeyard::train {
+namespace {
+
+std::atomic<int> g_signal{0};
+void on_signal(int sig) {
+  g_signal = sig;
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Learning-rate multiplier at `step` (0-based) of `total`.
+double lr_factor(const OptimConfig& o, int64_t step, int64_t total) {
+  if (step < o.warmup) {
+    return static_cast<double>(step + 1) / o.warmup;
+  }
+  const double lo = o.min_lr_ratio;
+  const double f = static_cast<double>(step - o.warmup) /
+                   std::max<int64_t>(total - o.warmup, 1);
+  if (o.lr_schedule == "constant") {
+    return 1.0;
+  }
+  if (o.lr_schedule == "linear") {
+    return 1.0 - (1.0 - lo) * f;
+  }
+  if (o.lr_schedule == "wsd") { // warmup, stable, decay over the last part
+    const double d = o.wsd_decay_fraction;
+    return f < 1.0 - d ? 1.0 : 1.0 - (1.0 - lo) * (f - (1.0 - d)) / d;
+  }
+  return lo + (1.0 - lo) * 0.5 * (1.0 + std::cos(M_PI * f));
+}
+
+std::string fmt_duration(double s) {
+  const int64_t t = static_cast<int64_t>(s);
+  char buf[32];
+  if (t >= 3600) {
+    std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, (t / 60) % 60);
+  } else {
+    std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
+  }
+  return buf;
+}
+
+class Trainer {
+ public:
+  Trainer(const TrainConfig& c) : cfg_(c), model_(c.model) {
+    if (cfg_.train.threads > 0) {
+      at::set_num_threads(cfg_.train.threads);
+    }
+    train_ = std::make_unique<io::TokenShard>(cfg_.data.train);
+    check_shard(*train_, "data.train");
+    if (!cfg_.data.valid.empty()) {
+      valid_ = std::make_unique<io::TokenShard>(cfg_.data.valid);
+      check_shard(*valid_, "data.valid");
+    }
+    build_optimizer();
+    metrics_path_ =
+        cfg_.log.metrics.empty()
+            ? (fs::path(cfg_.checkpoint.dir) / "metrics.jsonl").string()
+            : cfg_.log.metrics;
+  }
+
+  RunResult run(const std::string& resume);
+
+ private:
+  void check_shard(const io::TokenShard& s, const char* field) {
+    TORCH_CHECK(
+        s.vocab_size() <= cfg_.model.vocab_size,
+        "config: ",
+        field,
+        " (",
+        s.path(),
+        ") was made for a vocabulary of ",
+        s.vocab_size(),
+        " tokens but model.vocab_size is ",
+        cfg_.model.vocab_size);
+    TORCH_CHECK(
+        s.size() > cfg_.data.seq_len,
+        "config: ",
+        field,
+        " (",
+        s.path(),
+        ") has ",
+        s.size(),
+        " tokens, fewer than data.seq_len + 1 = ",
+        cfg_.data.seq_len + 1);
+  }
+
+  void build_optimizer();
+  at::Tensor batch(
+      const io::TokenShard& s, int64_t step, int64_t micro, bool random);
+  double evaluate();
+  void save(int64_t step);
+  int64_t load(const std::string& dir);
+  void apply_moe_schedules(int64_t step);
+
+  TrainConfig cfg_;
+  Transformer model_;
+  std::unique_ptr<io::TokenShard> train_, valid_;
+  std::unique_ptr<torch::optim::AdamW> opt_;
+  std::vector<double> base_lr_; // per parameter group
+  std::vector<std::string> names_; // parameter names in optimizer order
+  std::vector<at::Tensor> params_,
+      masters_; // masters: fp32 copies of non-fp32 params
+  std::string metrics_path_;
+};
+
+void Trainer::build_optimizer() {
+  // Groups: decayed matrices, no-decay (norms, biases, embeddings), router.
+  std::vector<at::Tensor> decay, no_decay, router;
+  std::vector<std::string> n_decay, n_no_decay, n_router;
+  for (const auto& p : model_->named_parameters()) {
+    const auto& n = p.key();
+    at::Tensor t = p.value();
+    at::Tensor opt_t = t;
+    if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble) {
+      opt_t = t.detach().to(at::kFloat).requires_grad_(true); // fp32 master
+      masters_.push_back(opt_t);
+    } else {
+      masters_.push_back(at::Tensor());
+    }
+    params_.push_back(t);
+    if (n.find(".router.") != std::string::npos) {
+      router.push_back(opt_t);
+      n_router.push_back(n);
+    } else if (
+        n.find("norm") != std::string::npos || ends_with(n, ".bias") ||
+        n.rfind("embed.", 0) == 0) {
+      no_decay.push_back(opt_t);
+      n_no_decay.push_back(n);
+    } else {
+      decay.push_back(opt_t);
+      n_decay.push_back(n);
+    }
+  }
+  const auto& o = cfg_.optim;
+  auto options = [&](double lr, double wd) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(lr)
+            .betas({o.beta1, o.beta2})
+            .eps(o.eps)
+            .weight_decay(wd));
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, options(o.lr, o.weight_decay));
+  groups.emplace_back(no_decay, options(o.lr, 0.0));
+  groups.emplace_back(router, options(o.lr * o.router_lr_mult, 0.0));
+  base_lr_ = {o.lr, o.lr, o.lr * o.router_lr_mult};
+  opt_ = std::make_unique<torch::optim::AdamW>(
+      groups, torch::optim::AdamWOptions(o.lr));
+  // Parameter order as the optimizer sees it, for checkpoints.
+  std::vector<at::Tensor> ordered;
+  for (auto* v : {&n_decay, &n_no_decay, &n_router}) {
+    names_.insert(names_.end(), v->begin(), v->end());
+  }
+}
+
+// Micro-batch `micro` of step `step`: random windows from a generator seeded
+// by (seed, step, micro), so any step can be replayed after a resume.
+at::Tensor Trainer::batch(
+    const io::TokenShard& s, int64_t step, int64_t micro, bool random) {
+  const int64_t B = cfg_.train.micro_batch, S = cfg_.data.seq_len;
+  const int64_t span = s.size() - S;
+  std::vector<at::Tensor> rows;
+  uint64_t state =
+      static_cast<uint64_t>(cfg_.data.seed) * 0x9E3779B97F4A7C15ull +
+      static_cast<uint64_t>(step) * 1000003ull + static_cast<uint64_t>(micro);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t start;
+    if (random) {
+      state ^= state >> 12, state ^= state << 25,
+          state ^= state >> 27; // xorshift64*
+      start = static_cast<int64_t>(
+          (state * 2685821657736338717ull) % static_cast<uint64_t>(span));
+    } else {
+      start = (span / std::max<int64_t>(B * cfg_.train.eval_batches, 1)) *
+              (micro * B + b);
+    }
+    rows.push_back(s.read(start, S, cfg_.model.vocab_size));
+  }
+  return at::stack(rows);
+}
+
+double Trainer::evaluate() {
+  if (!valid_) {
+    return NAN;
+  }
+  at::NoGradGuard g;
+  model_->eval();
+  double sum = 0;
+  for (int64_t i = 0; i < cfg_.train.eval_batches; ++i) {
+    sum += model_->loss(batch(*valid_, 0, i, false)).ce.item<double>();
+  }
+  model_->train();
+  return sum / cfg_.train.eval_batches;
+}
+
+void Trainer::apply_moe_schedules(int64_t step) {
+  const auto& sc = cfg_.schedule;
+  for (const auto& m : model_->layers->children()) {
+    auto block = std::dynamic_pointer_cast<BlockImpl>(m);
+    if (!block || !block->moe) {
+      continue;
+    }
+    auto& o = block->moe->options;
+    if (sc.capacity_factor.start >= 0) {
+      o.capacity_factor = sc.capacity_factor.value(step, cfg_.train.steps);
+    }
+    if (sc.top_k.start >= 1) {
+      o.top_k = std::clamp<int64_t>(
+          std::llround(sc.top_k.value(step, cfg_.train.steps)),
+          1,
+          cfg_.model.moe.num_experts);
+    }
+  }
+}
+
+void Trainer::save(int64_t step) {
+  const fs::path dir(cfg_.checkpoint.dir);
+  const auto name = "step_" + std::to_string(step);
+  const fs::path tmp = dir / (name + ".tmp"), final_dir = dir / name;
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  io::TensorMap model_t, opt_t;
+  for (const auto& p : model_->named_parameters()) {
+    model_t[p.key()] = p.value();
+  }
+  for (const auto& b : model_->named_buffers()) {
+    model_t[b.key()] = b.value();
+  }
+  // Optimizer state by parameter name.
+  auto& state = opt_->state();
+  size_t i = 0;
+  for (auto& group : opt_->param_groups()) {
+    for (auto& p : group.params()) {
+      auto it = state.find(p.unsafeGetTensorImpl());
+      if (it != state.end()) {
+        auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
+        opt_t[names_[i] + ".exp_avg"] = s.exp_avg();
+        opt_t[names_[i] + ".exp_avg_sq"] = s.exp_avg_sq();
+        opt_t[names_[i] + ".step"] = at::full({}, s.step(), at::kLong);
+        if (masters_[i].defined()) {
+          opt_t[names_[i] + ".master"] = p;
+        }
+      }
+      ++i;
+    }
+  }
+  io::save_safetensors((tmp / "model.safetensors").string(), model_t);
+  io::save_safetensors((tmp / "optimizer.safetensors").string(), opt_t);
+  auto rng = at::detail::getDefaultCPUGenerator().get_state();
+  io::save_safetensors((tmp / "rng.safetensors").string(), {{"cpu", rng}});
+  json manifest = {
+      {"step", step},
+      {"config", cfg_.text},
+      {"data_position", step},
+      {"parallel",
+       {{"tensor_parallel", 1}, {"data_parallel", 1}, {"expert_parallel", 1}}}};
+  for (const char* f :
+       {"model.safetensors", "optimizer.safetensors", "rng.safetensors"}) {
+    manifest["sha256"][f] = io::sha256_file((tmp / f).string());
+  }
+  {
+    std::ofstream out(tmp / "manifest.json");
+    out << manifest.dump(2);
+  }
+  fs::remove_all(final_dir);
+  fs::rename(tmp, final_dir);
+  // `latest` moves only after the rename commits the checkpoint.
+  {
+    std::ofstream out(dir / "latest.tmp");
+    out << name << "\n";
+  }
+  fs::rename(dir / "latest.tmp", dir / "latest");
+  // Keep the newest keep_last checkpoints.
+  std::vector<std::pair<int64_t, fs::path>> all;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const auto n = e.path().filename().string();
+    if (e.is_directory() && n.rfind("step_", 0) == 0 && !ends_with(n, ".tmp")) {
+      all.emplace_back(std::stoll(n.substr(5)), e.path());
+    }
+  }
+  std::sort(all.begin(), all.end());
+  const int64_t keep = std::max<int64_t>(cfg_.checkpoint.keep_last, 1);
+  for (int64_t k = 0; k + keep < static_cast<int64_t>(all.size()); ++k) {
+    fs::remove_all(all[k].second);
+  }
+  log::info("checkpoint saved: " + final_dir.string());
+}
+
+int64_t Trainer::load(const std::string& dir_in) {
+  const fs::path dir(dir_in);
+  std::ifstream in(dir / "manifest.json");
+  TORCH_CHECK(in, "checkpoint ", dir.string(), ": no manifest.json");
+  json manifest;
+  try {
+    in >> manifest;
+  } catch (const std::exception& e) {
+    TORCH_CHECK(
+        false,
+        "checkpoint ",
+        dir.string(),
+        ": manifest.json is not valid JSON: ",
+        e.what());
+  }
+  for (const auto& [file, sum] : manifest.at("sha256").items()) {
+    const auto got = io::sha256_file((dir / file).string());
+    TORCH_CHECK(
+        got == sum.get<std::string>(),
+        "checkpoint ",
+        (dir / file).string(),
+        ": SHA-256 mismatch (manifest ",
+        sum.get<std::string>(),
+        ", file ",
+        got,
+        "): the file is corrupt");
+  }
+  auto model_t = io::load_safetensors((dir / "model.safetensors").string());
+  at::NoGradGuard g;
+  size_t used = 0;
+  auto take = [&](const std::string& n, at::Tensor& dst) {
+    auto it = model_t.find(n);
+    TORCH_CHECK(
+        it != model_t.end(),
+        "checkpoint ",
+        dir.string(),
+        ": tensor '",
+        n,
+        "' is missing");
+    TORCH_CHECK(
+        it->second.sizes() == dst.sizes(),
+        "checkpoint ",
+        dir.string(),
+        ": tensor '",
+        n,
+        "' has shape ",
+        it->second.sizes(),
+        ", the model expects ",
+        dst.sizes());
+    dst.copy_(it->second);
+    ++used;
+  };
+  for (auto& p : model_->named_parameters()) {
+    take(p.key(), p.value());
+  }
+  for (auto& b : model_->named_buffers()) {
+    take(b.key(), b.value());
+  }
+  TORCH_CHECK(
+      used == model_t.size(),
+      "checkpoint ",
+      dir.string(),
+      ": has ",
+      model_t.size() - used,
+      " tensors the model does not have");
+  auto opt_t = io::load_safetensors((dir / "optimizer.safetensors").string());
+  size_t i = 0;
+  for (auto& group : opt_->param_groups()) {
+    for (auto& p : group.params()) {
+      const auto& n = names_[i];
+      if (opt_t.count(n + ".exp_avg")) {
+        auto s = std::make_unique<torch::optim::AdamWParamState>();
+        s->exp_avg(opt_t.at(n + ".exp_avg"));
+        s->exp_avg_sq(opt_t.at(n + ".exp_avg_sq"));
+        s->step(opt_t.at(n + ".step").item<int64_t>());
+        opt_->state()[p.unsafeGetTensorImpl()] = std::move(s);
+        if (masters_[i].defined()) {
+          p.detach().copy_(opt_t.at(n + ".master"));
+        }
+      }
+      ++i;
+    }
+  }
+  auto rng = io::load_safetensors((dir / "rng.safetensors").string());
+  auto gen = at::detail::getDefaultCPUGenerator();
+  gen.set_state(rng.at("cpu"));
+  return manifest.at("step").get<int64_t>();
+}
+
+RunResult Trainer::run(const std::string& resume) {
+  RunResult result;
+  fs::create_directories(cfg_.checkpoint.dir);
+  int64_t step = 0;
+  std::string from;
+  if (resume == "auto") {
+    std::ifstream latest(fs::path(cfg_.checkpoint.dir) / "latest");
+    std::string name;
+    if (latest >> name) {
+      from = (fs::path(cfg_.checkpoint.dir) / name).string();
+    }
+  } else if (resume != "never") {
+    from = resume;
+  }
+  if (!from.empty()) {
+    step = load(from);
+    log::info(log::format("resumed from %s at step %ld", from.c_str(), step));
+  } else {
+    at::manual_seed(cfg_.train.seed);
+    model_->init_weights();
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (masters_[i].defined()) {
+        at::NoGradGuard g;
+        masters_[i].copy_(params_[i]);
+      }
+    }
+  }
+  std::ofstream metrics(metrics_path_, std::ios::app);
+  auto prev_int = std::signal(SIGINT, on_signal);
+  auto prev_term = std::signal(SIGTERM, on_signal);
+  const int64_t total = cfg_.train.steps;
+  const int64_t tokens_per_step =
+      cfg_.train.micro_batch * cfg_.train.grad_accum * cfg_.data.seq_len;
+  model_->train();
+  auto t_start = std::chrono::steady_clock::now();
+  auto t_log = t_start;
+  int64_t bad_in_row = 0, logged_from = step;
+  const int64_t first_step = step;
+  while (step < total) {
+    apply_moe_schedules(step);
+    const double lr_f = lr_factor(cfg_.optim, step, total);
+    auto& groups = opt_->param_groups();
+    for (size_t g = 0; g < groups.size(); ++g) {
+      static_cast<torch::optim::AdamWOptions&>(groups[g].options())
+          .lr(base_lr_[g] * lr_f);
+    }
+    // Micro-batch loop: accumulate gradients of the mean loss.
+    for (auto& p : params_) {
+      p.mutable_grad() = at::Tensor();
+    }
+    double loss_sum = 0, ce_sum = 0, aux_sum = 0;
+    std::vector<at::Tensor> layer_tokens;
+    json layer_stats = json::array();
+    for (int64_t micro = 0; micro < cfg_.train.grad_accum; ++micro) {
+      auto r = model_->loss(batch(*train_, step, micro, true));
+      (r.loss / cfg_.train.grad_accum).backward();
+      loss_sum += r.loss.item<double>();
+      ce_sum += r.ce.item<double>();
+      aux_sum += r.aux.item<double>();
+      for (size_t l = 0; l < r.out.moe_layers.size(); ++l) {
+        const auto tpe = r.out.moe_layers[l].moe.tokens_per_expert.detach();
+        if (layer_tokens.size() <= l) {
+          layer_tokens.push_back(tpe.clone());
+        } else {
+          layer_tokens[l] += tpe;
+        }
+        if (micro == cfg_.train.grad_accum - 1) {
+          const auto& m = r.out.moe_layers[l].moe;
+          layer_stats.push_back(
+              {{"layer", r.out.moe_layers[l].layer},
+               {"dropped_fraction", m.dropped_fraction.item<double>()},
+               {"router_entropy", m.router_entropy.item<double>()},
+               {"switch_loss", m.switch_loss.item<double>()},
+               {"z_loss", m.z_loss.item<double>()},
+               {"capacity_utilization",
+                m.capacity_utilization.item<double>()}});
+        }
+      }
+    }
+    const double loss = loss_sum / cfg_.train.grad_accum;
+    // fp32 masters take the gradients of their low-precision parameters.
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (masters_[i].defined() && params_[i].grad().defined()) {
+        masters_[i].mutable_grad() = params_[i].grad().to(at::kFloat);
+      }
+    }
+    std::vector<at::Tensor> opt_params;
+    for (auto& g : opt_->param_groups()) {
+      for (auto& p : g.params()) {
+        if (p.grad().defined()) {
+          opt_params.push_back(p);
+        }
+      }
+    }
+    double grad_norm = 0;
+    {
+      at::NoGradGuard g;
+      at::Tensor sq = at::zeros({}, at::kDouble);
+      for (auto& p : opt_params) {
+        sq += p.grad().to(at::kDouble).square().sum();
+      }
+      grad_norm = std::sqrt(sq.item<double>());
+    }
+    if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+      ++result.skipped_steps;
+      ++bad_in_row;
+      log::warn(log::format(
+          "step %ld: non-finite loss %g or grad norm %g; step skipped (%ld in "
+          "a row)",
+          step + 1,
+          loss,
+          grad_norm,
+          bad_in_row));
+      TORCH_CHECK(
+          bad_in_row < cfg_.train.max_bad_steps,
+          "training aborted: ",
+          bad_in_row,
+          " non-finite steps in a row (train.max_bad_steps = ",
+          cfg_.train.max_bad_steps,
+          ")");
+      ++step;
+      continue;
+    }
+    bad_in_row = 0;
+    if (cfg_.optim.grad_clip > 0 && grad_norm > cfg_.optim.grad_clip) {
+      at::NoGradGuard g;
+      const double s = cfg_.optim.grad_clip / (grad_norm + 1e-6);
+      for (auto& p : opt_params) {
+        p.mutable_grad().mul_(s);
+      }
+    }
+    opt_->step();
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (masters_[i].defined()) {
+        at::NoGradGuard g;
+        params_[i].copy_(masters_[i]);
+      }
+    }
+    if (cfg_.schedule.bias_update_rate > 0) {
+      size_t l = 0;
+      for (const auto& m : model_->layers->children()) {
+        auto block = std::dynamic_pointer_cast<BlockImpl>(m);
+        if (block && block->moe) {
+          if (block->moe->selection_bias.defined()) {
+            block->moe->update_selection_bias(
+                layer_tokens[l], cfg_.schedule.bias_update_rate);
+          }
+          ++l;
+        }
+      }
+    }
+    ++step;
+    result.final_loss = loss;
+    // Metrics (every step) and the console line (every log.every steps).
+    json rec = {
+        {"step", step},
+        {"loss", loss},
+        {"ce", ce_sum / cfg_.train.grad_accum},
+        {"aux", aux_sum / cfg_.train.grad_accum},
+        {"lr", base_lr_[0] * lr_f},
+        {"grad_norm", grad_norm},
+        {"moe_layers", layer_stats}};
+    for (size_t l = 0; l < layer_tokens.size(); ++l) {
+      auto v = layer_tokens[l].to(at::kDouble).contiguous();
+      rec["moe_layers"][l]["tokens_per_expert"] = std::vector<double>(
+          v.data_ptr<double>(), v.data_ptr<double>() + v.numel());
+      rec["moe_layers"][l]["dead_experts"] =
+          (layer_tokens[l] == 0).sum().item<int64_t>();
+    }
+    if (cfg_.schedule.capacity_factor.start >= 0) {
+      rec["capacity_factor"] =
+          cfg_.schedule.capacity_factor.value(step - 1, total);
+    }
+    if (cfg_.schedule.top_k.start >= 1) {
+      rec["top_k"] = std::llround(cfg_.schedule.top_k.value(step - 1, total));
+    }
+    const bool eval_now = cfg_.train.eval_every > 0 &&
+                          (step % cfg_.train.eval_every == 0 || step == total);
+    if (eval_now && valid_) {
+      const double vl = evaluate();
+      rec["valid_loss"] = vl;
+      rec["valid_ppl"] = std::exp(vl);
+      result.final_valid_loss = vl;
+      log::info(log::format(
+          "step %ld | valid loss %.4f | ppl %.2f", step, vl, std::exp(vl)));
+    }
+    metrics << rec.dump() << "\n";
+    metrics.flush();
+    if (step % std::max<int64_t>(cfg_.log.every, 1) == 0 || step == total) {
+      const auto now = std::chrono::steady_clock::now();
+      const double dt = std::chrono::duration<double>(now - t_log).count();
+      const double elapsed =
+          std::chrono::duration<double>(now - t_start).count();
+      const double tps =
+          (step - logged_from) * tokens_per_step / std::max(dt, 1e-9);
+      const double eta =
+          elapsed / std::max<int64_t>(step - first_step, 1) * (total - step);
+      log::info(log::format(
+          "step %5ld/%ld | loss %.4f | lr %.2e | %.0f tok/s | ETA %s",
+          step,
+          total,
+          loss,
+          base_lr_[0] * lr_f,
+          tps,
+          fmt_duration(eta).c_str()));
+      t_log = now;
+      logged_from = step;
+    }
+    if (g_signal != 0) {
+      log::warn(log::format(
+          "signal %d: saving a checkpoint at step %ld and stopping",
+          int(g_signal),
+          step));
+      save(step);
+      result.interrupted = true;
+      break;
+    }
+    if (cfg_.checkpoint.every > 0 && step % cfg_.checkpoint.every == 0 &&
+        step != total) {
+      save(step);
+    }
+  }
+  if (!result.interrupted) {
+    save(step);
+  }
+  std::signal(SIGINT, prev_int);
+  std::signal(SIGTERM, prev_term);
+  g_signal = 0;
+  result.steps_done = step;
+  return result;
+}
+
+} // namespace
+
+RunResult run_training(const TrainConfig& config, const std::string& resume) {
+  log::info("resolved config:\n" + config.text);
+  Trainer t(config);
+  return t.run(resume);
+}
+
+} // namespace moeyard::train

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Turn text files into moeyard token shards.
+
+    python scripts/prepare_data.py --out data/mycorpus FILE_OR_DIR ... [--tokenizer tokenizer.json]
+    python scripts/prepare_data.py --builtin --out data/builtin
+
+Writes <out>/train.bin and <out>/valid.bin (the last --valid-fraction of the
+files). Byte-level by default (vocabulary 256); with --tokenizer, any Hugging
+Face tokenizer.json through the `tokenizers` package. --builtin uses the
+Python standard library's own source files, which every machine has.
+
+Shard format (little-endian, docs/training.md): 32-byte header
+  magic b"MOEYTOK1" | u32 version=1 | u32 bytes per token (2 or 4) |
+  u64 token count | u64 vocabulary size
+followed by the tokens.
+"""
+
+import argparse
+import os
+import struct
+import sys
+import sysconfig
+
+import numpy as np
+
+MAGIC = b"MOEYTOK1"
+
+
+def write_shard(path: str, tokens: np.ndarray, vocab: int) -> None:
+    width = 2 if vocab <= 65536 else 4
+    arr = tokens.astype(np.uint16 if width == 2 else np.uint32)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(MAGIC + struct.pack("<IIQQ", 1, width, arr.size, vocab))
+        f.write(arr.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def collect(paths):
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, _, names in os.walk(p):
+                files += [os.path.join(root, n) for n in names if n.endswith((".py", ".txt", ".md", ".rst"))]
+        else:
+            files.append(p)
+    return sorted(files)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="*")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--builtin", action="store_true", help="use the Python standard library sources")
+    ap.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: bytes)")
+    ap.add_argument("--valid-fraction", type=float, default=0.05)
+    ap.add_argument("--max-bytes", type=int, default=0, help="stop after this many input bytes (0: all)")
+    a = ap.parse_args(argv)
+    inputs = [sysconfig.get_paths()["stdlib"]] if a.builtin else a.inputs
+    files = collect(inputs)
+    if not files:
+        sys.exit("prepare_data: no input files")
+    if a.tokenizer:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(a.tokenizer)
+        vocab = tok.get_vocab_size()
+        encode = lambda text: np.asarray(tok.encode(text).ids, dtype=np.int64)  # noqa: E731
+    else:
+        vocab = 256
+        encode = lambda text: np.frombuffer(text.encode("utf-8", "replace"), dtype=np.uint8)  # noqa: E731
+    n_valid = max(1, int(len(files) * a.valid_fraction))
+    splits = {"train": files[:-n_valid], "valid": files[-n_valid:]}
+    os.makedirs(a.out, exist_ok=True)
+    for split, names in splits.items():
+        parts, total, used = [], 0, 0
+        budget = a.max_bytes if split == "train" else int(a.max_bytes * a.valid_fraction)
+        for name in names:
+            try:
+                with open(name, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            parts.append(encode(text))
+            total += len(text)
+            used += 1
+            if budget and total >= budget:
+                break
+        tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        write_shard(os.path.join(a.out, f"{split}.bin"), tokens, vocab)
+        print(f"prepare_data: {split}: {used} files, {tokens.size:,} tokens -> {a.out}/{split}.bin")
+
+
+if __name__ == "__main__":
+    main()
