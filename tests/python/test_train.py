@@ -1,0 +1,154 @@
+"""`moeyard train`: the C++ trainer end to end on a tiny config."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXE = os.path.join(os.environ.get("MOEYARD_BUILD_DIR", os.path.join(ROOT, "build")), "moeyard")
+
+CONFIG = """
+model: {vocab_size: 256, hidden_size: 32, num_layers: 2, num_heads: 4, num_kv_heads: 2, ffn_size: 64, max_seq_len: 32}
+moe: {num_experts: 4, top_k: 2, moe_every_n: 2, capacity_factor: 1.5, selection_bias: true}
+data: {train: TRAIN, valid: VALID, seq_len: 32}
+optim: {lr: 3.0e-3, warmup: 5}
+train: {steps: 20, micro_batch: 4, grad_accum: 2, eval_every: 10, eval_batches: 2}
+schedule:
+  capacity_factor: {type: linear, start: 2.0, end: 1.0}
+  bias_update_rate: 0.001
+checkpoint: {dir: RUN, every: 10, keep_last: 1}
+log: {every: 5}
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--out", str(d),
+                    os.path.join(ROOT, "python"), os.path.join(ROOT, "docs")], check=True, capture_output=True)
+    return d
+
+
+def write_config(tmp_path, shards, run="run", **replace):
+    text = CONFIG.replace("TRAIN", str(shards / "train.bin")).replace("VALID", str(shards / "valid.bin"))
+    text = text.replace("RUN", str(tmp_path / run))
+    for k, v in replace.items():
+        text = text.replace(k, v)
+    p = tmp_path / f"{run}.yaml"
+    p.write_text(text)
+    return p
+
+
+def train(config, *args, check=True):
+    r = subprocess.run([EXE, "train", "--config", str(config), *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_is_exact(tmp_path, shards):
+    full = write_config(tmp_path, shards, "full")
+    train(full, "--resume", "never", "--set", "checkpoint.keep_last=3")
+    half = write_config(tmp_path, shards, "half")
+    os.makedirs(tmp_path / "half")
+    shutil.copytree(tmp_path / "full" / "step_10", tmp_path / "half" / "step_10")
+    (tmp_path / "half" / "latest").write_text("step_10\n")
+    r = train(half)
+    assert "resumed from" in r.stdout + r.stderr
+    a = {m["step"]: m for m in metrics(tmp_path / "full")}
+    b = {m["step"]: m for m in metrics(tmp_path / "half")}
+    for step in range(11, 21):
+        assert a[step]["loss"] == b[step]["loss"], step  # bit-identical
+    for f in ("model.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "full" / "step_20" / f).read_bytes() == (tmp_path / "half" / "step_20" / f).read_bytes()
+
+
+def test_loss_falls_metrics_and_checkpoints(tmp_path, shards):
+    cfg = write_config(tmp_path, shards, "run", **{"steps: 20": "steps: 60"})
+    train(cfg)
+    ms = metrics(tmp_path / "run")
+    assert len(ms) == 60
+    assert ms[-1]["loss"] < ms[0]["loss"] - 1.0
+    assert "valid_loss" in ms[9] and "valid_ppl" in ms[59]
+    layer = ms[-1]["moe_layers"][0]
+    assert len(layer["tokens_per_expert"]) == 4 and sum(layer["tokens_per_expert"]) == 2 * 4 * 32 * 2
+    for key in ("dropped_fraction", "router_entropy", "dead_experts", "capacity_utilization"):
+        assert key in layer
+    assert ms[0]["capacity_factor"] == 2.0 and ms[-1]["capacity_factor"] < 1.05
+    # keep_last: 1 -> only the final checkpoint remains; latest points at it
+    dirs = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("step_"))
+    assert dirs == ["step_60"]
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step_60"
+    manifest = json.loads((tmp_path / "run" / "step_60" / "manifest.json").read_text())
+    assert manifest["step"] == 60 and "model:" in manifest["config"]
+    assert set(manifest["sha256"]) == {"model.safetensors", "optimizer.safetensors", "rng.safetensors"}
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, shards):
+    cfg = write_config(tmp_path, shards, "run", **{"steps: 20": "steps: 10"})
+    train(cfg)
+    f = tmp_path / "run" / "step_10" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = train(cfg, "--set", "train.steps=12", check=False)
+    assert r.returncode == 1
+    assert "SHA-256 mismatch" in r.stderr and "model.safetensors" in r.stderr
+
+
+def test_sigterm_saves_and_exits(tmp_path, shards):
+    cfg = write_config(tmp_path, shards, "run", **{"steps: 20": "steps: 100000"})
+    p = subprocess.Popen([EXE, "train", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "run" / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, out[-2000:]
+    step = int((tmp_path / "run" / "latest").read_text().strip().split("_")[1])
+    assert step >= 1 and len(metrics(tmp_path / "run")) == step
+    assert "interrupted" in out
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, shards):
+    cfg = write_config(tmp_path, shards, "run")
+    r = train(cfg, "--set", "optim.lr=1e30", "--set", "optim.grad_clip=0", "--set", "train.max_bad_steps=3", check=False)
+    assert r.returncode == 1
+    assert "non-finite" in r.stderr + r.stdout and "train.max_bad_steps" in r.stderr
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.lrr=1", r"optim.lrr .*unknown key"),
+    ("train.steps=many", r"train.steps .*expected an integer, got 'many'"),
+    ("train.steps=0", r"train.steps .*must be >= 1"),
+    ("moe.top_k=9", r"moe.top_k \(9\) must be in \[1, moe.num_experts=4\]"),
+    ("data.seq_len=64", r"data.seq_len \(64\) exceeds model.max_seq_len \(32\)"),
+    ("parallel.expert_parallel=2", "not implemented yet"),
+])
+def test_bad_config(tmp_path, shards, override, match):
+    import re
+
+    r = train(write_config(tmp_path, shards), "--set", override, check=False)
+    assert r.returncode == 1 and re.search(match, r.stderr), r.stderr
+
+
+def test_bad_shard(tmp_path, shards):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes((shards / "train.bin").read_bytes()[:1000])
+    r = train(write_config(tmp_path, shards), "--set", f"data.train={bad}", check=False)
+    assert r.returncode == 1 and "bad.bin" in r.stderr and "truncated or corrupt" in r.stderr
+    bad.write_bytes(b"NOTASHARD" * 10)
+    r = train(write_config(tmp_path, shards), "--set", f"data.train={bad}", check=False)
+    assert "bad magic" in r.stderr
