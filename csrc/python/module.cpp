@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "model/transformer.h"
+#include "train/trainer.h"
 #include "version.h"
 
 namespace py = pybind11;
@@ -49,6 +50,30 @@ at::Tensor opt_mask(const std::optional<at::Tensor>& m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moeyard native library";
   m.attr("__version__") = moeyard::kVersion;
+
+  m.def(
+      "train",
+      [](const std::string& config,
+         const std::vector<std::string>& overrides,
+         const std::string& resume) {
+        auto cfg = moeyard::train::TrainConfig::load(config, overrides);
+        moeyard::train::RunResult r;
+        {
+          py::gil_scoped_release release;
+          r = moeyard::train::run_training(cfg, resume);
+        }
+        py::dict d;
+        d["steps"] = r.steps_done;
+        d["final_loss"] = r.final_loss;
+        d["final_valid_loss"] = r.final_valid_loss;
+        d["skipped_steps"] = r.skipped_steps;
+        d["interrupted"] = r.interrupted;
+        return d;
+      },
+      py::arg("config"),
+      py::arg("overrides") = std::vector<std::string>{},
+      py::arg("resume") = "auto",
+      "Runs the C++ trainer (the same as `moeyard train`).");
 
   m.def(
       "rotary_tables",

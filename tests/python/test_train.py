@@ -152,3 +152,33 @@ def test_bad_shard(tmp_path, shards):
     bad.write_bytes(b"NOTASHARD" * 10)
     r = train(write_config(tmp_path, shards), "--set", f"data.train={bad}", check=False)
     assert "bad magic" in r.stderr
+
+
+def test_python_train_runs_the_same_trainer(tmp_path, shards):
+    import moeyard
+
+    cfg = write_config(tmp_path, shards, "py")
+    r = moeyard.train(cfg, {"train.steps": 10}, resume="never")
+    assert r["steps"] == 10 and not r["interrupted"]
+    ms = metrics(tmp_path / "py")
+    assert len(ms) == 10 and ms[-1]["loss"] == pytest.approx(r["final_loss"])
+    # the CLI with the same config and overrides gives bit-identical losses
+    cli = write_config(tmp_path, shards, "cli")
+    train(cli, "--set", "train.steps=10", "--resume", "never")
+    assert [m["loss"] for m in metrics(tmp_path / "cli")] == [m["loss"] for m in ms]
+
+
+def test_bfloat16_model_trains_with_fp32_masters(tmp_path, shards):
+    cfg = write_config(tmp_path, shards, "bf16")
+    train(cfg, "--set", "model.dtype=bfloat16", "--set", "train.steps=30", "--resume", "never")
+    ms = metrics(tmp_path / "bf16")
+    assert ms[-1]["loss"] < ms[0]["loss"] - 0.5
+    import safetensors.torch
+
+    opt = safetensors.torch.load_file(str(tmp_path / "bf16" / "step_30" / "optimizer.safetensors"))
+    model = safetensors.torch.load_file(str(tmp_path / "bf16" / "step_30" / "model.safetensors"))
+    assert model["layers.1.moe.w_gate_up"].dtype.__str__() == "torch.bfloat16"
+    assert model["layers.1.moe.router.weight"].dtype.__str__() == "torch.float32"
+    master = opt["layers.1.moe.w_gate_up.master"]
+    assert master.dtype.__str__() == "torch.float32"
+    assert (master.bfloat16() == model["layers.1.moe.w_gate_up"]).all()
