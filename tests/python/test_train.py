@@ -182,3 +182,13 @@ def test_bfloat16_model_trains_with_fp32_masters(tmp_path, shards):
     master = opt["layers.1.moe.w_gate_up.master"]
     assert master.dtype.__str__() == "torch.float32"
     assert (master.bfloat16() == model["layers.1.moe.w_gate_up"]).all()
+
+
+def test_plot_run_writes_pngs(tmp_path, shards):
+    cfg = write_config(tmp_path, shards, "plot", **{"steps: 20": "steps: 8"})
+    train(cfg, "--resume", "never")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_run.py"), str(tmp_path / "plot")],
+                   check=True, capture_output=True)
+    for name in ("loss.png", "expert_load_layer1.png"):
+        data = (tmp_path / "plot" / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
