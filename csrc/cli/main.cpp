@@ -4,6 +4,8 @@
 #include <c10/util/Exception.h>
 #include <CLI/CLI.hpp>
 
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 
 #include "train/trainer.h"
@@ -27,6 +29,23 @@ int main(int argc, char** argv) {
       resume,
       "auto (continue from <checkpoint.dir>/latest), never, or a checkpoint "
       "dir");
+  auto* gen = app.add_subcommand(
+      "generate", "sample text from a checkpoint (byte-level)");
+  std::string ckpt, prompt;
+  int64_t max_new = 200;
+  double temperature = 0.8, top_p = 0.95;
+  uint64_t seed = 0;
+  gen->add_option(
+         "--checkpoint",
+         ckpt,
+         "checkpoint directory (step_<N>/) or run directory")
+      ->required();
+  gen->add_option("--prompt,-p", prompt, "prompt text")->required();
+  gen->add_option(
+      "--max-new-tokens,-n", max_new, "tokens to sample (default 200)");
+  gen->add_option("--temperature,-t", temperature, "0: greedy (default 0.8)");
+  gen->add_option("--top-p", top_p, "nucleus sampling mass (default 0.95)");
+  gen->add_option("--seed", seed, "sampling seed (default 0)");
   CLI11_PARSE(app, argc, argv);
   try {
     if (*version) {
@@ -37,6 +56,30 @@ int main(int argc, char** argv) {
           std::cout << name.name << "\n";
         }
       }
+    } else if (*gen) {
+      std::filesystem::path dir(ckpt);
+      if (std::filesystem::exists(dir / "latest")) { // a run directory
+        std::ifstream latest(dir / "latest");
+        std::string name;
+        latest >> name;
+        dir /= name;
+      }
+      auto model = moeyard::train::load_model(dir.string());
+      TORCH_CHECK(
+          model->config.vocab_size >= 256,
+          "generate: byte-level prompts need model.vocab_size >= 256, got ",
+          model->config.vocab_size);
+      std::vector<int64_t> tokens(prompt.begin(), prompt.end());
+      for (auto& t : tokens) {
+        t = static_cast<unsigned char>(t);
+      }
+      const auto out =
+          model->generate(tokens, max_new, temperature, top_p, seed);
+      std::string text(prompt);
+      for (auto t : out) {
+        text.push_back(static_cast<char>(t < 256 ? t : '?'));
+      }
+      std::cout << text << "\n";
     } else if (*train) {
       auto cfg = moeyard::train::TrainConfig::load(config, overrides);
       auto r = moeyard::train::run_training(cfg, resume);

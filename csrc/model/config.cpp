@@ -212,9 +212,7 @@ void read_model_fields(config::YamlReader& r, ModelConfig& c) {
 }
 
 ModelConfig ModelConfig::from_yaml(
-    const YAML::Node& node,
-    const std::string& path,
-    const std::string& file) {
+    const YAML::Node& node, const std::string& path, const std::string& file) {
   ModelConfig c;
   config::YamlReader r(node, path, file);
   read_model_fields(r, c);

@@ -210,8 +210,7 @@ MoEOutput moe_forward(
   if (w.router_bias.defined()) {
     router_bias = w.router_bias.to(rdt);
   }
-  const auto logits =
-      at::linear(xr, w.router_weight.to(rdt), router_bias);
+  const auto logits = at::linear(xr, w.router_weight.to(rdt), router_bias);
   auto route_logits = logits;
   if (train_noise && o.noise == "noisy_topk") {
     TORCH_CHECK(

@@ -1,6 +1,7 @@
 #include "model/transformer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
 
@@ -99,19 +100,19 @@ Rotary::Rotary(const ModelConfig& c) {
   sin = (emb.sin() * attention_factor).to(at::kFloat);
 }
 
-at::Tensor Rotary::apply(const at::Tensor& x, int64_t S) const {
+at::Tensor Rotary::apply(const at::Tensor& x, int64_t S, int64_t offset) const {
   if (dim == 0) {
     return x;
   }
   TORCH_CHECK(
-      S <= cos.size(0),
+      offset + S <= cos.size(0),
       "Transformer: sequence length ",
       S,
       " exceeds model.max_seq_len (",
       cos.size(0),
       ")");
-  const auto c = cos.narrow(0, 0, S).to(x.scalar_type());
-  const auto s = sin.narrow(0, 0, S).to(x.scalar_type());
+  const auto c = cos.narrow(0, offset, S).to(x.scalar_type());
+  const auto s = sin.narrow(0, offset, S).to(x.scalar_type());
   const int64_t D = x.size(-1);
   auto rot = x.narrow(-1, 0, dim);
   const auto half1 = rot.narrow(-1, 0, dim / 2);
@@ -129,6 +130,7 @@ at::Tensor Rotary::apply(const at::Tensor& x, int64_t S) const {
 AttentionImpl::AttentionImpl(const ModelConfig& c)
     : heads(c.num_heads),
       kv_heads(c.kv_heads()),
+      window(c.sliding_window),
       head_dim(c.dim_per_head()),
       qk_norm(c.qk_norm) {
   const auto dt = parse_dtype(c.dtype);
@@ -176,6 +178,47 @@ at::Tensor AttentionImpl::forward(
   k = rotary.apply(k.transpose(1, 2), S);
   auto o = at::scaled_dot_product_attention(
       q, k, v, attn_mask, 0.0, false, std::nullopt, kv_heads != heads);
+  return o_proj->forward(o.transpose(1, 2).reshape({B, S, heads * head_dim}));
+}
+
+at::Tensor AttentionImpl::forward_cached(
+    const at::Tensor& x, KVCache& cache, const Rotary& rotary) const {
+  const int64_t B = x.size(0), S = x.size(1), P = cache.length();
+  auto q = q_proj->forward(x);
+  auto k = k_proj->forward(x);
+  auto v = v_proj->forward(x);
+  if (qk_norm == "projection") {
+    q = q_norm->forward(q);
+    k = k_norm->forward(k);
+  }
+  q = q.view({B, S, heads, head_dim});
+  k = k.view({B, S, kv_heads, head_dim});
+  v = v.view({B, S, kv_heads, head_dim}).transpose(1, 2);
+  if (qk_norm == "head") {
+    q = q_norm->forward(q);
+    k = k_norm->forward(k);
+  }
+  q = rotary.apply(q.transpose(1, 2), S, P);
+  k = rotary.apply(k.transpose(1, 2), S, P);
+  cache.k = P == 0 ? k : at::cat({cache.k, k}, 2);
+  cache.v = P == 0 ? v : at::cat({cache.v, v}, 2);
+  // New query i sits at position P + i: it sees keys j <= P + i (window).
+  const auto opts = x.options().dtype(at::kLong);
+  const auto i = at::arange(P, P + S, opts).unsqueeze(1);
+  const auto j = at::arange(P + S, opts).unsqueeze(0);
+  auto allowed = j <= i;
+  if (window > 0) {
+    allowed = allowed & (i - j < window);
+  }
+  auto o = at::scaled_dot_product_attention(
+      q,
+      cache.k,
+      cache.v,
+      allowed.view({1, 1, S, P + S}),
+      0.0,
+      false,
+      std::nullopt,
+      kv_heads != heads);
   return o_proj->forward(o.transpose(1, 2).reshape({B, S, heads * head_dim}));
 }
 
@@ -303,6 +346,13 @@ at::Tensor BlockImpl::forward(
   return h + mlp->forward(n);
 }
 
+at::Tensor BlockImpl::forward_cached(
+    const at::Tensor& x, KVCache& cache, const Rotary& rotary) const {
+  auto h = x + attn->forward_cached(attn_norm->forward(x), cache, rotary);
+  const auto n = mlp_norm->forward(h);
+  return h + (moe ? moe->forward(n, {}).y : mlp->forward(n));
+}
+
 TransformerImpl::TransformerImpl(ModelConfig c)
     : config(std::move(c)), rotary(config) {
   config.validate();
@@ -428,6 +478,86 @@ LossOutput TransformerImpl::loss(
   }
   r.loss = r.ce + r.aux;
   return r;
+}
+
+} // namespace moeyard
+
+namespace moeyard {
+
+at::Tensor TransformerImpl::forward_cached(
+    const at::Tensor& tokens, std::vector<KVCache>& caches) {
+  caches.resize(layers->size());
+  auto x = at::embedding(embed->weight, tokens);
+  for (size_t i = 0; i < layers->size(); ++i) {
+    x = layers[i]->as<BlockImpl>()->forward_cached(x, caches[i], rotary);
+  }
+  x = norm->forward(x);
+  const auto& head = config.tie_embeddings ? embed->weight : lm_head->weight;
+  return at::linear(x, head).to(at::kFloat);
+}
+
+std::vector<int64_t> TransformerImpl::generate(
+    const std::vector<int64_t>& prompt,
+    int64_t max_new,
+    double temperature,
+    double top_p,
+    uint64_t seed,
+    bool use_cache) {
+  TORCH_CHECK(!prompt.empty(), "generate: the prompt must not be empty");
+  TORCH_CHECK(
+      temperature >= 0,
+      "generate: temperature must be >= 0, got ",
+      temperature);
+  TORCH_CHECK(
+      top_p > 0 && top_p <= 1,
+      "generate: top_p must be in (0, 1], got ",
+      top_p);
+  for (auto t : prompt) {
+    TORCH_CHECK(
+        t >= 0 && t < config.vocab_size,
+        "generate: prompt token ",
+        t,
+        " is outside the vocabulary (",
+        config.vocab_size,
+        ")");
+  }
+  at::NoGradGuard no_grad;
+  const bool was_training = is_training();
+  eval();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  std::vector<int64_t> seq = prompt;
+  std::vector<KVCache> caches;
+  at::Tensor logits;
+  for (int64_t step = 0; step < max_new; ++step) {
+    if (static_cast<int64_t>(seq.size()) >= config.max_seq_len) {
+      break;
+    }
+    if (use_cache) {
+      const std::vector<int64_t> fresh(
+          seq.begin() + (step == 0 ? 0 : seq.size() - 1), seq.end());
+      auto t = at::tensor(fresh, at::kLong).view({1, -1});
+      logits = forward_cached(t, caches).select(1, -1).squeeze(0);
+    } else {
+      auto t = at::tensor(seq, at::kLong).view({1, -1});
+      logits = forward(t).logits.select(1, -1).squeeze(0).to(at::kFloat);
+    }
+    int64_t next;
+    if (temperature == 0) {
+      next = logits.argmax().item<int64_t>();
+    } else {
+      auto probs = (logits / temperature).softmax(-1);
+      if (top_p < 1) {
+        auto [sorted, order] = probs.sort(-1, true);
+        auto keep =
+            (sorted.cumsum(-1) - sorted) < top_p; // always keeps the top token
+        probs = at::zeros_like(probs).scatter_(0, order, sorted * keep);
+      }
+      next = at::multinomial(probs, 1, false, gen).item<int64_t>();
+    }
+    seq.push_back(next);
+  }
+  train(was_training);
+  return std::vector<int64_t>(seq.begin() + prompt.size(), seq.end());
 }
 
 } // namespace moeyard

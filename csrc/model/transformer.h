@@ -45,10 +45,20 @@ TORCH_MODULE(Norm);
 // position scaling or YaRN (frequency ramp + attention factor).
 struct Rotary {
   explicit Rotary(const ModelConfig& c);
-  // Applies the rotation to the first `dim` features of x [B, heads, S, D].
-  at::Tensor apply(const at::Tensor& x, int64_t seq_len) const;
+  // Applies the rotation to the first `dim` features of x [B, heads, S, D]
+  // at positions [offset, offset + S).
+  at::Tensor apply(
+      const at::Tensor& x, int64_t seq_len, int64_t offset = 0) const;
   int64_t dim = 0;
   at::Tensor cos, sin; // [max_seq_len, dim] float32
+};
+
+// Keys and values of the positions seen so far ([B, kv_heads, P, D]).
+struct KVCache {
+  at::Tensor k, v;
+  int64_t length() const {
+    return k.defined() ? k.size(2) : 0;
+  }
 };
 
 // Multi-head attention with GQA/MQA, optional q/k norm, qkv bias and sliding
@@ -61,9 +71,12 @@ class AttentionImpl : public torch::nn::Module {
       const at::Tensor& x,
       const at::Tensor& attn_mask,
       const Rotary& rotary) const;
+  // Incremental decoding: x holds the new positions, appended to `cache`.
+  at::Tensor forward_cached(
+      const at::Tensor& x, KVCache& cache, const Rotary& rotary) const;
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   Norm q_norm{nullptr}, k_norm{nullptr};
-  int64_t heads, kv_heads, head_dim;
+  int64_t heads, kv_heads, window, head_dim;
   std::string qk_norm;
 };
 TORCH_MODULE(Attention);
@@ -106,6 +119,9 @@ class BlockImpl : public torch::nn::Module {
       const at::Tensor& token_mask,
       const Rotary& rotary,
       std::optional<MoEOutput>& moe_out) const;
+  // Incremental decoding step (no padding).
+  at::Tensor forward_cached(
+      const at::Tensor& x, KVCache& cache, const Rotary& rotary) const;
   Norm attn_norm{nullptr}, mlp_norm{nullptr};
   Attention attn{nullptr};
   Mlp mlp{nullptr};
@@ -140,6 +156,20 @@ class TransformerImpl : public torch::nn::Module {
   // Next-token loss: predicts tokens[:, 1:] from tokens[:, :-1]; positions
   // whose target is padding are excluded; plus the weighted aux losses.
   LossOutput loss(const at::Tensor& tokens, const at::Tensor& mask = {});
+  // Logits [B, s, V] of the new tokens [B, s], using and extending the
+  // per-layer caches (decoding with a KV cache).
+  at::Tensor forward_cached(
+      const at::Tensor& tokens, std::vector<KVCache>& caches);
+  // Samples up to max_new tokens after `prompt` (1-D int64). temperature 0
+  // is greedy; top_p < 1 keeps the smallest set of tokens with that mass.
+  // use_cache=false recomputes the whole prefix each step (for tests).
+  std::vector<int64_t> generate(
+      const std::vector<int64_t>& prompt,
+      int64_t max_new,
+      double temperature,
+      double top_p,
+      uint64_t seed,
+      bool use_cache = true);
   // Resets parameters (normal(0, std) for matrices, ones for norms).
   void init_weights(double std = 0.02);
 

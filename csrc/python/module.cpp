@@ -163,6 +163,24 @@ PYBIND11_MODULE(_C, m) {
             block->moe->update_selection_bias(load, rate);
           })
       .def(
+          "generate",
+          [](TransformerImpl& self,
+             const std::vector<int64_t>& prompt,
+             int64_t max_new,
+             double temperature,
+             double top_p,
+             uint64_t seed,
+             bool use_cache) {
+            return self.generate(
+                prompt, max_new, temperature, top_p, seed, use_cache);
+          },
+          py::arg("prompt"),
+          py::arg("max_new_tokens") = 32,
+          py::arg("temperature") = 0.0,
+          py::arg("top_p") = 1.0,
+          py::arg("seed") = 0,
+          py::arg("use_cache") = true)
+      .def(
           "init_weights",
           &TransformerImpl::init_weights,
           py::arg("std") = 0.02);

@@ -85,6 +85,20 @@ TrainConfig TrainConfig::load(
   for (const auto& o : overrides) {
     apply_override(root, o);
   }
+  return parse(root, file);
+}
+
+TrainConfig TrainConfig::from_text(const std::string& text) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    TORCH_CHECK(false, "config: cannot parse YAML: ", e.what());
+  }
+  return parse(root, "");
+}
+
+TrainConfig TrainConfig::parse(YAML::Node root, const std::string& file) {
   TrainConfig c;
   config::YamlReader top(root, "", file);
   {

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <yaml-cpp/yaml.h>
+
 #include "model/config.h"
 
 namespace moeyard::train {
@@ -81,6 +83,11 @@ struct TrainConfig {
   // overrides: "a.b=value" applied before parsing.
   static TrainConfig load(
       const std::string& file, const std::vector<std::string>& overrides = {});
+  // From YAML text (e.g. the config saved in a checkpoint manifest).
+  static TrainConfig from_text(const std::string& text);
+
+ private:
+  static TrainConfig parse(YAML::Node root, const std::string& file);
 };
 
 } // namespace moeyard::train

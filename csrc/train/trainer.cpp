@@ -64,6 +64,78 @@ std::string fmt_duration(double s) {
   return buf;
 }
 
+json read_manifest(const fs::path& dir) {
+  std::ifstream in(dir / "manifest.json");
+  TORCH_CHECK(in, "checkpoint ", dir.string(), ": no manifest.json");
+  json manifest;
+  try {
+    in >> manifest;
+  } catch (const std::exception& e) {
+    TORCH_CHECK(
+        false,
+        "checkpoint ",
+        dir.string(),
+        ": manifest.json is not valid JSON: ",
+        e.what());
+  }
+  for (const auto& [file, sum] : manifest.at("sha256").items()) {
+    const auto got = io::sha256_file((dir / file).string());
+    TORCH_CHECK(
+        got == sum.get<std::string>(),
+        "checkpoint ",
+        (dir / file).string(),
+        ": SHA-256 mismatch (manifest ",
+        sum.get<std::string>(),
+        ", file ",
+        got,
+        "): the file is corrupt");
+  }
+  return manifest;
+}
+
+// Copies a checkpoint's model tensors into `model`: every name and shape
+// must match, in both directions.
+void load_model_tensors(TransformerImpl& model, const fs::path& dir) {
+  auto model_t = io::load_safetensors((dir / "model.safetensors").string());
+  at::NoGradGuard g;
+  size_t used = 0;
+  auto take = [&](const std::string& n, at::Tensor& dst) {
+    auto it = model_t.find(n);
+    TORCH_CHECK(
+        it != model_t.end(),
+        "checkpoint ",
+        dir.string(),
+        ": tensor '",
+        n,
+        "' is missing");
+    TORCH_CHECK(
+        it->second.sizes() == dst.sizes(),
+        "checkpoint ",
+        dir.string(),
+        ": tensor '",
+        n,
+        "' has shape ",
+        it->second.sizes(),
+        ", the model expects ",
+        dst.sizes());
+    dst.copy_(it->second);
+    ++used;
+  };
+  for (auto& p : model.named_parameters()) {
+    take(p.key(), p.value());
+  }
+  for (auto& b : model.named_buffers()) {
+    take(b.key(), b.value());
+  }
+  TORCH_CHECK(
+      used == model_t.size(),
+      "checkpoint ",
+      dir.string(),
+      ": has ",
+      model_t.size() - used,
+      " tensors the model does not have");
+}
+
 class Trainer {
  public:
   Trainer(const TrainConfig& c) : cfg_(c), model_(c.model) {
@@ -313,69 +385,8 @@ void Trainer::save(int64_t step) {
 
 int64_t Trainer::load(const std::string& dir_in) {
   const fs::path dir(dir_in);
-  std::ifstream in(dir / "manifest.json");
-  TORCH_CHECK(in, "checkpoint ", dir.string(), ": no manifest.json");
-  json manifest;
-  try {
-    in >> manifest;
-  } catch (const std::exception& e) {
-    TORCH_CHECK(
-        false,
-        "checkpoint ",
-        dir.string(),
-        ": manifest.json is not valid JSON: ",
-        e.what());
-  }
-  for (const auto& [file, sum] : manifest.at("sha256").items()) {
-    const auto got = io::sha256_file((dir / file).string());
-    TORCH_CHECK(
-        got == sum.get<std::string>(),
-        "checkpoint ",
-        (dir / file).string(),
-        ": SHA-256 mismatch (manifest ",
-        sum.get<std::string>(),
-        ", file ",
-        got,
-        "): the file is corrupt");
-  }
-  auto model_t = io::load_safetensors((dir / "model.safetensors").string());
-  at::NoGradGuard g;
-  size_t used = 0;
-  auto take = [&](const std::string& n, at::Tensor& dst) {
-    auto it = model_t.find(n);
-    TORCH_CHECK(
-        it != model_t.end(),
-        "checkpoint ",
-        dir.string(),
-        ": tensor '",
-        n,
-        "' is missing");
-    TORCH_CHECK(
-        it->second.sizes() == dst.sizes(),
-        "checkpoint ",
-        dir.string(),
-        ": tensor '",
-        n,
-        "' has shape ",
-        it->second.sizes(),
-        ", the model expects ",
-        dst.sizes());
-    dst.copy_(it->second);
-    ++used;
-  };
-  for (auto& p : model_->named_parameters()) {
-    take(p.key(), p.value());
-  }
-  for (auto& b : model_->named_buffers()) {
-    take(b.key(), b.value());
-  }
-  TORCH_CHECK(
-      used == model_t.size(),
-      "checkpoint ",
-      dir.string(),
-      ": has ",
-      model_t.size() - used,
-      " tensors the model does not have");
+  const json manifest = read_manifest(dir);
+  load_model_tensors(*model_, dir);
   auto opt_t = io::load_safetensors((dir / "optimizer.safetensors").string());
   size_t i = 0;
   for (auto& group : opt_->param_groups()) {
@@ -633,6 +644,17 @@ RunResult Trainer::run(const std::string& resume) {
 }
 
 } // namespace
+
+Transformer load_model(const std::string& checkpoint_dir) {
+  const fs::path dir(checkpoint_dir);
+  const json manifest = read_manifest(dir);
+  const auto cfg =
+      TrainConfig::from_text(manifest.at("config").get<std::string>());
+  Transformer model(cfg.model);
+  load_model_tensors(*model, dir);
+  model->eval();
+  return model;
+}
 
 RunResult run_training(const TrainConfig& config, const std::string& resume) {
   log::info("resolved config:\n" + config.text);

@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "model/transformer.h"
 #include "train/train_config.h"
 
 namespace moeyard::train {
@@ -21,5 +22,9 @@ struct RunResult {
 // "never", or a checkpoint directory.
 RunResult run_training(
     const TrainConfig& config, const std::string& resume = "auto");
+
+// The model of a checkpoint directory (config from its manifest, weights
+// verified against their SHA-256). Used by `moeyard generate`.
+Transformer load_model(const std::string& checkpoint_dir);
 
 } // namespace moeyard::train

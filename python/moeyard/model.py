@@ -85,6 +85,12 @@ class Transformer:
         for p in self.parameters():
             p.grad = None
 
+    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, use_cache: bool = True):
+        """Sampled continuation token ids of ``prompt`` (a list of ids), with a
+        KV cache (``use_cache=False`` recomputes the prefix every step)."""
+        return self._impl.generate(list(prompt), max_new_tokens, temperature, top_p, seed, use_cache)
+
     def moe_layer_indices(self):
         return self._impl.moe_layer_indices()
 

@@ -259,3 +259,17 @@ def test_rope_tables_match_transformers(scaling):
     emb = torch.cat([freqs, freqs], -1)
     torch.testing.assert_close(cos, (emb.cos() * factor).float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sin, (emb.sin() * factor).float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(sliding_window=4, num_kv_heads=1, qk_norm="projection")])
+def test_kv_cache_generation_matches_full_recompute(variant):
+    torch.manual_seed(7)
+    m = moeyard.Transformer(cfg(**variant))
+    prompt = [3, 1, 4, 1, 5, 9]
+    greedy = m.generate(prompt, 12, temperature=0.0)
+    assert greedy == m.generate(prompt, 12, temperature=0.0, use_cache=False)
+    sampled = m.generate(prompt, 12, temperature=1.0, top_p=0.9, seed=5)
+    assert sampled == m.generate(prompt, 12, temperature=1.0, top_p=0.9, seed=5, use_cache=False)
+    assert len(sampled) == 12 and all(0 <= t < 32 for t in sampled)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        m.generate([99], 3)
