@@ -147,6 +147,26 @@ YamlReader YamlReader::child(const char* key) {
       file_);
 }
 
+std::vector<YamlReader> YamlReader::child_list(const char* key) {
+  auto n = lookup(key);
+  std::vector<YamlReader> out;
+  if (!n) {
+    return out;
+  }
+  if (!n->IsSequence()) {
+    fail(key, "expected a list of mappings, got " + show(*n));
+  }
+  int i = 0;
+  for (const auto& item : *n) {
+    out.emplace_back(
+        item,
+        (path_.empty() ? std::string(key) : path_ + "." + key) + "[" +
+            std::to_string(i++) + "]",
+        file_);
+  }
+  return out;
+}
+
 void YamlReader::finish() const {
   if (!node_.IsMap()) {
     return;

@@ -27,6 +27,8 @@ class YamlReader {
   bool has(const char* key) const;
   // A nested mapping (an empty one if the key is absent).
   YamlReader child(const char* key);
+  // A list of mappings (empty if the key is absent).
+  std::vector<YamlReader> child_list(const char* key);
   // Errors on keys that no get()/child() asked for.
   void finish() const;
 

@@ -132,6 +132,21 @@ TrainConfig TrainConfig::parse(YAML::Node root, const std::string& file) {
     r.get("eps", o.eps);
     r.get("router_lr_mult", o.router_lr_mult);
     r.get("grad_clip", o.grad_clip);
+    r.get("expert_grad_clip", o.expert_grad_clip);
+    if (r.has("groups")) {
+      auto list = r.child_list("groups");
+      for (auto& g : list) {
+        OptimConfig::Group grp;
+        g.get("pattern", grp.pattern);
+        g.get("lr_mult", grp.lr_mult);
+        g.get("weight_decay", grp.weight_decay);
+        g.finish();
+        if (grp.pattern.empty()) {
+          g.fail("pattern", "is required (a substring of parameter names)");
+        }
+        o.groups.push_back(grp);
+      }
+    }
     r.finish();
     if (!(o.lr > 0)) {
       r.fail("lr", "must be > 0");
@@ -155,6 +170,7 @@ TrainConfig TrainConfig::parse(YAML::Node root, const std::string& file) {
     r.get("eval_every", t.eval_every);
     r.get("eval_batches", t.eval_batches);
     r.get("max_bad_steps", t.max_bad_steps);
+    r.get("device", t.device);
     r.finish();
     if (t.steps < 1) {
       r.fail("steps", "must be >= 1");

@@ -40,6 +40,15 @@ struct OptimConfig {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
   double router_lr_mult = 1.0;
   double grad_clip = 1.0; // global norm (0: off)
+  double expert_grad_clip = 0.0; // per-expert norm of its weights (0: off)
+  // Per-parameter-group overrides: the first group whose pattern occurs in
+  // a parameter's name sets its lr multiplier and weight decay.
+  struct Group {
+    std::string pattern;
+    double lr_mult = 1.0;
+    double weight_decay = 0.0;
+  };
+  std::vector<Group> groups;
 };
 
 struct TrainSection {
@@ -51,6 +60,7 @@ struct TrainSection {
   int64_t eval_every = 50;
   int64_t eval_batches = 4;
   int64_t max_bad_steps = 5; // consecutive non-finite steps before abort
+  std::string device = "cpu"; // cpu | cuda | cuda:N
 };
 
 struct CheckpointConfig {

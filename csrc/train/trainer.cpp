@@ -9,6 +9,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "io/safetensors.h"
@@ -142,6 +143,16 @@ class Trainer {
     if (cfg_.train.threads > 0) {
       at::set_num_threads(cfg_.train.threads);
     }
+    try {
+      device_ = c10::Device(cfg_.train.device);
+    } catch (const std::exception&) {
+      TORCH_CHECK(
+          false,
+          "config: train.device must be cpu, cuda or cuda:N, got '",
+          cfg_.train.device,
+          "'");
+    }
+    model_->to(device_);
     train_ = std::make_unique<io::TokenShard>(cfg_.data.train);
     check_shard(*train_, "data.train");
     if (!cfg_.data.valid.empty()) {
@@ -198,12 +209,19 @@ class Trainer {
   std::vector<at::Tensor> params_,
       masters_; // masters: fp32 copies of non-fp32 params
   std::string metrics_path_;
+  std::vector<std::string> param_names_; // parallel to params_
+  std::vector<bool> opt_is_master_; // parallel to names_
+  c10::Device device_{c10::kCPU};
 };
 
 void Trainer::build_optimizer() {
-  // Groups: decayed matrices, no-decay (norms, biases, embeddings), router.
-  std::vector<at::Tensor> decay, no_decay, router;
-  std::vector<std::string> n_decay, n_no_decay, n_router;
+  // Groups: decayed matrices, no-decay (norms, biases, embeddings), router,
+  // then one per optim.groups override (first matching pattern wins).
+  const auto& o = cfg_.optim;
+  const size_t n_groups = 3 + o.groups.size();
+  std::vector<std::vector<at::Tensor>> members(n_groups);
+  std::vector<std::vector<std::string>> member_names(n_groups);
+  std::vector<std::vector<bool>> member_master(n_groups);
   for (const auto& p : model_->named_parameters()) {
     const auto& n = p.key();
     at::Tensor t = p.value();
@@ -215,20 +233,26 @@ void Trainer::build_optimizer() {
       masters_.push_back(at::Tensor());
     }
     params_.push_back(t);
+    param_names_.push_back(n);
+    size_t g = 0;
     if (n.find(".router.") != std::string::npos) {
-      router.push_back(opt_t);
-      n_router.push_back(n);
+      g = 2;
     } else if (
         n.find("norm") != std::string::npos || ends_with(n, ".bias") ||
         n.rfind("embed.", 0) == 0) {
-      no_decay.push_back(opt_t);
-      n_no_decay.push_back(n);
-    } else {
-      decay.push_back(opt_t);
-      n_decay.push_back(n);
+      g = 1;
     }
+    for (size_t k = 0; k < o.groups.size(); ++k) {
+      if (n.find(o.groups[k].pattern) != std::string::npos) {
+        g = 3 + k;
+        break;
+      }
+    }
+    members[g].push_back(opt_t);
+    member_names[g].push_back(n);
+    member_master[g].push_back(
+        opt_t.unsafeGetTensorImpl() != t.unsafeGetTensorImpl());
   }
-  const auto& o = cfg_.optim;
   auto options = [&](double lr, double wd) {
     return std::make_unique<torch::optim::AdamWOptions>(
         torch::optim::AdamWOptions(lr)
@@ -237,16 +261,50 @@ void Trainer::build_optimizer() {
             .weight_decay(wd));
   };
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, options(o.lr, o.weight_decay));
-  groups.emplace_back(no_decay, options(o.lr, 0.0));
-  groups.emplace_back(router, options(o.lr * o.router_lr_mult, 0.0));
-  base_lr_ = {o.lr, o.lr, o.lr * o.router_lr_mult};
+  for (size_t g = 0; g < n_groups; ++g) {
+    double lr = o.lr, wd = g == 0 ? o.weight_decay : 0.0;
+    if (g == 2) {
+      lr = o.lr * o.router_lr_mult;
+    } else if (g >= 3) {
+      lr = o.lr * o.groups[g - 3].lr_mult;
+      wd = o.groups[g - 3].weight_decay;
+    }
+    groups.emplace_back(members[g], options(lr, wd));
+    base_lr_.push_back(lr);
+    names_.insert(names_.end(), member_names[g].begin(), member_names[g].end());
+    opt_is_master_.insert(
+        opt_is_master_.end(), member_master[g].begin(), member_master[g].end());
+  }
   opt_ = std::make_unique<torch::optim::AdamW>(
       groups, torch::optim::AdamWOptions(o.lr));
-  // Parameter order as the optimizer sees it, for checkpoints.
-  std::vector<at::Tensor> ordered;
-  for (auto* v : {&n_decay, &n_no_decay, &n_router}) {
-    names_.insert(names_.end(), v->begin(), v->end());
+}
+
+// Per-expert clipping: expert e's slices of a layer's w_gate_up and w_down
+// are scaled together so that their joint gradient norm is at most `clip`.
+void clip_experts(
+    const std::vector<std::string>& names,
+    const std::vector<at::Tensor>& params,
+    double clip) {
+  at::NoGradGuard g;
+  std::map<std::string, std::vector<at::Tensor>> by_layer;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if ((ends_with(names[i], ".moe.w_gate_up") ||
+         ends_with(names[i], ".moe.w_down")) &&
+        params[i].grad().defined()) {
+      by_layer[names[i].substr(0, names[i].rfind('.'))].push_back(
+          params[i].mutable_grad());
+    }
+  }
+  for (auto& [layer, grads] : by_layer) {
+    at::Tensor sq;
+    for (auto& gr : grads) {
+      auto s = gr.to(at::kDouble).square().flatten(1).sum(1); // [E]
+      sq = sq.defined() ? sq + s : s;
+    }
+    const auto scale = (clip / (sq.sqrt() + 1e-6)).clamp_max(1.0);
+    for (auto& gr : grads) {
+      gr.mul_(scale.to(gr.scalar_type()).view({-1, 1, 1}));
+    }
   }
 }
 
@@ -273,7 +331,7 @@ at::Tensor Trainer::batch(
     }
     rows.push_back(s.read(start, S, cfg_.model.vocab_size));
   }
-  return at::stack(rows);
+  return at::stack(rows).to(device_);
 }
 
 double Trainer::evaluate() {
@@ -334,7 +392,7 @@ void Trainer::save(int64_t step) {
         opt_t[names_[i] + ".exp_avg"] = s.exp_avg();
         opt_t[names_[i] + ".exp_avg_sq"] = s.exp_avg_sq();
         opt_t[names_[i] + ".step"] = at::full({}, s.step(), at::kLong);
-        if (masters_[i].defined()) {
+        if (opt_is_master_[i]) {
           opt_t[names_[i] + ".master"] = p;
         }
       }
@@ -398,7 +456,7 @@ int64_t Trainer::load(const std::string& dir_in) {
         s->exp_avg_sq(opt_t.at(n + ".exp_avg_sq"));
         s->step(opt_t.at(n + ".step").item<int64_t>());
         opt_->state()[p.unsafeGetTensorImpl()] = std::move(s);
-        if (masters_[i].defined()) {
+        if (opt_is_master_[i]) {
           p.detach().copy_(opt_t.at(n + ".master"));
         }
       }
@@ -491,6 +549,9 @@ RunResult Trainer::run(const std::string& resume) {
       }
     }
     const double loss = loss_sum / cfg_.train.grad_accum;
+    if (cfg_.optim.expert_grad_clip > 0) {
+      clip_experts(param_names_, params_, cfg_.optim.expert_grad_clip);
+    }
     // fp32 masters take the gradients of their low-precision parameters.
     for (size_t i = 0; i < params_.size(); ++i) {
       if (masters_[i].defined() && params_[i].grad().defined()) {

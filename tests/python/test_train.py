@@ -204,3 +204,33 @@ def test_generate_from_checkpoint(tmp_path, shards):
     again = subprocess.run([EXE, "generate", "--checkpoint", str(tmp_path / "gen" / "step_5"), "--prompt", "def ",
                             "-n", "20", "--temperature", "0"], capture_output=True, text=True, timeout=120)
     assert again.stdout == r.stdout  # greedy is deterministic; run dir resolves to latest
+
+
+def _weights(run, step):
+    import safetensors.torch
+
+    return safetensors.torch.load_file(str(run / f"step_{step}" / "model.safetensors"))
+
+
+def test_group_overrides_and_expert_clipping(tmp_path, shards):
+    import torch
+
+    groups = "optim: {lr: 3.0e-3, warmup: 5, groups: [{pattern: attn., lr_mult: 0.0}, {pattern: moe.w_, lr_mult: 1.0, weight_decay: 0.0}]}"
+    cfg = write_config(tmp_path, shards, "g", **{"optim: {lr: 3.0e-3, warmup: 5}": groups, "steps: 20": "steps: 5",
+                                                 "every: 10, keep_last: 1": "every: 1, keep_last: 10"})
+    train(cfg, "--resume", "never")
+    a, b = _weights(tmp_path / "g", 1), _weights(tmp_path / "g", 5)
+    assert torch.equal(a["layers.0.attn.q_proj.weight"], b["layers.0.attn.q_proj.weight"])  # lr_mult 0
+    assert not torch.equal(a["layers.0.mlp.down.weight"], b["layers.0.mlp.down.weight"])
+    moved = (b["layers.1.moe.w_down"] - a["layers.1.moe.w_down"]).abs().max()
+    clip = write_config(tmp_path, shards, "c", **{"optim: {lr: 3.0e-3, warmup: 5}": groups, "steps: 20": "steps: 5",
+                                                  "every: 10, keep_last: 1": "every: 1, keep_last: 10"})
+    train(clip, "--resume", "never", "--set", "optim.expert_grad_clip=1e-12")
+    c, d = _weights(tmp_path / "c", 1), _weights(tmp_path / "c", 5)
+    clipped = (d["layers.1.moe.w_down"] - c["layers.1.moe.w_down"]).abs().max()
+    assert clipped < 0.1 * moved  # Adam steps shrink once gradients fall below eps
+    bad = write_config(tmp_path, shards, "bad")
+    r = train(bad, "--set", "optim.groups=[{lr_mult: 2}]", check=False)
+    assert r.returncode == 1 and "optim.groups[0].pattern" in r.stderr
+    r = train(bad, "--set", "train.device=tpu", check=False)
+    assert r.returncode == 1 and "train.device" in r.stderr
