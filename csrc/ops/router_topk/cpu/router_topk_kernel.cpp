@@ -62,27 +62,33 @@ void router_topk_kernel(
   scalar_t* s_out = scores.mutable_data_ptr<scalar_t>();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
+  const bool limit_groups = G > 1 && TG < G;
+  const bool separate_sel = b != nullptr || limit_groups;
   at::parallel_for(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(E), sel(E), group_score(G);
-    std::vector<int64_t> order(E), group_order(G);
-    // Higher selection score first, ties to the lower index.
-    auto by_sel = [&](int64_t a, int64_t c) {
-      return kernels::ranks_before(sel[a], a, sel[c], c);
-    };
+    std::vector<acc_t> s(E), sel_buf(separate_sel ? E : 0), group_score(G);
+    std::vector<acc_t> top_v(K);
+    std::vector<int64_t> group_order(G);
     auto by_group = [&](int64_t a, int64_t c) {
       return kernels::ranks_before(group_score[a], a, group_score[c], c);
     };
     for (int64_t t = begin; t < end; ++t) {
       score_row(x + t * E, s.data(), E, sigmoid);
+      scalar_t* srow = s_out + t * E;
       for (int64_t e = 0; e < E; ++e) {
-        sel[e] = b ? s[e] + b[e] : s[e];
-        s_out[t * E + e] = static_cast<scalar_t>(s[e]);
+        srow[e] = static_cast<scalar_t>(s[e]);
       }
-      if (G > 1 && TG < G) {
+      const acc_t* sel = s.data();
+      if (separate_sel) {
+        for (int64_t e = 0; e < E; ++e) {
+          sel_buf[e] = b ? s[e] + b[e] : s[e];
+        }
+        sel = sel_buf.data();
+      }
+      if (limit_groups) {
         // Group score: sum of the group's two best biased scores.
         for (int64_t g = 0; g < G; ++g) {
-          group_score[g] = kr::group_top2_sum(
-              sel.data() + g * group_size, group_size, neg_inf);
+          group_score[g] =
+              kr::group_top2_sum(sel + g * group_size, group_size, neg_inf);
         }
         std::iota(group_order.begin(), group_order.end(), 0);
         std::partial_sort(
@@ -91,14 +97,29 @@ void router_topk_kernel(
             group_order.end(),
             by_group);
         for (int64_t r = TG; r < G; ++r) {
-          acc_t* p = sel.data() + group_order[r] * group_size;
+          acc_t* p = sel_buf.data() + group_order[r] * group_size;
           std::fill(p, p + group_size, neg_inf);
         }
       }
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + K, order.end(), by_sel);
+      // Top-k by insertion into a sorted buffer of k (value desc, index
+      // asc): experts are visited in index order, so an equal value never
+      // overtakes an earlier expert (ties to the lower index).
       int64_t* it = i_out + t * K;
-      std::copy(order.begin(), order.begin() + K, it);
+      int64_t n = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const acc_t v = sel[e];
+        if (n == K && !(v > top_v[K - 1])) {
+          continue;
+        }
+        int64_t pos = n < K ? n++ : K - 1;
+        while (pos > 0 && v > top_v[pos - 1]) {
+          top_v[pos] = top_v[pos - 1];
+          it[pos] = it[pos - 1];
+          --pos;
+        }
+        top_v[pos] = v;
+        it[pos] = e;
+      }
       kr::finalize_weights(s.data(), it, K, renormalize, scale, w_out + t * K);
     }
   });
