@@ -62,11 +62,12 @@ void router_topk_kernel(
   scalar_t* s_out = scores.mutable_data_ptr<scalar_t>();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
+  using Vec = at::vec::Vectorized<acc_t>;
   const bool limit_groups = G > 1 && TG < G;
   const bool separate_sel = b != nullptr || limit_groups;
   at::parallel_for(0, T, kTokenGrain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s(E), sel_buf(separate_sel ? E : 0), group_score(G);
-    std::vector<acc_t> top_v(K);
+    std::vector<acc_t> work(separate_sel ? 0 : E);
     std::vector<int64_t> group_order(G);
     auto by_group = [&](int64_t a, int64_t c) {
       return kernels::ranks_before(group_score[a], a, group_score[c], c);
@@ -101,24 +102,25 @@ void router_topk_kernel(
           std::fill(p, p + group_size, neg_inf);
         }
       }
-      // Top-k by insertion into a sorted buffer of k (value desc, index
-      // asc): experts are visited in index order, so an equal value never
-      // overtakes an earlier expert (ties to the lower index).
+      // Top-k as k vectorized arg-max passes over a scratch copy: branch-free
+      // max, then the first index holding it (ties go to the lower index),
+      // which is then knocked out. Faster than a sorted insertion buffer on
+      // random scores, whose branches mispredict.
       int64_t* it = i_out + t * K;
-      int64_t n = 0;
-      for (int64_t e = 0; e < E; ++e) {
-        const acc_t v = sel[e];
-        if (n == K && !(v > top_v[K - 1])) {
-          continue;
+      acc_t* wk = separate_sel ? sel_buf.data() : work.data();
+      if (!separate_sel) {
+        std::copy(sel, sel + E, wk);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t m = at::vec::reduce_all<acc_t>(
+            [](Vec a, Vec c) { return at::vec::maximum(a, c); }, wk, E);
+        const bool nan = m != m;
+        int64_t i = 0;
+        while (i < E - 1 && !(nan ? wk[i] != wk[i] : wk[i] == m)) {
+          ++i;
         }
-        int64_t pos = n < K ? n++ : K - 1;
-        while (pos > 0 && v > top_v[pos - 1]) {
-          top_v[pos] = top_v[pos - 1];
-          it[pos] = it[pos - 1];
-          --pos;
-        }
-        top_v[pos] = v;
-        it[pos] = e;
+        it[k] = i;
+        wk[i] = neg_inf;
       }
       kr::finalize_weights(s.data(), it, K, renormalize, scale, w_out + t * K);
     }
