@@ -139,6 +139,10 @@ def run_case(T, H, F_, E, K, dtype, device, backward, reps, table):
         results["bound a (dense)"] = timeit(step(bound_a), reps, device)
 
         rows = torch.randn(T * K, H, dtype=dtype, device=device)
+        # separate leaf weights per expert: indexing one 3-D tensor per expert
+        # would make autograd build a full-size gradient for every expert
+        wg = [moe.w_gate_up[e].detach().clone().requires_grad_(backward) for e in range(E)]
+        wd = [moe.w_down[e].detach().clone().requires_grad_(backward) for e in range(E)]
         offs = [0]
         for c in counts:
             offs.append(offs[-1] + c)
@@ -147,8 +151,8 @@ def run_case(T, H, F_, E, K, dtype, device, backward, reps, table):
             r = rows.clone().requires_grad_(backward)
             outs = []
             for e in range(E):
-                h = r[offs[e]:offs[e + 1]] @ moe.w_gate_up[e].T
-                outs.append((F.silu(h[:, :F_]) * h[:, F_:]) @ moe.w_down[e].T)
+                h = r[offs[e]:offs[e + 1]] @ wg[e].T
+                outs.append((F.silu(h[:, :F_]) * h[:, F_:]) @ wd[e].T)
             y = torch.cat(outs)
             if backward:
                 y.backward(torch.ones_like(y))
