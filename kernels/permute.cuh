@@ -147,6 +147,6 @@ __global__ void unpermute_backward_kernel(
   }
 }
 
-#endif  // __CUDACC__
+#endif // __CUDACC__
 
-}  // namespace moeyard::kernels::permute
+} // namespace moeyard::kernels::permute

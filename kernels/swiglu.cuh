@@ -71,6 +71,6 @@ __global__ void backward_kernel(
   }
 }
 
-#endif  // __CUDACC__
+#endif // __CUDACC__
 
-}  // namespace moeyard::kernels::swiglu
+} // namespace moeyard::kernels::swiglu

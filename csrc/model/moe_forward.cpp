@@ -313,8 +313,13 @@ MoEOutput moe_forward(
           : 1.0 - kept / (n_valid * K);
   const auto ent = -(probs * at::log(probs.clamp_min(1e-20))).sum(-1);
   out.router_entropy = (ent * vw).sum() / n_valid;
+  // Allocated rows: E*C with a capacity; dropless, the real tokens' K slots
+  // (rows of padding tokens are not "allocated"), so dropless reads 1.
+  const bool has_capacity =
+      o.routing == "expert_choice" || o.capacity_factor > 0;
   out.capacity_utilization =
-      kept / std::max<int64_t>(plan.row_token.size(0), 1);
+      has_capacity ? kept / std::max<int64_t>(plan.row_token.size(0), 1)
+                   : kept / (n_valid * K);
   out.indices = plan.indices;
   return out;
 }

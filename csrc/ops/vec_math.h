@@ -40,9 +40,9 @@ void softmax_inplace(T* s, int64_t n) {
     e.store(s + i);
     vsum = vsum + e;
   }
-  T sum = body > 0
-      ? at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, vsum)
-      : T(0);
+  T sum = body > 0 ? at::vec::vec_reduce_all<T>(
+                         [](Vec a, Vec b) { return a + b; }, vsum)
+                   : T(0);
   for (int64_t i = body; i < n; ++i) {
     s[i] = std::exp(s[i] - mx);
     sum += s[i];

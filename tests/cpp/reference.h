@@ -34,12 +34,12 @@ std::string error_message(Fn&& fn) {
 }
 
 // EXPECT_THROW(stmt, c10::Error) and the message contains `substr`.
-#define MOEYARD_EXPECT_ERROR(substr, ...)                                   \
-  do {                                                                      \
-    EXPECT_THROW({ __VA_ARGS__; }, c10::Error);                             \
-    const std::string moeyard_msg_ =                                        \
-        ::moeyard_test::error_message([&] { __VA_ARGS__; });                \
-    EXPECT_NE(moeyard_msg_.find(substr), std::string::npos)                 \
+#define MOEYARD_EXPECT_ERROR(substr, ...)                                      \
+  do {                                                                         \
+    EXPECT_THROW({ __VA_ARGS__; }, c10::Error);                                \
+    const std::string moeyard_msg_ =                                           \
+        ::moeyard_test::error_message([&] { __VA_ARGS__; });                   \
+    EXPECT_NE(moeyard_msg_.find(substr), std::string::npos)                    \
         << "expected \"" << (substr) << "\" in the message: " << moeyard_msg_; \
   } while (0)
 
@@ -59,7 +59,7 @@ inline ::testing::AssertionResult all_close(
     double rtol = 0.0) {
   if (got.sizes() != want.sizes()) {
     return ::testing::AssertionFailure()
-        << "shape " << got.sizes() << " != expected " << want.sizes();
+           << "shape " << got.sizes() << " != expected " << want.sizes();
   }
   const auto g = f64(got).flatten();
   const auto w = f64(want).flatten();
@@ -69,8 +69,8 @@ inline ::testing::AssertionResult all_close(
   std::ostringstream first;
   for (int64_t i = 0; i < g.size(0); ++i) {
     const double tol = atol + rtol * std::abs(W[i]);
-    const bool ok = std::abs(G[i] - W[i]) <= tol ||
-        (std::isnan(G[i]) && std::isnan(W[i]));
+    const bool ok =
+        std::abs(G[i] - W[i]) <= tol || (std::isnan(G[i]) && std::isnan(W[i]));
     if (!ok) {
       if (bad < 5) {
         first << " [" << i << "] got " << G[i] << " want " << W[i] << ";";
@@ -82,8 +82,8 @@ inline ::testing::AssertionResult all_close(
     return ::testing::AssertionSuccess();
   }
   return ::testing::AssertionFailure()
-      << bad << " of " << g.size(0) << " elements differ (atol " << atol
-      << ", rtol " << rtol << "):" << first.str();
+         << bad << " of " << g.size(0) << " elements differ (atol " << atol
+         << ", rtol " << rtol << "):" << first.str();
 }
 
 // Exact equality of integer tensors, with the first differences printed.
@@ -91,7 +91,7 @@ inline ::testing::AssertionResult all_equal(
     const at::Tensor& got, const at::Tensor& want) {
   if (got.sizes() != want.sizes()) {
     return ::testing::AssertionFailure()
-        << "shape " << got.sizes() << " != expected " << want.sizes();
+           << "shape " << got.sizes() << " != expected " << want.sizes();
   }
   const auto g = i64(got).flatten();
   const auto w = i64(want).flatten();
@@ -111,10 +111,11 @@ inline ::testing::AssertionResult all_equal(
     return ::testing::AssertionSuccess();
   }
   return ::testing::AssertionFailure()
-      << bad << " of " << g.size(0) << " entries differ:" << diff.str();
+         << bad << " of " << g.size(0) << " entries differ:" << diff.str();
 }
 
-inline at::Tensor make_long(std::vector<int64_t> v, std::vector<int64_t> shape) {
+inline at::Tensor make_long(
+    std::vector<int64_t> v, std::vector<int64_t> shape) {
   auto t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
   auto A = t.accessor<int64_t, 1>();
   for (size_t i = 0; i < v.size(); ++i) {
@@ -123,7 +124,8 @@ inline at::Tensor make_long(std::vector<int64_t> v, std::vector<int64_t> shape) 
   return t.view(shape).clone();
 }
 
-inline at::Tensor make_double(std::vector<double> v, std::vector<int64_t> shape) {
+inline at::Tensor make_double(
+    std::vector<double> v, std::vector<int64_t> shape) {
   auto t = at::empty({static_cast<int64_t>(v.size())}, at::kDouble);
   auto A = t.accessor<double, 1>();
   for (size_t i = 0; i < v.size(); ++i) {
@@ -176,7 +178,8 @@ inline double silu(double v) {
   return v * sigmoid(v);
 }
 
-// ---- router_topk --------------------------------------------------------------
+// ---- router_topk
+// --------------------------------------------------------------
 
 struct TopkRef {
   at::Tensor weights; // [T, K] double
@@ -248,8 +251,8 @@ inline TopkRef ref_router_topk(
     if (num_groups > 1 && topk_groups < num_groups) {
       std::vector<double> gscore(num_groups);
       for (int64_t g = 0; g < num_groups; ++g) {
-        std::vector<double> v(sel.begin() + g * gsize,
-                              sel.begin() + (g + 1) * gsize);
+        std::vector<double> v(
+            sel.begin() + g * gsize, sel.begin() + (g + 1) * gsize);
         std::sort(v.begin(), v.end(), std::greater<double>());
         gscore[g] = v[0] + (gsize >= 2 ? v[1] : 0.0);
       }
@@ -290,7 +293,8 @@ inline TopkRef ref_router_topk(
   return r;
 }
 
-// ---- route_plan -----------------------------------------------------------------
+// ---- route_plan
+// -----------------------------------------------------------------
 
 struct PlanRef {
   at::Tensor row_token, slot, offsets, counts; // all long
@@ -359,7 +363,8 @@ inline PlanRef ref_route_plan(
   return r;
 }
 
-// ---- permute / unpermute ---------------------------------------------------------
+// ---- permute / unpermute
+// ---------------------------------------------------------
 
 inline at::Tensor ref_permute(const at::Tensor& x_in, const at::Tensor& rt_in) {
   const auto x = f64(x_in);
@@ -401,7 +406,9 @@ inline at::Tensor ref_permute_grad(
 }
 
 inline at::Tensor ref_unpermute(
-    const at::Tensor& rows_in, const at::Tensor& slot_in, const at::Tensor& w_in) {
+    const at::Tensor& rows_in,
+    const at::Tensor& slot_in,
+    const at::Tensor& w_in) {
   const auto rows = f64(rows_in);
   const auto slot = i64(slot_in);
   const auto w = f64(w_in);
@@ -458,7 +465,8 @@ inline std::pair<at::Tensor, at::Tensor> ref_unpermute_grad(
   return {grows, gw};
 }
 
-// ---- grouped_mm / swiglu ----------------------------------------------------------
+// ---- grouped_mm / swiglu
+// ----------------------------------------------------------
 
 inline at::Tensor ref_grouped_mm(
     const at::Tensor& in_, const at::Tensor& w_, const at::Tensor& off_) {
@@ -552,7 +560,8 @@ inline at::Tensor ref_swiglu_grad(const at::Tensor& g_, const at::Tensor& gu_) {
   return out;
 }
 
-// ---- the MoE layer ---------------------------------------------------------------
+// ---- the MoE layer
+// ---------------------------------------------------------------
 
 // out[o] = sum_d W[o][d] * v[d]
 inline std::vector<double> matvec(
@@ -619,7 +628,8 @@ inline MoeRef ref_moe(
   auto logits = at::zeros({T, E}, at::kDouble);
   {
     auto L = logits.accessor<double, 2>();
-    at::Tensor rb = mw.router_bias.defined() ? f64(mw.router_bias) : at::Tensor();
+    at::Tensor rb =
+        mw.router_bias.defined() ? f64(mw.router_bias) : at::Tensor();
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t e = 0; e < E; ++e) {
         double acc = rb.defined() ? rb.accessor<double, 1>()[e] : 0.0;
@@ -744,7 +754,8 @@ inline MoeRef ref_moe(
   if (mw.shared_gate_up.defined()) {
     const auto sgu = f64(mw.shared_gate_up);
     const auto sd = f64(mw.shared_down);
-    at::Tensor sg = mw.shared_gate.defined() ? f64(mw.shared_gate) : at::Tensor();
+    at::Tensor sg =
+        mw.shared_gate.defined() ? f64(mw.shared_gate) : at::Tensor();
     for (int64_t t = 0; t < T; ++t) {
       const auto v = token(t);
       const auto out =

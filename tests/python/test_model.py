@@ -273,3 +273,11 @@ def test_kv_cache_generation_matches_full_recompute(variant):
     assert len(sampled) == 12 and all(0 <= t < 32 for t in sampled)
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         m.generate([99], 3)
+
+
+def test_dropless_capacity_utilization_ignores_padding():
+    m = moeyard.Transformer(cfg()).eval()
+    t = torch.randint(0, 32, (1, 10))
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], 1)
+    for s in m(t, mask)["moe_layers"]:
+        torch.testing.assert_close(s["capacity_utilization"], torch.tensor(1.0))

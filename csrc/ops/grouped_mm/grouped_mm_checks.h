@@ -39,15 +39,21 @@ inline void check_grouped_mm_args(
 
 // Host copy of expert_offsets: non-decreasing within [0, N].
 inline void check_grouped_mm_offsets(
-    const int64_t* v,
-    size_t n,
-    int64_t N,
-    const char* op) {
+    const int64_t* v, size_t n, int64_t N, const char* op) {
   for (size_t e = 0; e + 1 < n; ++e) {
     TORCH_CHECK(
         v[e] >= 0 && v[e] <= v[e + 1] && v[e + 1] <= N,
-        op, ": expert_offsets must be non-decreasing within [0, num_rows=", N,
-        "], got offsets[", e, "]=", v[e], ", offsets[", e + 1, "]=", v[e + 1]);
+        op,
+        ": expert_offsets must be non-decreasing within [0, num_rows=",
+        N,
+        "], got offsets[",
+        e,
+        "]=",
+        v[e],
+        ", offsets[",
+        e + 1,
+        "]=",
+        v[e + 1]);
   }
 }
 

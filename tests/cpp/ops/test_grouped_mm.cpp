@@ -35,8 +35,8 @@ TEST(GroupedMmOp, ForwardMatchesLoop) {
   const auto off2 = make_long({0, 3, 3, 7, 9}, {5});
   const auto in = at::randn({9, 5}, at::kDouble);
   const auto w = at::randn({4, 3, 5}, at::kDouble);
-  EXPECT_TRUE(all_close(ops::grouped_mm(in, w, off2),
-                        ref_grouped_mm(in, w, off2), 1e-12));
+  EXPECT_TRUE(all_close(
+      ops::grouped_mm(in, w, off2), ref_grouped_mm(in, w, off2), 1e-12));
 }
 
 TEST(GroupedMmOp, BackwardMatchesLoop) {
@@ -105,8 +105,8 @@ TEST(GroupedMmOp, EdgeShapes) {
     const auto in = at::randn({4, 3}, at::kDouble);
     const auto w = at::randn({1, 5, 3}, at::kDouble);
     const auto off = make_long({0, 4}, {2});
-    EXPECT_TRUE(all_close(ops::grouped_mm(in, w, off),
-                          ref_grouped_mm(in, w, off), 1e-12));
+    EXPECT_TRUE(all_close(
+        ops::grouped_mm(in, w, off), ref_grouped_mm(in, w, off), 1e-12));
   }
   // All rows to one expert, every other expert empty.
   {
@@ -126,16 +126,19 @@ TEST(GroupedMmOp, EdgeShapes) {
     const auto in = at::randn({6, 3}, at::kDouble);
     const auto w = at::randn({3, 2, 3}, at::kDouble);
     const auto off = make_long({0, 1, 1, 6}, {4});
-    EXPECT_TRUE(all_close(ops::grouped_mm(in, w, off),
-                          ref_grouped_mm(in, w, off), 1e-12));
+    EXPECT_TRUE(all_close(
+        ops::grouped_mm(in, w, off), ref_grouped_mm(in, w, off), 1e-12));
   }
   // Non-contiguous input and weight.
   {
     const auto in = at::randn({3, 6});
     const auto w = at::randn({2, 3, 4}).transpose(1, 2); // [2, 4, 3]
     const auto off = make_long({0, 2, 6}, {3});
-    EXPECT_TRUE(all_close(ops::grouped_mm(in.t(), w, off),
-                          ref_grouped_mm(in.t(), w, off), 1e-5, 1e-5));
+    EXPECT_TRUE(all_close(
+        ops::grouped_mm(in.t(), w, off),
+        ref_grouped_mm(in.t(), w, off),
+        1e-5,
+        1e-5));
   }
 }
 

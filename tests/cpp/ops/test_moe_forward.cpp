@@ -87,10 +87,12 @@ MoeRefOptions ref_options(const MoEOptions& o, int64_t T, int64_t E) {
   auto cap = [&](double f) {
     return std::max<int64_t>(
         o.min_capacity,
-        static_cast<int64_t>(std::ceil(f * T * o.top_k / static_cast<double>(E))));
+        static_cast<int64_t>(
+            std::ceil(f * T * o.top_k / static_cast<double>(E))));
   };
   if (r.expert_choice) {
-    r.capacity = std::min<int64_t>(T, cap(o.capacity_factor > 0 ? o.capacity_factor : 1.0));
+    r.capacity = std::min<int64_t>(
+        T, cap(o.capacity_factor > 0 ? o.capacity_factor : 1.0));
   } else {
     r.capacity = o.capacity_factor > 0 ? cap(o.capacity_factor) : -1;
   }
@@ -137,8 +139,9 @@ TEST(MoeForwardOp, DroplessTokenChoiceMatchesLoop) {
         o.top_k = k;
         o.renormalize = renorm;
         o.scale = renorm ? 1.0 : 1.7;
-        SCOPED_TRACE(std::string(c10::toString(dt)) + " k=" + std::to_string(k) +
-                     " renorm=" + std::to_string(renorm));
+        SCOPED_TRACE(
+            std::string(c10::toString(dt)) + " k=" + std::to_string(k) +
+            " renorm=" + std::to_string(renorm));
         auto [out, ref] = check_against_reference(l, o);
         EXPECT_EQ(out.indices.sizes(), (at::IntArrayRef{s.T, k}));
         EXPECT_EQ(sum_of(out.tokens_per_expert), static_cast<double>(s.T * k));
@@ -185,8 +188,10 @@ TEST(MoeForwardOp, CapacityWithDropsMatchesLoop) {
   o.capacity_factor = 0.1;
   o.min_capacity = 3;
   auto [out, ref] = check_against_reference(l, o);
-  EXPECT_NEAR(out.capacity_utilization.item<double>(),
-              sum_of(ref.kept) / (s.E * 3), 1e-12);
+  EXPECT_NEAR(
+      out.capacity_utilization.item<double>(),
+      sum_of(ref.kept) / (s.E * 3),
+      1e-12);
 }
 
 TEST(MoeForwardOp, SharedExpertsWithGateMatchLoop) {
@@ -258,8 +263,8 @@ TEST(MoeForwardOp, ExpertChoiceGivesEachExpertExactlyC) {
       const int64_t C = ref_options(o, s.T, s.E).capacity;
       EXPECT_EQ(C, factor == 0.0 ? 4 : (factor == 0.5 ? 2 : 8));
       EXPECT_EQ(out.indices.sizes(), (at::IntArrayRef{s.E, C}));
-      EXPECT_TRUE(all_close(out.tokens_per_expert, at::full({s.E}, double(C)),
-                            0.0));
+      EXPECT_TRUE(
+          all_close(out.tokens_per_expert, at::full({s.E}, double(C)), 0.0));
       // Each expert's tokens are distinct and in token order.
       const auto idx = i64(out.indices);
       const auto I = idx.accessor<int64_t, 2>();
@@ -279,8 +284,8 @@ TEST(MoeForwardOp, ExpertChoiceGivesEachExpertExactlyC) {
       for (bool b : taken) {
         n_taken += b ? 1 : 0;
       }
-      EXPECT_NEAR(out.dropped_fraction.item<double>(), 1.0 - n_taken / s.T,
-                  1e-12);
+      EXPECT_NEAR(
+          out.dropped_fraction.item<double>(), 1.0 - n_taken / s.T, 1e-12);
       EXPECT_NEAR(out.capacity_utilization.item<double>(), 1.0, 1e-12);
     }
   }
@@ -333,19 +338,24 @@ TEST(MoeForwardOp, MaskExcludesPaddingTokens) {
     const auto only_real =
         moeyard::moe_forward(l.x.index_select(0, real_idx), l.w, o);
     EXPECT_EQ(masked.y.sizes(), x3.sizes());
-    EXPECT_TRUE(all_close(masked.tokens_per_expert,
-                          only_real.tokens_per_expert, 0.0));
+    EXPECT_TRUE(
+        all_close(masked.tokens_per_expert, only_real.tokens_per_expert, 0.0));
     EXPECT_EQ(sum_of(masked.tokens_per_expert), 14.0);
-    for (const char* name : {"switch_loss", "importance_loss", "load_loss",
-                             "z_loss", "router_entropy", "dropped_fraction"}) {
+    for (const char* name :
+         {"switch_loss",
+          "importance_loss",
+          "load_loss",
+          "z_loss",
+          "router_entropy",
+          "dropped_fraction"}) {
       auto get = [&](const MoEOutput& m) {
         const std::string n = name;
-        return (n == "switch_loss" ? m.switch_loss
+        return (n == "switch_loss"       ? m.switch_loss
                 : n == "importance_loss" ? m.importance_loss
-                : n == "load_loss" ? m.load_loss
-                : n == "z_loss" ? m.z_loss
-                : n == "router_entropy" ? m.router_entropy
-                : m.dropped_fraction)
+                : n == "load_loss"       ? m.load_loss
+                : n == "z_loss"          ? m.z_loss
+                : n == "router_entropy"  ? m.router_entropy
+                                         : m.dropped_fraction)
             .item<double>();
       };
       EXPECT_NEAR(get(masked), get(only_real), 1e-10) << name;
@@ -366,13 +376,16 @@ TEST(MoeForwardOp, MaskExcludesPaddingTokens) {
     os.sequence_length = 5;
     const auto per_seq = moeyard::moe_forward(x3, l.w, os, mask);
     const auto ro = ref_options(o, 3, s.E);
-    const double s0 =
-        ref_moe(l.x.index_select(0, make_long({0, 1, 2}, {3})), ref_weights(l.w), ro)
-            .switch_loss;
-    const double s1 =
-        ref_moe(l.x.index_select(0, make_long({5, 6, 7, 8}, {4})),
-                ref_weights(l.w), ro)
-            .switch_loss;
+    const double s0 = ref_moe(
+                          l.x.index_select(0, make_long({0, 1, 2}, {3})),
+                          ref_weights(l.w),
+                          ro)
+                          .switch_loss;
+    const double s1 = ref_moe(
+                          l.x.index_select(0, make_long({5, 6, 7, 8}, {4})),
+                          ref_weights(l.w),
+                          ro)
+                          .switch_loss;
     EXPECT_NEAR(per_seq.switch_loss.item<double>(), (s0 + s1) / 2, 1e-10);
   }
 }
@@ -547,7 +560,8 @@ TEST(MoeForwardOp, EdgeShapes) {
     MoEOptions o;
     o.top_k = 1;
     auto [out, ref] = check_against_reference(l, o);
-    EXPECT_TRUE(all_close(out.tokens_per_expert, at::full({1}, double(s.T)), 0.0));
+    EXPECT_TRUE(
+        all_close(out.tokens_per_expert, at::full({1}, double(s.T)), 0.0));
   }
   // K = E.
   {
@@ -571,8 +585,8 @@ TEST(MoeForwardOp, EdgeShapes) {
     o.capacity_factor = 1.0; // C = ceil(4 * 1 / 4) = 1
     auto [out, ref] = check_against_reference(l, o);
     EXPECT_TRUE(all_equal(out.indices, at::zeros({4, 1}, at::kLong)));
-    EXPECT_TRUE(all_close(out.tokens_per_expert,
-                          make_double({4, 0, 0, 0}, {4}), 0.0));
+    EXPECT_TRUE(
+        all_close(out.tokens_per_expert, make_double({4, 0, 0, 0}, {4}), 0.0));
     EXPECT_NEAR(out.dropped_fraction.item<double>(), 0.75, 1e-12);
     EXPECT_GT(out.y[0].abs().sum().item<double>(), 0.0);
     for (int64_t t = 1; t < 4; ++t) {
@@ -637,7 +651,8 @@ TEST(MoeForwardOp, BadOptionsNameField) {
     auto w = l.w;
     w.w_down = at::randn({4, 6, 3});
     MOEYARD_EXPECT_ERROR(
-        "moe_forward: w_down must be [4, 6, 5]", moeyard::moe_forward(l.x, w, o));
+        "moe_forward: w_down must be [4, 6, 5]",
+        moeyard::moe_forward(l.x, w, o));
     auto w2 = l.w;
     w2.router_weight = at::randn({4, 5});
     MOEYARD_EXPECT_ERROR(

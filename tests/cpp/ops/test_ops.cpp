@@ -368,24 +368,31 @@ TEST(Ops, BadInputNamesOpArgumentAndValue) {
           "selection_bias must have shape [4]"));
   EXPECT_TRUE(
       has(error_of([] {
-            ops::route_plan(at::tensor({7}, at::kLong).view({1, 1}), at::ones({1, 1}), 3);
+            ops::route_plan(
+                at::tensor({7}, at::kLong).view({1, 1}), at::ones({1, 1}), 3);
           }),
           "route_plan: indices must be in [0, num_experts=3) or -1 "
           "(unassigned), got 7"));
   EXPECT_TRUE(has(
       error_of([] {
-        ops::route_plan(at::tensor({1}, at::kLong).view({1, 1}), at::ones({1, 1}), 3, 0);
+        ops::route_plan(
+            at::tensor({1}, at::kLong).view({1, 1}), at::ones({1, 1}), 3, 0);
       }),
       "capacity must be >= 1 (or -1 for dropless), got 0"));
-  EXPECT_TRUE(has(
-      error_of([] {
-        ops::route_plan(
-            at::tensor({1}, at::kLong).view({1, 1}), at::ones({1, 1}), 3, -1, "oldest");
-      }),
-      "drop_policy must be 'position' or 'probs', got 'oldest'"));
   EXPECT_TRUE(
       has(error_of([] {
-            ops::route_plan(at::tensor({1}, at::kLong).view({1, 1}), at::ones({1, 2}), 3);
+            ops::route_plan(
+                at::tensor({1}, at::kLong).view({1, 1}),
+                at::ones({1, 1}),
+                3,
+                -1,
+                "oldest");
+          }),
+          "drop_policy must be 'position' or 'probs', got 'oldest'"));
+  EXPECT_TRUE(
+      has(error_of([] {
+            ops::route_plan(
+                at::tensor({1}, at::kLong).view({1, 1}), at::ones({1, 2}), 3);
           }),
           "weights must have the shape of indices"));
   EXPECT_TRUE(
@@ -393,12 +400,14 @@ TEST(Ops, BadInputNamesOpArgumentAndValue) {
             ops::permute(at::randn({3, 2}), at::tensor({5}, at::kLong));
           }),
           "permute: row_token must be in [-1, num_tokens=3), got 5"));
-  EXPECT_TRUE(has(
-      error_of([] {
-        ops::unpermute(
-            at::randn({3, 2}), at::tensor({3}, at::kLong).view({1, 1}), at::ones({1, 1}));
-      }),
-      "unpermute: slot must be in [-1, num_rows=3), got 3"));
+  EXPECT_TRUE(
+      has(error_of([] {
+            ops::unpermute(
+                at::randn({3, 2}),
+                at::tensor({3}, at::kLong).view({1, 1}),
+                at::ones({1, 1}));
+          }),
+          "unpermute: slot must be in [-1, num_rows=3), got 3"));
   EXPECT_TRUE(
       has(error_of([] {
             ops::unpermute(

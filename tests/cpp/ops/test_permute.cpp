@@ -28,8 +28,7 @@ TEST(PermuteOp, ForwardMatchesLoop) {
     const auto rows = ops::permute(x, rt);
     EXPECT_EQ(rows.scalar_type(), dt);
     // A copy: exact in every dtype, padding rows are zero.
-    EXPECT_TRUE(all_close(rows, ref_permute(x, rt), 0.0))
-        << c10::toString(dt);
+    EXPECT_TRUE(all_close(rows, ref_permute(x, rt), 0.0)) << c10::toString(dt);
     EXPECT_EQ(rows[2].abs().sum().item<double>(), 0.0);
   }
 }
@@ -112,8 +111,8 @@ TEST(PermuteOp, EdgeShapes) {
   {
     const auto base = at::randn({5, 6});
     const auto rt = make_long({4, 0, -1, 5}, {4});
-    EXPECT_TRUE(all_close(ops::permute(base.t(), rt), ref_permute(base.t(), rt),
-                          0.0));
+    EXPECT_TRUE(
+        all_close(ops::permute(base.t(), rt), ref_permute(base.t(), rt), 0.0));
   }
 }
 
@@ -121,11 +120,12 @@ TEST(PermuteOp, BadInputNamesOpAndArgument) {
   const auto x = at::randn({3, 2});
   const auto rt = make_long({0, 2}, {2});
   MOEYARD_EXPECT_ERROR(
-      "permute: x must be float32", ops::permute(at::ones({3, 2}, at::kInt), rt));
-  MOEYARD_EXPECT_ERROR("permute: x must be 2-D", ops::permute(at::randn({3}), rt));
+      "permute: x must be float32",
+      ops::permute(at::ones({3, 2}, at::kInt), rt));
   MOEYARD_EXPECT_ERROR(
-      "permute: row_token must be int64",
-      ops::permute(x, rt.to(at::kFloat)));
+      "permute: x must be 2-D", ops::permute(at::randn({3}), rt));
+  MOEYARD_EXPECT_ERROR(
+      "permute: row_token must be int64", ops::permute(x, rt.to(at::kFloat)));
   MOEYARD_EXPECT_ERROR(
       "permute: row_token must be int64", ops::permute(x, rt.to(at::kInt)));
   MOEYARD_EXPECT_ERROR(

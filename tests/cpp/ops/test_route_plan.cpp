@@ -137,8 +137,8 @@ TEST(RoutePlanOp, CapacityProbsKeepsHighestWeights) {
       // Quantized weights force many ties, which go to the earliest pair.
       const auto w = (at::randint(0, 4, {13, 2}) / 4.0).to(wdt);
       const auto plan = ops::route_plan(idx, w, 4, C, "probs");
-      SCOPED_TRACE("C=" + std::to_string(C) + " " +
-                   std::string(c10::toString(wdt)));
+      SCOPED_TRACE(
+          "C=" + std::to_string(C) + " " + std::string(c10::toString(wdt)));
       expect_plan_eq(plan, ref_route_plan(idx, w, 4, C, true));
       expect_plan_consistent(plan, idx, 4, C);
     }
@@ -220,9 +220,11 @@ TEST(RoutePlanOp, EdgeShapes) {
   {
     const auto idx = at::zeros({5, 1}, at::kLong);
     const auto w = at::rand({5, 1});
-    expect_plan_eq(ops::route_plan(idx, w, 1), ref_route_plan(idx, w, 1, -1, false));
     expect_plan_eq(
-        ops::route_plan(idx, w, 1, 2, "probs"), ref_route_plan(idx, w, 1, 2, true));
+        ops::route_plan(idx, w, 1), ref_route_plan(idx, w, 1, -1, false));
+    expect_plan_eq(
+        ops::route_plan(idx, w, 1, 2, "probs"),
+        ref_route_plan(idx, w, 1, 2, true));
   }
   // K = E.
   {
@@ -236,8 +238,8 @@ TEST(RoutePlanOp, EdgeShapes) {
   // All tokens to one expert, capacity 1.
   {
     const auto idx = at::full({7, 1}, 2, at::kLong);
-    const auto w = make_double({0.1, 0.2, 0.9, 0.3, 0.9, 0.0, 0.5}, {7, 1})
-                       .to(at::kFloat);
+    const auto w =
+        make_double({0.1, 0.2, 0.9, 0.3, 0.9, 0.0, 0.5}, {7, 1}).to(at::kFloat);
     auto [rt, sl, of, cn] = ops::route_plan(idx, w, 4, 1, "position");
     EXPECT_TRUE(all_equal(rt, make_long({-1, -1, 0, -1}, {4})));
     EXPECT_TRUE(all_equal(cn, make_long({0, 0, 1, 0}, {4})));
@@ -273,7 +275,8 @@ TEST(RoutePlanOp, EdgeShapes) {
     const auto idx = random_indices(5, 2, 3);
     const auto w = at::rand({5, 2}).requires_grad_(true);
     expect_plan_eq(
-        ops::route_plan(idx, w, 3, 2, "probs"), ref_route_plan(idx, w, 3, 2, true));
+        ops::route_plan(idx, w, 3, 2, "probs"),
+        ref_route_plan(idx, w, 3, 2, true));
   }
 }
 

@@ -8,9 +8,9 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
-#include <string>
 
 #include "ops/ops.h"
 #include "reference.h"
@@ -31,9 +31,10 @@ TEST(RouterTopkOp, ForwardMatchesLoopReference) {
           auto [w, idx, s] = ops::router_topk(logits, 3, fn, renorm, scale);
           const auto ref = ref_router_topk(
               logits, 3, std::string(fn) == "sigmoid", renorm, scale);
-          SCOPED_TRACE(std::string(fn) + " renorm=" + std::to_string(renorm) +
-                       " scale=" + std::to_string(scale) + " " +
-                       std::string(c10::toString(dtype)));
+          SCOPED_TRACE(
+              std::string(fn) + " renorm=" + std::to_string(renorm) +
+              " scale=" + std::to_string(scale) + " " +
+              std::string(c10::toString(dtype)));
           EXPECT_EQ(w.scalar_type(), dtype);
           EXPECT_EQ(s.scalar_type(), dtype);
           EXPECT_EQ(idx.scalar_type(), at::kLong);
@@ -77,8 +78,9 @@ TEST(RouterTopkOp, SelectionBiasShiftsChoiceNotWeights) {
     EXPECT_TRUE(all_equal(idx, ref.indices)) << fn;
     EXPECT_TRUE(all_close(w, ref.weights, 1e-12, 1e-12)) << fn;
     // Scores stay unbiased.
-    EXPECT_TRUE(all_close(s, ref_router_topk(logits, 2, sig, true, 1.5).scores,
-                          1e-12)) << fn;
+    EXPECT_TRUE(
+        all_close(s, ref_router_topk(logits, 2, sig, true, 1.5).scores, 1e-12))
+        << fn;
     for (int64_t t = 0; t < 10; ++t) {
       EXPECT_EQ(idx[t][0].item<int64_t>(), 4);
       EXPECT_NE(idx[t][1].item<int64_t>(), 5);
@@ -87,8 +89,8 @@ TEST(RouterTopkOp, SelectionBiasShiftsChoiceNotWeights) {
   // A float32 bias with float64 logits works as well.
   auto [w32, i32, s32] =
       ops::router_topk(logits, 2, "sigmoid", false, 1.0, bias.to(at::kFloat));
-  EXPECT_TRUE(all_equal(i32, ref_router_topk(logits, 2, true, false, 1.0, bias)
-                                 .indices));
+  EXPECT_TRUE(all_equal(
+      i32, ref_router_topk(logits, 2, true, false, 1.0, bias).indices));
 }
 
 TEST(RouterTopkOp, GroupLimitedSelectionMatchesLoop) {
@@ -100,8 +102,9 @@ TEST(RouterTopkOp, GroupLimitedSelectionMatchesLoop) {
     auto [w, idx, s] =
         ops::router_topk(logits, K, "sigmoid", true, 2.5, bias, G, TG);
     const auto ref = ref_router_topk(logits, K, true, true, 2.5, bias, G, TG);
-    SCOPED_TRACE("G=" + std::to_string(G) + " TG=" + std::to_string(TG) +
-                 " K=" + std::to_string(K));
+    SCOPED_TRACE(
+        "G=" + std::to_string(G) + " TG=" + std::to_string(TG) +
+        " K=" + std::to_string(K));
     EXPECT_TRUE(all_equal(idx, ref.indices));
     EXPECT_TRUE(all_close(w, ref.weights, 1e-12, 1e-12));
     // Every chosen expert lies in one of at most TG groups.
@@ -127,23 +130,24 @@ TEST(RouterTopkOp, GroupScoreIsSumOfTopTwo) {
   auto [w, idx, s] =
       ops::router_topk(logits, 2, "sigmoid", true, 1.0, std::nullopt, 2, 1);
   EXPECT_TRUE(all_equal(idx, make_long({2, 3}, {1, 2})));
-  EXPECT_TRUE(all_close(w, make_double({0.6 / 1.15, 0.55 / 1.15}, {1, 2}),
-                        1e-12));
+  EXPECT_TRUE(
+      all_close(w, make_double({0.6 / 1.15, 0.55 / 1.15}, {1, 2}), 1e-12));
   // The bias enters the group score: +0.3 on expert 1 tips it to group 0.
   const auto bias = make_double({0, 0.3, 0, 0}, {4});
   auto [wb, ib, sb] =
       ops::router_topk(logits, 2, "sigmoid", true, 1.0, bias, 2, 1);
   EXPECT_TRUE(all_equal(ib, make_long({0, 1}, {1, 2})));
   // Weights stay the unbiased scores, renormalized.
-  EXPECT_TRUE(all_close(wb, make_double({0.9 / 0.95, 0.05 / 0.95}, {1, 2}),
-                        1e-12));
+  EXPECT_TRUE(
+      all_close(wb, make_double({0.9 / 0.95, 0.05 / 0.95}, {1, 2}), 1e-12));
 }
 
 // Rows wider than a vector register with a ragged tail, and enough tokens
 // for several parallel chunks.
 TEST(RouterTopkOp, WideRowsManyTokensMatchLoop) {
   at::manual_seed(7);
-  for (auto [E, K, G, TG] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+  for (auto [E, K, G, TG] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
            {67, 5, 1, 1}, {64, 6, 8, 3}, {33, 33, 1, 1}, {3, 2, 1, 1}}) {
     for (const char* fn : {"softmax", "sigmoid"}) {
       const bool sig = std::string(fn) == "sigmoid";
@@ -212,8 +216,7 @@ TEST(RouterTopkOp, BackwardMatchesFiniteDifferences) {
        }) {
     const bool sig = std::string(c.fn) == "sigmoid";
     const auto logits0 = at::randn({5, 6}, at::kDouble);
-    const auto bias =
-        c.bias ? at::randn({6}, at::kDouble) * 0.2 : at::Tensor();
+    const auto bias = c.bias ? at::randn({6}, at::kDouble) * 0.2 : at::Tensor();
     const auto a = at::randn({5, c.K}, at::kDouble);
     const auto b = at::randn({5, 6}, at::kDouble);
     auto logits = logits0.clone().requires_grad_(true);
@@ -221,8 +224,8 @@ TEST(RouterTopkOp, BackwardMatchesFiniteDifferences) {
     if (c.bias) {
       ob = bias;
     }
-    auto [w, idx, s] = ops::router_topk(
-        logits, c.K, c.fn, c.renorm, c.scale, ob, c.G, c.TG);
+    auto [w, idx, s] =
+        ops::router_topk(logits, c.K, c.fn, c.renorm, c.scale, ob, c.G, c.TG);
     ((w * a).sum() + (s * b).sum()).backward();
     ASSERT_TRUE(logits.grad().defined());
     const auto fd = numeric_grad(
@@ -286,8 +289,8 @@ TEST(RouterTopkOp, EdgeShapes) {
     EXPECT_TRUE(all_equal(idx, at::zeros({5, 1}, at::kLong)));
     EXPECT_TRUE(all_close(w, at::ones({5, 1}, at::kDouble), 1e-15));
     auto [ws, is, ss] = ops::router_topk(logits, 1, "sigmoid", false, 3.0);
-    EXPECT_TRUE(all_close(ws, ref_router_topk(logits, 1, true, false, 3.0)
-                                  .weights, 1e-12));
+    EXPECT_TRUE(all_close(
+        ws, ref_router_topk(logits, 1, true, false, 3.0).weights, 1e-12));
   }
   // K = E: every expert appears once, in descending score order.
   {
@@ -295,8 +298,8 @@ TEST(RouterTopkOp, EdgeShapes) {
     auto [w, idx, s] = ops::router_topk(logits, 5, "softmax", false);
     const auto ref = ref_router_topk(logits, 5, false, false, 1.0);
     EXPECT_TRUE(all_equal(idx, ref.indices));
-    EXPECT_TRUE(all_equal(std::get<0>(idx.sort(1)),
-                          at::arange(5, at::kLong).expand({6, 5})));
+    EXPECT_TRUE(all_equal(
+        std::get<0>(idx.sort(1)), at::arange(5, at::kLong).expand({6, 5})));
     EXPECT_TRUE(all_close(w.sum(1), at::ones({6}, at::kDouble), 1e-12));
     EXPECT_TRUE(at::all(w.narrow(1, 0, 4) >= w.narrow(1, 1, 4)).item<bool>());
   }

@@ -123,12 +123,12 @@ TEST(UnpermuteOp, EdgeShapes) {
     const auto rows = at::randn({6, 2}, at::kDouble);
     const auto s1 = make_long({5, 0, 3}, {3, 1});
     const auto w1 = at::rand({3, 1}, at::kDouble);
-    EXPECT_TRUE(all_close(ops::unpermute(rows, s1, w1),
-                          ref_unpermute(rows, s1, w1), 1e-14));
+    EXPECT_TRUE(all_close(
+        ops::unpermute(rows, s1, w1), ref_unpermute(rows, s1, w1), 1e-14));
     const auto s2 = make_long({0, -1, 3, 1, 4, -1, 2, 5, -1}, {3, 3});
     const auto w2 = at::rand({3, 3}, at::kDouble);
-    EXPECT_TRUE(all_close(ops::unpermute(rows, s2, w2),
-                          ref_unpermute(rows, s2, w2), 1e-14));
+    EXPECT_TRUE(all_close(
+        ops::unpermute(rows, s2, w2), ref_unpermute(rows, s2, w2), 1e-14));
   }
   // Non-contiguous rows and weights.
   {
@@ -136,8 +136,10 @@ TEST(UnpermuteOp, EdgeShapes) {
     const auto rows = at::randn({3, 8});
     const auto w = at::rand({2, 5});
     const auto slot = sample_slot();
-    EXPECT_TRUE(all_close(ops::unpermute(rows.t(), slot, w.t()),
-                          ref_unpermute(rows.t(), slot, w.t()), 1e-6));
+    EXPECT_TRUE(all_close(
+        ops::unpermute(rows.t(), slot, w.t()),
+        ref_unpermute(rows.t(), slot, w.t()),
+        1e-6));
   }
 }
 
