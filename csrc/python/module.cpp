@@ -3,6 +3,7 @@
 
 #include <torch/extension.h>
 
+#include "io/hf_checkpoint.h"
 #include "model/transformer.h"
 #include "train/trainer.h"
 #include "version.h"
@@ -184,4 +185,33 @@ PYBIND11_MODULE(_C, m) {
           "init_weights",
           &TransformerImpl::init_weights,
           py::arg("std") = 0.02);
+
+  // Hugging Face checkpoints (csrc/io/hf_checkpoint.h).
+  m.def(
+      "load_hf",
+      [](const std::string& dir) {
+        return std::shared_ptr<TransformerImpl>(
+            moeyard::io::load_hf_model(dir).ptr());
+      },
+      py::arg("dir"),
+      "the C++ model of a Hugging Face checkpoint directory (float32)");
+  m.def(
+      "save_hf",
+      [](const TransformerImpl& model,
+         const std::string& family,
+         const std::string& out_dir,
+         const std::string& base_config_json,
+         int64_t max_shard_bytes) {
+        const auto base = base_config_json.empty()
+            ? nlohmann::json(nullptr)
+            : nlohmann::json::parse(base_config_json);
+        moeyard::io::save_hf(model, family, out_dir, base, max_shard_bytes);
+      },
+      py::arg("model"),
+      py::arg("family"),
+      py::arg("out_dir"),
+      py::arg("base_config_json") = "",
+      py::arg("max_shard_bytes") = int64_t(5) << 30,
+      "writes config.json + safetensors in the family's own layout");
+  m.def("hf_families", &moeyard::io::hf_families);
 }

@@ -33,6 +33,24 @@ class Transformer:
         self._impl = _build(config)
         self.training = True
 
+    @classmethod
+    def from_hf(cls, path: Union[str, os.PathLike]) -> "Transformer":
+        """The model of a Hugging Face checkpoint directory (config.json +
+        safetensors; families in ``docs/checkpoints.md``), in float32."""
+        self = cls.__new__(cls)
+        self._impl = _C.load_hf(os.fspath(path))
+        self.training = True
+        return self
+
+    def save_hf(self, path: Union[str, os.PathLike], family: str,
+                base_config: Optional[Dict[str, Any]] = None,
+                max_shard_bytes: int = 5 << 30) -> None:
+        """Writes ``config.json`` and safetensors in ``family``'s own layout
+        (``transformers`` loads the directory). ``base_config``: the original
+        config.json, whose other keys are kept."""
+        _C.save_hf(self._impl, family, os.fspath(path),
+                   json.dumps(base_config) if base_config else "", max_shard_bytes)
+
     def __call__(self, tokens: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Any]:
         return self.forward(tokens, mask)
 

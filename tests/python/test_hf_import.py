@@ -1,0 +1,251 @@
+"""Hugging Face checkpoints: transformers writes a tiny random model of each
+family with save_pretrained, moeyard's C++ importer loads it, and logits,
+selected experts, the loss and the gradients agree; moeyard's exporter writes
+a directory that transformers loads back to the same logits."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import moeyard
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+V, H, L = 97, 32, 3
+COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4,
+              num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64,
+              tie_word_embeddings=False)
+
+
+def family_configs():
+    t = transformers
+    return {
+        "mixtral": (t.MixtralConfig, t.MixtralForCausalLM,
+                    dict(intermediate_size=48, num_local_experts=4, sliding_window=5,
+                         rope_theta=500.0)),
+        "qwen2_moe": (t.Qwen2MoeConfig, t.Qwen2MoeForCausalLM,
+                      dict(intermediate_size=56, moe_intermediate_size=24, num_experts=4,
+                           shared_expert_intermediate_size=40, mlp_only_layers=[1],
+                           norm_topk_prob=False)),
+        "qwen3_moe": (t.Qwen3MoeConfig, t.Qwen3MoeForCausalLM,
+                      dict(intermediate_size=56, moe_intermediate_size=24, num_experts=4,
+                           head_dim=16, mlp_only_layers=[0], norm_topk_prob=True)),
+        "olmoe": (t.OlmoeConfig, t.OlmoeForCausalLM,
+                  dict(intermediate_size=24, num_experts=4, norm_topk_prob=False,
+                       pad_token_id=None, eos_token_id=None, bos_token_id=None)),
+    }
+
+
+FAMILIES = list(family_configs())
+
+
+def make_hf(family, seed=0, **extra):
+    cfg_cls, model_cls, kw = family_configs()[family]
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**{**COMMON, **kw, **extra})
+    cfg._attn_implementation = "eager"
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so a missed norm shows
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for fam in FAMILIES:
+        model = make_hf(fam)
+        model.save_pretrained(root / fam)
+        out[fam] = (model, root / fam)
+    return out
+
+
+def hf_logits(model, tokens, mask=None):
+    with torch.no_grad():
+        return model(input_ids=tokens, attention_mask=mask).logits.float()
+
+
+def tokens_and_mask(seed=1, B=3, S=12):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, S - 4:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    return tokens, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(saved, family):
+    hf, path = saved[family]
+    ours = moeyard.Transformer.from_hf(path).eval()
+    tokens, mask = tokens_and_mask()
+    got = ours(tokens)["logits"]
+    want = hf_logits(hf, tokens)
+    assert (got - want).abs().max().item() < 1e-4
+    got = ours(tokens, mask)["logits"]
+    want = hf_logits(hf, tokens, mask)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_selected_experts_match(saved, family):
+    hf, path = saved[family]
+    ours = moeyard.Transformer.from_hf(path).eval()
+    tokens, _ = tokens_and_mask(seed=2)
+    with torch.no_grad():
+        out = hf(input_ids=tokens, output_router_logits=True)
+    hf_layers = [r for r in out.router_logits if r is not None]
+    mine = ours(tokens)["moe_layers"]
+    assert len(mine) == len(hf_layers) > 0
+    for stats, logits in zip(mine, hf_layers):
+        want = logits.float().topk(2, dim=-1).indices.sort(-1).values
+        got = stats["indices"].reshape(-1, 2).sort(-1).values
+        assert torch.equal(got, want), f"layer {stats['layer']}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_and_gradients_match(saved, family):
+    hf, path = saved[family]
+    ours = moeyard.Transformer.from_hf(path).train()
+    hf = hf.train()
+    tokens, _ = tokens_and_mask(seed=3)
+    out = ours.loss(tokens)
+    out["ce"].backward()
+    hf.zero_grad()
+    ref = hf(input_ids=tokens, labels=tokens)
+    ref.loss.backward()
+    hf.eval()
+    assert abs(out["ce"].item() - ref.loss.item()) < 1e-4
+    grads = dict(ours.named_parameters())
+    hfp = dict(hf.named_parameters())
+    pairs = [("embed.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight"),
+             ("norm.weight", "model.norm.weight"),
+             ("layers.0.attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
+             ("layers.2.attn.o_proj.weight", "model.layers.2.self_attn.o_proj.weight")]
+    for i in range(L):
+        if f"layers.{i}.moe.w_gate_up" in grads:
+            pairs += [(f"layers.{i}.moe.w_gate_up", f"model.layers.{i}.mlp.experts.gate_up_proj"),
+                      (f"layers.{i}.moe.w_down", f"model.layers.{i}.mlp.experts.down_proj"),
+                      (f"layers.{i}.moe.router.weight", f"model.layers.{i}.mlp.gate.weight")]
+    for mine, theirs in pairs:
+        g, r = grads[mine].grad, hfp[theirs].grad
+        assert g is not None and r is not None, mine
+        assert (g - r).abs().max().item() < 1e-4, mine
+
+
+def test_fused_and_sharded_layouts_load(saved, tmp_path):
+    hf, path = saved["qwen2_moe"]
+    tokens, _ = tokens_and_mask(seed=4)
+    want = hf_logits(hf, tokens)
+    # Fused 3-D experts: transformers' in-memory names written as they are.
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    (fused / "config.json").write_text((path / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    save_file(state, str(fused / "model.safetensors"))
+    got = moeyard.Transformer.from_hf(fused).eval()(tokens)["logits"]
+    assert (got - want).abs().max().item() < 1e-4
+    # Sharded with an index.
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    got = moeyard.Transformer.from_hf(sharded).eval()(tokens)["logits"]
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_round_trip_after_fine_tuning(saved, family, tmp_path):
+    hf, path = saved[family]
+    ours = moeyard.Transformer.from_hf(path).train()
+    tokens, _ = tokens_and_mask(seed=5)
+    for _ in range(3):  # a few SGD steps so the weights differ from the import
+        ours.zero_grad()
+        ours.loss(tokens)["loss"].backward()
+        with torch.no_grad():
+            for p in ours.parameters():
+                p -= 0.05 * p.grad
+    ours.eval()
+    base = json.loads((path / "config.json").read_text())
+    out = tmp_path / "export"
+    ours.save_hf(out, family, base_config=base, max_shard_bytes=30_000)
+    assert (out / "model.safetensors.index.json").exists()
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back) is type(hf)
+    probe, mask = tokens_and_mask(seed=6)
+    mine = ours(probe, mask)["logits"]
+    theirs = hf_logits(back, probe, mask)
+    real = mask.bool()
+    assert (mine[real] - theirs[real]).abs().max().item() < 1e-4
+    assert (mine - hf_logits(hf, probe, mask))[real].abs().max().item() > 1e-3  # it did change
+
+
+# ---- bad input --------------------------------------------------------------
+
+def write_dir(tmp_path, config, tensors):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def base_files(path):
+    return json.loads((path / "config.json").read_text()), load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c, t: c.update(model_type="llama4"), "model_type 'llama4' has no importer"),
+    (lambda c, t: c.update(hidden_act="gelu"), "hidden_act"),
+    (lambda c, t: c.update(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4}),
+     "rope type 'dynamic'"),
+    (lambda c, t: c.update(num_experts_per_tok="two"), "num_experts_per_tok"),
+    (lambda c, t: t.pop("model.layers.0.self_attn.q_proj.weight"),
+     "tensor 'model.layers.0.self_attn.q_proj.weight' is missing"),
+    (lambda c, t: t.update(extra=torch.zeros(3)), "not used by the model, e.g. extra"),
+    (lambda c, t: t.update({"model.norm.weight": torch.ones(H + 1)}),
+     "'model.norm.weight' has shape \\[33\\], expected \\[32\\]"),
+    (lambda c, t: t.pop("model.layers.2.block_sparse_moe.experts.3.w2.weight"),
+     "experts.3.w2.weight' is missing"),
+])
+def test_bad_checkpoints_name_the_problem(saved, tmp_path, edit, match):
+    cfg, tensors = base_files(saved["mixtral"][1])
+    edit(cfg, tensors)
+    d = write_dir(tmp_path / "bad", cfg, tensors)
+    with pytest.raises(RuntimeError, match=match):
+        moeyard.Transformer.from_hf(d)
+
+
+def test_truncated_safetensors_is_an_error(saved, tmp_path):
+    path = saved["olmoe"][1]
+    d = tmp_path / "trunc"
+    d.mkdir()
+    (d / "config.json").write_text((path / "config.json").read_text())
+    data = (path / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(RuntimeError, match="model.safetensors"):
+        moeyard.Transformer.from_hf(d)
+
+
+def test_qwen_sliding_window_is_refused(saved, tmp_path):
+    cfg, tensors = base_files(saved["qwen3_moe"][1])
+    cfg["use_sliding_window"] = True
+    d = write_dir(tmp_path / "sw", cfg, tensors)
+    with pytest.raises(RuntimeError, match="use_sliding_window"):
+        moeyard.Transformer.from_hf(d)
+
+
+def test_export_refuses_what_the_family_cannot_express(tmp_path):
+    model = moeyard.Transformer(dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                     ffn_size=64, moe=dict(num_experts=4, score_fn="sigmoid")))
+    with pytest.raises(RuntimeError, match="cannot express moe.score_fn = sigmoid"):
+        model.save_hf(tmp_path / "x", "mixtral")
+    assert not os.path.exists(tmp_path / "x" / "config.json")
