@@ -17,6 +17,7 @@ followed by the tokens.
 
 import argparse
 import os
+import shutil
 import struct
 import sys
 import sysconfig
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("inputs", nargs="*")
     ap.add_argument("--out", required=True)
     ap.add_argument("--builtin", action="store_true", help="use the Python standard library sources")
-    ap.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: bytes)")
+    ap.add_argument("--tokenizer", help="a Hugging Face tokenizer.json, or a checkpoint directory holding one (default: bytes)")
     ap.add_argument("--valid-fraction", type=float, default=0.05)
     ap.add_argument("--max-bytes", type=int, default=0, help="stop after this many input bytes (0: all)")
     a = ap.parse_args(argv)
@@ -62,6 +63,8 @@ def main(argv=None) -> None:
     files = collect(inputs)
     if not files:
         sys.exit("prepare_data: no input files")
+    if a.tokenizer and os.path.isdir(a.tokenizer):  # a Hugging Face checkpoint directory
+        a.tokenizer = os.path.join(a.tokenizer, "tokenizer.json")
     if a.tokenizer:
         from tokenizers import Tokenizer
 
@@ -91,6 +94,8 @@ def main(argv=None) -> None:
         tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         write_shard(os.path.join(a.out, f"{split}.bin"), tokens, vocab)
         print(f"prepare_data: {split}: {used} files, {tokens.size:,} tokens -> {a.out}/{split}.bin")
+    if a.tokenizer:  # the trainer copies it into every checkpoint (for generate)
+        shutil.copyfile(a.tokenizer, os.path.join(a.out, "tokenizer.json"))
 
 
 if __name__ == "__main__":

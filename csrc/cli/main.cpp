@@ -2,12 +2,14 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 #include <CLI/CLI.hpp>
 
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 
+#include "io/hf_checkpoint.h"
 #include "train/trainer.h"
 #include "version.h"
 
@@ -46,7 +48,35 @@ int main(int argc, char** argv) {
   gen->add_option("--temperature,-t", temperature, "0: greedy (default 0.8)");
   gen->add_option("--top-p", top_p, "nucleus sampling mass (default 0.95)");
   gen->add_option("--seed", seed, "sampling seed (default 0)");
+  auto* conv = app.add_subcommand(
+      "convert",
+      "export a checkpoint in Hugging Face format (docs/checkpoints.md)");
+  std::string conv_to = "hf", conv_ckpt, conv_out, conv_family;
+  int64_t shard_mb = 5000;
+  conv->add_option("--to", conv_to, "target format: hf")
+      ->check(CLI::IsMember({"hf"}));
+  conv->add_option(
+          "--checkpoint", conv_ckpt, "checkpoint directory or run directory")
+      ->required();
+  conv->add_option("--out,-o", conv_out, "output directory")->required();
+  conv->add_option(
+      "--family",
+      conv_family,
+      "model_type to write (default: that of model.init_from)");
+  conv->add_option(
+      "--max-shard-mb", shard_mb, "largest safetensors file (default 5000)");
   CLI11_PARSE(app, argc, argv);
+  // A run directory stands for its latest checkpoint.
+  auto checkpoint_dir = [](const std::string& d) {
+    std::filesystem::path dir(d);
+    if (std::filesystem::exists(dir / "latest")) {
+      std::ifstream latest(dir / "latest");
+      std::string name;
+      latest >> name;
+      dir /= name;
+    }
+    return dir;
+  };
   try {
     if (*version) {
       std::cout << "moeyard " << moeyard::kVersion << "\n";
@@ -80,6 +110,35 @@ int main(int argc, char** argv) {
         text.push_back(static_cast<char>(t < 256 ? t : '?'));
       }
       std::cout << text << "\n";
+    } else if (*conv) {
+      const auto dir = checkpoint_dir(conv_ckpt);
+      auto model = moeyard::train::load_model(dir.string());
+      nlohmann::json base = nullptr;
+      if (std::filesystem::exists(dir / "hf_config.json")) {
+        std::ifstream in(dir / "hf_config.json");
+        base = nlohmann::json::parse(in);
+      }
+      if (conv_family.empty()) {
+        TORCH_CHECK(
+            base.is_object() && base.contains("model_type"),
+            "convert: ",
+            dir.string(),
+            " was not fine-tuned from a Hugging Face checkpoint; name the "
+            "family with --family (one of: ",
+            c10::Join(", ", moeyard::io::hf_families()),
+            ")");
+        conv_family = base.at("model_type").get<std::string>();
+      }
+      moeyard::io::save_hf(
+          *model, conv_family, conv_out, base, shard_mb * (int64_t(1) << 20));
+      if (std::filesystem::exists(dir / "tokenizer.json")) {
+        std::filesystem::copy_file(
+            dir / "tokenizer.json",
+            std::filesystem::path(conv_out) / "tokenizer.json",
+            std::filesystem::copy_options::overwrite_existing);
+      }
+      std::cout << "wrote " << conv_family << " checkpoint to " << conv_out
+                << "\n";
     } else if (*train) {
       auto cfg = moeyard::train::TrainConfig::load(config, overrides);
       auto r = moeyard::train::run_training(cfg, resume);

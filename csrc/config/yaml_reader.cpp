@@ -139,6 +139,24 @@ void YamlReader::get(const char* key, std::vector<int64_t>& out) {
   }
 }
 
+void YamlReader::get(const char* key, std::vector<std::string>& out) {
+  auto found = lookup(key);
+  if (!found) {
+    return;
+  }
+  const YAML::Node n = *found;
+  if (!n.IsSequence()) {
+    fail(key, "expected a list of strings, got " + show(n));
+  }
+  out.clear();
+  for (const auto& item : n) {
+    if (!item.IsScalar()) {
+      fail(key, "expected a list of strings, found " + show(item));
+    }
+    out.push_back(item.Scalar());
+  }
+}
+
 YamlReader YamlReader::child(const char* key) {
   auto n = lookup(key);
   return YamlReader(

@@ -23,6 +23,7 @@ class YamlReader {
   void get(const char* key, bool& out);
   void get(const char* key, std::string& out);
   void get(const char* key, std::vector<int64_t>& out);
+  void get(const char* key, std::vector<std::string>& out);
 
   bool has(const char* key) const;
   // A nested mapping (an empty one if the key is absent).

@@ -4,9 +4,11 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cmath>
+#include <filesystem>
 #include <sstream>
 
 #include "config/yaml_reader.h"
+#include "io/hf_checkpoint.h"
 
 namespace moeyard::train {
 
@@ -28,6 +30,43 @@ double Schedule::value(int64_t step, int64_t total) const {
 }
 
 namespace {
+
+// With model.init_from the `moe:` section may change routing options
+// (capacity, drop policy, aux coefficients, noise, top-k, selection bias for
+// aux-loss-free updates) but nothing the loaded weights depend on.
+void check_same_architecture(
+    const MoEConfig& was, const MoEConfig& now, const std::string& from) {
+  auto same = [&](const char* key, auto a, auto b) {
+    if (!(a == b)) {
+      std::ostringstream msg;
+      msg << "config: moe." << key << " = " << b
+          << " changes the architecture of the checkpoint in model.init_from ("
+          << from << ": " << a
+          << "); with init_from only routing options may change (capacity, "
+             "drop policy, aux coefficients, noise, top_k, selection_bias)";
+      TORCH_CHECK(false, msg.str());
+    }
+  };
+  same("num_experts", was.num_experts, now.num_experts);
+  same("ffn_size", was.ffn_size, now.ffn_size);
+  same("moe_every_n", was.moe_every_n, now.moe_every_n);
+  same("first_k_dense", was.first_k_dense, now.first_k_dense);
+  same("layers", was.layers.size(), now.layers.size());
+  same("layers", was.layers == now.layers, true);
+  same("num_shared_experts", was.num_shared_experts, now.num_shared_experts);
+  same("shared_ffn_size", was.shared_ffn_size, now.shared_ffn_size);
+  same("shared_gate", was.shared_gate, now.shared_gate);
+  same("router_bias", was.router_bias, now.router_bias);
+  same("score_fn", was.routing.score_fn, now.routing.score_fn);
+  same("renormalize", was.routing.renormalize, now.routing.renormalize);
+  same("scale", was.routing.scale, now.routing.scale);
+  same("num_groups", was.routing.num_groups, now.routing.num_groups);
+  same("topk_groups", was.routing.topk_groups, now.routing.topk_groups);
+  same(
+      "weight_on_input",
+      was.routing.weight_on_input,
+      now.routing.weight_on_input);
+}
 
 void read_schedule(config::YamlReader r, Schedule& s) {
   r.get("type", s.type);
@@ -85,28 +124,59 @@ TrainConfig TrainConfig::load(
   for (const auto& o : overrides) {
     apply_override(root, o);
   }
-  return parse(root, file);
+  return parse(root, file, nullptr);
 }
 
-TrainConfig TrainConfig::from_text(const std::string& text) {
+TrainConfig TrainConfig::from_text(
+    const std::string& text, const nlohmann::json& hf_config) {
   YAML::Node root;
   try {
     root = YAML::Load(text);
   } catch (const YAML::Exception& e) {
     TORCH_CHECK(false, "config: cannot parse YAML: ", e.what());
   }
-  return parse(root, "");
+  return parse(root, "", hf_config);
 }
 
-TrainConfig TrainConfig::parse(YAML::Node root, const std::string& file) {
+TrainConfig TrainConfig::parse(
+    YAML::Node root, const std::string& file, const nlohmann::json& hf) {
   TrainConfig c;
   config::YamlReader top(root, "", file);
   {
     auto r = top.child("model");
-    read_model_fields(r, c.model);
+    r.get("init_from", c.init_from);
+    if (c.init_from.empty()) {
+      read_model_fields(r, c.model);
+    } else {
+      // The checkpoint's config.json defines the architecture; the YAML may
+      // set only the compute dtype and the longest sequence.
+      c.hf_config = hf.is_null() ? io::read_hf_config(c.init_from) : hf;
+      c.model = io::hf_model_config(
+          c.hf_config,
+          (std::filesystem::path(c.init_from) / "config.json").string());
+      r.get("dtype", c.model.dtype);
+      r.get("max_seq_len", c.model.max_seq_len);
+      const YAML::Node m = root["model"];
+      for (const auto& kv : m) {
+        const auto k = kv.first.as<std::string>();
+        if (k != "init_from" && k != "dtype" && k != "max_seq_len") {
+          r.fail(
+              k.c_str(),
+              "is set by the checkpoint's config.json (model.init_from: " +
+                  c.init_from +
+                  "); with init_from only dtype and max_seq_len may be set");
+        }
+      }
+    }
     r.finish();
   }
-  read_moe_config(top.child("moe"), c.model.moe);
+  {
+    const MoEConfig imported = c.model.moe;
+    read_moe_config(top.child("moe"), c.model.moe);
+    if (!c.init_from.empty()) {
+      check_same_architecture(imported, c.model.moe, c.init_from);
+    }
+  }
   {
     auto r = top.child("data");
     r.get("train", c.data.train);
@@ -133,6 +203,7 @@ TrainConfig TrainConfig::parse(YAML::Node root, const std::string& file) {
     r.get("router_lr_mult", o.router_lr_mult);
     r.get("grad_clip", o.grad_clip);
     r.get("expert_grad_clip", o.expert_grad_clip);
+    r.get("freeze", o.freeze);
     if (r.has("groups")) {
       auto list = r.child_list("groups");
       for (auto& g : list) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include <yaml-cpp/yaml.h>
+#include <nlohmann/json.hpp>
 
 #include "model/config.h"
 
@@ -49,6 +50,9 @@ struct OptimConfig {
     double weight_decay = 0.0;
   };
   std::vector<Group> groups;
+  // Parameters whose name contains one of these substrings are frozen
+  // (no gradient, not in the optimizer), e.g. ".router.", ".moe.w_".
+  std::vector<std::string> freeze;
 };
 
 struct TrainSection {
@@ -89,15 +93,23 @@ struct TrainConfig {
   LogConfig log;
   MoESchedules schedule;
   std::string text; // the resolved config as YAML (saved with checkpoints)
+  // model.init_from: a Hugging Face checkpoint directory whose config.json
+  // defines the model and whose weights initialize it (fine-tuning).
+  std::string init_from;
+  nlohmann::json hf_config; // that config.json (null without init_from)
 
   // overrides: "a.b=value" applied before parsing.
   static TrainConfig load(
       const std::string& file, const std::vector<std::string>& overrides = {});
   // From YAML text (e.g. the config saved in a checkpoint manifest).
-  static TrainConfig from_text(const std::string& text);
+  // hf_config: the init_from config.json saved with that checkpoint (null:
+  // read it from model.init_from).
+  static TrainConfig from_text(
+      const std::string& text, const nlohmann::json& hf_config = nullptr);
 
  private:
-  static TrainConfig parse(YAML::Node root, const std::string& file);
+  static TrainConfig parse(
+      YAML::Node root, const std::string& file, const nlohmann::json& hf);
 };
 
 } // namespace moeyard::train

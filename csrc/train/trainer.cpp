@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/optim/adamw.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -12,6 +13,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
 #include "io/token_shard.h"
 #include "model/transformer.h"
@@ -192,6 +194,20 @@ class Trainer {
         cfg_.data.seq_len + 1);
   }
 
+  // The tokenizer the data was made with: tokenizer.json beside the train
+  // shard (scripts/prepare_data.py puts it there), else init_from's; "" for
+  // byte-level data.
+  std::string tokenizer_path() const {
+    auto data_dir = fs::path(cfg_.data.train).parent_path();
+    if (fs::exists((data_dir.empty() ? "." : data_dir) / "tokenizer.json")) {
+      return ((data_dir.empty() ? "." : data_dir) / "tokenizer.json").string();
+    }
+    if (!cfg_.init_from.empty() &&
+        fs::exists(fs::path(cfg_.init_from) / "tokenizer.json")) {
+      return (fs::path(cfg_.init_from) / "tokenizer.json").string();
+    }
+    return "";
+  }
   void build_optimizer();
   at::Tensor batch(
       const io::TokenShard& s, int64_t step, int64_t micro, bool random);
@@ -222,9 +238,20 @@ void Trainer::build_optimizer() {
   std::vector<std::vector<at::Tensor>> members(n_groups);
   std::vector<std::vector<std::string>> member_names(n_groups);
   std::vector<std::vector<bool>> member_master(n_groups);
+  int64_t frozen = 0, frozen_numel = 0;
   for (const auto& p : model_->named_parameters()) {
     const auto& n = p.key();
     at::Tensor t = p.value();
+    const bool freeze = std::any_of(
+        o.freeze.begin(), o.freeze.end(), [&](const std::string& pat) {
+          return n.find(pat) != std::string::npos;
+        });
+    if (freeze) { // no gradient, not in the optimizer
+      t.requires_grad_(false);
+      ++frozen;
+      frozen_numel += t.numel();
+      continue;
+    }
     at::Tensor opt_t = t;
     if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble) {
       opt_t = t.detach().to(at::kFloat).requires_grad_(true); // fp32 master
@@ -277,6 +304,16 @@ void Trainer::build_optimizer() {
   }
   opt_ = std::make_unique<torch::optim::AdamW>(
       groups, torch::optim::AdamWOptions(o.lr));
+  if (!o.freeze.empty()) {
+    TORCH_CHECK(
+        frozen > 0,
+        "config: optim.freeze matches no parameter name (see docs/model.md "
+        "for the names)");
+    log::info(log::format(
+        "frozen: %ld tensors, %ld parameters (optim.freeze)",
+        frozen,
+        frozen_numel));
+  }
 }
 
 // Per-expert clipping: expert e's slices of a layer's w_gate_up and w_down
@@ -409,8 +446,18 @@ void Trainer::save(int64_t step) {
       {"data_position", step},
       {"parallel",
        {{"tensor_parallel", 1}, {"data_parallel", 1}, {"expert_parallel", 1}}}};
-  for (const char* f :
-       {"model.safetensors", "optimizer.safetensors", "rng.safetensors"}) {
+  std::vector<std::string> files = {
+      "model.safetensors", "optimizer.safetensors", "rng.safetensors"};
+  if (!cfg_.init_from.empty()) { // the architecture, for resume and export
+    std::ofstream out(tmp / "hf_config.json");
+    out << cfg_.hf_config.dump(2) << "\n";
+    files.push_back("hf_config.json");
+  }
+  if (const auto tok = tokenizer_path(); !tok.empty()) { // for generate
+    fs::copy_file(tok, tmp / "tokenizer.json");
+    files.push_back("tokenizer.json");
+  }
+  for (const auto& f : files) {
     manifest["sha256"][f] = io::sha256_file((tmp / f).string());
   }
   {
@@ -488,7 +535,12 @@ RunResult Trainer::run(const std::string& resume) {
     log::info(log::format("resumed from %s at step %ld", from.c_str(), step));
   } else {
     at::manual_seed(cfg_.train.seed);
-    model_->init_weights();
+    if (cfg_.init_from.empty()) {
+      model_->init_weights();
+    } else {
+      io::load_hf_weights(*model_, cfg_.hf_config, cfg_.init_from);
+      log::info("initialized from " + cfg_.init_from);
+    }
     for (size_t i = 0; i < params_.size(); ++i) {
       if (masters_[i].defined()) {
         at::NoGradGuard g;
@@ -709,8 +761,13 @@ RunResult Trainer::run(const std::string& resume) {
 Transformer load_model(const std::string& checkpoint_dir) {
   const fs::path dir(checkpoint_dir);
   const json manifest = read_manifest(dir);
+  json hf = nullptr; // fine-tuned from a Hugging Face checkpoint
+  if (fs::exists(dir / "hf_config.json")) {
+    std::ifstream in(dir / "hf_config.json");
+    hf = json::parse(in);
+  }
   const auto cfg =
-      TrainConfig::from_text(manifest.at("config").get<std::string>());
+      TrainConfig::from_text(manifest.at("config").get<std::string>(), hf);
   Transformer model(cfg.model);
   load_model_tensors(*model, dir);
   model->eval();
