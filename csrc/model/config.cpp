@@ -20,6 +20,7 @@ void read_moe_config(config::YamlReader r, MoEConfig& m) {
   r.get("shared_gate", m.shared_gate);
   r.get("router_bias", m.router_bias);
   r.get("selection_bias", m.selection_bias);
+  r.get("expert_bias", m.expert_bias);
   r.get("expert_dropout", m.expert_dropout);
   r.get("switch_coeff", m.switch_coeff);
   r.get("switch_per_sequence", m.switch_per_sequence);
@@ -41,6 +42,9 @@ void read_moe_config(config::YamlReader r, MoEConfig& m) {
   r.get("noise", o.noise);
   r.get("noise_eps", o.noise_eps);
   r.get("temperature", o.temperature);
+  r.get("activation", o.activation);
+  r.get("swiglu_alpha", o.swiglu_alpha);
+  r.get("swiglu_limit", o.swiglu_limit);
   r.finish();
 }
 
@@ -64,7 +68,78 @@ void check_one_of(
       false, "config: ", field, " must be one of ", list, ", got '", v, "'");
 }
 
+// "sliding, full,sliding" -> {"sliding", "full", "sliding"}.
+std::vector<std::string> split_words(const std::string& text) {
+  std::vector<std::string> out;
+  std::string word;
+  for (char ch : text + ",") {
+    if (ch == ',' || ch == ' ' || ch == '\t') {
+      if (!word.empty()) {
+        out.push_back(word);
+      }
+      word.clear();
+    } else {
+      word += ch;
+    }
+  }
+  return out;
+}
+
+void validate_mla(const ModelConfig& c) {
+  auto at_least = [](const char* f, int64_t v, int64_t lo) {
+    TORCH_CHECK(
+        v >= lo,
+        "config: ",
+        f,
+        " must be >= ",
+        lo,
+        " with model.attention 'mla', got ",
+        v);
+  };
+  at_least("model.kv_lora_rank", c.kv_lora_rank, 1);
+  at_least("model.qk_rope_head_dim", c.qk_rope_head_dim, 2);
+  at_least("model.qk_nope_head_dim", c.qk_nope_head_dim, 0);
+  at_least("model.v_head_dim", c.v_head_dim, 1);
+  at_least("model.q_lora_rank", c.q_lora_rank, 0);
+  TORCH_CHECK(
+      c.qk_rope_head_dim % 2 == 0,
+      "config: model.qk_rope_head_dim (",
+      c.qk_rope_head_dim,
+      ") must be even");
+  TORCH_CHECK(
+      c.kv_heads() == c.num_heads,
+      "config: model.num_kv_heads (",
+      c.num_kv_heads,
+      ") must be 0 or model.num_heads (",
+      c.num_heads,
+      ") with model.attention 'mla'");
+  TORCH_CHECK(
+      c.qk_norm == "none",
+      "config: model.qk_norm ('",
+      c.qk_norm,
+      "') must be 'none' with model.attention 'mla'");
+  TORCH_CHECK(
+      c.clip_qkv == 0,
+      "config: model.clip_qkv (",
+      c.clip_qkv,
+      ") must be 0 with model.attention 'mla'");
+}
+
 } // namespace
+
+int64_t ModelConfig::rope_dim() const {
+  if (is_mla()) {
+    return qk_rope_head_dim;
+  }
+  return static_cast<int64_t>(rotary_pct * dim_per_head());
+}
+
+int64_t ModelConfig::window_of(int64_t i) const {
+  if (layer_types.empty()) {
+    return sliding_window;
+  }
+  return layer_types.at(i) == "sliding" ? sliding_window : 0;
+}
 
 bool ModelConfig::is_moe_layer(int64_t i) const {
   if (moe.num_experts <= 0) {
@@ -88,7 +163,7 @@ void ModelConfig::validate() const {
   positive("model.ffn_size", ffn_size);
   positive("model.max_seq_len", max_seq_len);
   TORCH_CHECK(
-      head_dim > 0 || hidden_size % num_heads == 0,
+      head_dim > 0 || is_mla() || hidden_size % num_heads == 0,
       "config: model.num_heads (",
       num_heads,
       ") must divide model.hidden_size (",
@@ -103,7 +178,7 @@ void ModelConfig::validate() const {
       ")");
   const int64_t rot = static_cast<int64_t>(rotary_pct * dim_per_head());
   TORCH_CHECK(
-      rotary_pct >= 0 && rotary_pct <= 1 && rot % 2 == 0,
+      is_mla() || (rotary_pct >= 0 && rotary_pct <= 1 && rot % 2 == 0),
       "config: model.rotary_pct (",
       rotary_pct,
       ") must be in [0, 1] and give an "
@@ -117,6 +192,42 @@ void ModelConfig::validate() const {
   check_one_of("model.qk_norm", qk_norm, {"none", "head", "projection"});
   check_one_of("model.rope_scaling", rope_scaling, {"none", "linear", "yarn"});
   check_one_of("model.dtype", dtype, {"float32", "bfloat16", "float64"});
+  check_one_of("model.attention", attention, {"mha", "mla"});
+  if (is_mla()) {
+    validate_mla(*this);
+  }
+  TORCH_CHECK(
+      clip_qkv >= 0, "config: model.clip_qkv must be >= 0, got ", clip_qkv);
+  TORCH_CHECK(
+      attention_scale >= 0,
+      "config: model.attention_scale must be >= 0, got ",
+      attention_scale);
+  TORCH_CHECK(
+      yarn_mscale >= 0 && yarn_mscale_all_dim >= 0 &&
+          yarn_attention_factor >= 0,
+      "config: model.yarn_mscale (",
+      yarn_mscale,
+      "), model.yarn_mscale_all_dim (",
+      yarn_mscale_all_dim,
+      ") and model.yarn_attention_factor (",
+      yarn_attention_factor,
+      ") must be >= 0");
+  if (!layer_types.empty()) {
+    TORCH_CHECK(
+        static_cast<int64_t>(layer_types.size()) == num_layers,
+        "config: model.layer_types has ",
+        layer_types.size(),
+        " entries, model.num_layers is ",
+        num_layers);
+    for (const auto& t : layer_types) {
+      check_one_of("model.layer_types entry", t, {"full", "sliding"});
+      TORCH_CHECK(
+          t != "sliding" || sliding_window > 0,
+          "config: model.layer_types has a 'sliding' layer but "
+          "model.sliding_window is ",
+          sliding_window);
+    }
+  }
   TORCH_CHECK(
       rope_factor >= 1.0,
       "config: model.rope_factor must be >= 1, got ",
@@ -182,6 +293,11 @@ void ModelConfig::validate() const {
       moe.num_shared_experts >= 0,
       "config: moe.num_shared_experts must be >= 0, got ",
       moe.num_shared_experts);
+  check_one_of("moe.activation", o.activation, {"swiglu", "clamped_swiglu"});
+  TORCH_CHECK(
+      o.activation == "swiglu" || o.swiglu_limit > 0,
+      "config: moe.swiglu_limit must be > 0, got ",
+      o.swiglu_limit);
 }
 
 void read_model_fields(config::YamlReader& r, ModelConfig& c) {
@@ -198,7 +314,24 @@ void read_model_fields(config::YamlReader& r, ModelConfig& c) {
   r.get("norm_eps", c.norm_eps);
   r.get("qk_norm", c.qk_norm);
   r.get("qkv_bias", c.qkv_bias);
+  r.get("attention_bias", c.attention_bias);
+  r.get("clip_qkv", c.clip_qkv);
+  r.get("attention", c.attention);
+  r.get("q_lora_rank", c.q_lora_rank);
+  r.get("kv_lora_rank", c.kv_lora_rank);
+  r.get("qk_nope_head_dim", c.qk_nope_head_dim);
+  r.get("qk_rope_head_dim", c.qk_rope_head_dim);
+  r.get("v_head_dim", c.v_head_dim);
+  r.get("attention_scale", c.attention_scale);
+  r.get("attention_sinks", c.attention_sinks);
   r.get("sliding_window", c.sliding_window);
+  if (r.has("layer_types")) {
+    // A string of words ("sliding full sliding full" or comma-separated):
+    // the YAML reader has no list-of-strings getter.
+    std::string types;
+    r.get("layer_types", types);
+    c.layer_types = split_words(types);
+  }
   r.get("rope_theta", c.rope_theta);
   r.get("rotary_pct", c.rotary_pct);
   r.get("rope_scaling", c.rope_scaling);
@@ -206,6 +339,11 @@ void read_model_fields(config::YamlReader& r, ModelConfig& c) {
   r.get("rope_original_max_position", c.rope_original_max_position);
   r.get("yarn_beta_fast", c.yarn_beta_fast);
   r.get("yarn_beta_slow", c.yarn_beta_slow);
+  r.get("yarn_truncate", c.yarn_truncate);
+  r.get("yarn_mscale", c.yarn_mscale);
+  r.get("yarn_mscale_all_dim", c.yarn_mscale_all_dim);
+  r.get("yarn_attention_factor", c.yarn_attention_factor);
+  r.get("rope_interleave", c.rope_interleave);
   r.get("max_seq_len", c.max_seq_len);
   r.get("tie_embeddings", c.tie_embeddings);
   r.get("dtype", c.dtype);

@@ -30,6 +30,7 @@ struct MoEConfig {
   bool shared_gate = false; // sigmoid gate on the shared output (Qwen2-MoE)
   bool router_bias = false; // router linear has a bias (GPT-OSS)
   bool selection_bias = false; // aux-loss-free bias buffer (DeepSeek-V3)
+  bool expert_bias = false; // per-expert biases b_gate_up, b_down (GPT-OSS)
   double expert_dropout = 0.0; // dropout on expert activations in training
   // aux loss coefficients (summed into the loss by Transformer::loss)
   double switch_coeff = 0.01;
@@ -37,7 +38,8 @@ struct MoEConfig {
   double importance_coeff = 0.0;
   double load_coeff = 0.0;
   double z_coeff = 0.001;
-  MoEOptions routing; // top_k, score_fn, capacity, drop policy, noise, ...
+  // top_k, score_fn, capacity, drop policy, noise, expert activation, ...
+  MoEOptions routing;
 };
 
 struct ModelConfig {
@@ -53,8 +55,20 @@ struct ModelConfig {
   std::string norm = "rmsnorm"; // "rmsnorm" | "layernorm"
   double norm_eps = 1e-6;
   std::string qk_norm = "none"; // "none" | "head" | "projection"
-  bool qkv_bias = false;
+  bool qkv_bias = false; // biases on q/k/v projections
+  bool attention_bias = false; // biases on q/k/v/o (MLA: q_a, kv_a, o)
+  double clip_qkv = 0.0; // > 0: clamp q, k, v projections to [-c, c]
+  std::string attention = "mha"; // "mha" | "mla" (multi-head latent)
+  int64_t q_lora_rank = 0; // MLA: q low-rank width (0: plain q_proj)
+  int64_t kv_lora_rank = 0; // MLA: compressed kv width
+  int64_t qk_nope_head_dim = 0; // MLA: per-head q/k part without rope
+  int64_t qk_rope_head_dim = 0; // MLA: per-head rotary part (k shared)
+  int64_t v_head_dim = 0; // MLA: per-head value width
+  double attention_scale = 0.0; // softmax scale; 0: derived (see docs)
+  bool attention_sinks = false; // learned per-head logit in the softmax
   int64_t sliding_window = 0; // 0: full attention
+  // Per layer "full" | "sliding"; empty: all sliding if sliding_window > 0.
+  std::vector<std::string> layer_types;
   double rope_theta = 10000.0;
   double rotary_pct = 1.0; // fraction of head_dim that is rotated
   std::string rope_scaling = "none"; // "none" | "linear" | "yarn"
@@ -62,6 +76,11 @@ struct ModelConfig {
   int64_t rope_original_max_position = 2048; // YaRN
   double yarn_beta_fast = 32.0;
   double yarn_beta_slow = 1.0;
+  bool yarn_truncate = true; // floor/ceil the correction range
+  double yarn_mscale = 0.0; // attention factor mscale (0: unset)
+  double yarn_mscale_all_dim = 0.0; // mscale_all_dim (0: unset)
+  double yarn_attention_factor = 0.0; // explicit cos/sin factor (0: derived)
+  bool rope_interleave = false; // rotary pairs are (x0,x1),(x2,x3),...
   int64_t max_seq_len = 2048;
   bool tie_embeddings = true;
   std::string dtype = "float32"; // experts/attention dtype; router is fp32
@@ -74,6 +93,17 @@ struct ModelConfig {
   int64_t dim_per_head() const {
     return head_dim > 0 ? head_dim : hidden_size / num_heads;
   }
+  bool is_mla() const {
+    return attention == "mla";
+  }
+  // Rotated features per head (MLA: qk_rope_head_dim).
+  int64_t rope_dim() const;
+  // q/k width per head (MLA: qk_nope_head_dim + qk_rope_head_dim).
+  int64_t qk_head_dim() const {
+    return is_mla() ? qk_nope_head_dim + qk_rope_head_dim : dim_per_head();
+  }
+  // Window of layer i: sliding_window for a "sliding" layer, else 0.
+  int64_t window_of(int64_t i) const;
   bool is_moe_layer(int64_t i) const;
 
   // Throws c10::Error naming the field and values on inconsistent sizes.

@@ -48,6 +48,39 @@ void check_options(const MoEOptions& o, int64_t E) {
       o.noise_eps >= 0 && o.noise_eps < 1,
       "moe_forward: noise_eps must be in [0, 1), got ",
       o.noise_eps);
+  TORCH_CHECK(
+      o.activation == "swiglu" || o.activation == "clamped_swiglu",
+      "moe_forward: activation must be 'swiglu' or 'clamped_swiglu', got '",
+      o.activation,
+      "'");
+  TORCH_CHECK(
+      o.activation == "swiglu" || o.swiglu_limit > 0,
+      "moe_forward: swiglu_limit must be > 0, got ",
+      o.swiglu_limit);
+}
+
+// Expert index of each of the N plan rows: row r belongs to the expert e
+// with offsets[e] <= r < offsets[e + 1]. Rows past offsets[E] (dropless
+// padding rows) are given expert E - 1; nothing reads them.
+at::Tensor expert_of_rows(const at::Tensor& offsets, int64_t N) {
+  const int64_t E = offsets.size(0) - 1;
+  const auto rows = at::arange(N, offsets.options());
+  return at::searchsorted(offsets.narrow(0, 1, E), rows, false, true)
+      .clamp_max(E - 1);
+}
+
+// Adds bias[expert of row] to every row of h [N, D]; bias [E, D].
+at::Tensor add_expert_bias(
+    const at::Tensor& h, const at::Tensor& bias, const at::Tensor& row_expert) {
+  return h + bias.to(h.scalar_type()).index_select(0, row_expert);
+}
+
+// GPT-OSS's clamped SwiGLU on [gate | up] rows.
+at::Tensor clamped_swiglu(const at::Tensor& h, double alpha, double limit) {
+  const int64_t F = h.size(-1) / 2;
+  const auto gate = h.narrow(-1, 0, F).clamp_max(limit);
+  const auto up = h.narrow(-1, F, F).clamp(-limit, limit);
+  return (up + 1) * (gate * at::sigmoid(gate * alpha));
 }
 
 int64_t capacity_of(
@@ -184,6 +217,25 @@ MoEOutput moe_forward(
       "], got ",
       w.w_down.sizes());
   check_options(o, E);
+  TORCH_CHECK(
+      !w.b_gate_up.defined() ||
+          (w.b_gate_up.dim() == 2 && w.b_gate_up.size(0) == E &&
+           w.b_gate_up.size(1) == 2 * F),
+      "moe_forward: b_gate_up must be [",
+      E,
+      ", ",
+      2 * F,
+      "], got ",
+      w.b_gate_up.sizes());
+  TORCH_CHECK(
+      !w.b_down.defined() || (w.b_down.dim() == 2 && w.b_down.size(0) == E &&
+                              w.b_down.size(1) == H),
+      "moe_forward: b_down must be [",
+      E,
+      ", ",
+      H,
+      "], got ",
+      w.b_down.sizes());
 
   const auto x2 = x.reshape({-1, H});
   const int64_t T = x2.size(0);
@@ -246,12 +298,24 @@ MoEOutput moe_forward(
     rows = (rows.to(rdt) * row_w.unsqueeze(1)).to(x2.scalar_type());
     combine = (plan.slot >= 0).to(combine.scalar_type());
   }
+  at::Tensor row_expert; // [N] expert of each row, for the expert biases
+  if (w.b_gate_up.defined() || w.b_down.defined()) {
+    row_expert = expert_of_rows(plan.offsets, rows.size(0));
+  }
   auto h = ops::grouped_mm(rows, w.w_gate_up, plan.offsets);
-  auto act = ops::swiglu(h);
+  if (w.b_gate_up.defined()) {
+    h = add_expert_bias(h, w.b_gate_up, row_expert);
+  }
+  auto act = o.activation == "clamped_swiglu"
+                 ? clamped_swiglu(h, o.swiglu_alpha, o.swiglu_limit)
+                 : ops::swiglu(h);
   if (o.training && o.expert_dropout > 0) {
     act = at::dropout(act, o.expert_dropout, /*train=*/true);
   }
   auto out_rows = ops::grouped_mm(act, w.w_down, plan.offsets);
+  if (w.b_down.defined()) {
+    out_rows = add_expert_bias(out_rows, w.b_down, row_expert);
+  }
   auto y = ops::unpermute(out_rows, plan.slot, combine);
 
   if (w.shared_gate_up.defined()) {

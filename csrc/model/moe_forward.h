@@ -27,6 +27,12 @@ struct MoEOptions {
   double noise_eps = 1e-2; // jitter: router input * U(1 - eps, 1 + eps)
   double temperature = 1.0; // gumbel: (logits + G) / temperature
   double expert_dropout = 0.0; // dropout on expert activations (training)
+  // Routed experts' activation on [gate | up]: "swiglu" silu(g) * u, or
+  // "clamped_swiglu" (GPT-OSS): g = min(g, limit), u = clamp(u, +-limit),
+  // (u + 1) * g * sigmoid(alpha * g).
+  std::string activation = "swiglu";
+  double swiglu_alpha = 1.702;
+  double swiglu_limit = 7.0;
   // > 0: the switch loss is computed per sequence of this many tokens
   // (x's tokens in order) and averaged; 0: over the whole micro-batch.
   int64_t sequence_length = 0;
@@ -45,6 +51,8 @@ struct MoEWeights {
   at::Tensor shared_gate; // [1, H]: sigmoid gate on the shared output
   at::Tensor selection_bias; // [E] float32, selection only
   at::Tensor noise_weight; // [E, H] float32, noisy top-k noise scale
+  at::Tensor b_gate_up; // [E, 2F]: added to each expert's gate_up output
+  at::Tensor b_down; // [E, H]: added to each expert's down output
 };
 
 struct MoEOutput {

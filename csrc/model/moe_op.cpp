@@ -53,7 +53,12 @@ Out moe_forward_op(
     double temperature,
     double expert_dropout,
     int64_t sequence_length,
-    bool training) {
+    bool training,
+    const std::optional<at::Tensor>& b_gate_up,
+    const std::optional<at::Tensor>& b_down,
+    c10::string_view activation,
+    double swiglu_alpha,
+    double swiglu_limit) {
   MoEWeights w{
       router_weight,
       opt(router_bias),
@@ -63,7 +68,9 @@ Out moe_forward_op(
       opt(shared_down),
       opt(shared_gate),
       opt(selection_bias),
-      opt(noise_weight)};
+      opt(noise_weight),
+      opt(b_gate_up),
+      opt(b_down)};
   MoEOptions o;
   o.top_k = top_k;
   o.score_fn = std::string(score_fn);
@@ -82,6 +89,9 @@ Out moe_forward_op(
   o.expert_dropout = expert_dropout;
   o.sequence_length = sequence_length;
   o.training = training;
+  o.activation = std::string(activation);
+  o.swiglu_alpha = swiglu_alpha;
+  o.swiglu_limit = swiglu_limit;
   auto r = moe_forward(x, w, o, opt(mask));
   return {
       r.y,
@@ -111,7 +121,9 @@ TORCH_LIBRARY_FRAGMENT(moeyard, m) {
       "int min_capacity=1, str drop_policy=\"position\", "
       "str noise=\"none\", float noise_eps=0.01, float temperature=1.0, "
       "float expert_dropout=0.0, int sequence_length=0, "
-      "bool training=False) -> (Tensor y, Tensor switch_loss, "
+      "bool training=False, Tensor? b_gate_up=None, Tensor? b_down=None, "
+      "str activation=\"swiglu\", float swiglu_alpha=1.702, "
+      "float swiglu_limit=7.0) -> (Tensor y, Tensor switch_loss, "
       "Tensor importance_loss, Tensor load_loss, Tensor z_loss, "
       "Tensor tokens_per_expert, Tensor dropped_fraction, "
       "Tensor router_entropy, Tensor capacity_utilization, Tensor indices)");

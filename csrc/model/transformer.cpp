@@ -56,172 +56,6 @@ at::Tensor NormImpl::forward(const at::Tensor& x) const {
   return weight * normed.to(x.scalar_type());
 }
 
-// ---- Rotary ---------------------------------------------------------------
-
-Rotary::Rotary(const ModelConfig& c) {
-  dim = static_cast<int64_t>(c.rotary_pct * c.dim_per_head());
-  if (dim == 0) {
-    return;
-  }
-  const auto opts = at::dtype(at::kDouble);
-  const auto exponents = at::arange(0, dim, 2, opts) / dim;
-  const auto pos_freqs = at::pow(c.rope_theta, exponents);
-  auto inv_freq = 1.0 / pos_freqs;
-  auto positions = at::arange(c.max_seq_len, opts);
-  double attention_factor = 1.0;
-  if (c.rope_scaling == "linear") {
-    positions = positions / c.rope_factor;
-  } else if (c.rope_scaling == "yarn") {
-    // YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones,
-    // linear ramp between the correction dims; scale cos/sin.
-    const double f = c.rope_factor;
-    auto correction_dim = [&](double rotations) {
-      return dim *
-             std::log(c.rope_original_max_position / (rotations * 2 * M_PI)) /
-             (2 * std::log(c.rope_theta));
-    };
-    double low = std::floor(correction_dim(c.yarn_beta_fast));
-    double high = std::ceil(correction_dim(c.yarn_beta_slow));
-    low = std::max(low, 0.0);
-    high = std::min(high, static_cast<double>(dim - 1));
-    if (low == high) {
-      high += 0.001;
-    }
-    const auto ramp =
-        ((at::arange(dim / 2, opts) - low) / (high - low)).clamp(0, 1);
-    const auto extrapolation = 1.0 - ramp;
-    inv_freq =
-        (inv_freq / f) * (1.0 - extrapolation) + inv_freq * extrapolation;
-    attention_factor = f > 1 ? 0.1 * std::log(f) + 1.0 : 1.0;
-  }
-  const auto freqs = at::outer(positions, inv_freq);
-  const auto emb = at::cat({freqs, freqs}, -1);
-  cos = (emb.cos() * attention_factor).to(at::kFloat);
-  sin = (emb.sin() * attention_factor).to(at::kFloat);
-}
-
-at::Tensor Rotary::apply(const at::Tensor& x, int64_t S, int64_t offset) const {
-  if (dim == 0) {
-    return x;
-  }
-  TORCH_CHECK(
-      offset + S <= cos.size(0),
-      "Transformer: sequence length ",
-      S,
-      " exceeds model.max_seq_len (",
-      cos.size(0),
-      ")");
-  const auto c = cos.narrow(0, offset, S).to(x.scalar_type());
-  const auto s = sin.narrow(0, offset, S).to(x.scalar_type());
-  const int64_t D = x.size(-1);
-  auto rot = x.narrow(-1, 0, dim);
-  const auto half1 = rot.narrow(-1, 0, dim / 2);
-  const auto half2 = rot.narrow(-1, dim / 2, dim / 2);
-  const auto rotated = at::cat({-half2, half1}, -1);
-  auto out = rot * c + rotated * s;
-  if (dim == D) {
-    return out;
-  }
-  return at::cat({out, x.narrow(-1, dim, D - dim)}, -1);
-}
-
-// ---- Attention ------------------------------------------------------------
-
-AttentionImpl::AttentionImpl(const ModelConfig& c)
-    : heads(c.num_heads),
-      kv_heads(c.kv_heads()),
-      window(c.sliding_window),
-      head_dim(c.dim_per_head()),
-      qk_norm(c.qk_norm) {
-  const auto dt = parse_dtype(c.dtype);
-  const int64_t H = c.hidden_size;
-  q_proj =
-      register_module("q_proj", Linear(H, heads * head_dim, c.qkv_bias, dt));
-  k_proj =
-      register_module("k_proj", Linear(H, kv_heads * head_dim, c.qkv_bias, dt));
-  v_proj =
-      register_module("v_proj", Linear(H, kv_heads * head_dim, c.qkv_bias, dt));
-  o_proj = register_module("o_proj", Linear(heads * head_dim, H, false, dt));
-  if (qk_norm == "head") {
-    q_norm =
-        register_module("q_norm", Norm(head_dim, "rmsnorm", c.norm_eps, dt));
-    k_norm =
-        register_module("k_norm", Norm(head_dim, "rmsnorm", c.norm_eps, dt));
-  } else if (qk_norm == "projection") {
-    q_norm = register_module(
-        "q_norm", Norm(heads * head_dim, "rmsnorm", c.norm_eps, dt));
-    k_norm = register_module(
-        "k_norm", Norm(kv_heads * head_dim, "rmsnorm", c.norm_eps, dt));
-  }
-}
-
-at::Tensor AttentionImpl::forward(
-    const at::Tensor& x,
-    const at::Tensor& attn_mask,
-    const Rotary& rotary) const {
-  const int64_t B = x.size(0), S = x.size(1);
-  auto q = q_proj->forward(x);
-  auto k = k_proj->forward(x);
-  auto v = v_proj->forward(x);
-  if (qk_norm == "projection") {
-    q = q_norm->forward(q);
-    k = k_norm->forward(k);
-  }
-  q = q.view({B, S, heads, head_dim});
-  k = k.view({B, S, kv_heads, head_dim});
-  v = v.view({B, S, kv_heads, head_dim}).transpose(1, 2);
-  if (qk_norm == "head") {
-    q = q_norm->forward(q);
-    k = k_norm->forward(k);
-  }
-  q = rotary.apply(q.transpose(1, 2), S);
-  k = rotary.apply(k.transpose(1, 2), S);
-  auto o = at::scaled_dot_product_attention(
-      q, k, v, attn_mask, 0.0, false, std::nullopt, kv_heads != heads);
-  return o_proj->forward(o.transpose(1, 2).reshape({B, S, heads * head_dim}));
-}
-
-at::Tensor AttentionImpl::forward_cached(
-    const at::Tensor& x, KVCache& cache, const Rotary& rotary) const {
-  const int64_t B = x.size(0), S = x.size(1), P = cache.length();
-  auto q = q_proj->forward(x);
-  auto k = k_proj->forward(x);
-  auto v = v_proj->forward(x);
-  if (qk_norm == "projection") {
-    q = q_norm->forward(q);
-    k = k_norm->forward(k);
-  }
-  q = q.view({B, S, heads, head_dim});
-  k = k.view({B, S, kv_heads, head_dim});
-  v = v.view({B, S, kv_heads, head_dim}).transpose(1, 2);
-  if (qk_norm == "head") {
-    q = q_norm->forward(q);
-    k = k_norm->forward(k);
-  }
-  q = rotary.apply(q.transpose(1, 2), S, P);
-  k = rotary.apply(k.transpose(1, 2), S, P);
-  cache.k = P == 0 ? k : at::cat({cache.k, k}, 2);
-  cache.v = P == 0 ? v : at::cat({cache.v, v}, 2);
-  // New query i sits at position P + i: it sees keys j <= P + i (window).
-  const auto opts = x.options().dtype(at::kLong);
-  const auto i = at::arange(P, P + S, opts).unsqueeze(1);
-  const auto j = at::arange(P + S, opts).unsqueeze(0);
-  auto allowed = j <= i;
-  if (window > 0) {
-    allowed = allowed & (i - j < window);
-  }
-  auto o = at::scaled_dot_product_attention(
-      q,
-      cache.k,
-      cache.v,
-      allowed.view({1, 1, S, P + S}),
-      0.0,
-      false,
-      std::nullopt,
-      kv_heads != heads);
-  return o_proj->forward(o.transpose(1, 2).reshape({B, S, heads * head_dim}));
-}
-
 // ---- MLP, MoE -------------------------------------------------------------
 
 MlpImpl::MlpImpl(
@@ -267,6 +101,11 @@ MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
           register_parameter("shared_gate", at::empty({1, H}, at::dtype(dt)));
     }
   }
+  if (m.expert_bias) {
+    b_gate_up =
+        register_parameter("b_gate_up", at::zeros({E, 2 * F}, at::dtype(dt)));
+    b_down = register_parameter("b_down", at::zeros({E, H}, at::dtype(dt)));
+  }
   if (m.selection_bias) {
     selection_bias =
         register_buffer("selection_bias", at::zeros({E}, at::dtype(router_dt)));
@@ -287,7 +126,9 @@ MoEWeights MoELayerImpl::weights() const {
       shared_down,
       shared_gate,
       selection_bias,
-      noise_weight};
+      noise_weight,
+      b_gate_up,
+      b_down};
 }
 
 MoEOutput MoELayerImpl::forward(
@@ -315,7 +156,7 @@ BlockImpl::BlockImpl(const ModelConfig& c, int64_t index) {
   const auto dt = parse_dtype(c.dtype);
   attn_norm =
       register_module("attn_norm", Norm(c.hidden_size, c.norm, c.norm_eps, dt));
-  attn = register_module("attn", Attention(c));
+  attn = register_module("attn", Attention(c, index));
   mlp_norm =
       register_module("mlp_norm", Norm(c.hidden_size, c.norm, c.norm_eps, dt));
   if (c.is_moe_layer(index)) {
@@ -385,7 +226,10 @@ void TransformerImpl::init_weights(double std) {
                                                                 : t.fill_(1.0);
     } else if (name.size() > 4 && name.substr(name.size() - 4) == "bias") {
       t.zero_();
-    } else if (name.find("noise_weight") != std::string::npos) {
+    } else if (
+        name.find("noise_weight") != std::string::npos ||
+        name.find(".b_gate_up") != std::string::npos ||
+        name.find(".b_down") != std::string::npos) {
       t.zero_();
     } else {
       t.normal_(0.0, std);
@@ -436,13 +280,24 @@ TransformerOutput TransformerImpl::forward(
         mask.sizes());
   }
   auto x = at::embedding(embed->weight, tokens);
-  const auto attn_mask = attention_mask(
-      mask, B, S, config.sliding_window, x.options().device(x.device()));
+  // One mask per distinct window (full and sliding layers), built once.
+  std::vector<std::pair<int64_t, at::Tensor>> masks;
+  auto mask_for = [&](int64_t window) {
+    for (const auto& [w, m] : masks) {
+      if (w == window) {
+        return m;
+      }
+    }
+    masks.emplace_back(
+        window,
+        attention_mask(mask, B, S, window, x.options().device(x.device())));
+    return masks.back().second;
+  };
   TransformerOutput out;
   for (int64_t i = 0; i < static_cast<int64_t>(layers->size()); ++i) {
     std::optional<MoEOutput> moe_out;
-    x = layers[i]->as<BlockImpl>()->forward(
-        x, attn_mask, mask, rotary, moe_out);
+    const auto* block = layers[i]->as<BlockImpl>();
+    x = block->forward(x, mask_for(block->attn->window), mask, rotary, moe_out);
     if (moe_out) {
       out.moe_layers.push_back({i, std::move(*moe_out)});
     }

@@ -3,16 +3,21 @@
 // truth for the model: the trainer, the Python bindings and the checkpoint
 // importers all build this. Parameter names are stable (docs/model.md):
 //   embed.weight, layers.{i}.attn_norm.*, layers.{i}.attn.{q,k,v,o}_proj.*,
-//   layers.{i}.attn.{q,k}_norm.weight, layers.{i}.mlp_norm.*,
+//   layers.{i}.attn.{q,k}_norm.weight,
+//   MLA: layers.{i}.attn.{q_a_proj,q_a_norm,q_b_proj | q_proj,kv_a_proj,
+//   kv_a_norm,kv_b_proj,o_proj}.*, layers.{i}.attn.sinks (attention_sinks),
+//   layers.{i}.mlp_norm.*,
 //   layers.{i}.mlp.{gate_up,up,down}.weight (dense layers),
 //   layers.{i}.moe.{router.weight,router.bias,w_gate_up,w_down,
-//   shared_gate_up,shared_down,shared_gate,noise_weight} and the buffer
-//   layers.{i}.moe.selection_bias (MoE layers), norm.*, lm_head.weight.
+//   b_gate_up,b_down,shared_gate_up,shared_down,shared_gate,noise_weight}
+//   and the buffer layers.{i}.moe.selection_bias (MoE layers), norm.*,
+//   lm_head.weight.
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "model/config.h"
@@ -42,14 +47,17 @@ class NormImpl : public torch::nn::Module {
 TORCH_MODULE(Norm);
 
 // cos/sin tables of rotary embeddings: full or partial rotary dims, linear
-// position scaling or YaRN (frequency ramp + attention factor).
+// position scaling or YaRN (frequency ramp + attention factor), pairs laid
+// out as halves or interleaved.
 struct Rotary {
   explicit Rotary(const ModelConfig& c);
   // Applies the rotation to the first `dim` features of x [B, heads, S, D]
-  // at positions [offset, offset + S).
+  // at positions [offset, offset + S). Interleaved pairs come out
+  // de-interleaved (evens, then odds), the same for q and k.
   at::Tensor apply(
       const at::Tensor& x, int64_t seq_len, int64_t offset = 0) const;
   int64_t dim = 0;
+  bool interleave = false;
   at::Tensor cos, sin; // [max_seq_len, dim] float32
 };
 
@@ -61,11 +69,12 @@ struct KVCache {
   }
 };
 
-// Multi-head attention with GQA/MQA, optional q/k norm, qkv bias and sliding
-// window, on at::scaled_dot_product_attention.
+// Attention of one layer (csrc/model/attention.cpp): multi-head attention
+// with GQA/MQA, q/k norm, clip_qkv and biases, or multi-head latent
+// attention (MLA); optional sinks; the layer's sliding window.
 class AttentionImpl : public torch::nn::Module {
  public:
-  explicit AttentionImpl(const ModelConfig& c);
+  AttentionImpl(const ModelConfig& c, int64_t layer = 0);
   // x [B, S, H]; attn_mask [B, 1, S, S] bool (true = may attend).
   at::Tensor forward(
       const at::Tensor& x,
@@ -74,10 +83,28 @@ class AttentionImpl : public torch::nn::Module {
   // Incremental decoding: x holds the new positions, appended to `cache`.
   at::Tensor forward_cached(
       const at::Tensor& x, KVCache& cache, const Rotary& rotary) const;
+  // q [B, heads, S, head_dim], k [B, kv_heads, S, head_dim], v [B,
+  // kv_heads, S, v_dim] of positions [offset, offset + S), rotary applied.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> project(
+      const at::Tensor& x, const Rotary& rotary, int64_t offset) const;
+  // softmax(q k^T * scale (+ sink)) v over the allowed keys.
+  at::Tensor attend(
+      const at::Tensor& q,
+      const at::Tensor& k,
+      const at::Tensor& v,
+      const at::Tensor& allowed) const;
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
-  Norm q_norm{nullptr}, k_norm{nullptr};
-  int64_t heads, kv_heads, window, head_dim;
+  Linear q_a_proj{nullptr}, q_b_proj{nullptr}, kv_a_proj{nullptr},
+      kv_b_proj{nullptr}; // MLA
+  Norm q_norm{nullptr}, k_norm{nullptr}, q_a_norm{nullptr}, kv_a_norm{nullptr};
+  at::Tensor sinks; // [heads] (attention_sinks)
+  int64_t heads, kv_heads, window;
+  int64_t head_dim; // q/k width per head (MLA: nope + rope)
+  int64_t v_dim; // value width per head
+  int64_t nope_dim, rope_dim, kv_rank; // MLA
+  double clip, scale = 1.0;
   std::string qk_norm;
+  bool mla;
 };
 TORCH_MODULE(Attention);
 
@@ -104,7 +131,7 @@ class MoELayerImpl : public torch::nn::Module {
   MoEWeights weights() const;
   Linear router{nullptr};
   at::Tensor w_gate_up, w_down, shared_gate_up, shared_down, shared_gate,
-      selection_bias, noise_weight;
+      selection_bias, noise_weight, b_gate_up, b_down;
   MoEOptions options;
 };
 TORCH_MODULE(MoELayer);
