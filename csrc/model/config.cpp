@@ -68,23 +68,6 @@ void check_one_of(
       false, "config: ", field, " must be one of ", list, ", got '", v, "'");
 }
 
-// "sliding, full,sliding" -> {"sliding", "full", "sliding"}.
-std::vector<std::string> split_words(const std::string& text) {
-  std::vector<std::string> out;
-  std::string word;
-  for (char ch : text + ",") {
-    if (ch == ',' || ch == ' ' || ch == '\t') {
-      if (!word.empty()) {
-        out.push_back(word);
-      }
-      word.clear();
-    } else {
-      word += ch;
-    }
-  }
-  return out;
-}
-
 void validate_mla(const ModelConfig& c) {
   auto at_least = [](const char* f, int64_t v, int64_t lo) {
     TORCH_CHECK(
@@ -325,13 +308,7 @@ void read_model_fields(config::YamlReader& r, ModelConfig& c) {
   r.get("attention_scale", c.attention_scale);
   r.get("attention_sinks", c.attention_sinks);
   r.get("sliding_window", c.sliding_window);
-  if (r.has("layer_types")) {
-    // A string of words ("sliding full sliding full" or comma-separated):
-    // the YAML reader has no list-of-strings getter.
-    std::string types;
-    r.get("layer_types", types);
-    c.layer_types = split_words(types);
-  }
+  r.get("layer_types", c.layer_types);
   r.get("rope_theta", c.rope_theta);
   r.get("rotary_pct", c.rotary_pct);
   r.get("rope_scaling", c.rope_scaling);

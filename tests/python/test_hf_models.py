@@ -279,7 +279,7 @@ def gpt_oss_to_moeyard(hf):
                   num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                   ffn_size=c.intermediate_size, norm_eps=c.rms_norm_eps, attention_bias=c.attention_bias,
                   attention_sinks=True, sliding_window=c.sliding_window,
-                  layer_types=" ".join(kinds[t] for t in c.layer_types), rope_theta=rp["rope_theta"],
+                  layer_types=[kinds[t] for t in c.layer_types], rope_theta=rp["rope_theta"],
                   rope_scaling="yarn", rope_factor=rp["factor"],
                   rope_original_max_position=rp["original_max_position_embeddings"],
                   yarn_beta_fast=rp["beta_fast"], yarn_beta_slow=rp["beta_slow"],
@@ -328,7 +328,7 @@ def test_gpt_oss_features_matter():
         base = load(config, state)(tokens)["logits"]
         variants = {
             "sinks": (dict(config, attention_sinks=False), lambda k: not k.endswith("sinks")),
-            "layer_types": (dict(config, layer_types="full full full"), None),
+            "layer_types": (dict(config, layer_types=["full"] * 3), None),
             "truncate": (dict(config, yarn_truncate=True), None),
             "clamp": (dict(config, moe=dict(config["moe"], swiglu_limit=100.0)), None),
             "expert_bias": (dict(config, moe=dict(config["moe"], expert_bias=False)),
@@ -421,11 +421,11 @@ MLA = dict(attention="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim
     (dict(MLA, clip_qkv=1.0), r"model.clip_qkv \(1\) must be 0 with model.attention 'mla'"),
     (dict(attention_scale=-0.5), r"model.attention_scale must be >= 0, got -0.5"),
     (dict(yarn_mscale=-1.0), r"model.yarn_mscale \(-1\)"),
-    (dict(layer_types="full"), r"model.layer_types has 1 entries, model.num_layers is 2"),
-    (dict(layer_types="full local", sliding_window=4),
+    (dict(layer_types=["full"]), r"model.layer_types has 1 entries, model.num_layers is 2"),
+    (dict(layer_types=["full", "local"], sliding_window=4),
      r"model.layer_types entry must be one of full, sliding, got 'local'"),
-    (dict(layer_types="full sliding"), r"'sliding' layer but model.sliding_window is 0"),
-    (dict(layer_types=["full", "sliding"]), r"layer_types .*expected a string, got a list"),
+    (dict(layer_types=["full", "sliding"]), r"'sliding' layer but model.sliding_window is 0"),
+    (dict(layer_types="full sliding"), r"layer_types .*expected a list of strings, got 'full sliding'"),
     (dict(moe=dict(num_experts=4, activation="gelu")),
      r"moe.activation must be one of swiglu, clamped_swiglu, got 'gelu'"),
     (dict(moe=dict(num_experts=4, activation="clamped_swiglu", swiglu_limit=0.0)),
@@ -446,3 +446,22 @@ def test_bad_expert_bias_shape_names_it():
     with pytest.raises(RuntimeError, match="activation must be 'swiglu' or 'clamped_swiglu', got 'relu'"):
         torch.ops.moeyard.moe_forward(x, torch.randn(4, 8), None, torch.randn(4, 12, 8), torch.randn(4, 8, 6),
                                       activation="relu")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_new_variants_train(dtype):
+    """loss().backward() reaches every new parameter (MLA, sinks, expert
+    biases), in float32 and bfloat16."""
+    torch.manual_seed(5)
+    m = moeyard.Transformer(dict(BASE, dtype=dtype, num_layers=3, sliding_window=3,
+                                 layer_types=["sliding", "full", "sliding"], attention_sinks=True,
+                                 attention_bias=True, **MLA, q_lora_rank=16,
+                                 moe=dict(num_experts=4, top_k=2, expert_bias=True, activation="clamped_swiglu",
+                                          swiglu_limit=1.0, capacity_factor=1.0)))
+    out = m.loss(torch.randint(0, 32, (2, 10)), torch.tensor([[1] * 10, [0] * 3 + [1] * 7]))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    for n in ("layers.0.attn.sinks", "layers.1.attn.kv_b_proj.weight", "layers.2.attn.q_a_proj.bias",
+              "layers.0.moe.b_gate_up", "layers.2.moe.b_down"):
+        assert grads[n] is not None and grads[n].abs().sum() > 0, n
