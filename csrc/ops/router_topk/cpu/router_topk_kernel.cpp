@@ -9,10 +9,15 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/router_topk.cuh"
@@ -36,6 +41,35 @@ void score_row(const scalar_t* x, acc_t* s, int64_t E, bool sigmoid) {
   } else {
     detail::softmax_inplace(s, E);
   }
+}
+
+// The first index of `w` holding `m` (the first NaN when nan), E - 1 if
+// none. With AVX2 a float row is searched eight lanes at a time.
+template <typename acc_t>
+int64_t first_equal(const acc_t* w, int64_t E, acc_t m, bool nan) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (!nan) {
+      const __m256 mv = _mm256_set1_ps(m);
+      int64_t c = 0;
+      for (; c + 8 <= E; c += 8) {
+        const int mask = _mm256_movemask_ps(
+            _mm256_cmp_ps(_mm256_loadu_ps(w + c), mv, _CMP_EQ_OQ));
+        if (mask != 0) {
+          return c + __builtin_ctz(static_cast<unsigned>(mask));
+        }
+      }
+      for (; c < E - 1 && w[c] != m; ++c) {
+      }
+      return c;
+    }
+  }
+#endif
+  int64_t i = 0;
+  while (i < E - 1 && !(nan ? w[i] != w[i] : w[i] == m)) {
+    ++i;
+  }
+  return i;
 }
 
 template <typename scalar_t>
@@ -115,10 +149,7 @@ void router_topk_kernel(
         const acc_t m = at::vec::reduce_all<acc_t>(
             [](Vec a, Vec c) { return at::vec::maximum(a, c); }, wk, E);
         const bool nan = m != m;
-        int64_t i = 0;
-        while (i < E - 1 && !(nan ? wk[i] != wk[i] : wk[i] == m)) {
-          ++i;
-        }
+        int64_t i = first_equal(wk, E, m, nan);
         it[k] = i;
         wk[i] = neg_inf;
       }
