@@ -5,11 +5,13 @@
 #include <c10/util/StringUtil.h>
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 
 #include "io/hf_checkpoint.h"
+#include "text/tokenizer.h"
 #include "train/trainer.h"
 #include "version.h"
 
@@ -32,8 +34,9 @@ int main(int argc, char** argv) {
       "auto (continue from <checkpoint.dir>/latest), never, or a checkpoint "
       "dir");
   auto* gen = app.add_subcommand(
-      "generate", "sample text from a checkpoint (byte-level)");
-  std::string ckpt, prompt;
+      "generate",
+      "sample text from a checkpoint (byte-level or with its tokenizer.json)");
+  std::string ckpt, prompt, tokenizer_path;
   int64_t max_new = 200;
   double temperature = 0.8, top_p = 0.95;
   uint64_t seed = 0;
@@ -48,6 +51,12 @@ int main(int argc, char** argv) {
   gen->add_option("--temperature,-t", temperature, "0: greedy (default 0.8)");
   gen->add_option("--top-p", top_p, "nucleus sampling mass (default 0.95)");
   gen->add_option("--seed", seed, "sampling seed (default 0)");
+  gen->add_option(
+         "--tokenizer",
+         tokenizer_path,
+         "a Hugging Face tokenizer.json (default: <checkpoint>/tokenizer.json "
+         "if present, else byte-level)")
+      ->check(CLI::ExistingFile);
   auto* conv = app.add_subcommand(
       "convert",
       "export a checkpoint in Hugging Face format (docs/checkpoints.md)");
@@ -95,21 +104,77 @@ int main(int argc, char** argv) {
         dir /= name;
       }
       auto model = moeyard::train::load_model(dir.string());
-      TORCH_CHECK(
-          model->config.vocab_size >= 256,
-          "generate: byte-level prompts need model.vocab_size >= 256, got ",
-          model->config.vocab_size);
-      std::vector<int64_t> tokens(prompt.begin(), prompt.end());
-      for (auto& t : tokens) {
-        t = static_cast<unsigned char>(t);
+      if (tokenizer_path.empty() &&
+          std::filesystem::exists(dir / "tokenizer.json")) {
+        tokenizer_path = (dir / "tokenizer.json").string();
       }
-      const auto out =
-          model->generate(tokens, max_new, temperature, top_p, seed);
-      std::string text(prompt);
-      for (auto t : out) {
-        text.push_back(static_cast<char>(t < 256 ? t : '?'));
+      if (!tokenizer_path.empty()) {
+        const auto tok = moeyard::Tokenizer::from_file(tokenizer_path);
+        TORCH_CHECK(
+            tok.vocab_size() <= model->config.vocab_size,
+            "generate: the tokenizer ",
+            tokenizer_path,
+            " has ",
+            tok.vocab_size(),
+            " tokens, more than the model's vocab_size ",
+            model->config.vocab_size);
+        // The EOS of the checkpoint's Hugging Face config wins over the
+        // tokenizer's guess.
+        std::vector<int64_t> eos;
+        if (std::filesystem::exists(dir / "hf_config.json")) {
+          std::ifstream in(dir / "hf_config.json");
+          const auto cfg = nlohmann::json::parse(in);
+          const auto e = cfg.value("eos_token_id", nlohmann::json());
+          if (e.is_number_integer()) {
+            eos.push_back(e.get<int64_t>());
+          } else if (e.is_array()) {
+            for (const auto& x : e) {
+              eos.push_back(x.get<int64_t>());
+            }
+          }
+        }
+        if (eos.empty() && tok.eos_id()) {
+          eos.push_back(*tok.eos_id());
+        }
+        const auto ids = tok.encode(prompt, /*add_special_tokens=*/true);
+        std::cerr << "moeyard generate: tokenizer " << tokenizer_path << " ("
+                  << tok.kind() << ", " << tok.vocab_size()
+                  << " tokens), prompt of " << ids.size() << " tokens, eos "
+                  << (eos.empty() ? std::string("none") : c10::Join(",", eos))
+                  << "\n";
+        auto out = model->generate(ids, max_new, temperature, top_p, seed);
+        const auto stop = std::find_if(out.begin(), out.end(), [&](int64_t t) {
+          return std::find(eos.begin(), eos.end(), t) != eos.end();
+        });
+        out.erase(stop, out.end());
+        // Decode prompt and continuation together (a character may span
+        // both); print the prompt as given, then what follows it.
+        std::vector<int64_t> all(ids);
+        all.insert(all.end(), out.begin(), out.end());
+        const auto text = tok.decode(all);
+        const auto head = tok.decode(ids);
+        std::cout << (text.rfind(head, 0) == 0
+                          ? prompt + text.substr(head.size())
+                          : text)
+                  << "\n";
+      } else {
+        std::cerr << "moeyard generate: byte-level (no tokenizer.json)\n";
+        TORCH_CHECK(
+            model->config.vocab_size >= 256,
+            "generate: byte-level prompts need model.vocab_size >= 256, got ",
+            model->config.vocab_size);
+        std::vector<int64_t> tokens(prompt.begin(), prompt.end());
+        for (auto& t : tokens) {
+          t = static_cast<unsigned char>(t);
+        }
+        const auto out =
+            model->generate(tokens, max_new, temperature, top_p, seed);
+        std::string text(prompt);
+        for (auto t : out) {
+          text.push_back(static_cast<char>(t < 256 ? t : '?'));
+        }
+        std::cout << text << "\n";
       }
-      std::cout << text << "\n";
     } else if (*conv) {
       const auto dir = checkpoint_dir(conv_ckpt);
       auto model = moeyard::train::load_model(dir.string());

@@ -5,6 +5,7 @@
 
 #include "io/hf_checkpoint.h"
 #include "model/transformer.h"
+#include "text/tokenizer.h"
 #include "train/trainer.h"
 #include "version.h"
 
@@ -214,4 +215,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("max_shard_bytes") = int64_t(5) << 30,
       "writes config.json + safetensors in the family's own layout");
   m.def("hf_families", &moeyard::io::hf_families);
+
+  // Hugging Face tokenizer.json (csrc/text/tokenizer.h).
+  py::class_<moeyard::Tokenizer>(m, "Tokenizer")
+      .def_static("from_file", &moeyard::Tokenizer::from_file, py::arg("path"))
+      .def_static(
+          "from_str",
+          [](const std::string& json) {
+            return moeyard::Tokenizer::from_json_string(json);
+          },
+          py::arg("json"))
+      .def(
+          "encode",
+          &moeyard::Tokenizer::encode,
+          py::arg("text"),
+          py::arg("add_special_tokens") = false)
+      .def(
+          "decode",
+          [](const moeyard::Tokenizer& t,
+             const std::vector<int64_t>& ids,
+             bool skip_special_tokens) {
+            // Invalid UTF-8 cannot come back (bytes are decoded lossily),
+            // so this never raises UnicodeDecodeError.
+            return t.decode(ids, skip_special_tokens);
+          },
+          py::arg("ids"),
+          py::arg("skip_special_tokens") = true)
+      .def_property_readonly("vocab_size", &moeyard::Tokenizer::vocab_size)
+      .def_property_readonly("bos_id", &moeyard::Tokenizer::bos_id)
+      .def_property_readonly("eos_id", &moeyard::Tokenizer::eos_id)
+      .def("token_to_id", &moeyard::Tokenizer::token_to_id, py::arg("token"));
 }
