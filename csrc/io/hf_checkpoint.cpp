@@ -69,7 +69,14 @@ struct JsonReader {
   }
 };
 
-enum class Family { kMixtral, kQwen2Moe, kQwen3Moe, kOlmoe };
+enum class Family {
+  kMixtral,
+  kQwen2Moe,
+  kQwen3Moe,
+  kOlmoe,
+  kDeepseekV3,
+  kGptOss
+};
 
 const std::vector<std::pair<std::string, Family>>& family_table() {
   static const std::vector<std::pair<std::string, Family>> t = {
@@ -77,6 +84,8 @@ const std::vector<std::pair<std::string, Family>>& family_table() {
       {"qwen2_moe", Family::kQwen2Moe},
       {"qwen3_moe", Family::kQwen3Moe},
       {"olmoe", Family::kOlmoe},
+      {"deepseek_v3", Family::kDeepseekV3},
+      {"gpt_oss", Family::kGptOss},
   };
   return t;
 }
@@ -135,24 +144,21 @@ void read_rope(const JsonReader& r, ModelConfig& c) {
     c.rope_factor = p.need<double>("factor");
   } else if (type == "yarn") {
     c.rope_scaling = "yarn";
-    c.rope_factor = p.need<double>("factor");
+    // transformers falls back to max_position / original when factor is null
+    c.rope_factor =
+        p.has("factor")
+            ? p.get<double>("factor", 1.0)
+            : double(r.get<int64_t>("max_position_embeddings", 2048)) /
+                  double(p.need<int64_t>("original_max_position_embeddings"));
     c.rope_original_max_position = p.get<int64_t>(
         "original_max_position_embeddings",
         r.get<int64_t>("max_position_embeddings", 2048));
     c.yarn_beta_fast = p.get<double>("beta_fast", 32.0);
     c.yarn_beta_slow = p.get<double>("beta_slow", 1.0);
-    for (const char* k : {"attention_factor", "mscale", "mscale_all_dim"}) {
-      TORCH_CHECK(
-          !p.has(k),
-          r.file,
-          ": rope_parameters.",
-          k,
-          " = ",
-          params.at(k).dump(),
-          " is not supported (moeyard's YaRN uses the default attention "
-          "factor 0.1 ln(factor) + 1)");
-    }
-    p.only<bool>("truncate", true, "moeyard's YaRN truncates the ramp bounds");
+    c.yarn_truncate = p.get<bool>("truncate", true);
+    c.yarn_mscale = p.get<double>("mscale", 0.0);
+    c.yarn_mscale_all_dim = p.get<double>("mscale_all_dim", 0.0);
+    c.yarn_attention_factor = p.get<double>("attention_factor", 0.0);
   } else {
     TORCH_CHECK(
         false,
@@ -285,7 +291,7 @@ ModelConfig hf_model_config(const json& hf, const std::string& file) {
         }
       } else {
         c.qk_norm = "head";
-        r.only<bool>("attention_bias", false, "bias on q/k/v/o projections");
+        c.attention_bias = r.get<bool>("attention_bias", false);
       }
       break;
     case Family::kOlmoe:
@@ -293,14 +299,71 @@ ModelConfig hf_model_config(const json& hf, const std::string& file) {
       m.ffn_size = c.ffn_size;
       m.routing.renormalize = r.get<bool>("norm_topk_prob", false);
       c.qk_norm = "projection";
-      r.only<bool>("attention_bias", false, "bias on q/k/v/o projections");
-      TORCH_CHECK(
-          !r.has("clip_qkv"),
-          file,
-          ": clip_qkv = ",
-          hf.at("clip_qkv").dump(),
-          " is not supported yet");
+      c.attention_bias = r.get<bool>("attention_bias", false);
+      c.clip_qkv = r.get<double>("clip_qkv", 0.0);
       break;
+    case Family::kDeepseekV3:
+      c.attention = "mla";
+      c.head_dim = 0; // config.json's head_dim is the rotary width
+      c.q_lora_rank = r.get<int64_t>("q_lora_rank", 0);
+      c.kv_lora_rank = r.need<int64_t>("kv_lora_rank");
+      c.qk_nope_head_dim = r.need<int64_t>("qk_nope_head_dim");
+      c.qk_rope_head_dim = r.need<int64_t>("qk_rope_head_dim");
+      c.v_head_dim = r.need<int64_t>("v_head_dim");
+      c.attention_bias = r.get<bool>("attention_bias", false);
+      c.rope_interleave = r.get<bool>("rope_interleave", true);
+      c.num_kv_heads = 0;
+      m.num_experts = r.need<int64_t>("n_routed_experts");
+      m.ffn_size = r.need<int64_t>("moe_intermediate_size");
+      m.first_k_dense = r.get<int64_t>("first_k_dense_replace", 0);
+      m.moe_every_n = r.get<int64_t>("moe_layer_freq", 1);
+      m.routing.score_fn = "sigmoid";
+      m.selection_bias = true; // e_score_correction_bias
+      m.routing.renormalize = r.get<bool>("norm_topk_prob", true);
+      m.routing.scale = r.get<double>("routed_scaling_factor", 1.0);
+      m.routing.num_groups = r.get<int64_t>("n_group", 1);
+      m.routing.topk_groups = r.get<int64_t>("topk_group", 1);
+      m.num_shared_experts = r.get<int64_t>("n_shared_experts", 0);
+      m.shared_ffn_size = m.ffn_size;
+      r.only<std::string>("topk_method", "noaux_tc", "DeepSeek-V3 routing");
+      r.only<std::string>("scoring_func", "sigmoid", "DeepSeek-V3 routing");
+      break;
+    case Family::kGptOss:
+      m.num_experts = r.need<int64_t>("num_local_experts");
+      m.ffn_size = c.ffn_size;
+      m.routing.renormalize = true; // softmax over the top-k logits
+      m.router_bias = true;
+      m.expert_bias = true;
+      m.routing.activation = "clamped_swiglu";
+      m.routing.swiglu_alpha = r.get<double>("swiglu_alpha", 1.702);
+      m.routing.swiglu_limit = r.get<double>("swiglu_limit", 7.0);
+      c.attention_bias = r.get<bool>("attention_bias", true);
+      c.attention_sinks = true;
+      break;
+  }
+  // Per-layer attention kinds (GPT-OSS; Qwen2-MoE lists all-full layers).
+  if (r.has("layer_types")) {
+    const auto types = r.get<std::vector<std::string>>("layer_types", {});
+    bool any_sliding = false;
+    std::vector<std::string> mine;
+    for (const auto& t : types) {
+      TORCH_CHECK(
+          t == "full_attention" || t == "sliding_attention",
+          file,
+          ": layer_types entry '",
+          t,
+          "' is not supported (full_attention, sliding_attention)");
+      any_sliding |= t == "sliding_attention";
+      mine.push_back(t == "sliding_attention" ? "sliding" : "full");
+    }
+    if (any_sliding) {
+      c.layer_types = mine;
+      c.sliding_window = r.need<int64_t>("sliding_window");
+    } else if (fam != Family::kMixtral) {
+      c.sliding_window = 0;
+    }
+  } else if (fam == Family::kGptOss) {
+    c.sliding_window = r.get<int64_t>("sliding_window", 0);
   }
   // transformers' load-balancing loss is E * sum_e (count_e / T) P_e over
   // all layers' tokens at once; moeyard's switch loss uses count_e / (T K)
@@ -402,14 +465,15 @@ class HfTensors {
     return it->second;
   }
 
-  // Every stored tensor must have been used (rotary inverse-frequency
-  // buffers of old checkpoints are derived data and may be left).
-  void check_all_used() const {
+  // Every stored tensor must have been used, except derived rotary
+  // inverse-frequency buffers of old checkpoints and those `skip` names.
+  template <typename Skip>
+  void check_all_used(const Skip& skip) const {
     std::vector<std::string> extra;
     for (const auto& [name, t] : tensors_) {
       const bool derived =
           name.find("rotary_emb.inv_freq") != std::string::npos;
-      if (!used_.count(name) && !derived) {
+      if (!used_.count(name) && !derived && !skip(name)) {
         extra.push_back(name);
       }
     }
@@ -452,9 +516,13 @@ class HfTensors {
 // Where a family stores things (transformers' save_pretrained names).
 struct Naming {
   std::string moe_block = "mlp"; // Mixtral's files say block_sparse_moe
+  std::string router = "gate"; // GPT-OSS: router
   std::string gate = "gate_proj", up = "up_proj", down = "down_proj";
-  std::string shared = "shared_expert";
+  std::string shared = "shared_expert"; // DeepSeek-V3: shared_experts
   std::string shared_gate = "shared_expert_gate";
+  // GPT-OSS: fused experts only, gate_up_proj [E, H, 2F] with gate and up
+  // interleaved in the last dim, down_proj [E, F, H], and their biases.
+  bool gpt_oss_experts = false;
 };
 
 Naming naming_of(Family f) {
@@ -464,6 +532,11 @@ Naming naming_of(Family f) {
     n.gate = "w1";
     n.up = "w3";
     n.down = "w2";
+  } else if (f == Family::kDeepseekV3) {
+    n.shared = "shared_experts";
+  } else if (f == Family::kGptOss) {
+    n.router = "router";
+    n.gpt_oss_experts = true;
   }
   return n;
 }
@@ -472,36 +545,43 @@ std::string layer_prefix(int64_t i) {
   return "model.layers." + std::to_string(i) + ".";
 }
 
-// moeyard tensor name -> HF tensors, both directions, by one table of
-// "simple" renames plus the composite expert tensors.
-struct Mapping {
-  // moeyard name -> HF name, for tensors copied as they are.
-  std::map<std::string, std::string> rename;
-};
-
-Mapping simple_mapping(const TransformerImpl& model) {
+// moeyard name -> HF name, for tensors copied as they are (embeddings,
+// norms, attention); the MoE and MLP tensors are composite, handled apart.
+std::map<std::string, std::string> simple_mapping(
+    const TransformerImpl& model) {
   const auto& c = model.config;
-  Mapping m;
-  m.rename["embed.weight"] = "model.embed_tokens.weight";
-  m.rename["norm.weight"] = "model.norm.weight";
+  std::map<std::string, std::string> m;
+  m["embed.weight"] = "model.embed_tokens.weight";
+  m["norm.weight"] = "model.norm.weight";
   if (!c.tie_embeddings) {
-    m.rename["lm_head.weight"] = "lm_head.weight";
+    m["lm_head.weight"] = "lm_head.weight";
   }
+  // moeyard attention module -> transformers' self_attn module.
+  const std::vector<std::pair<std::string, std::string>> attn = {
+      {"q_proj", "q_proj"},
+      {"k_proj", "k_proj"},
+      {"v_proj", "v_proj"},
+      {"o_proj", "o_proj"},
+      {"q_norm", "q_norm"},
+      {"k_norm", "k_norm"},
+      {"q_a_proj", "q_a_proj"},
+      {"q_a_norm", "q_a_layernorm"},
+      {"q_b_proj", "q_b_proj"},
+      {"kv_a_proj", "kv_a_proj_with_mqa"},
+      {"kv_a_norm", "kv_a_layernorm"},
+      {"kv_b_proj", "kv_b_proj"}};
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const auto L = "layers." + std::to_string(i) + ".";
     const auto P = layer_prefix(i);
-    m.rename[L + "attn_norm.weight"] = P + "input_layernorm.weight";
-    m.rename[L + "mlp_norm.weight"] = P + "post_attention_layernorm.weight";
-    for (const char* proj : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
+    m[L + "attn_norm.weight"] = P + "input_layernorm.weight";
+    m[L + "mlp_norm.weight"] = P + "post_attention_layernorm.weight";
+    for (const auto& [mine, theirs] : attn) {
       for (const char* what : {"weight", "bias"}) {
-        m.rename[L + "attn." + proj + "." + what] =
-            P + "self_attn." + proj + "." + what;
+        m[L + "attn." + mine + "." + what] =
+            P + "self_attn." + theirs + "." + what;
       }
     }
-    for (const char* norm : {"q_norm", "k_norm"}) {
-      m.rename[L + "attn." + norm + ".weight"] =
-          P + "self_attn." + norm + ".weight";
-    }
+    m[L + "attn.sinks"] = P + "self_attn.sinks";
   }
   return m;
 }
@@ -510,10 +590,30 @@ Mapping simple_mapping(const TransformerImpl& model) {
 // name, or transformers' in-memory name "mlp" (fused checkpoints).
 std::string moe_prefix(const HfTensors& t, const Naming& n, int64_t i) {
   const auto P = layer_prefix(i);
-  if (t.has(P + n.moe_block + ".gate.weight")) {
+  if (t.has(P + n.moe_block + "." + n.router + ".weight")) {
     return P + n.moe_block + ".";
   }
   return P + "mlp.";
+}
+
+// Splits "layers.{i}.<rest>".
+std::pair<int64_t, std::string> layer_and_rest(const std::string& name) {
+  TORCH_CHECK(
+      name.rfind("layers.", 0) == 0, "hf checkpoint: no rule for ", name);
+  const auto dot = name.find('.', 7);
+  return {std::stoll(name.substr(7, dot - 7)), name.substr(dot + 1)};
+}
+
+// GPT-OSS interleaves gate and up columns; moeyard stacks gate then up.
+at::Tensor deinterleave(const at::Tensor& t) { // [..., 2F] -> [..., 2F]
+  const int64_t d = t.dim() - 1;
+  return at::cat(
+      {t.slice(d, 0, c10::nullopt, 2), t.slice(d, 1, c10::nullopt, 2)}, d);
+}
+at::Tensor interleave(const at::Tensor& t) {
+  const int64_t d = t.dim() - 1, half = t.size(d) / 2;
+  return at::stack({t.slice(d, 0, half), t.slice(d, half)}, d + 1)
+      .flatten(d, d + 1);
 }
 
 } // namespace
@@ -521,8 +621,8 @@ std::string moe_prefix(const HfTensors& t, const Naming& n, int64_t i) {
 void load_hf_weights(
     TransformerImpl& model, const json& hf, const std::string& dir) {
   const auto file = (fs::path(dir) / "config.json").string();
-  const Family fam =
-      family_of(JsonReader{hf, file}.need<std::string>("model_type"), file);
+  JsonReader cfg{hf, file};
+  const Family fam = family_of(cfg.need<std::string>("model_type"), file);
   const Naming n = naming_of(fam);
   HfTensors t(dir);
   const auto& c = model.config;
@@ -544,61 +644,69 @@ void load_hf_weights(
         dst.copy_(src);
       };
   // gate [F, H] and up [F, H] stacked as [2F, H].
-  auto gate_up = [&](const std::string& base, const Naming& nm) {
-    return at::cat(
-        {t.take(base + nm.gate + ".weight"), t.take(base + nm.up + ".weight")},
-        0);
-  };
+  auto gate_up =
+      [&](const std::string& base, const std::string& g, const std::string& u) {
+        return at::cat(
+            {t.take(base + g + ".weight"), t.take(base + u + ".weight")}, 0);
+      };
 
-  std::set<std::string> done;
   for (auto& p : model.named_parameters()) {
     const auto& name = p.key();
     auto& dst = p.value();
-    const auto it = simple.rename.find(name);
-    if (it != simple.rename.end()) {
+    const auto it = simple.find(name);
+    if (it != simple.end()) {
       set(dst, t.take(it->second, dst.sizes()), "'" + it->second + "'");
       continue;
     }
-    // layers.{i}.<rest>
-    TORCH_CHECK(
-        name.rfind("layers.", 0) == 0,
-        "hf import: no rule for parameter ",
-        name);
-    const auto dot = name.find('.', 7);
-    const int64_t i = std::stoll(name.substr(7, dot - 7));
-    const auto rest = name.substr(dot + 1);
+    const auto [i, rest] = layer_and_rest(name);
     const auto P = layer_prefix(i);
+    const auto B = moe_prefix(t, n, i);
+    const auto X = B + "experts.";
     if (rest == "mlp.gate_up.weight") {
-      set(dst, gate_up(P + "mlp.", Naming{}), P + "mlp.{gate,up}_proj.weight");
+      set(dst,
+          gate_up(P + "mlp.", "gate_proj", "up_proj"),
+          P + "mlp.{gate,up}_proj.weight");
     } else if (rest == "mlp.down.weight") {
       set(dst, t.take(P + "mlp.down_proj.weight"), P + "mlp.down_proj.weight");
     } else if (rest == "moe.router.weight" || rest == "moe.router.bias") {
-      const auto B = moe_prefix(t, n, i);
-      const auto src = B + "gate." + rest.substr(11);
-      set(dst, t.take(src).to(dst.scalar_type()), "'" + src + "'");
+      const auto src = B + n.router + "." + rest.substr(11);
+      set(dst, t.take(src), "'" + src + "'");
+    } else if (n.gpt_oss_experts && rest == "moe.w_gate_up") {
+      set(dst,
+          deinterleave(t.take(X + "gate_up_proj")).transpose(1, 2),
+          X + "gate_up_proj");
+    } else if (n.gpt_oss_experts && rest == "moe.b_gate_up") {
+      set(dst,
+          deinterleave(t.take(X + "gate_up_proj_bias")),
+          X + "gate_up_proj_bias");
+    } else if (n.gpt_oss_experts && rest == "moe.w_down") {
+      set(dst, t.take(X + "down_proj").transpose(1, 2), X + "down_proj");
+    } else if (n.gpt_oss_experts && rest == "moe.b_down") {
+      set(dst, t.take(X + "down_proj_bias"), X + "down_proj_bias");
     } else if (rest == "moe.w_gate_up" || rest == "moe.w_down") {
-      const auto B = moe_prefix(t, n, i) + "experts.";
       const bool up = rest == "moe.w_gate_up";
-      const auto fused = B + (up ? "gate_up_proj" : "down_proj");
+      const auto fused = X + (up ? "gate_up_proj" : "down_proj");
       if (t.has(fused)) { // transformers' in-memory 3-D layout
         set(dst, t.take(fused), "'" + fused + "'");
       } else {
         std::vector<at::Tensor> per;
         for (int64_t e = 0; e < E; ++e) {
-          const auto base = B + std::to_string(e) + ".";
+          const auto base = X + std::to_string(e) + ".";
           per.push_back(
-              up ? gate_up(base, n) : t.take(base + n.down + ".weight"));
+              up ? gate_up(base, n.gate, n.up)
+                 : t.take(base + n.down + ".weight"));
         }
-        set(dst, at::stack(per), B + "{0.." + std::to_string(E - 1) + "}");
+        set(dst, at::stack(per), X + "{0.." + std::to_string(E - 1) + "}");
       }
     } else if (rest == "moe.shared_gate_up") {
-      const auto B = moe_prefix(t, n, i) + n.shared + ".";
-      set(dst, gate_up(B, Naming{}), B + "{gate,up}_proj.weight");
+      set(dst,
+          gate_up(B + n.shared + ".", "gate_proj", "up_proj"),
+          B + n.shared + ".{gate,up}_proj.weight");
     } else if (rest == "moe.shared_down") {
-      const auto src = moe_prefix(t, n, i) + n.shared + ".down_proj.weight";
+      const auto src = B + n.shared + ".down_proj.weight";
       set(dst, t.take(src), "'" + src + "'");
     } else if (rest == "moe.shared_gate") {
-      const auto src = moe_prefix(t, n, i) + n.shared_gate + ".weight";
+      const auto src = B + n.shared_gate + ".weight";
       set(dst, t.take(src), "'" + src + "'");
     } else {
       TORCH_CHECK(
@@ -611,7 +719,28 @@ void load_hf_weights(
           " checkpoint");
     }
   }
-  t.check_all_used();
+  // The aux-loss-free selection bias (DeepSeek-V3's e_score_correction_bias);
+  // a bias enabled for fine-tuning a checkpoint without one starts at zero.
+  for (auto& b : model.named_buffers()) {
+    const auto [i, rest] = layer_and_rest(b.key());
+    if (rest == "moe.selection_bias") {
+      const auto src =
+          moe_prefix(t, n, i) + n.router + ".e_score_correction_bias";
+      if (t.has(src)) {
+        set(b.value(), t.take(src), "'" + src + "'");
+      }
+    }
+  }
+  // DeepSeek-V3's multi-token-prediction layers (model.layers.{L}.. beyond
+  // num_hidden_layers) are not part of the causal LM; transformers skips
+  // them too.
+  const int64_t mtp = cfg.get<int64_t>("num_nextn_predict_layers", 0);
+  t.check_all_used([&](const std::string& name) {
+    if (mtp <= 0 || name.rfind("model.layers.", 0) != 0) {
+      return false;
+    }
+    return std::stoll(name.substr(13)) >= c.num_layers;
+  });
 }
 
 Transformer load_hf_model(const std::string& dir) {
@@ -634,34 +763,54 @@ json hf_config_of(
   };
   const auto& m = c.moe;
   const auto& r = m.routing;
+  const bool ds = fam == Family::kDeepseekV3, gpt = fam == Family::kGptOss;
   cannot(c.mlp == "swiglu", "model.mlp = " + c.mlp);
   cannot(c.norm == "rmsnorm", "model.norm = " + c.norm);
-  cannot(r.score_fn == "softmax", "moe.score_fn = " + r.score_fn);
-  cannot(r.scale == 1.0, "moe.scale != 1");
-  cannot(r.num_groups == 1, "group-limited top-k (moe.num_groups > 1)");
+  cannot(
+      r.score_fn == (ds ? "sigmoid" : "softmax"),
+      "moe.score_fn = " + r.score_fn);
+  cannot(ds || r.scale == 1.0, "moe.scale != 1");
+  cannot(ds || r.num_groups == 1, "group-limited top-k (moe.num_groups > 1)");
   cannot(r.routing == "token_choice", "moe.routing = " + r.routing);
   cannot(!r.weight_on_input, "moe.weight_on_input");
-  cannot(!m.router_bias, "moe.router_bias");
-  cannot(!m.selection_bias, "moe.selection_bias");
+  cannot(
+      m.router_bias == gpt,
+      "moe.router_bias = " + std::to_string(m.router_bias));
+  cannot(
+      m.expert_bias == gpt,
+      "moe.expert_bias = " + std::to_string(m.expert_bias));
+  cannot(
+      r.activation == (gpt ? "clamped_swiglu" : "swiglu"),
+      "moe.activation = " + r.activation);
+  cannot(
+      m.selection_bias == ds,
+      "moe.selection_bias = " + std::to_string(m.selection_bias));
+  cannot(
+      c.attention_sinks == gpt,
+      "model.attention_sinks = " + std::to_string(c.attention_sinks));
+  cannot(c.is_mla() == ds, "model.attention = " + c.attention);
   cannot(c.rotary_pct == 1.0, "partial rotary (model.rotary_pct < 1)");
-  const std::string arch = family == "mixtral"     ? "MixtralForCausalLM"
-                           : family == "qwen2_moe" ? "Qwen2MoeForCausalLM"
-                           : family == "qwen3_moe" ? "Qwen3MoeForCausalLM"
-                                                   : "OlmoeForCausalLM";
+  cannot(fam == Family::kOlmoe || c.clip_qkv == 0.0, "model.clip_qkv");
+  cannot(ds || !c.rope_interleave, "model.rope_interleave");
+  cannot(!c.qkv_bias || fam == Family::kQwen2Moe, "qkv bias");
+  cannot(
+      !c.attention_bias ||
+          (fam == Family::kQwen3Moe || fam == Family::kOlmoe || ds || gpt),
+      "model.attention_bias");
+  const std::map<Family, std::string> arch = {
+      {Family::kMixtral, "MixtralForCausalLM"},
+      {Family::kQwen2Moe, "Qwen2MoeForCausalLM"},
+      {Family::kQwen3Moe, "Qwen3MoeForCausalLM"},
+      {Family::kOlmoe, "OlmoeForCausalLM"},
+      {Family::kDeepseekV3, "DeepseekV3ForCausalLM"},
+      {Family::kGptOss, "GptOssForCausalLM"}};
   j["model_type"] = family;
-  j["architectures"] = json::array({arch});
+  j["architectures"] = json::array({arch.at(fam)});
   j["vocab_size"] = c.vocab_size;
   j["hidden_size"] = c.hidden_size;
   j["num_hidden_layers"] = c.num_layers;
   j["num_attention_heads"] = c.num_heads;
   j["num_key_value_heads"] = c.kv_heads();
-  if (fam == Family::kMixtral || fam == Family::kQwen3Moe) {
-    j["head_dim"] = c.dim_per_head();
-  } else {
-    cannot(
-        c.dim_per_head() * c.num_heads == c.hidden_size,
-        "head_dim != hidden_size / num_heads");
-  }
   j["rms_norm_eps"] = c.norm_eps;
   j["max_position_embeddings"] = c.max_seq_len;
   j["tie_word_embeddings"] = c.tie_embeddings;
@@ -669,6 +818,13 @@ json hf_config_of(
   j["num_experts_per_tok"] = r.top_k;
   j["dtype"] = c.dtype;
   j.erase("torch_dtype");
+  if (fam == Family::kMixtral || fam == Family::kQwen3Moe || gpt) {
+    j["head_dim"] = c.dim_per_head();
+  } else if (!ds) {
+    cannot(
+        c.dim_per_head() * c.num_heads == c.hidden_size,
+        "head_dim != hidden_size / num_heads");
+  }
   json rope = {{"rope_theta", c.rope_theta}};
   if (c.rope_scaling == "none") {
     rope["rope_type"] = "default";
@@ -679,6 +835,16 @@ json hf_config_of(
       rope["original_max_position_embeddings"] = c.rope_original_max_position;
       rope["beta_fast"] = c.yarn_beta_fast;
       rope["beta_slow"] = c.yarn_beta_slow;
+      rope["truncate"] = c.yarn_truncate;
+      if (c.yarn_mscale > 0) {
+        rope["mscale"] = c.yarn_mscale;
+      }
+      if (c.yarn_mscale_all_dim > 0) {
+        rope["mscale_all_dim"] = c.yarn_mscale_all_dim;
+      }
+      if (c.yarn_attention_factor > 0) {
+        rope["attention_factor"] = c.yarn_attention_factor;
+      }
     }
   }
   j.erase("rope_scaling");
@@ -691,49 +857,123 @@ json hf_config_of(
       dense.push_back(i);
     }
   }
-  if (fam == Family::kMixtral || fam == Family::kOlmoe) {
-    cannot(dense.empty(), "dense layers");
-    cannot(m.num_shared_experts == 0, "shared experts");
-    cannot(c.qkv_bias == false, "qkv bias");
-    j["intermediate_size"] = F;
-    if (fam == Family::kMixtral) {
-      cannot(c.qk_norm == "none", "q/k norm");
-      cannot(r.renormalize, "moe.renormalize = false");
-      j["num_local_experts"] = m.num_experts;
-      j["sliding_window"] =
-          c.sliding_window > 0 ? json(c.sliding_window) : json(nullptr);
-      j["router_jitter_noise"] = r.noise == "jitter" ? r.noise_eps : 0.0;
-    } else {
-      cannot(c.qk_norm == "projection", "q/k norm other than projection");
-      j["num_experts"] = m.num_experts;
-      j["norm_topk_prob"] = r.renormalize;
+  // Sliding windows: Mixtral's one window, GPT-OSS's per-layer kinds.
+  bool any_sliding = false;
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    any_sliding |= c.window_of(i) > 0;
+  }
+  if (gpt) {
+    json types = json::array();
+    for (int64_t i = 0; i < c.num_layers; ++i) {
+      types.push_back(
+          c.window_of(i) > 0 ? "sliding_attention" : "full_attention");
     }
+    j["layer_types"] = types;
+    j["sliding_window"] = c.sliding_window;
+  } else if (fam == Family::kMixtral) {
+    cannot(c.layer_types.empty(), "per-layer attention kinds");
+    j["sliding_window"] =
+        c.sliding_window > 0 ? json(c.sliding_window) : json(nullptr);
   } else {
-    cannot(c.sliding_window == 0, "a sliding window");
-    j["num_experts"] = m.num_experts;
-    j["moe_intermediate_size"] = F;
-    j["intermediate_size"] =
-        c.dense_ffn_size > 0 ? c.dense_ffn_size : c.ffn_size;
-    j["norm_topk_prob"] = r.renormalize;
-    j["decoder_sparse_step"] = 1;
-    j["mlp_only_layers"] = dense;
-    j["use_sliding_window"] = false;
+    cannot(!any_sliding, "a sliding window");
     if (fam == Family::kQwen2Moe) {
-      cannot(c.qk_norm == "none", "q/k norm");
-      cannot(
-          m.num_shared_experts <= 1 &&
-              (m.num_shared_experts == 0 || m.shared_gate),
-          "shared experts other than one with a sigmoid gate");
-      j["qkv_bias"] = c.qkv_bias;
-      j["shared_expert_intermediate_size"] =
-          m.num_shared_experts > 0
-              ? (m.shared_ffn_size > 0 ? m.shared_ffn_size : F)
-              : 0;
+      j["layer_types"] = json::array();
+      for (int64_t i = 0; i < c.num_layers; ++i) {
+        j["layer_types"].push_back("full_attention");
+      }
     } else {
-      cannot(c.qk_norm == "head", "q/k norm other than per head");
+      j.erase("layer_types");
+    }
+  }
+  switch (fam) {
+    case Family::kMixtral:
+    case Family::kOlmoe:
+    case Family::kGptOss:
+      cannot(dense.empty(), "dense layers");
       cannot(m.num_shared_experts == 0, "shared experts");
-      cannot(!c.qkv_bias, "qkv bias");
-      j["attention_bias"] = false;
+      cannot(fam == Family::kOlmoe || r.renormalize, "moe.renormalize = false");
+      j["intermediate_size"] = F;
+      if (fam == Family::kMixtral) {
+        cannot(c.qk_norm == "none", "q/k norm");
+        j["num_local_experts"] = m.num_experts;
+        j["router_jitter_noise"] = r.noise == "jitter" ? r.noise_eps : 0.0;
+      } else if (fam == Family::kOlmoe) {
+        cannot(c.qk_norm == "projection", "q/k norm other than projection");
+        j["num_experts"] = m.num_experts;
+        j["norm_topk_prob"] = r.renormalize;
+        j["attention_bias"] = c.attention_bias;
+        j["clip_qkv"] = c.clip_qkv > 0 ? json(c.clip_qkv) : json(nullptr);
+      } else {
+        cannot(c.qk_norm == "none", "q/k norm");
+        cannot(c.attention_bias, "attention without biases");
+        j["num_local_experts"] = m.num_experts;
+        j["attention_bias"] = true;
+        j["swiglu_alpha"] = r.swiglu_alpha;
+        j["swiglu_limit"] = r.swiglu_limit;
+      }
+      break;
+    case Family::kQwen2Moe:
+    case Family::kQwen3Moe:
+      j["num_experts"] = m.num_experts;
+      j["moe_intermediate_size"] = F;
+      j["intermediate_size"] =
+          c.dense_ffn_size > 0 ? c.dense_ffn_size : c.ffn_size;
+      j["norm_topk_prob"] = r.renormalize;
+      j["decoder_sparse_step"] = 1;
+      j["mlp_only_layers"] = dense;
+      j["use_sliding_window"] = false;
+      if (fam == Family::kQwen2Moe) {
+        cannot(c.qk_norm == "none", "q/k norm");
+        cannot(
+            m.num_shared_experts <= 1 &&
+                (m.num_shared_experts == 0 || m.shared_gate),
+            "shared experts other than one with a sigmoid gate");
+        j["qkv_bias"] = c.qkv_bias;
+        j["shared_expert_intermediate_size"] =
+            m.num_shared_experts > 0
+                ? (m.shared_ffn_size > 0 ? m.shared_ffn_size : F)
+                : 0;
+      } else {
+        cannot(c.qk_norm == "head", "q/k norm other than per head");
+        cannot(m.num_shared_experts == 0, "shared experts");
+        j["attention_bias"] = c.attention_bias;
+      }
+      break;
+    case Family::kDeepseekV3: {
+      cannot(!m.shared_gate, "a gated shared expert");
+      cannot(
+          m.num_shared_experts == 0 || m.shared_ffn_size == 0 ||
+              m.shared_ffn_size == F,
+          "shared experts narrower or wider than the routed ones");
+      // Dense layers must be exactly the first k (moe_every_n = 1).
+      for (size_t k = 0; k < dense.size(); ++k) {
+        cannot(
+            dense[k] == static_cast<int64_t>(k),
+            "dense layers other than the first k");
+      }
+      j["n_routed_experts"] = m.num_experts;
+      j["moe_intermediate_size"] = F;
+      j["intermediate_size"] =
+          c.dense_ffn_size > 0 ? c.dense_ffn_size : c.ffn_size;
+      j["first_k_dense_replace"] = dense.size();
+      j["n_shared_experts"] = m.num_shared_experts;
+      j["routed_scaling_factor"] = r.scale;
+      j["n_group"] = r.num_groups;
+      j["topk_group"] = r.topk_groups;
+      j["norm_topk_prob"] = r.renormalize;
+      j["q_lora_rank"] =
+          c.q_lora_rank > 0 ? json(c.q_lora_rank) : json(nullptr);
+      j["kv_lora_rank"] = c.kv_lora_rank;
+      j["qk_nope_head_dim"] = c.qk_nope_head_dim;
+      j["qk_rope_head_dim"] = c.qk_rope_head_dim;
+      j["qk_head_dim"] = c.qk_nope_head_dim + c.qk_rope_head_dim;
+      j["head_dim"] = c.qk_rope_head_dim;
+      j["v_head_dim"] = c.v_head_dim;
+      j["attention_bias"] = c.attention_bias;
+      j["rope_interleave"] = c.rope_interleave;
+      j["num_key_value_heads"] = c.num_heads;
+      cannot(c.attention_scale == 0.0, "an explicit model.attention_scale");
+      break;
     }
   }
   return j;
@@ -749,52 +989,71 @@ void save_hf(
   const json cfg = hf_config_of(c, family, base);
   const Naming n = naming_of(family_of(family, "export"));
   const auto simple = simple_mapping(model);
+  const auto file_dtype = parse_dtype(c.dtype);
   TensorMap out;
-  for (const auto& p : model.named_parameters()) {
-    const auto& name = p.key();
-    const auto w = p.value().detach().contiguous();
-    const auto it = simple.rename.find(name);
-    if (it != simple.rename.end()) {
-      out[it->second] = w;
-      continue;
+  auto put = [&](const std::string& name, const at::Tensor& w) {
+    out[name] = w.to(file_dtype).contiguous();
+  };
+  auto split_gate_up = [&](const at::Tensor& gu,
+                           const std::string& base,
+                           const std::string& g,
+                           const std::string& u) {
+    const auto half = gu.size(0) / 2;
+    put(base + g + ".weight", gu.slice(0, 0, half));
+    put(base + u + ".weight", gu.slice(0, half));
+  };
+  auto emit = [&](const std::string& name, const at::Tensor& w) {
+    const auto it = simple.find(name);
+    if (it != simple.end()) {
+      put(it->second, w);
+      return;
     }
-    const auto dot = name.find('.', 7);
-    const int64_t i = std::stoll(name.substr(7, dot - 7));
-    const auto rest = name.substr(dot + 1);
+    const auto [i, rest] = layer_and_rest(name);
     const auto P = layer_prefix(i);
     const auto B = P + n.moe_block + ".";
-    auto split_gate_up =
-        [&](const at::Tensor& gu, const std::string& base, const Naming& nm) {
-          const auto half = gu.size(0) / 2;
-          out[base + nm.gate + ".weight"] = gu.slice(0, 0, half).contiguous();
-          out[base + nm.up + ".weight"] = gu.slice(0, half).contiguous();
-        };
+    const auto X = B + "experts.";
     if (rest == "mlp.gate_up.weight") {
-      split_gate_up(w, P + "mlp.", Naming{});
+      split_gate_up(w, P + "mlp.", "gate_proj", "up_proj");
     } else if (rest == "mlp.down.weight") {
-      out[P + "mlp.down_proj.weight"] = w;
-    } else if (rest == "moe.router.weight") {
-      // The router is float32 in moeyard; the file holds the model dtype.
-      out[B + "gate.weight"] = w.to(parse_dtype(c.dtype));
+      put(P + "mlp.down_proj.weight", w);
+    } else if (rest == "moe.router.weight" || rest == "moe.router.bias") {
+      put(B + n.router + "." + rest.substr(11), w);
+    } else if (rest == "moe.selection_bias") {
+      out[B + n.router + ".e_score_correction_bias"] =
+          w.to(at::kFloat).contiguous();
+    } else if (n.gpt_oss_experts && rest == "moe.w_gate_up") {
+      put(X + "gate_up_proj", interleave(w.transpose(1, 2)));
+    } else if (n.gpt_oss_experts && rest == "moe.b_gate_up") {
+      put(X + "gate_up_proj_bias", interleave(w));
+    } else if (n.gpt_oss_experts && rest == "moe.w_down") {
+      put(X + "down_proj", w.transpose(1, 2));
+    } else if (n.gpt_oss_experts && rest == "moe.b_down") {
+      put(X + "down_proj_bias", w);
     } else if (rest == "moe.w_gate_up" || rest == "moe.w_down") {
       for (int64_t e = 0; e < w.size(0); ++e) {
-        const auto base = B + "experts." + std::to_string(e) + ".";
+        const auto base = X + std::to_string(e) + ".";
         if (rest == "moe.w_gate_up") {
-          split_gate_up(w[e], base, n);
+          split_gate_up(w[e], base, n.gate, n.up);
         } else {
-          out[base + n.down + ".weight"] = w[e].contiguous();
+          put(base + n.down + ".weight", w[e]);
         }
       }
     } else if (rest == "moe.shared_gate_up") {
-      split_gate_up(w, B + n.shared + ".", Naming{});
+      split_gate_up(w, B + n.shared + ".", "gate_proj", "up_proj");
     } else if (rest == "moe.shared_down") {
-      out[B + n.shared + ".down_proj.weight"] = w;
+      put(B + n.shared + ".down_proj.weight", w);
     } else if (rest == "moe.shared_gate") {
-      out[B + n.shared_gate + ".weight"] = w;
+      put(B + n.shared_gate + ".weight", w);
     } else {
       TORCH_CHECK(
-          false, "export to ", family, ": no HF name for parameter ", name);
+          false, "export to ", family, ": no Hugging Face name for ", name);
     }
+  };
+  for (const auto& p : model.named_parameters()) {
+    emit(p.key(), p.value().detach());
+  }
+  for (const auto& b : model.named_buffers()) {
+    emit(b.key(), b.value());
   }
 
   fs::create_directories(out_dir);
@@ -819,6 +1078,14 @@ void save_hf(
     total += bytes;
   }
   const std::map<std::string, std::string> meta = {{"format", "pt"}};
+  // A previous export's files would be mixed in by an index-less reader.
+  for (const auto& e : fs::directory_iterator(out_dir)) {
+    const auto f = e.path().filename().string();
+    if (f.rfind("model", 0) == 0 &&
+        f.find(".safetensors") != std::string::npos) {
+      fs::remove(e.path());
+    }
+  }
   if (shards.size() == 1) {
     save_safetensors(
         (fs::path(out_dir) / "model.safetensors").string(), shards[0], meta);
@@ -826,12 +1093,13 @@ void save_hf(
   }
   json index = {
       {"metadata", {{"total_size", total}}}, {"weight_map", json::object()}};
-  const auto count = std::to_string(shards.size());
+  auto pad5 = [](size_t v) {
+    auto s = std::to_string(v);
+    return std::string(s.size() < 5 ? 5 - s.size() : 0, '0') + s;
+  };
   for (size_t s = 0; s < shards.size(); ++s) {
-    auto num = std::to_string(s + 1);
-    num = std::string(5 - std::min<size_t>(5, num.size()), '0') + num;
-    auto cnt = std::string(5 - std::min<size_t>(5, count.size()), '0') + count;
-    const auto file = "model-" + num + "-of-" + cnt + ".safetensors";
+    const auto file =
+        "model-" + pad5(s + 1) + "-of-" + pad5(shards.size()) + ".safetensors";
     save_safetensors((fs::path(out_dir) / file).string(), shards[s], meta);
     for (const auto& [name, t] : shards[s]) {
       index["weight_map"][name] = file;

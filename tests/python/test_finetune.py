@@ -22,7 +22,7 @@ EXE = os.path.join(os.environ.get("MOEYARD_BUILD_DIR", os.path.join(ROOT, "build
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_hf_import import make_hf  # noqa: E402
 
-SUPPORTED = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+SUPPORTED = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
 
 
 def small_tokenizer(path, vocab=90):

@@ -34,8 +34,23 @@ def family_configs():
                       dict(intermediate_size=56, moe_intermediate_size=24, num_experts=4,
                            head_dim=16, mlp_only_layers=[0], norm_topk_prob=True)),
         "olmoe": (t.OlmoeConfig, t.OlmoeForCausalLM,
-                  dict(intermediate_size=24, num_experts=4, norm_topk_prob=False,
+                  dict(intermediate_size=24, num_experts=4, norm_topk_prob=False, clip_qkv=0.8,
                        pad_token_id=None, eos_token_id=None, bos_token_id=None)),
+        "deepseek_v3": (t.DeepseekV3Config, t.DeepseekV3ForCausalLM,
+                        dict(num_key_value_heads=4, intermediate_size=56, moe_intermediate_size=16,
+                             n_routed_experts=4, n_group=2, topk_group=1, n_shared_experts=1,
+                             routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=16,
+                             kv_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+                             rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
+                                              "original_max_position_embeddings": 16, "mscale": 1.0,
+                                              "mscale_all_dim": 0.8})),
+        "gpt_oss": (t.GptOssConfig, t.GptOssForCausalLM,
+                    dict(head_dim=16, intermediate_size=24, num_local_experts=4, sliding_window=5,
+                         swiglu_limit=1.5, layer_types=["sliding_attention", "full_attention",
+                                                        "sliding_attention"],
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
+                                          "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                                          "beta_slow": 1.0, "truncate": False})),
     }
 
 
@@ -48,13 +63,20 @@ def make_hf(family, seed=0, **extra):
     cfg = cfg_cls(**{**COMMON, **kw, **extra})
     cfg._attn_implementation = "eager"
     model = model_cls(cfg).eval()
-    with torch.no_grad():  # norms away from 1 so a missed norm shows
+    with torch.no_grad():  # away from the init so a missed norm or bias shows
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
-            elif p.dim() >= 2:
+            elif p.dim() >= 2 or n.endswith(("bias", "sinks")):
                 p.normal_(0, 0.2)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.5)
     return model
+
+
+def router_of(layer):
+    return getattr(layer.mlp, "router", None) or getattr(layer.mlp, "gate", None)
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +123,30 @@ def test_selected_experts_match(saved, family):
     hf, path = saved[family]
     ours = moeyard.Transformer.from_hf(path).eval()
     tokens, _ = tokens_and_mask(seed=2)
-    with torch.no_grad():
-        out = hf(input_ids=tokens, output_router_logits=True)
-    hf_layers = [r for r in out.router_logits if r is not None]
+    chosen = []  # the routers' third output is the selected experts
+    hooks = [router_of(layer).register_forward_hook(lambda m, i, o: chosen.append(o[2]))
+             for layer in hf.model.layers if hasattr(layer.mlp, "experts")]
+    try:
+        with torch.no_grad():
+            hf(input_ids=tokens)
+    finally:
+        for h in hooks:
+            h.remove()
     mine = ours(tokens)["moe_layers"]
-    assert len(mine) == len(hf_layers) > 0
-    for stats, logits in zip(mine, hf_layers):
-        want = logits.float().topk(2, dim=-1).indices.sort(-1).values
+    assert len(mine) == len(chosen) > 0
+    for stats, idx in zip(mine, chosen):
+        want = idx.reshape(-1, 2).sort(-1).values
         got = stats["indices"].reshape(-1, 2).sort(-1).values
         assert torch.equal(got, want), f"layer {stats['layer']}"
+
+
+def to_moeyard_layout(family, name, grad):
+    """transformers' in-memory expert tensors in moeyard's layout."""
+    if family == "gpt_oss" and name.endswith("gate_up_proj"):
+        return torch.cat([grad[..., 0::2], grad[..., 1::2]], -1).transpose(1, 2)
+    if family == "gpt_oss" and name.endswith("down_proj"):
+        return grad.transpose(1, 2)
+    return grad
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -127,19 +164,23 @@ def test_loss_and_gradients_match(saved, family):
     assert abs(out["ce"].item() - ref.loss.item()) < 1e-4
     grads = dict(ours.named_parameters())
     hfp = dict(hf.named_parameters())
+    q = "q_a_proj" if f"layers.2.attn.q_a_proj.weight" in grads else "q_proj"
     pairs = [("embed.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight"),
              ("norm.weight", "model.norm.weight"),
-             ("layers.0.attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
+             (f"layers.2.attn.{q}.weight", f"model.layers.2.self_attn.{q}.weight"),
              ("layers.2.attn.o_proj.weight", "model.layers.2.self_attn.o_proj.weight")]
     for i in range(L):
         if f"layers.{i}.moe.w_gate_up" in grads:
+            router = "router" if family == "gpt_oss" else "gate"
             pairs += [(f"layers.{i}.moe.w_gate_up", f"model.layers.{i}.mlp.experts.gate_up_proj"),
                       (f"layers.{i}.moe.w_down", f"model.layers.{i}.mlp.experts.down_proj"),
-                      (f"layers.{i}.moe.router.weight", f"model.layers.{i}.mlp.gate.weight")]
+                      (f"layers.{i}.moe.router.weight", f"model.layers.{i}.mlp.{router}.weight")]
+    if family == "gpt_oss":
+        pairs.append(("layers.1.attn.sinks", "model.layers.1.self_attn.sinks"))
     for mine, theirs in pairs:
         g, r = grads[mine].grad, hfp[theirs].grad
         assert g is not None and r is not None, mine
-        assert (g - r).abs().max().item() < 1e-4, mine
+        assert (g - to_moeyard_layout(family, theirs, r)).abs().max().item() < 1e-4, mine
 
 
 def test_fused_and_sharded_layouts_load(saved, tmp_path):
@@ -249,3 +290,30 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
     with pytest.raises(RuntimeError, match="cannot express moe.score_fn = sigmoid"):
         model.save_hf(tmp_path / "x", "mixtral")
     assert not os.path.exists(tmp_path / "x" / "config.json")
+
+
+def test_deepseek_multi_token_prediction_layers_are_skipped(saved, tmp_path):
+    """DeepSeek-V3 files carry MTP layers past num_hidden_layers, which the
+    causal LM does not use (transformers skips them too); without
+    num_nextn_predict_layers they are unknown tensors."""
+    cfg, tensors = base_files(saved["deepseek_v3"][1])
+    tensors[f"model.layers.{L}.eh_proj.weight"] = torch.zeros(H, 2 * H)
+    cfg["num_nextn_predict_layers"] = 1
+    hf, _ = saved["deepseek_v3"]
+    tokens, _ = tokens_and_mask(seed=8)
+    got = moeyard.Transformer.from_hf(write_dir(tmp_path / "mtp", cfg, tensors)).eval()(tokens)["logits"]
+    assert (got - hf_logits(hf, tokens)).abs().max().item() < 1e-4
+    cfg["num_nextn_predict_layers"] = 0
+    with pytest.raises(RuntimeError, match="eh_proj"):
+        moeyard.Transformer.from_hf(write_dir(tmp_path / "no_mtp", cfg, tensors))
+
+
+def test_quantized_gpt_oss_experts_are_refused(saved, tmp_path):
+    """The Hub's GPT-OSS stores MXFP4 blocks/scales; only dequantized
+    (bf16/fp32) expert tensors are read, and the error names the tensor."""
+    cfg, tensors = base_files(saved["gpt_oss"][1])
+    w = tensors.pop("model.layers.0.mlp.experts.gate_up_proj")
+    tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(4, 8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="gate_up_proj' is missing"):
+        moeyard.Transformer.from_hf(write_dir(tmp_path / "q", cfg, tensors))
+    assert w.dim() == 3
