@@ -317,3 +317,49 @@ def test_quantized_gpt_oss_experts_are_refused(saved, tmp_path):
     with pytest.raises(RuntimeError, match="gate_up_proj' is missing"):
         moeyard.Transformer.from_hf(write_dir(tmp_path / "q", cfg, tensors))
     assert w.dim() == 3
+
+
+def _raw_safetensors(header, data=b""):
+    import struct
+
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+@pytest.mark.parametrize("raw,match", [
+    (b"\x01\x02", "file too small"),
+    (b"\xff" * 8 + b"{}", "header length .* is impossible"),
+    (_raw_safetensors({"w": {"dtype": "F32", "shape": [2]}})[:-1] + b"!", "header is not valid JSON"),
+    (_raw_safetensors({"w": {"dtype": "F32", "shape": [2]}}), "tensor 'w': needs dtype, shape and data_offsets"),
+    (_raw_safetensors({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "tensor 'w'.*Q4"),
+    (_raw_safetensors({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 8),
+     "tensor 'w': data_offsets \\[0, 16\\) outside the 8-byte data section"),
+    (_raw_safetensors({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
+     "tensor 'w': 8 bytes for shape \\[3\\] of F32, expected 12"),
+    (_raw_safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
+     "tensors overlap"),
+    (_raw_safetensors({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), "bad shape"),
+])
+def test_corrupt_safetensors_name_file_and_tensor(saved, tmp_path, raw, match):
+    """The reader checks the header against the file before any weight is
+    used: errors name the file, the tensor and the inconsistency."""
+    d = tmp_path / "corrupt"
+    d.mkdir()
+    (d / "config.json").write_text((saved["mixtral"][1] / "config.json").read_text())
+    (d / "model.safetensors").write_bytes(raw)
+    with pytest.raises(RuntimeError, match=match) as e:
+        moeyard.Transformer.from_hf(d)
+    assert "model.safetensors" in str(e.value)
+
+
+def test_index_naming_a_missing_shard_is_an_error(saved, tmp_path):
+    hf, _ = saved["olmoe"]
+    d = tmp_path / "sh"
+    hf.save_pretrained(d, max_shard_size="40KB")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    name = sorted(index["weight_map"])[0]
+    index["weight_map"][name] = "model-99999-of-99999.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(RuntimeError, match="model-99999-of-99999.safetensors"):
+        moeyard.Transformer.from_hf(d)
