@@ -464,6 +464,7 @@ struct Tokenizer::Impl {
       kMetaspace,
       kReplace,
       kByteFallback,
+      kBpe,
       kFuse,
       kStrip
     } kind;
@@ -587,6 +588,14 @@ struct Tokenizer::Impl {
             "unknown value " + dump(p.prepend_scheme));
       }
       p.split = j.value("split", true);
+    } else if (type == "Whitespace" || type == "WhitespaceSplit") {
+      // Keeps the matches of \w+|[^\w\s]+ (Whitespace) or \S+ (split on
+      // whitespace), dropping the rest.
+      p.kind = Pre::kSplit;
+      p.pattern.regex = std::make_shared<Regex>(
+          type == "Whitespace" ? "\\w+|[^\\w\\s]+" : "\\S+", file, field);
+      p.behavior = Behavior::kRemoved;
+      p.invert = true;
     } else if (type == "Digits") {
       p.kind = Pre::kDigits;
       p.individual_digits = j.value("individual_digits", false);
@@ -595,7 +604,8 @@ struct Tokenizer::Impl {
           file,
           field + ".type",
           "unsupported pre-tokenizer " + dump(type) +
-              " (supported: ByteLevel, Split, Metaspace, Digits, Sequence)");
+              " (supported: ByteLevel, Split, Metaspace, Digits, Whitespace, "
+              "WhitespaceSplit, Sequence)");
     }
     pre_tokenizers.push_back(std::move(p));
   }
@@ -625,6 +635,9 @@ struct Tokenizer::Impl {
       d.kind = Dec::kReplace;
       d.pattern = Pattern::parse(j.at("pattern"), file, field + ".pattern");
       d.text = j.at("content").get<std::string>();
+    } else if (type == "BPEDecoder") {
+      d.kind = Dec::kBpe;
+      d.text = j.value("suffix", std::string("</w>"));
     } else if (type == "ByteFallback") {
       d.kind = Dec::kByteFallback;
     } else if (type == "Fuse") {
@@ -640,7 +653,7 @@ struct Tokenizer::Impl {
           field + ".type",
           "unsupported decoder " + dump(type) +
               " (supported: ByteLevel, Metaspace, Replace, ByteFallback, "
-              "Fuse, Strip, Sequence)");
+              "BPEDecoder, Fuse, Strip, Sequence)");
     }
     decoders.push_back(std::move(d));
   }
@@ -1132,6 +1145,12 @@ struct Tokenizer::Impl {
           flush();
           break;
         }
+        case Dec::kBpe: // the suffix ends a word: a space, none at the end
+          for (size_t i = 0; i < toks.size(); ++i) {
+            next.push_back(Pattern{d.text, nullptr}.replace(
+                toks[i], i + 1 == toks.size() ? "" : " "));
+          }
+          break;
         case Dec::kFuse: {
           std::string all;
           for (const auto& t : toks) {

@@ -8,9 +8,10 @@
 //                  byte_fallback, unk_token, fuse_unk, ignore_merges)
 //   normalizer     null, NFC (see below), Prepend, Replace, Sequence
 //   pre_tokenizer  null, ByteLevel, Split (String or Regex, every behavior,
-//                  invert), Metaspace, Digits, Sequence
+//                  invert), Metaspace, Digits, Whitespace, WhitespaceSplit,
+//                  Sequence
 //   decoder        null, ByteLevel, Metaspace, Replace, ByteFallback, Fuse,
-//                  Strip, Sequence
+//                  Strip, BPEDecoder, Sequence
 //   post_processor null, ByteLevel, TemplateProcessing, Sequence (only the
 //                  single-sequence template is used)
 //   added_tokens   matched literally (leftmost longest, lstrip/rstrip) before

@@ -147,7 +147,19 @@ def metaspace_split_style():
     return tok
 
 
+def whitespace_style(split=False):
+    """Word-level pre-tokenization (as in tests/python/test_finetune.py)."""
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit() if split else pre_tokenizers.Whitespace()
+    tok.decoder = decoders.BPEDecoder()
+    tok.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
+                                                            show_progress=False))
+    return tok
+
+
 BUILDERS = {
+    "whitespace": whitespace_style,
+    "whitespace_split": lambda: whitespace_style(split=True),
     "gpt2": gpt2_style,
     "gpt2_prefix_space": lambda: gpt2_style(add_prefix_space=True),
     "llama3": lambda: split_style(LLAMA3_PATTERN, ignore_merges=True),
