@@ -1,0 +1,557 @@
+// config.json <-> ModelConfig for each Hugging Face family (import and
+// export); the weights are in hf_checkpoint.cpp.
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "io/hf_checkpoint.h"
+#include "io/hf_family.h"
+
+namespace moeyard::io {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using detail::Family;
+using detail::JsonReader;
+
+namespace {
+
+const std::vector<std::pair<std::string, Family>>& family_table() {
+  static const std::vector<std::pair<std::string, Family>> t = {
+      {"mixtral", Family::kMixtral},
+      {"qwen2_moe", Family::kQwen2Moe},
+      {"qwen3_moe", Family::kQwen3Moe},
+      {"olmoe", Family::kOlmoe},
+      {"deepseek_v3", Family::kDeepseekV3},
+      {"gpt_oss", Family::kGptOss},
+  };
+  return t;
+}
+
+std::string family_list() {
+  std::string s;
+  for (const auto& [name, f] : family_table()) {
+    s += (s.empty() ? "" : ", ") + name;
+  }
+  return s;
+}
+
+// Rotary settings: `rope_parameters` (transformers 5) or the older
+// `rope_theta` + `rope_scaling` pair.
+
+void read_rope(const JsonReader& r, ModelConfig& c) {
+  json params = json::object();
+  if (r.has("rope_parameters")) {
+    params = r.j.at("rope_parameters");
+  } else if (r.has("rope_scaling")) {
+    params = r.j.at("rope_scaling");
+  }
+  TORCH_CHECK(
+      params.is_object(),
+      r.file,
+      ": rope_parameters must be an object, got ",
+      params.dump());
+  JsonReader p{params, r.file + " rope_parameters"};
+  c.rope_theta = p.get<double>("rope_theta", r.get<double>("rope_theta", 1e4));
+  std::string type = p.get<std::string>("rope_type", "");
+  if (type.empty()) {
+    type = p.get<std::string>("type", "default");
+  }
+  const double partial = p.get<double>(
+      "partial_rotary_factor", r.get<double>("partial_rotary_factor", 1.0));
+  c.rotary_pct = partial;
+  if (type == "default") {
+    c.rope_scaling = "none";
+  } else if (type == "linear") {
+    c.rope_scaling = "linear";
+    c.rope_factor = p.need<double>("factor");
+  } else if (type == "yarn") {
+    c.rope_scaling = "yarn";
+    // transformers falls back to max_position / original when factor is null
+    c.rope_factor =
+        p.has("factor")
+            ? p.get<double>("factor", 1.0)
+            : double(r.get<int64_t>("max_position_embeddings", 2048)) /
+                  double(p.need<int64_t>("original_max_position_embeddings"));
+    c.rope_original_max_position = p.get<int64_t>(
+        "original_max_position_embeddings",
+        r.get<int64_t>("max_position_embeddings", 2048));
+    c.yarn_beta_fast = p.get<double>("beta_fast", 32.0);
+    c.yarn_beta_slow = p.get<double>("beta_slow", 1.0);
+    c.yarn_truncate = p.get<bool>("truncate", true);
+    c.yarn_mscale = p.get<double>("mscale", 0.0);
+    c.yarn_mscale_all_dim = p.get<double>("mscale_all_dim", 0.0);
+    c.yarn_attention_factor = p.get<double>("attention_factor", 0.0);
+  } else {
+    TORCH_CHECK(
+        false,
+        r.file,
+        ": rope type '",
+        type,
+        "' is not supported (default, linear, yarn)");
+  }
+}
+
+// MoE layer indices of Qwen-style decoder_sparse_step + mlp_only_layers.
+std::vector<int64_t> sparse_step_layers(const JsonReader& r, int64_t layers) {
+  const auto step = r.get<int64_t>("decoder_sparse_step", 1);
+  TORCH_CHECK(
+      step >= 1, r.file, ": decoder_sparse_step must be >= 1, got ", step);
+  const auto mlp_only = r.get<std::vector<int64_t>>("mlp_only_layers", {});
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < layers; ++i) {
+    const bool dense =
+        std::find(mlp_only.begin(), mlp_only.end(), i) != mlp_only.end();
+    if (!dense && (i + 1) % step == 0) {
+      out.push_back(i);
+    }
+  }
+  TORCH_CHECK(
+      !out.empty(),
+      r.file,
+      ": decoder_sparse_step/mlp_only_layers leave no MoE layer");
+  return out;
+}
+
+// Layers that are not MoE take a dense MLP; the layer list is explicit
+// whenever it is not "every layer".
+void set_moe_layers(ModelConfig& c, std::vector<int64_t> layers) {
+  c.moe.moe_every_n = 1;
+  c.moe.first_k_dense = 0;
+  if (static_cast<int64_t>(layers.size()) == c.num_layers) {
+    c.moe.layers.clear();
+  } else {
+    c.moe.layers = std::move(layers);
+  }
+}
+
+} // namespace
+
+namespace detail {
+
+Family family_of(const std::string& model_type, const std::string& file) {
+  for (const auto& [name, f] : family_table()) {
+    if (name == model_type) {
+      return f;
+    }
+  }
+  TORCH_CHECK(
+      false,
+      file,
+      ": model_type '",
+      model_type,
+      "' has no importer; supported: ",
+      family_list());
+  return Family::kMixtral;
+}
+
+} // namespace detail
+
+using detail::family_of;
+
+std::vector<std::string> hf_families() {
+  std::vector<std::string> out;
+  for (const auto& [name, f] : family_table()) {
+    out.push_back(name);
+  }
+  return out;
+}
+
+json read_hf_config(const std::string& dir) {
+  const auto path = (fs::path(dir) / "config.json").string();
+  std::ifstream in(path);
+  TORCH_CHECK(
+      in,
+      path,
+      ": cannot open (is ",
+      dir,
+      " a Hugging Face checkpoint directory?)");
+  json j;
+  try {
+    in >> j;
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, path, ": not valid JSON: ", e.what());
+  }
+  TORCH_CHECK(j.is_object(), path, ": expected a JSON object");
+  return j;
+}
+
+ModelConfig hf_model_config(const json& hf, const std::string& file) {
+  JsonReader r{hf, file};
+  const auto type = r.need<std::string>("model_type");
+  const Family fam = family_of(type, file);
+  ModelConfig c;
+  c.vocab_size = r.need<int64_t>("vocab_size");
+  c.hidden_size = r.need<int64_t>("hidden_size");
+  c.num_layers = r.need<int64_t>("num_hidden_layers");
+  c.num_heads = r.need<int64_t>("num_attention_heads");
+  c.num_kv_heads = r.get<int64_t>("num_key_value_heads", c.num_heads);
+  c.head_dim = r.get<int64_t>("head_dim", 0);
+  c.ffn_size = r.need<int64_t>("intermediate_size");
+  c.mlp = "swiglu";
+  c.norm = "rmsnorm";
+  c.norm_eps = r.get<double>("rms_norm_eps", 1e-6);
+  c.max_seq_len = r.get<int64_t>("max_position_embeddings", 2048);
+  c.tie_embeddings = r.get<bool>("tie_word_embeddings", false);
+  c.dtype = "float32";
+  r.only<std::string>("hidden_act", "silu", "the experts are SwiGLU");
+  read_rope(r, c);
+
+  auto& m = c.moe;
+  m.routing.top_k = r.need<int64_t>("num_experts_per_tok");
+  m.routing.score_fn = "softmax";
+  m.routing.capacity_factor = 0.0; // dropless, as transformers runs it
+  m.switch_coeff = 0.0;
+  m.z_coeff = 0.0;
+  switch (fam) {
+    case Family::kMixtral:
+      m.num_experts = r.need<int64_t>("num_local_experts");
+      m.ffn_size = c.ffn_size;
+      m.routing.renormalize = true;
+      c.sliding_window = r.get<int64_t>("sliding_window", 0);
+      if (r.get<double>("router_jitter_noise", 0.0) > 0) {
+        m.routing.noise = "jitter";
+        m.routing.noise_eps = r.get<double>("router_jitter_noise", 0.0);
+      }
+      break;
+    case Family::kQwen2Moe:
+    case Family::kQwen3Moe:
+      // Qwen3-MoE's files name it num_local_experts (an attribute alias).
+      m.num_experts = r.has("num_experts")
+                          ? r.need<int64_t>("num_experts")
+                          : r.need<int64_t>("num_local_experts");
+      m.ffn_size = r.need<int64_t>("moe_intermediate_size");
+      m.routing.renormalize = r.get<bool>("norm_topk_prob", false);
+      set_moe_layers(c, sparse_step_layers(r, c.num_layers));
+      r.only<bool>(
+          "use_sliding_window", false, "per-layer sliding windows of Qwen");
+      if (fam == Family::kQwen2Moe) {
+        c.qkv_bias = r.get<bool>("qkv_bias", true);
+        const auto shared =
+            r.get<int64_t>("shared_expert_intermediate_size", 0);
+        if (shared > 0) {
+          m.num_shared_experts = 1;
+          m.shared_ffn_size = shared;
+          m.shared_gate = true;
+        }
+      } else {
+        c.qk_norm = "head";
+        c.attention_bias = r.get<bool>("attention_bias", false);
+      }
+      break;
+    case Family::kOlmoe:
+      m.num_experts = r.need<int64_t>("num_experts");
+      m.ffn_size = c.ffn_size;
+      m.routing.renormalize = r.get<bool>("norm_topk_prob", false);
+      c.qk_norm = "projection";
+      c.attention_bias = r.get<bool>("attention_bias", false);
+      c.clip_qkv = r.get<double>("clip_qkv", 0.0);
+      break;
+    case Family::kDeepseekV3:
+      c.attention = "mla";
+      c.head_dim = 0; // config.json's head_dim is the rotary width
+      c.q_lora_rank = r.get<int64_t>("q_lora_rank", 0);
+      c.kv_lora_rank = r.need<int64_t>("kv_lora_rank");
+      c.qk_nope_head_dim = r.need<int64_t>("qk_nope_head_dim");
+      c.qk_rope_head_dim = r.need<int64_t>("qk_rope_head_dim");
+      c.v_head_dim = r.need<int64_t>("v_head_dim");
+      c.attention_bias = r.get<bool>("attention_bias", false);
+      c.rope_interleave = r.get<bool>("rope_interleave", true);
+      c.num_kv_heads = 0;
+      m.num_experts = r.need<int64_t>("n_routed_experts");
+      m.ffn_size = r.need<int64_t>("moe_intermediate_size");
+      m.first_k_dense = r.get<int64_t>("first_k_dense_replace", 0);
+      m.moe_every_n = r.get<int64_t>("moe_layer_freq", 1);
+      m.routing.score_fn = "sigmoid";
+      m.selection_bias = true; // e_score_correction_bias
+      m.routing.renormalize = r.get<bool>("norm_topk_prob", true);
+      m.routing.scale = r.get<double>("routed_scaling_factor", 1.0);
+      m.routing.num_groups = r.get<int64_t>("n_group", 1);
+      m.routing.topk_groups = r.get<int64_t>("topk_group", 1);
+      m.num_shared_experts = r.get<int64_t>("n_shared_experts", 0);
+      m.shared_ffn_size = m.ffn_size;
+      r.only<std::string>("topk_method", "noaux_tc", "DeepSeek-V3 routing");
+      r.only<std::string>("scoring_func", "sigmoid", "DeepSeek-V3 routing");
+      break;
+    case Family::kGptOss:
+      m.num_experts = r.need<int64_t>("num_local_experts");
+      m.ffn_size = c.ffn_size;
+      m.routing.renormalize = true; // softmax over the top-k logits
+      m.router_bias = true;
+      m.expert_bias = true;
+      m.routing.activation = "clamped_swiglu";
+      m.routing.swiglu_alpha = r.get<double>("swiglu_alpha", 1.702);
+      m.routing.swiglu_limit = r.get<double>("swiglu_limit", 7.0);
+      c.attention_bias = r.get<bool>("attention_bias", true);
+      c.attention_sinks = true;
+      break;
+  }
+  // Per-layer attention kinds (GPT-OSS; Qwen2-MoE lists all-full layers).
+  if (r.has("layer_types")) {
+    const auto types = r.get<std::vector<std::string>>("layer_types", {});
+    bool any_sliding = false;
+    std::vector<std::string> mine;
+    for (const auto& t : types) {
+      TORCH_CHECK(
+          t == "full_attention" || t == "sliding_attention",
+          file,
+          ": layer_types entry '",
+          t,
+          "' is not supported (full_attention, sliding_attention)");
+      any_sliding |= t == "sliding_attention";
+      mine.push_back(t == "sliding_attention" ? "sliding" : "full");
+    }
+    if (any_sliding) {
+      c.layer_types = mine;
+      c.sliding_window = r.need<int64_t>("sliding_window");
+    } else if (fam != Family::kMixtral) {
+      c.sliding_window = 0;
+    }
+  } else if (fam == Family::kGptOss) {
+    c.sliding_window = r.get<int64_t>("sliding_window", 0);
+  }
+  // transformers' load-balancing loss is E * sum_e (count_e / T) P_e over
+  // all layers' tokens at once; moeyard's switch loss uses count_e / (T K)
+  // per layer and sums the layers, so the equivalent coefficient is
+  // coef * K / (MoE layers) (equal when the layers' statistics agree).
+  int64_t n_moe = 0;
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    n_moe += c.is_moe_layer(i);
+  }
+  m.switch_coeff = r.get<double>("router_aux_loss_coef", 0.0) *
+                   static_cast<double>(m.routing.top_k) /
+                   std::max<int64_t>(n_moe, 1);
+  c.validate();
+  return c;
+}
+
+// ---- export
+// -------------------------------------------------------------------
+
+json hf_config_of(
+    const ModelConfig& c, const std::string& family, const json& base) {
+  const Family fam = family_of(family, "export");
+  json j = base.is_object() ? base : json::object();
+  auto cannot = [&](bool ok, const std::string& what) {
+    TORCH_CHECK(ok, "export to ", family, ": cannot express ", what);
+  };
+  const auto& m = c.moe;
+  const auto& r = m.routing;
+  const bool ds = fam == Family::kDeepseekV3, gpt = fam == Family::kGptOss;
+  cannot(c.mlp == "swiglu", "model.mlp = " + c.mlp);
+  cannot(c.norm == "rmsnorm", "model.norm = " + c.norm);
+  cannot(
+      r.score_fn == (ds ? "sigmoid" : "softmax"),
+      "moe.score_fn = " + r.score_fn);
+  cannot(ds || r.scale == 1.0, "moe.scale != 1");
+  cannot(ds || r.num_groups == 1, "group-limited top-k (moe.num_groups > 1)");
+  cannot(r.routing == "token_choice", "moe.routing = " + r.routing);
+  cannot(!r.weight_on_input, "moe.weight_on_input");
+  cannot(
+      m.router_bias == gpt,
+      "moe.router_bias = " + std::to_string(m.router_bias));
+  cannot(
+      m.expert_bias == gpt,
+      "moe.expert_bias = " + std::to_string(m.expert_bias));
+  cannot(
+      r.activation == (gpt ? "clamped_swiglu" : "swiglu"),
+      "moe.activation = " + r.activation);
+  cannot(
+      m.selection_bias == ds,
+      "moe.selection_bias = " + std::to_string(m.selection_bias));
+  cannot(
+      c.attention_sinks == gpt,
+      "model.attention_sinks = " + std::to_string(c.attention_sinks));
+  cannot(c.is_mla() == ds, "model.attention = " + c.attention);
+  cannot(c.rotary_pct == 1.0, "partial rotary (model.rotary_pct < 1)");
+  cannot(fam == Family::kOlmoe || c.clip_qkv == 0.0, "model.clip_qkv");
+  cannot(ds || !c.rope_interleave, "model.rope_interleave");
+  cannot(!c.qkv_bias || fam == Family::kQwen2Moe, "qkv bias");
+  cannot(
+      !c.attention_bias ||
+          (fam == Family::kQwen3Moe || fam == Family::kOlmoe || ds || gpt),
+      "model.attention_bias");
+  const std::map<Family, std::string> arch = {
+      {Family::kMixtral, "MixtralForCausalLM"},
+      {Family::kQwen2Moe, "Qwen2MoeForCausalLM"},
+      {Family::kQwen3Moe, "Qwen3MoeForCausalLM"},
+      {Family::kOlmoe, "OlmoeForCausalLM"},
+      {Family::kDeepseekV3, "DeepseekV3ForCausalLM"},
+      {Family::kGptOss, "GptOssForCausalLM"}};
+  j["model_type"] = family;
+  j["architectures"] = json::array({arch.at(fam)});
+  j["vocab_size"] = c.vocab_size;
+  j["hidden_size"] = c.hidden_size;
+  j["num_hidden_layers"] = c.num_layers;
+  j["num_attention_heads"] = c.num_heads;
+  j["num_key_value_heads"] = c.kv_heads();
+  j["rms_norm_eps"] = c.norm_eps;
+  j["max_position_embeddings"] = c.max_seq_len;
+  j["tie_word_embeddings"] = c.tie_embeddings;
+  j["hidden_act"] = "silu";
+  j["num_experts_per_tok"] = r.top_k;
+  j["dtype"] = c.dtype;
+  j.erase("torch_dtype");
+  if (fam == Family::kMixtral || fam == Family::kQwen3Moe || gpt) {
+    j["head_dim"] = c.dim_per_head();
+  } else if (!ds) {
+    cannot(
+        c.dim_per_head() * c.num_heads == c.hidden_size,
+        "head_dim != hidden_size / num_heads");
+  }
+  json rope = {{"rope_theta", c.rope_theta}};
+  if (c.rope_scaling == "none") {
+    rope["rope_type"] = "default";
+  } else {
+    rope["rope_type"] = c.rope_scaling;
+    rope["factor"] = c.rope_factor;
+    if (c.rope_scaling == "yarn") {
+      rope["original_max_position_embeddings"] = c.rope_original_max_position;
+      rope["beta_fast"] = c.yarn_beta_fast;
+      rope["beta_slow"] = c.yarn_beta_slow;
+      rope["truncate"] = c.yarn_truncate;
+      if (c.yarn_mscale > 0) {
+        rope["mscale"] = c.yarn_mscale;
+      }
+      if (c.yarn_mscale_all_dim > 0) {
+        rope["mscale_all_dim"] = c.yarn_mscale_all_dim;
+      }
+      if (c.yarn_attention_factor > 0) {
+        rope["attention_factor"] = c.yarn_attention_factor;
+      }
+    }
+  }
+  j.erase("rope_scaling");
+  j.erase("rope_theta");
+  j["rope_parameters"] = rope;
+  const int64_t F = m.ffn_size > 0 ? m.ffn_size : c.ffn_size;
+  std::vector<int64_t> dense;
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    if (!c.is_moe_layer(i)) {
+      dense.push_back(i);
+    }
+  }
+  // Sliding windows: Mixtral's one window, GPT-OSS's per-layer kinds.
+  bool any_sliding = false;
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    any_sliding |= c.window_of(i) > 0;
+  }
+  if (gpt) {
+    json types = json::array();
+    for (int64_t i = 0; i < c.num_layers; ++i) {
+      types.push_back(
+          c.window_of(i) > 0 ? "sliding_attention" : "full_attention");
+    }
+    j["layer_types"] = types;
+    j["sliding_window"] = c.sliding_window;
+  } else if (fam == Family::kMixtral) {
+    cannot(c.layer_types.empty(), "per-layer attention kinds");
+    j["sliding_window"] =
+        c.sliding_window > 0 ? json(c.sliding_window) : json(nullptr);
+  } else {
+    cannot(!any_sliding, "a sliding window");
+    if (fam == Family::kQwen2Moe) {
+      j["layer_types"] = json::array();
+      for (int64_t i = 0; i < c.num_layers; ++i) {
+        j["layer_types"].push_back("full_attention");
+      }
+    } else {
+      j.erase("layer_types");
+    }
+  }
+  switch (fam) {
+    case Family::kMixtral:
+    case Family::kOlmoe:
+    case Family::kGptOss:
+      cannot(dense.empty(), "dense layers");
+      cannot(m.num_shared_experts == 0, "shared experts");
+      cannot(fam == Family::kOlmoe || r.renormalize, "moe.renormalize = false");
+      j["intermediate_size"] = F;
+      if (fam == Family::kMixtral) {
+        cannot(c.qk_norm == "none", "q/k norm");
+        j["num_local_experts"] = m.num_experts;
+        j["router_jitter_noise"] = r.noise == "jitter" ? r.noise_eps : 0.0;
+      } else if (fam == Family::kOlmoe) {
+        cannot(c.qk_norm == "projection", "q/k norm other than projection");
+        j["num_experts"] = m.num_experts;
+        j["norm_topk_prob"] = r.renormalize;
+        j["attention_bias"] = c.attention_bias;
+        j["clip_qkv"] = c.clip_qkv > 0 ? json(c.clip_qkv) : json(nullptr);
+      } else {
+        cannot(c.qk_norm == "none", "q/k norm");
+        cannot(c.attention_bias, "attention without biases");
+        j["num_local_experts"] = m.num_experts;
+        j["attention_bias"] = true;
+        j["swiglu_alpha"] = r.swiglu_alpha;
+        j["swiglu_limit"] = r.swiglu_limit;
+      }
+      break;
+    case Family::kQwen2Moe:
+    case Family::kQwen3Moe:
+      j["num_experts"] = m.num_experts;
+      j["moe_intermediate_size"] = F;
+      j["intermediate_size"] =
+          c.dense_ffn_size > 0 ? c.dense_ffn_size : c.ffn_size;
+      j["norm_topk_prob"] = r.renormalize;
+      j["decoder_sparse_step"] = 1;
+      j["mlp_only_layers"] = dense;
+      j["use_sliding_window"] = false;
+      if (fam == Family::kQwen2Moe) {
+        cannot(c.qk_norm == "none", "q/k norm");
+        cannot(
+            m.num_shared_experts <= 1 &&
+                (m.num_shared_experts == 0 || m.shared_gate),
+            "shared experts other than one with a sigmoid gate");
+        j["qkv_bias"] = c.qkv_bias;
+        j["shared_expert_intermediate_size"] =
+            m.num_shared_experts > 0
+                ? (m.shared_ffn_size > 0 ? m.shared_ffn_size : F)
+                : 0;
+      } else {
+        cannot(c.qk_norm == "head", "q/k norm other than per head");
+        cannot(m.num_shared_experts == 0, "shared experts");
+        j["attention_bias"] = c.attention_bias;
+      }
+      break;
+    case Family::kDeepseekV3: {
+      cannot(!m.shared_gate, "a gated shared expert");
+      cannot(
+          m.num_shared_experts == 0 || m.shared_ffn_size == 0 ||
+              m.shared_ffn_size == F,
+          "shared experts narrower or wider than the routed ones");
+      // Dense layers must be exactly the first k (moe_every_n = 1).
+      for (size_t k = 0; k < dense.size(); ++k) {
+        cannot(
+            dense[k] == static_cast<int64_t>(k),
+            "dense layers other than the first k");
+      }
+      j["n_routed_experts"] = m.num_experts;
+      j["moe_intermediate_size"] = F;
+      j["intermediate_size"] =
+          c.dense_ffn_size > 0 ? c.dense_ffn_size : c.ffn_size;
+      j["first_k_dense_replace"] = dense.size();
+      j["n_shared_experts"] = m.num_shared_experts;
+      j["routed_scaling_factor"] = r.scale;
+      j["n_group"] = r.num_groups;
+      j["topk_group"] = r.topk_groups;
+      j["norm_topk_prob"] = r.renormalize;
+      j["q_lora_rank"] =
+          c.q_lora_rank > 0 ? json(c.q_lora_rank) : json(nullptr);
+      j["kv_lora_rank"] = c.kv_lora_rank;
+      j["qk_nope_head_dim"] = c.qk_nope_head_dim;
+      j["qk_rope_head_dim"] = c.qk_rope_head_dim;
+      j["qk_head_dim"] = c.qk_nope_head_dim + c.qk_rope_head_dim;
+      j["head_dim"] = c.qk_rope_head_dim;
+      j["v_head_dim"] = c.v_head_dim;
+      j["attention_bias"] = c.attention_bias;
+      j["rope_interleave"] = c.rope_interleave;
+      j["num_key_value_heads"] = c.num_heads;
+      cannot(c.attention_scale == 0.0, "an explicit model.attention_scale");
+      break;
+    }
+  }
+  return j;
+}
+
+} // namespace moeyard::io
