@@ -142,7 +142,8 @@ int main(int argc, char** argv) {
                   << " tokens), prompt of " << ids.size() << " tokens, eos "
                   << (eos.empty() ? std::string("none") : c10::Join(",", eos))
                   << "\n";
-        auto out = model->generate(ids, max_new, temperature, top_p, seed);
+        auto out = model->generate(
+            ids, max_new, temperature, top_p, seed, /*use_cache=*/true, eos);
         const auto stop = std::find_if(out.begin(), out.end(), [&](int64_t t) {
           return std::find(eos.begin(), eos.end(), t) != eos.end();
         });

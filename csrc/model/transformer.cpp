@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace moeyard {
@@ -357,7 +358,8 @@ std::vector<int64_t> TransformerImpl::generate(
     double temperature,
     double top_p,
     uint64_t seed,
-    bool use_cache) {
+    bool use_cache,
+    const std::vector<int64_t>& stop_tokens) {
   TORCH_CHECK(!prompt.empty(), "generate: the prompt must not be empty");
   TORCH_CHECK(
       temperature >= 0,
@@ -410,6 +412,10 @@ std::vector<int64_t> TransformerImpl::generate(
       next = at::multinomial(probs, 1, false, gen).item<int64_t>();
     }
     seq.push_back(next);
+    if (std::find(stop_tokens.begin(), stop_tokens.end(), next) !=
+        stop_tokens.end()) {
+      break;
+    }
   }
   train(was_training);
   return std::vector<int64_t>(seq.begin() + prompt.size(), seq.end());

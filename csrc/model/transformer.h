@@ -190,13 +190,15 @@ class TransformerImpl : public torch::nn::Module {
   // Samples up to max_new tokens after `prompt` (1-D int64). temperature 0
   // is greedy; top_p < 1 keeps the smallest set of tokens with that mass.
   // use_cache=false recomputes the whole prefix each step (for tests).
+  // Sampling stops after a token of stop_tokens (it is returned).
   std::vector<int64_t> generate(
       const std::vector<int64_t>& prompt,
       int64_t max_new,
       double temperature,
       double top_p,
       uint64_t seed,
-      bool use_cache = true);
+      bool use_cache = true,
+      const std::vector<int64_t>& stop_tokens = {}); // sampled one ends it
   // Resets parameters (normal(0, std) for matrices, ones for norms).
   void init_weights(double std = 0.02);
 
