@@ -191,3 +191,22 @@ def test_grouped_mm_streaming_and_blas_paths_match_a_loop(K):
         a, b = int(offsets[e]), int(offsets[e + 1])
         want = rows[a:b].double() @ weight[e].double().t()
         assert torch.allclose(out[a:b].double(), want, rtol=1e-5, atol=1e-4 * K ** 0.5), e
+
+
+@pytest.mark.parametrize("E", [6, 16, 67])
+def test_router_topk_nan_and_minus_inf_rows(E):
+    """Rows wider than a vector (the AVX2 arg-max) and narrower ones agree on
+    the edge cases: a NaN score is picked first (where the CUDA kernel puts
+    it too), -inf logits are never picked while finite ones remain."""
+    torch.manual_seed(E)
+    logits = torch.randn(5, E)
+    logits[1, 3] = float("nan")
+    logits[2, :: 2] = float("-inf")
+    w, idx, _ = ops.router_topk(logits, 3, score_fn="sigmoid", renormalize=False)
+    assert idx[1, 0].item() == 3
+    rest = logits[1].clone()
+    rest[3] = float("-inf")
+    assert torch.equal(idx[1, 1:], rest.topk(2).indices)
+    assert (idx[2] % 2 == 1).all()
+    for r in (0, 3, 4):
+        assert torch.equal(idx[r], logits[r].topk(3).indices)

@@ -72,6 +72,36 @@ int64_t first_equal(const acc_t* w, int64_t E, acc_t m, bool nan) {
   return i;
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+// Index of the first maximum of w[0, E), E >= 8, in two vector passes (max,
+// then the first lane equal to it); -1 if w holds a NaN (the caller's
+// generic path then picks the first NaN, as the CUDA kernel does).
+inline int64_t argmax_avx2(const float* w, int64_t E) {
+  __m256 m = _mm256_loadu_ps(w);
+  __m256 nan = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
+  int64_t c = 8;
+  for (; c + 8 <= E; c += 8) {
+    const __m256 v = _mm256_loadu_ps(w + c);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    m = _mm256_max_ps(m, v);
+  }
+  if (_mm256_movemask_ps(nan) != 0) {
+    return -1;
+  }
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_shuffle_ps(x, x, 1));
+  float best = _mm_cvtss_f32(x);
+  for (int64_t t = c; t < E; ++t) {
+    if (w[t] != w[t]) {
+      return -1;
+    }
+    best = std::max(best, w[t]);
+  }
+  return first_equal(w, E, best, false);
+}
+#endif
+
 template <typename scalar_t>
 void router_topk_kernel(
     const at::Tensor& logits,
@@ -146,6 +176,16 @@ void router_topk_kernel(
         std::copy(sel, sel + E, wk);
       }
       for (int64_t k = 0; k < K; ++k) {
+#if defined(CPU_CAPABILITY_AVX2)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          const int64_t i = E >= 8 ? argmax_avx2(wk, E) : -1;
+          if (i >= 0) {
+            it[k] = i;
+            wk[i] = neg_inf;
+            continue;
+          }
+        }
+#endif
         const acc_t m = at::vec::reduce_all<acc_t>(
             [](Vec a, Vec c) { return at::vec::maximum(a, c); }, wk, E);
         const bool nan = m != m;
