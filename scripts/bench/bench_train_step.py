@@ -1,0 +1,459 @@
+#!/usr/bin/env python3
+"""Benchmark one training step of moeyard's C++ trainer against transformers' Mixtral, same run.
+
+    python scripts/bench/bench_train_step.py [--configs tiny,mid] [--steps N] [--warmup N]
+                                             [--threads 2] [--hf-impls grouped_mm,eager]
+                                             [--no-shipped] [--out table.md]
+
+One training step = forward, loss (cross-entropy + router aux loss), backward,
+global gradient-norm clip, AdamW step, in float32 on the CPU.
+
+  moeyard       the real trainer: `build/moeyard train --config <yaml> --set ...`
+                on the built-in corpus (data/builtin). Step times are read
+                from its per-step console line (log.every=1: tokens per step /
+                the printed tok/s, i.e. the wall time between two step lines,
+                everything in the loop included). After the last timed step
+                the process is killed (SIGKILL), so the end-of-run checkpoint
+                write is neither timed nor counted in its memory.
+  transformers  MixtralForCausalLM with a MixtralConfig of exactly the same
+                shapes (parameter counts are checked equal), attention "sdpa",
+                each experts implementation in --hf-impls ("grouped_mm" is
+                transformers' default and fastest on CPU; "eager" loops over
+                experts; "batched_mm" gathers one weight matrix per token-expert
+                pair and is left out by default: GBs of gathered weights and
+                slower), torch.optim.AdamW with the same lr, betas, eps and
+                weight-decay groups (decay on attention/expert matrices; none on
+                norms, embeddings, the router), clip_grad_norm_ with the same
+                max norm, labels = the batch, output_router_logits=True and
+                router_aux_loss_coef = moe.switch_coeff. Batches are random
+                windows of the same corpus shard, [micro_batch, seq_len].
+
+Both sides run with the same intra-op thread count, each in its own child
+process, one after the other. Per config: --warmup steps are discarded, then
+the first --steps clean steps are timed: steps during which other processes
+used less than 10% of the machine's CPU (/proc/stat minus the child's own CPU
+time; with 2 threads on 2 cores any other load slows a step several-fold). A
+child runs at most --max-steps steps; if it gets fewer clean steps it uses all
+of its steps after the warm-up and the run is flagged noisy. Step time =
+median, tokens/s = micro_batch * seq_len / median step time. Peak RSS = the child's VmHWM (/proc/<pid>/status) at the end
+of the timed steps: the whole process (interpreter or executable, libtorch,
+model, gradients, optimizer state, activations); "start RSS" is the process
+before the model exists (moeyard: the C++ executable with libtorch loaded;
+transformers: Python with torch and transformers imported). "other CPU" is the
+mean share of the machine's CPU used by other processes during the timed
+steps; "steps used/run" counts the timed steps and all steps after warm-up.
+
+Configs (model shapes, batch, sequence, optimizer and clipping of the yaml):
+  tiny  configs/tiny.yaml with the Mixtral architecture: every layer MoE
+        (moe_every_n 2 -> 1), no q/k norm, dropless (capacity 1.25 -> 0),
+        no z-loss; the shipped tiny.yaml itself is one more moeyard row,
+        for information only (different architecture: 2 MoE layers, q/k norm,
+        capacity 1.25, z-loss), unless --no-shipped.
+  mid   configs/bench_mid.yaml (already Mixtral-shaped): H=512, 8 layers,
+        E=8 top-2, F=1024, B=4 x S=512.
+Ratios are against the fastest transformers implementation of the same run
+(>1: moeyard has more tokens/s, or more peak memory).
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CONFIGS = {
+    # name: (yaml, overrides that make it Mixtral-shaped, default warmup, default steps)
+    "tiny": ("configs/tiny.yaml",
+             {"moe.moe_every_n": 1, "model.qk_norm": "none", "moe.capacity_factor": 0.0,
+              "moe.z_coeff": 0.0},
+             3, 20),
+    "mid": ("configs/bench_mid.yaml", {}, 1, 4),
+}
+
+# moeyard model defaults (docs/model.md) of the keys the Mixtral mapping reads
+MODEL_DEFAULTS = {"vocab_size": 256, "hidden_size": 128, "num_layers": 2, "num_heads": 4,
+                  "num_kv_heads": 0, "head_dim": 0, "ffn_size": 512, "mlp": "swiglu",
+                  "norm": "rmsnorm", "norm_eps": 1e-6, "qk_norm": "none", "qkv_bias": False,
+                  "sliding_window": 0, "rope_theta": 10000.0, "rotary_pct": 1.0,
+                  "rope_scaling": "none", "max_seq_len": 2048, "tie_embeddings": True,
+                  "dtype": "float32"}
+MOE_DEFAULTS = {"num_experts": 8, "ffn_size": 0, "moe_every_n": 1, "first_k_dense": 0,
+                "layers": [], "top_k": 2, "score_fn": "softmax", "renormalize": True, "scale": 1.0,
+                "num_groups": 1, "selection_bias": False, "router_bias": False,
+                "routing": "token_choice", "weight_on_input": False, "capacity_factor": 0.0,
+                "noise": "none", "num_shared_experts": 0, "expert_dropout": 0.0,
+                "switch_coeff": 0.01, "switch_per_sequence": False, "importance_coeff": 0.0,
+                "load_coeff": 0.0, "z_coeff": 0.001}
+# must hold for the model to be exactly a Mixtral
+MIXTRAL_MODEL = {"mlp": "swiglu", "norm": "rmsnorm", "qk_norm": "none", "qkv_bias": False,
+                 "sliding_window": 0, "rotary_pct": 1.0, "rope_scaling": "none", "dtype": "float32"}
+MIXTRAL_MOE = {"moe_every_n": 1, "first_k_dense": 0, "layers": [], "score_fn": "softmax",
+               "renormalize": True, "scale": 1.0, "num_groups": 1, "selection_bias": False,
+               "router_bias": False, "routing": "token_choice", "weight_on_input": False,
+               "capacity_factor": 0.0, "noise": "none", "num_shared_experts": 0,
+               "expert_dropout": 0.0, "switch_per_sequence": False, "importance_coeff": 0.0,
+               "load_coeff": 0.0, "z_coeff": 0.0}
+
+
+def proc_status(pid, key):
+    """VmRSS / VmHWM of a process in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def machine_busy():
+    """(busy jiffies of all CPUs, total jiffies) from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+def proc_cpu(pid):
+    """utime + stime of a process (and its threads) in jiffies."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def other_cpu_share(busy0, busy1, own0, own1):
+    d_busy = busy1[0] - busy0[0]
+    d_total = busy1[1] - busy0[1]
+    return max(0.0, (d_busy - (own1 - own0)) / max(d_total, 1))
+
+
+class Samples:
+    """Step times after the warm-up, each with the share of the machine's CPU that
+    other processes used during it; keeps the first `steps` clean ones (other
+    CPU < CLEAN), or, when the run ends first, every step after the warm-up."""
+
+    CLEAN = 0.10
+
+    def __init__(self, warmup, steps):
+        self.warmup, self.steps, self.seen, self.all = warmup, steps, 0, []
+
+    def add(self, dt, other):
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.all.append((dt, other))
+
+    def clean(self):
+        return [x for x in self.all if x[1] < self.CLEAN][: self.steps]
+
+    def done(self):
+        return len(self.clean()) >= self.steps
+
+    def result(self):
+        used = self.clean() if self.done() else self.all
+        return {"times": [t for t, _ in used], "other_cpu": statistics.mean(o for _, o in used),
+                "clean": self.done(), "ran": len(self.all)}
+
+
+def set_key(cfg, dotted, value):
+    d = cfg
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def load_config(name):
+    import yaml
+
+    path, overrides, _, _ = CONFIGS[name]
+    with open(os.path.join(ROOT, path)) as f:
+        cfg = yaml.safe_load(f)
+    for k, v in overrides.items():
+        set_key(cfg, k, v)
+    return path, overrides, cfg
+
+
+def mixtral_kwargs(cfg):
+    """MixtralConfig arguments of a moeyard training config; fails if it is not a Mixtral."""
+    m = {**MODEL_DEFAULTS, **cfg.get("model", {})}
+    e = {**MOE_DEFAULTS, **cfg.get("moe", {})}
+    for want, have, sec in [(MIXTRAL_MODEL, m, "model"), (MIXTRAL_MOE, e, "moe")]:
+        for k, v in want.items():
+            if have[k] != v:
+                raise SystemExit(f"{sec}.{k} = {have[k]!r}: not a Mixtral architecture (needs {v!r})")
+    heads = m["num_heads"]
+    return dict(
+        vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],
+        intermediate_size=e["ffn_size"] or m["ffn_size"], num_hidden_layers=m["num_layers"],
+        num_attention_heads=heads, num_key_value_heads=m["num_kv_heads"] or heads,
+        head_dim=m["head_dim"] or m["hidden_size"] // heads, hidden_act="silu",
+        max_position_embeddings=m["max_seq_len"], rms_norm_eps=m["norm_eps"],
+        tie_word_embeddings=m["tie_embeddings"], num_local_experts=e["num_experts"],
+        num_experts_per_tok=e["top_k"], output_router_logits=True,
+        router_aux_loss_coef=e["switch_coeff"], router_jitter_noise=0.0, attention_dropout=0.0,
+        sliding_window=None, use_cache=False,
+        rope_parameters={"rope_type": "default", "rope_theta": float(m["rope_theta"])})
+
+
+def optim_settings(cfg):
+    o = {"lr": 3e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0,
+         **cfg.get("optim", {})}
+    t = {"micro_batch": 8, "grad_accum": 1, **cfg.get("train", {})}
+    d = {"train": "data/builtin/train.bin", "seq_len": 128, **cfg.get("data", {})}
+    if t["grad_accum"] != 1:
+        raise SystemExit("the benchmark times grad_accum = 1 steps")
+    return o, t["micro_batch"], d["seq_len"], d["train"]
+
+
+def moeyard_param_count(cfg):
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    import moeyard
+
+    model = dict(cfg["model"])
+    model["moe"] = cfg["moe"]
+    m = moeyard.Transformer(model)
+    n = sum(p.numel() for p in m.parameters())
+    del m
+    return n
+
+
+# ---------------------------------------------------------------- moeyard side
+
+STEP_RE = re.compile(r"step\s+(\d+)/(\d+) \|.*\|\s+([\d.]+) tok/s")
+
+
+def run_moeyard(path, overrides, B, S, warmup, steps, max_steps, threads):
+    exe = os.environ.get("MOEYARD_EXE", os.path.join(os.environ.get("MOEYARD_BUILD_DIR", os.path.join(ROOT, "build")), "moeyard"))
+    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as run_dir:
+        sets = {**overrides, "train.steps": max_steps + 1, "train.threads": threads, "log.every": 1,
+                "checkpoint.dir": run_dir, "checkpoint.every": 0, "data.valid": '""',
+                "train.eval_every": 0}
+        cmd = [exe, "train", "--config", path, "--resume", "never"]
+        for k, v in sets.items():
+            cmd += ["--set", f"{k}={v}"]
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        start_rss = peak = None
+        samples = Samples(warmup, steps)
+        log = []
+        busy0 = own0 = None
+        try:
+            for line in p.stdout:
+                log.append(line)
+                if start_rss is None:
+                    start_rss = proc_status(p.pid, "VmRSS")
+                    busy0, own0 = machine_busy(), proc_cpu(p.pid)
+                mt = STEP_RE.search(line)
+                if not mt:
+                    continue
+                busy1, own1 = machine_busy(), proc_cpu(p.pid)
+                samples.add(B * S / float(mt.group(3)), other_cpu_share(busy0, busy1, own0, own1))
+                busy0, own0 = busy1, own1
+                if samples.done() or int(mt.group(1)) >= max_steps:
+                    peak = proc_status(p.pid, "VmHWM")
+                    os.kill(p.pid, signal.SIGKILL)
+                    break
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        if peak is None:
+            raise RuntimeError("moeyard train stopped early:\n" + "".join(log[-30:]))
+    return {**samples.result(), "peak_mb": peak, "start_mb": start_rss}
+
+
+# ---------------------------------------------------------------- transformers side
+
+def hf_child(spec):
+    """Runs in its own process: times MixtralForCausalLM training steps, prints one JSON line."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    start_rss = proc_status("self", "VmRSS")
+    torch.manual_seed(0)
+    cfg = MixtralConfig(**spec["mixtral"])
+    cfg._attn_implementation = "sdpa"
+    cfg._experts_implementation = spec["impl"]
+    model = MixtralForCausalLM(cfg).to(torch.float32)
+    model.train()
+    got = (model.config._attn_implementation, model.config._experts_implementation)
+    if got != ("sdpa", spec["impl"]):
+        raise SystemExit(f"transformers chose attention/experts {got}, asked sdpa/{spec['impl']}")
+    if cfg.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        raise SystemExit("lm_head is not tied")
+    params = list(model.parameters())
+    o = spec["optim"]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # moeyard's groups: no decay on norms, embeddings, router
+        if p.dim() >= 2 and "embed" not in name and "lm_head" not in name and ".gate." not in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"])
+    # the corpus shard: 32-byte header (magic, version, bytes per token, count, vocab), then tokens
+    with open(spec["data"], "rb") as f:
+        head = f.read(32)
+    width = int.from_bytes(head[12:16], "little")
+    count = int.from_bytes(head[16:24], "little")
+    tokens = np.memmap(spec["data"], dtype=np.uint16 if width == 2 else np.uint32, mode="r",
+                       offset=32, shape=(count,))
+    rng = np.random.default_rng(1234)
+    B, S = spec["B"], spec["S"]
+    samples = Samples(spec["warmup"], spec["steps"])
+    for _ in range(spec["max_steps"]):
+        busy0, own0 = machine_busy(), proc_cpu("self")
+        t = time.perf_counter()
+        starts = rng.integers(0, count - S, B)
+        x = torch.from_numpy(np.stack([tokens[s:s + S] for s in starts]).astype(np.int64))
+        out = model(input_ids=x, labels=x, use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, o["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.loss.item()
+        dt = time.perf_counter() - t
+        samples.add(dt, other_cpu_share(busy0, machine_busy(), own0, proc_cpu("self")))
+        if samples.done():
+            break
+    print("RESULT " + json.dumps({
+        **samples.result(), "peak_mb": proc_status("self", "VmHWM"), "start_mb": start_rss,
+        "params": sum(p.numel() for p in params)}))
+
+
+def run_hf(impl, mixtral, optim, B, S, data, warmup, steps, max_steps, threads):
+    spec = {"impl": impl, "mixtral": mixtral, "optim": optim, "B": B, "S": S,
+            "data": os.path.join(ROOT, data), "warmup": warmup, "steps": steps,
+            "max_steps": max_steps, "threads": threads}
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-child", json.dumps(spec)],
+                       cwd=ROOT, capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"transformers '{impl}' failed (rc {r.returncode}):\n{r.stderr[-2000:]}")
+
+
+# ---------------------------------------------------------------- main
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="tiny,mid")
+    ap.add_argument("--steps", type=int, help="timed steps (default: tiny 20, mid 4)")
+    ap.add_argument("--warmup", type=int, help="discarded steps (default: tiny 3, mid 1)")
+    ap.add_argument("--max-steps", type=int,
+                    help="give up waiting for clean steps after this many (default: warmup + 4 x steps)")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of both sides")
+    ap.add_argument("--hf-impls", default="grouped_mm,eager",
+                    help="transformers experts implementations (also: batched_mm)")
+    ap.add_argument("--no-shipped", action="store_true", help="skip the shipped tiny.yaml row")
+    ap.add_argument("--out", help="also write the markdown table here")
+    ap.add_argument("--hf-child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.hf_child:
+        hf_child(json.loads(a.hf_child))
+        return
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    import moeyard
+
+    if not os.path.exists(os.path.join(ROOT, "data/builtin/train.bin")):
+        raise SystemExit("no data/builtin/train.bin: python scripts/prepare_data.py --builtin "
+                         "--out data/builtin --max-bytes 20000000")
+    header = (f"{cpu_name()}, {os.cpu_count()} cores; moeyard {moeyard.__version__}, torch "
+              f"{torch.__version__}, transformers {transformers.__version__}; float32, "
+              f"{a.threads} threads both sides")
+    print(header)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f} before the run: other processes share the CPU")
+    rows = []  # (config, implementation, tok/s, step ms, peak, start, other, ratio tok/s, ratio peak)
+    for name in a.configs.split(","):
+        path, overrides, cfg = load_config(name)
+        _, _, w_def, s_def = CONFIGS[name]
+        warmup = w_def if a.warmup is None else a.warmup
+        steps = s_def if a.steps is None else a.steps
+        max_steps = a.max_steps or warmup + 4 * steps
+        mixtral = mixtral_kwargs(cfg)
+        optim, B, S, data = optim_settings(cfg)
+        n_ours = moeyard_param_count(cfg)
+        label = f"{name} (B={B} S={S} H={mixtral['hidden_size']} L={mixtral['num_hidden_layers']} " \
+                f"E={mixtral['num_local_experts']} K={mixtral['num_experts_per_tok']} " \
+                f"F={mixtral['intermediate_size']})"
+        print(f"\n{label}: {warmup} warm-up + {steps} timed steps")
+        print(f"  overrides of {path}: {overrides or 'none'}")
+        results = {}
+        r = run_moeyard(path, overrides, B, S, warmup, steps, max_steps, a.threads)
+        results["moeyard"] = r
+        print(f"  moeyard: {n_ours} parameters")
+        hf = {}
+        for impl in a.hf_impls.split(","):
+            try:
+                hf[impl] = run_hf(impl, mixtral, optim, B, S, data, warmup, steps, max_steps, a.threads)
+            except RuntimeError as e:
+                print(f"  (transformers '{impl}' skipped: {str(e)[-300:]})")
+                continue
+            print(f"  transformers MixtralForCausalLM ({impl}): {hf[impl]['params']} parameters")
+            if hf[impl]["params"] != n_ours:
+                raise SystemExit(f"parameter counts differ: moeyard {n_ours}, transformers {hf[impl]['params']}")
+        if name == "tiny" and not a.no_shipped:
+            results["moeyard, tiny.yaml as shipped (info)"] = run_moeyard(
+                path, {}, B, S, warmup, steps, max_steps, a.threads)
+        if not hf:
+            raise SystemExit("no transformers implementation ran")
+        best = min(hf, key=lambda k: statistics.median(hf[k]["times"]))
+        ordered = [("moeyard", results["moeyard"]), (f"transformers best ({best})", hf[best])]
+        ordered += [(f"transformers {k}", v) for k, v in hf.items() if k != best]
+        ordered += [(k, v) for k, v in results.items() if k != "moeyard"]
+        base = hf[best]
+        base_tps = B * S / statistics.median(base["times"])
+        for impl, r in ordered:
+            med = statistics.median(r["times"])
+            tps = B * S / med
+            rows.append((label, impl, tps, med * 1e3, r["peak_mb"], r["start_mb"],
+                         f"{len(r['times'])}/{r['ran']}", r["other_cpu"], tps / base_tps,
+                         r["peak_mb"] / base["peak_mb"]))
+            print(f"  {impl:44s} {tps:9.0f} tok/s  {med * 1e3:8.1f} ms/step "
+                  f"(min {min(r['times']) * 1e3:.1f}, max {max(r['times']) * 1e3:.1f})  peak RSS "
+                  f"{r['peak_mb']:7.0f} MB (start {r['start_mb']:.0f})  {len(r['times'])}/{r['ran']} steps, other CPU {100 * r['other_cpu']:.0f}%  "
+                  f"x{tps / base_tps:.2f} tok/s, x{r['peak_mb'] / base['peak_mb']:.2f} peak vs {best}")
+            if not r["clean"]:
+                print(f"  warning: fewer than {steps} clean steps in {r['ran']}: other processes used "
+                      f"{100 * r['other_cpu']:.0f}% of the CPU; re-run on a quiet machine")
+    md = [header, "",
+          "| config | implementation | tokens/s | step (ms) | peak RSS (MB) | start RSS (MB) | "
+          "steps used/run | other CPU | tokens/s vs transformers best | peak RSS vs transformers best |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (label, impl, tps, ms, peak, start, used, other, rt, rp) in rows:
+        md.append(f"| {label} | {impl} | {tps:.0f} | {ms:.1f} | {peak:.0f} | {start:.0f} | {used} | "
+                  f"{100 * other:.0f}% | {rt:.2f}x | {rp:.2f}x |")
+    print("\n" + "\n".join(md))
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("\n".join(md) + "\n")
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
