@@ -621,11 +621,17 @@ RunResult Trainer::run(const std::string& resume) {
     double grad_norm = 0;
     {
       at::NoGradGuard g;
-      at::Tensor sq = at::zeros({}, at::kDouble);
+      // Per-tensor norms in the gradients' own dtype (no float64 copies of
+      // every gradient), combined in float64.
+      std::vector<at::Tensor> grads;
+      grads.reserve(opt_params.size());
       for (auto& p : opt_params) {
-        sq += p.grad().to(at::kDouble).square().sum();
+        grads.push_back(p.grad());
       }
-      grad_norm = std::sqrt(sq.item<double>());
+      const auto norms =
+          grads.empty() ? at::zeros({0}) : at::stack(at::_foreach_norm(grads));
+      grad_norm =
+          std::sqrt(norms.to(at::kDouble).square().sum().item<double>());
     }
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
       ++result.skipped_steps;
