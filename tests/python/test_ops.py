@@ -178,10 +178,10 @@ def test_bad_input(call, match):
 
 @pytest.mark.parametrize("K", [13, 64, 1027])
 def test_grouped_mm_streaming_and_blas_paths_match_a_loop(K):
-    """Experts with <= 16 rows take the weight-streaming kernel, larger ones
+    """Experts with <= 32 rows take the weight-streaming kernel, larger ones
     BLAS; both against a float64 per-expert loop, with K off the vector width."""
     torch.manual_seed(0)
-    sizes = [0, 1, 3, 8, 9, 16, 17, 40]
+    sizes = [0, 1, 3, 8, 9, 16, 17, 32, 33, 40]
     E, Dout = len(sizes), 37
     offsets = torch.tensor([0] + sizes).cumsum(0)
     rows = torch.randn(int(offsets[-1]), K)
