@@ -1,5 +1,6 @@
 // The moeyard command line: train, ops, version.
 
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
@@ -9,8 +10,11 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <numeric>
+#include <thread>
 
 #include "io/hf_checkpoint.h"
+#include "parallel/process_group.h"
 #include "text/tokenizer.h"
 #include "train/trainer.h"
 #include "version.h"
@@ -74,6 +78,26 @@ int main(int argc, char** argv) {
       "model_type to write (default: that of model.init_from)");
   conv->add_option(
       "--max-shard-mb", shard_mb, "largest safetensors file (default 5000)");
+  auto* dist = app.add_subcommand(
+      "dist-check",
+      "check a multi-process launch (torchrun or srun): rendezvous, "
+      "all-reduce and all-to-all over every rank");
+  double dist_timeout = 60;
+  int64_t exit_rank = -1, stall_rank = -1;
+  dist->add_option(
+      "--timeout", dist_timeout, "rendezvous/collective timeout, s (60)");
+  dist->add_option(
+          "--exit-rank",
+          exit_rank,
+          "this rank exits before the collectives (tests the peer-failure "
+          "error)")
+      ->group("");
+  dist->add_option(
+          "--stall-rank",
+          stall_rank,
+          "this rank sleeps 3 timeouts before the collectives (tests the "
+          "hung-peer error)")
+      ->group("");
   CLI11_PARSE(app, argc, argv);
   // A run directory stands for its latest checkpoint.
   auto checkpoint_dir = [](const std::string& d) {
@@ -176,6 +200,43 @@ int main(int argc, char** argv) {
         }
         std::cout << text << "\n";
       }
+    } else if (*dist) {
+      namespace par = moeyard::parallel;
+      const auto env = par::LaunchEnv::from_env();
+      const auto timeout =
+          std::chrono::milliseconds(static_cast<int64_t>(dist_timeout * 1000));
+      auto store = par::make_store(env, timeout);
+      std::vector<int64_t> all(env.world_size);
+      std::iota(all.begin(), all.end(), 0);
+      auto world = par::make_gloo_group(store, env, "world", all, timeout);
+      if (env.rank == exit_rank) {
+        std::cerr << "rank " << env.rank << ": exiting early (--exit-rank)\n";
+        return 3;
+      }
+      if (env.rank == stall_rank) {
+        std::this_thread::sleep_for(3 * timeout);
+      }
+      const int64_t W = env.world_size, r = env.rank;
+      auto t = at::full({3}, double(r + 1), at::kDouble);
+      world.all_reduce_sum(t);
+      const double want_sum = W * (W + 1) / 2.0;
+      TORCH_CHECK(
+          (t == want_sum).all().item<bool>(),
+          "dist-check: all_reduce gave ",
+          t[0].item<double>(),
+          ", expected ",
+          want_sum);
+      // Row j of rank r's input goes to rank j and holds 100 r + j.
+      auto in = (at::arange(W, at::kDouble) + 100.0 * r).view({W, 1});
+      auto out = world.all_to_all(
+          in, std::vector<int64_t>(W, 1), std::vector<int64_t>(W, 1));
+      auto want = (at::arange(W, at::kDouble) * 100.0 + r).view({W, 1});
+      TORCH_CHECK(
+          at::equal(out, want), "dist-check: all_to_all gave wrong rows");
+      world.barrier();
+      std::cout << "rank " << r << "/" << W << " (" << env.source
+                << "): all_reduce ok (" << t[0].item<double>()
+                << "), all_to_all ok\n";
     } else if (*conv) {
       const auto dir = checkpoint_dir(conv_ckpt);
       auto model = moeyard::train::load_model(dir.string());

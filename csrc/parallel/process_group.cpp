@@ -1,0 +1,230 @@
+#include "parallel/process_group.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+
+namespace moeyard::parallel {
+namespace {
+
+int64_t parse_int(const std::string& var, const std::string& value) {
+  size_t used = 0;
+  int64_t v = 0;
+  try {
+    v = std::stoll(value, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  TORCH_CHECK(
+      used == value.size() && !value.empty(),
+      "launch environment: ",
+      var,
+      "='",
+      value,
+      "' is not an integer");
+  return v;
+}
+
+// Waits for a collective; a failure or timeout names what was waited for.
+void wait(
+    const c10::intrusive_ptr<c10d::Work>& work,
+    const Group& g,
+    const char* collective) {
+  std::string why;
+  try {
+    work->wait(g.timeout);
+    return;
+  } catch (const c10::Error& e) {
+    why = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    why = e.what();
+  }
+  TORCH_CHECK(
+      false,
+      "collective ",
+      collective,
+      " on process group '",
+      g.name,
+      "' (",
+      g.size(),
+      " ranks) failed or timed out after ",
+      g.timeout.count() / 1000.0,
+      " s: a peer died or hangs (",
+      why,
+      ")");
+}
+
+} // namespace
+
+LaunchEnv LaunchEnv::from_vars(
+    const std::vector<std::pair<std::string, std::string>>& vars) {
+  std::map<std::string, std::string> v(vars.begin(), vars.end());
+  auto has = [&](const char* k) { return v.count(k) && !v.at(k).empty(); };
+  LaunchEnv e;
+  if (has("RANK") || has("WORLD_SIZE")) {
+    TORCH_CHECK(
+        has("RANK") && has("WORLD_SIZE"),
+        "launch environment: RANK and WORLD_SIZE must be set together (as "
+        "torchrun does)");
+    e.source = "torchrun";
+    e.rank = parse_int("RANK", v.at("RANK"));
+    e.world_size = parse_int("WORLD_SIZE", v.at("WORLD_SIZE"));
+    e.local_rank =
+        has("LOCAL_RANK") ? parse_int("LOCAL_RANK", v.at("LOCAL_RANK")) : 0;
+    e.agent_store = has("TORCHELASTIC_USE_AGENT_STORE") &&
+                    v.at("TORCHELASTIC_USE_AGENT_STORE") == "True";
+  } else if (has("SLURM_PROCID") && has("SLURM_NTASKS")) {
+    e.source = "slurm";
+    e.rank = parse_int("SLURM_PROCID", v.at("SLURM_PROCID"));
+    e.world_size = parse_int("SLURM_NTASKS", v.at("SLURM_NTASKS"));
+    e.local_rank = has("SLURM_LOCALID")
+                       ? parse_int("SLURM_LOCALID", v.at("SLURM_LOCALID"))
+                       : 0;
+  } else {
+    return e;
+  }
+  TORCH_CHECK(
+      e.world_size >= 1 && e.rank >= 0 && e.rank < e.world_size,
+      "launch environment: rank ",
+      e.rank,
+      " is outside world size ",
+      e.world_size);
+  if (e.world_size > 1) {
+    TORCH_CHECK(
+        has("MASTER_ADDR") && has("MASTER_PORT"),
+        "launch environment: MASTER_ADDR and MASTER_PORT must be set for ",
+        e.world_size,
+        " processes (torchrun sets them; in Slurm, export them in the sbatch "
+        "script)");
+  }
+  if (has("MASTER_ADDR")) {
+    e.master_addr = v.at("MASTER_ADDR");
+  }
+  if (has("MASTER_PORT")) {
+    e.master_port = parse_int("MASTER_PORT", v.at("MASTER_PORT"));
+    TORCH_CHECK(
+        e.master_port > 0 && e.master_port < 65536,
+        "launch environment: MASTER_PORT=",
+        e.master_port,
+        " is not a port");
+  }
+  return e;
+}
+
+LaunchEnv LaunchEnv::from_env() {
+  std::vector<std::pair<std::string, std::string>> vars;
+  for (const char* k :
+       {"RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_USE_AGENT_STORE",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID"}) {
+    if (const char* s = std::getenv(k)) {
+      vars.emplace_back(k, s);
+    }
+  }
+  return from_vars(vars);
+}
+
+c10::intrusive_ptr<c10d::Store> make_store(
+    const LaunchEnv& env, std::chrono::milliseconds timeout) {
+  c10d::TCPStoreOptions o;
+  o.port = static_cast<uint16_t>(env.master_port);
+  o.isServer = env.rank == 0 && !env.agent_store;
+  o.numWorkers =
+      env.agent_store ? std::nullopt : std::optional<size_t>(env.world_size);
+  o.waitWorkers = !env.agent_store;
+  o.timeout = timeout;
+  try {
+    auto store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
+    return c10::make_intrusive<c10d::PrefixStore>("moeyard", store);
+  } catch (const std::exception& e) {
+    TORCH_CHECK(
+        false,
+        "rank ",
+        env.rank,
+        ": cannot reach the rendezvous store at ",
+        env.master_addr,
+        ":",
+        env.master_port,
+        " within ",
+        timeout.count() / 1000.0,
+        " s (",
+        e.what(),
+        ")");
+  }
+  return {};
+}
+
+Group make_gloo_group(
+    const c10::intrusive_ptr<c10d::Store>& store,
+    const LaunchEnv& env,
+    const std::string& name,
+    const std::vector<int64_t>& ranks,
+    std::chrono::milliseconds timeout) {
+  Group g;
+  g.name = name;
+  g.ranks = ranks;
+  g.timeout = timeout;
+  const auto it = std::find(ranks.begin(), ranks.end(), env.rank);
+  TORCH_CHECK(
+      it != ranks.end(),
+      "process group '",
+      name,
+      "': rank ",
+      env.rank,
+      " is not a member");
+  g.rank = it - ranks.begin();
+  auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+  // One machine: loopback; several: the interface the hostname resolves to.
+  const bool local =
+      env.master_addr == "127.0.0.1" || env.master_addr == "localhost";
+  opts->devices.push_back(
+      local ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
+            : c10d::ProcessGroupGloo::createDefaultDevice());
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name, store);
+  g.backend = c10::make_intrusive<c10d::ProcessGroupGloo>(
+      prefixed, static_cast<int>(g.rank), static_cast<int>(ranks.size()), opts);
+  return g;
+}
+
+void Group::all_reduce_sum(at::Tensor& t) const {
+  std::vector<at::Tensor> v = {t};
+  wait(backend->allreduce(v), *this, "all_reduce");
+}
+
+at::Tensor Group::all_to_all(
+    const at::Tensor& input,
+    const std::vector<int64_t>& send_splits,
+    const std::vector<int64_t>& recv_splits) const {
+  int64_t rows = 0;
+  for (auto r : recv_splits) {
+    rows += r;
+  }
+  if (recv_splits.empty()) {
+    rows = input.size(0);
+  }
+  auto sizes = input.sizes().vec();
+  sizes[0] = rows;
+  auto out = at::empty(sizes, input.options());
+  auto in = input.contiguous();
+  auto ss = send_splits;
+  auto rs = recv_splits;
+  wait(backend->alltoall_base(out, in, rs, ss), *this, "all_to_all");
+  return out;
+}
+
+void Group::barrier() const {
+  wait(backend->barrier(), *this, "barrier");
+}
+
+} // namespace moeyard::parallel

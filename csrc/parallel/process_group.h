@@ -1,0 +1,72 @@
+#pragma once
+// Process groups for multi-process runs (issue 7, first part): the launch
+// environment torchrun or Slurm sets, a c10d TCPStore, and Gloo process groups
+// (CPU) whose collectives fail with an error naming the group and the
+// collective when a peer dies or hangs, instead of waiting forever.
+// docs/distributed.md describes launching.
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+namespace moeyard::parallel {
+
+// Where this process sits in the launch: from torchrun's RANK, WORLD_SIZE,
+// LOCAL_RANK, MASTER_ADDR, MASTER_PORT, else Slurm's SLURM_PROCID,
+// SLURM_NTASKS, SLURM_LOCALID (with MASTER_ADDR/MASTER_PORT from the sbatch
+// script), else a single process. Malformed values are errors naming the
+// variable and the value.
+struct LaunchEnv {
+  int64_t rank = 0;
+  int64_t world_size = 1;
+  int64_t local_rank = 0;
+  std::string master_addr = "127.0.0.1";
+  int64_t master_port = 29500;
+  std::string source = "single"; // "torchrun" | "slurm" | "single"
+  bool agent_store = false; // torchrun's agent already serves the store
+
+  static LaunchEnv from_env();
+  // From a map instead of the environment (tests).
+  static LaunchEnv from_vars(
+      const std::vector<std::pair<std::string, std::string>>& vars);
+};
+
+// The rendezvous store: rank 0 serves it (unless torchrun's agent does),
+// every rank connects within `timeout`.
+c10::intrusive_ptr<c10d::Store> make_store(
+    const LaunchEnv& env, std::chrono::milliseconds timeout);
+
+// A named group over `ranks` (global ranks, this process among them) on the
+// CPU with Gloo; collectives time out after `timeout`.
+struct Group {
+  std::string name;
+  std::vector<int64_t> ranks;
+  int64_t rank = 0; // this process's rank in the group
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout{0};
+
+  int64_t size() const {
+    return static_cast<int64_t>(ranks.size());
+  }
+  // Sum over the group, in place.
+  void all_reduce_sum(at::Tensor& t) const;
+  // Splits of dim 0 sent to / received from each member (element counts
+  // of dim 0; empty: equal splits).
+  at::Tensor all_to_all(
+      const at::Tensor& input,
+      const std::vector<int64_t>& send_splits,
+      const std::vector<int64_t>& recv_splits) const;
+  void barrier() const;
+};
+
+Group make_gloo_group(
+    const c10::intrusive_ptr<c10d::Store>& store,
+    const LaunchEnv& env,
+    const std::string& name,
+    const std::vector<int64_t>& ranks,
+    std::chrono::milliseconds timeout);
+
+} // namespace moeyard::parallel
