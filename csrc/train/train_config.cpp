@@ -277,15 +277,23 @@ TrainConfig TrainConfig::parse(
   }
   {
     auto r = top.child("parallel");
-    int64_t tp = 1, dp = 1, ep = 1;
-    r.get("tensor_parallel", tp);
-    r.get("data_parallel", dp);
-    r.get("expert_parallel", ep);
+    auto& p = c.parallel;
+    r.get("tensor_parallel", p.tensor_parallel);
+    r.get("data_parallel", p.data_parallel);
+    r.get("expert_parallel", p.expert_parallel);
+    r.get("timeout_s", p.timeout_s);
     r.finish();
-    if (tp != 1 || dp != 1 || ep != 1) {
+    if (p.data_parallel < 0) {
+      r.fail("data_parallel", "must be >= 0 (0: every process)");
+    }
+    if (p.tensor_parallel != 1 || p.expert_parallel != 1) {
       r.fail(
-          "tensor_parallel",
-          "distributed layouts are not implemented yet (issue 7); use 1");
+          p.tensor_parallel != 1 ? "tensor_parallel" : "expert_parallel",
+          "tensor and expert parallelism are not implemented yet (issue 7); "
+          "use 1");
+    }
+    if (!(p.timeout_s > 0)) {
+      r.fail("timeout_s", "must be > 0");
     }
   }
   top.finish();

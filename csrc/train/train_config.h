@@ -78,6 +78,14 @@ struct LogConfig {
   std::string metrics = ""; // JSONL file ("" : <checkpoint.dir>/metrics.jsonl)
 };
 
+struct ParallelConfig {
+  // Data-parallel replicas; 0: every process (WORLD_SIZE / tensor_parallel).
+  int64_t data_parallel = 0;
+  int64_t tensor_parallel = 1; // not implemented yet: 1
+  int64_t expert_parallel = 1; // not implemented yet: 1
+  double timeout_s = 300; // rendezvous and collective timeout
+};
+
 struct MoESchedules {
   Schedule capacity_factor; // type "none" (start < 0): keep moe.capacity_factor
   Schedule top_k;
@@ -92,6 +100,7 @@ struct TrainConfig {
   CheckpointConfig checkpoint;
   LogConfig log;
   MoESchedules schedule;
+  ParallelConfig parallel;
   std::string text; // the resolved config as YAML (saved with checkpoints)
   // model.init_from: a Hugging Face checkpoint directory whose config.json
   // defines the model and whose weights initialize it (fine-tuning).

@@ -12,11 +12,14 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
+#include <optional>
 
 #include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
 #include "io/token_shard.h"
 #include "model/transformer.h"
+#include "parallel/process_group.h"
 #include "util/log.h"
 
 namespace fs = std::filesystem;
@@ -145,6 +148,7 @@ class Trainer {
     if (cfg_.train.threads > 0) {
       at::set_num_threads(cfg_.train.threads);
     }
+    setup_parallel();
     try {
       device_ = c10::Device(cfg_.train.device);
     } catch (const std::exception&) {
@@ -208,6 +212,16 @@ class Trainer {
     }
     return "";
   }
+  // Data parallelism over every process of the launch (docs/distributed.md).
+  void setup_parallel();
+  bool distributed() const {
+    return dp_.has_value();
+  }
+  // Mean over the data-parallel ranks (identity in one process).
+  double dp_mean(double v) const;
+  // Averages the gradients of params_ over the data-parallel ranks, in one
+  // float32 buffer.
+  void all_reduce_grads();
   void build_optimizer();
   at::Tensor batch(
       const io::TokenShard& s, int64_t step, int64_t micro, bool random);
@@ -228,7 +242,83 @@ class Trainer {
   std::vector<std::string> param_names_; // parallel to params_
   std::vector<bool> opt_is_master_; // parallel to names_
   c10::Device device_{c10::kCPU};
+  parallel::LaunchEnv env_;
+  std::optional<parallel::Group> dp_;
+  int64_t dp_size_ = 1, dp_rank_ = 0;
 };
+
+void Trainer::setup_parallel() {
+  env_ = parallel::LaunchEnv::from_env();
+  log::set_rank(static_cast<int>(env_.rank));
+  const auto& p = cfg_.parallel;
+  dp_size_ = p.data_parallel > 0 ? p.data_parallel
+                                 : env_.world_size / p.tensor_parallel;
+  TORCH_CHECK(
+      dp_size_ * p.tensor_parallel == env_.world_size,
+      "config: parallel.data_parallel (",
+      dp_size_,
+      ") x parallel.tensor_parallel (",
+      p.tensor_parallel,
+      ") must equal the number of processes (WORLD_SIZE ",
+      env_.world_size,
+      ", from ",
+      env_.source,
+      ")");
+  if (env_.world_size == 1) {
+    return;
+  }
+  TORCH_CHECK(
+      cfg_.train.device == "cpu",
+      "config: train.device '",
+      cfg_.train.device,
+      "' with several processes needs NCCL groups, which are not "
+      "implemented yet (issue 7); multi-process runs are CPU (Gloo) only");
+  const auto timeout = std::chrono::milliseconds(
+      static_cast<int64_t>(cfg_.parallel.timeout_s * 1000));
+  auto store = parallel::make_store(env_, timeout);
+  std::vector<int64_t> ranks(env_.world_size);
+  std::iota(ranks.begin(), ranks.end(), 0);
+  dp_ = parallel::make_gloo_group(store, env_, "data_parallel", ranks, timeout);
+  dp_rank_ = dp_->rank;
+  log::info(log::format(
+      "data parallel: %ld processes (%s)", dp_size_, env_.source.c_str()));
+}
+
+double Trainer::dp_mean(double v) const {
+  if (!distributed()) {
+    return v;
+  }
+  auto t = at::full({1}, v, at::kDouble);
+  dp_->all_reduce_sum(t);
+  return t.item<double>() / static_cast<double>(dp_size_);
+}
+
+void Trainer::all_reduce_grads() {
+  if (!distributed()) {
+    return;
+  }
+  at::NoGradGuard g;
+  std::vector<at::Tensor> flat;
+  std::vector<at::Tensor*> dst;
+  for (auto& p : params_) {
+    if (p.grad().defined()) {
+      flat.push_back(p.grad().to(at::kFloat).reshape(-1));
+      dst.push_back(&p.mutable_grad());
+    }
+  }
+  if (flat.empty()) {
+    return;
+  }
+  auto buf = at::cat(flat);
+  dp_->all_reduce_sum(buf);
+  buf.div_(static_cast<double>(dp_size_));
+  int64_t off = 0;
+  for (auto* d : dst) {
+    const int64_t n = d->numel();
+    d->copy_(buf.narrow(0, off, n).view(d->sizes()));
+    off += n;
+  }
+}
 
 void Trainer::build_optimizer() {
   // Groups: decayed matrices, no-decay (norms, biases, embeddings), router,
@@ -349,7 +439,12 @@ void clip_experts(
 // by (seed, step, micro), so any step can be replayed after a resume.
 at::Tensor Trainer::batch(
     const io::TokenShard& s, int64_t step, int64_t micro, bool random) {
-  const int64_t B = cfg_.train.micro_batch, S = cfg_.data.seq_len;
+  // The global micro-batch has micro_batch rows per data-parallel rank;
+  // this rank reads its slice, so the run sees the same windows whatever
+  // the number of processes.
+  const int64_t B = cfg_.train.micro_batch * dp_size_, S = cfg_.data.seq_len;
+  const int64_t mine_begin = dp_rank_ * cfg_.train.micro_batch,
+                mine_end = mine_begin + cfg_.train.micro_batch;
   const int64_t span = s.size() - S;
   std::vector<at::Tensor> rows;
   uint64_t state =
@@ -366,7 +461,9 @@ at::Tensor Trainer::batch(
       start = (span / std::max<int64_t>(B * cfg_.train.eval_batches, 1)) *
               (micro * B + b);
     }
-    rows.push_back(s.read(start, S, cfg_.model.vocab_size));
+    if (b >= mine_begin && b < mine_end) {
+      rows.push_back(s.read(start, S, cfg_.model.vocab_size));
+    }
   }
   return at::stack(rows).to(device_);
 }
@@ -382,7 +479,7 @@ double Trainer::evaluate() {
     sum += model_->loss(batch(*valid_, 0, i, false)).ce.item<double>();
   }
   model_->train();
-  return sum / cfg_.train.eval_batches;
+  return dp_mean(sum / cfg_.train.eval_batches);
 }
 
 void Trainer::apply_moe_schedules(int64_t step) {
@@ -406,6 +503,12 @@ void Trainer::apply_moe_schedules(int64_t step) {
 }
 
 void Trainer::save(int64_t step) {
+  // Data-parallel replicas hold the same model and optimizer: rank 0 writes,
+  // the others wait for the commit.
+  if (dp_rank_ != 0) {
+    dp_->barrier();
+    return;
+  }
   const fs::path dir(cfg_.checkpoint.dir);
   const auto name = "step_" + std::to_string(step);
   const fs::path tmp = dir / (name + ".tmp"), final_dir = dir / name;
@@ -445,7 +548,9 @@ void Trainer::save(int64_t step) {
       {"config", cfg_.text},
       {"data_position", step},
       {"parallel",
-       {{"tensor_parallel", 1}, {"data_parallel", 1}, {"expert_parallel", 1}}}};
+       {{"tensor_parallel", 1},
+        {"data_parallel", dp_size_},
+        {"expert_parallel", 1}}}};
   std::vector<std::string> files = {
       "model.safetensors", "optimizer.safetensors", "rng.safetensors"};
   if (!cfg_.init_from.empty()) { // the architecture, for resume and export
@@ -486,6 +591,9 @@ void Trainer::save(int64_t step) {
     fs::remove_all(all[k].second);
   }
   log::info("checkpoint saved: " + final_dir.string());
+  if (distributed()) {
+    dp_->barrier();
+  }
 }
 
 int64_t Trainer::load(const std::string& dir_in) {
@@ -548,12 +656,15 @@ RunResult Trainer::run(const std::string& resume) {
       }
     }
   }
-  std::ofstream metrics(metrics_path_, std::ios::app);
+  std::ofstream metrics; // rank 0 writes the metrics
+  if (env_.rank == 0) {
+    metrics.open(metrics_path_, std::ios::app);
+  }
   auto prev_int = std::signal(SIGINT, on_signal);
   auto prev_term = std::signal(SIGTERM, on_signal);
   const int64_t total = cfg_.train.steps;
-  const int64_t tokens_per_step =
-      cfg_.train.micro_batch * cfg_.train.grad_accum * cfg_.data.seq_len;
+  const int64_t tokens_per_step = dp_size_ * cfg_.train.micro_batch *
+                                  cfg_.train.grad_accum * cfg_.data.seq_len;
   model_->train();
   auto t_start = std::chrono::steady_clock::now();
   auto t_log = t_start;
@@ -599,6 +710,26 @@ RunResult Trainer::run(const std::string& resume) {
                 m.capacity_utilization.item<double>()}});
         }
       }
+    }
+    // Across data-parallel ranks: the logged losses, a stop request from a
+    // signal on any rank, the routing counts and the gradients.
+    bool stop_requested = g_signal != 0;
+    if (distributed()) {
+      auto v = at::tensor(
+          {loss_sum, ce_sum, aux_sum, stop_requested ? 1.0 : 0.0}, at::kDouble);
+      dp_->all_reduce_sum(v);
+      loss_sum = v[0].item<double>() / dp_size_;
+      ce_sum = v[1].item<double>() / dp_size_;
+      aux_sum = v[2].item<double>() / dp_size_;
+      stop_requested = v[3].item<double>() > 0;
+      if (!layer_tokens.empty()) {
+        auto counts = at::stack(layer_tokens).to(at::kDouble);
+        dp_->all_reduce_sum(counts);
+        for (size_t l = 0; l < layer_tokens.size(); ++l) {
+          layer_tokens[l] = counts[l].to(layer_tokens[l].scalar_type());
+        }
+      }
+      all_reduce_grads();
     }
     const double loss = loss_sum / cfg_.train.grad_accum;
     if (cfg_.optim.expert_grad_clip > 0) {
@@ -716,8 +847,10 @@ RunResult Trainer::run(const std::string& resume) {
       log::info(log::format(
           "step %ld | valid loss %.4f | ppl %.2f", step, vl, std::exp(vl)));
     }
-    metrics << rec.dump() << "\n";
-    metrics.flush();
+    if (metrics.is_open()) {
+      metrics << rec.dump() << "\n";
+      metrics.flush();
+    }
     if (step % std::max<int64_t>(cfg_.log.every, 1) == 0 || step == total) {
       const auto now = std::chrono::steady_clock::now();
       const double dt = std::chrono::duration<double>(now - t_log).count();
@@ -738,7 +871,7 @@ RunResult Trainer::run(const std::string& resume) {
       t_log = now;
       logged_from = step;
     }
-    if (g_signal != 0) {
+    if (stop_requested) {
       log::warn(log::format(
           "signal %d: saving a checkpoint at step %ld and stopping",
           int(g_signal),

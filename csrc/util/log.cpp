@@ -7,17 +7,29 @@
 #include <vector>
 
 namespace moeyard::log {
+namespace {
+int g_rank = 0;
+std::string tagged(const std::string& msg) {
+  return g_rank == 0 ? msg : "[rank " + std::to_string(g_rank) + "] " + msg;
+}
+} // namespace
+
+void set_rank(int rank) {
+  g_rank = rank;
+}
 
 void info(const std::string& msg) {
-  spdlog::info("{}", msg);
+  if (g_rank == 0) {
+    spdlog::info("{}", msg);
+  }
 }
 
 void warn(const std::string& msg) {
-  spdlog::warn("{}", msg);
+  spdlog::warn("{}", tagged(msg));
 }
 
 void error(const std::string& msg) {
-  spdlog::error("{}", msg);
+  spdlog::error("{}", tagged(msg));
 }
 
 std::string format(const char* fmt, ...) {

@@ -8,6 +8,10 @@
 
 namespace moeyard::log {
 
+// In a multi-process run only rank 0 prints info; warnings and errors of
+// other ranks carry "[rank r]".
+void set_rank(int rank);
+
 void info(const std::string& msg);
 void warn(const std::string& msg);
 void error(const std::string& msg);
