@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "ops/ops.h"
+#include "parallel/expert_dispatch.h"
 
 namespace moeyard {
 namespace {
@@ -185,6 +186,15 @@ MoEOutput moe_forward(
       "moe_forward: w_gate_up and w_down are required");
   const int64_t H = x.size(-1);
   const int64_t E = w.router_weight.size(0);
+  const int64_t ep = o.expert_group ? o.expert_group->size() : 1;
+  TORCH_CHECK(
+      E % ep == 0,
+      "moe_forward: ",
+      E,
+      " experts do not split over ",
+      ep,
+      " expert-parallel ranks");
+  const int64_t El = E / ep; // experts held here
   TORCH_CHECK(
       w.router_weight.size(1) == H,
       "moe_forward: router_weight must be [",
@@ -196,20 +206,20 @@ MoEOutput moe_forward(
       ", got ",
       w.router_weight.sizes());
   TORCH_CHECK(
-      w.w_gate_up.dim() == 3 && w.w_gate_up.size(0) == E &&
+      w.w_gate_up.dim() == 3 && w.w_gate_up.size(0) == El &&
           w.w_gate_up.size(2) == H && w.w_gate_up.size(1) % 2 == 0,
       "moe_forward: w_gate_up must be [",
-      E,
+      El,
       ", 2F, ",
       H,
       "], got ",
       w.w_gate_up.sizes());
   const int64_t F = w.w_gate_up.size(1) / 2;
   TORCH_CHECK(
-      w.w_down.dim() == 3 && w.w_down.size(0) == E && w.w_down.size(1) == H &&
+      w.w_down.dim() == 3 && w.w_down.size(0) == El && w.w_down.size(1) == H &&
           w.w_down.size(2) == F,
       "moe_forward: w_down must be [",
-      E,
+      El,
       ", ",
       H,
       ", ",
@@ -219,19 +229,19 @@ MoEOutput moe_forward(
   check_options(o, E);
   TORCH_CHECK(
       !w.b_gate_up.defined() ||
-          (w.b_gate_up.dim() == 2 && w.b_gate_up.size(0) == E &&
+          (w.b_gate_up.dim() == 2 && w.b_gate_up.size(0) == El &&
            w.b_gate_up.size(1) == 2 * F),
       "moe_forward: b_gate_up must be [",
-      E,
+      El,
       ", ",
       2 * F,
       "], got ",
       w.b_gate_up.sizes());
   TORCH_CHECK(
-      !w.b_down.defined() || (w.b_down.dim() == 2 && w.b_down.size(0) == E &&
+      !w.b_down.defined() || (w.b_down.dim() == 2 && w.b_down.size(0) == El &&
                               w.b_down.size(1) == H),
       "moe_forward: b_down must be [",
-      E,
+      El,
       ", ",
       H,
       "], got ",
@@ -298,24 +308,32 @@ MoEOutput moe_forward(
     rows = (rows.to(rdt) * row_w.unsqueeze(1)).to(x2.scalar_type());
     combine = (plan.slot >= 0).to(combine.scalar_type());
   }
-  at::Tensor row_expert; // [N] expert of each row, for the expert biases
-  if (w.b_gate_up.defined() || w.b_down.defined()) {
-    row_expert = expert_of_rows(plan.offsets, rows.size(0));
-  }
-  auto h = ops::grouped_mm(rows, w.w_gate_up, plan.offsets);
-  if (w.b_gate_up.defined()) {
-    h = add_expert_bias(h, w.b_gate_up, row_expert);
-  }
-  auto act = o.activation == "clamped_swiglu"
-                 ? clamped_swiglu(h, o.swiglu_alpha, o.swiglu_limit)
-                 : ops::swiglu(h);
-  if (o.training && o.expert_dropout > 0) {
-    act = at::dropout(act, o.expert_dropout, /*train=*/true);
-  }
-  auto out_rows = ops::grouped_mm(act, w.w_down, plan.offsets);
-  if (w.b_down.defined()) {
-    out_rows = add_expert_bias(out_rows, w.b_down, row_expert);
-  }
+  // The experts held here on expert-contiguous rows laid out by `offsets`.
+  auto local_experts = [&](const at::Tensor& r, const at::Tensor& offsets) {
+    at::Tensor row_expert; // [N] expert of each row, for the expert biases
+    if (w.b_gate_up.defined() || w.b_down.defined()) {
+      row_expert = expert_of_rows(offsets, r.size(0));
+    }
+    auto h = ops::grouped_mm(r, w.w_gate_up, offsets);
+    if (w.b_gate_up.defined()) {
+      h = add_expert_bias(h, w.b_gate_up, row_expert);
+    }
+    auto act = o.activation == "clamped_swiglu"
+                   ? clamped_swiglu(h, o.swiglu_alpha, o.swiglu_limit)
+                   : ops::swiglu(h);
+    if (o.training && o.expert_dropout > 0) {
+      act = at::dropout(act, o.expert_dropout, /*train=*/true);
+    }
+    auto out = ops::grouped_mm(act, w.w_down, offsets);
+    if (w.b_down.defined()) {
+      out = add_expert_bias(out, w.b_down, row_expert);
+    }
+    return out;
+  };
+  const auto out_rows =
+      o.expert_group ? parallel::dispatch_to_experts(
+                           rows, plan.offsets, *o.expert_group, local_experts)
+                     : local_experts(rows, plan.offsets);
   auto y = ops::unpermute(out_rows, plan.slot, combine);
 
   if (w.shared_gate_up.defined()) {

@@ -10,6 +10,9 @@
 #include <string>
 
 namespace moeyard {
+namespace parallel {
+struct Group;
+}
 
 struct MoEOptions {
   int64_t top_k = 2;
@@ -37,6 +40,11 @@ struct MoEOptions {
   // (x's tokens in order) and averaged; 0: over the whole micro-batch.
   int64_t sequence_length = 0;
   bool training = false; // noise and dropout apply in training only
+  // Expert parallelism: this rank holds experts [rank * E / ep, (rank + 1)
+  // * E / ep) of the group's ep ranks (w_gate_up/w_down/b_* are those
+  // slices) and rows travel by all-to-all (csrc/parallel/expert_dispatch.h).
+  // Not owned; null: every expert is local.
+  const parallel::Group* expert_group = nullptr;
 };
 
 // Expert weights are [E, 2F, H] (gate rows, then up rows) and [E, H, F].

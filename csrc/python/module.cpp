@@ -3,8 +3,12 @@
 
 #include <torch/extension.h>
 
+#include <numeric>
+#include <optional>
+
 #include "io/hf_checkpoint.h"
 #include "model/transformer.h"
+#include "parallel/process_group.h"
 #include "text/tokenizer.h"
 #include "train/trainer.h"
 #include "version.h"
@@ -204,8 +208,8 @@ PYBIND11_MODULE(_C, m) {
          const std::string& base_config_json,
          int64_t max_shard_bytes) {
         const auto base = base_config_json.empty()
-            ? nlohmann::json(nullptr)
-            : nlohmann::json::parse(base_config_json);
+                              ? nlohmann::json(nullptr)
+                              : nlohmann::json::parse(base_config_json);
         moeyard::io::save_hf(model, family, out_dir, base, max_shard_bytes);
       },
       py::arg("model"),
@@ -215,6 +219,61 @@ PYBIND11_MODULE(_C, m) {
       py::arg("max_shard_bytes") = int64_t(5) << 30,
       "writes config.json + safetensors in the family's own layout");
   m.def("hf_families", &moeyard::io::hf_families);
+
+  // Expert parallelism from Python, for multi-process tests under torchrun:
+  // one expert-parallel group over every process of the launch.
+  static std::optional<moeyard::parallel::Group> ep_group;
+  m.def(
+      "_ep_init",
+      [](double timeout_s) {
+        namespace par = moeyard::parallel;
+        const auto env = par::LaunchEnv::from_env();
+        const auto timeout =
+            std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+        auto store = par::make_store(env, timeout);
+        std::vector<int64_t> ranks(env.world_size);
+        std::iota(ranks.begin(), ranks.end(), 0);
+        ep_group =
+            par::make_gloo_group(store, env, "expert_parallel", ranks, timeout);
+        return py::make_tuple(env.rank, env.world_size);
+      },
+      py::arg("timeout_s") = 60.0);
+  m.def(
+      "_moe_forward_ep",
+      [](const at::Tensor& x,
+         const at::Tensor& router_weight,
+         const at::Tensor& w_gate_up,
+         const at::Tensor& w_down,
+         int64_t top_k,
+         double capacity_factor,
+         const std::optional<at::Tensor>& b_gate_up,
+         const std::optional<at::Tensor>& b_down,
+         const std::string& activation) {
+        TORCH_CHECK(
+            ep_group.has_value(), "_moe_forward_ep: call _ep_init first");
+        moeyard::MoEWeights w;
+        w.router_weight = router_weight;
+        w.w_gate_up = w_gate_up;
+        w.w_down = w_down;
+        w.b_gate_up = b_gate_up.value_or(at::Tensor());
+        w.b_down = b_down.value_or(at::Tensor());
+        moeyard::MoEOptions o;
+        o.top_k = top_k;
+        o.capacity_factor = capacity_factor;
+        o.activation = activation;
+        o.expert_group = &*ep_group;
+        auto out = moeyard::moe_forward(x, w, o);
+        return py::make_tuple(out.y, out.indices);
+      },
+      py::arg("x"),
+      py::arg("router_weight"),
+      py::arg("w_gate_up"),
+      py::arg("w_down"),
+      py::arg("top_k") = 2,
+      py::arg("capacity_factor") = 0.0,
+      py::arg("b_gate_up") = py::none(),
+      py::arg("b_down") = py::none(),
+      py::arg("activation") = "swiglu");
 
   // Hugging Face tokenizer.json (csrc/text/tokenizer.h).
   py::class_<moeyard::Tokenizer>(m, "Tokenizer")
