@@ -128,6 +128,10 @@ class MoELayerImpl : public torch::nn::Module {
   MoEOutput forward(const at::Tensor& x, const at::Tensor& mask) const;
   // Aux-loss-free balancing: bias += rate * sign(mean_load - load_e).
   void update_selection_bias(const at::Tensor& tokens_per_expert, double rate);
+  // Expert parallelism: keeps experts [rank * E / ep, (rank + 1) * E / ep)
+  // of w_gate_up, w_down, b_gate_up, b_down (same parameter names, sliced)
+  // and routes rows through `group` (not owned).
+  void shard_experts(int64_t rank, int64_t ep, const parallel::Group* group);
   MoEWeights weights() const;
   Linear router{nullptr};
   at::Tensor w_gate_up, w_down, shared_gate_up, shared_down, shared_gate,

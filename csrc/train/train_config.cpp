@@ -286,11 +286,13 @@ TrainConfig TrainConfig::parse(
     if (p.data_parallel < 0) {
       r.fail("data_parallel", "must be >= 0 (0: every process)");
     }
-    if (p.tensor_parallel != 1 || p.expert_parallel != 1) {
+    if (p.tensor_parallel != 1) {
       r.fail(
-          p.tensor_parallel != 1 ? "tensor_parallel" : "expert_parallel",
-          "tensor and expert parallelism are not implemented yet (issue 7); "
-          "use 1");
+          "tensor_parallel",
+          "tensor parallelism is not implemented yet (issue 7); use 1");
+    }
+    if (p.expert_parallel < 1) {
+      r.fail("expert_parallel", "must be >= 1");
     }
     if (!(p.timeout_s > 0)) {
       r.fail("timeout_s", "must be > 0");
@@ -298,6 +300,23 @@ TrainConfig TrainConfig::parse(
   }
   top.finish();
   c.model.validate();
+  if (c.parallel.expert_parallel > 1) {
+    TORCH_CHECK(
+        c.model.moe.num_experts % c.parallel.expert_parallel == 0,
+        "config: moe.num_experts (",
+        c.model.moe.num_experts,
+        ") must be divisible by parallel.expert_parallel (",
+        c.parallel.expert_parallel,
+        ")");
+    TORCH_CHECK(
+        c.parallel.data_parallel == 0 ||
+            c.parallel.data_parallel % c.parallel.expert_parallel == 0,
+        "config: parallel.data_parallel (",
+        c.parallel.data_parallel,
+        ") must be divisible by parallel.expert_parallel (",
+        c.parallel.expert_parallel,
+        "): experts are sharded inside each data-parallel group");
+  }
   if (c.data.seq_len > c.model.max_seq_len) {
     TORCH_CHECK(
         false,

@@ -165,7 +165,6 @@ class Trainer {
       valid_ = std::make_unique<io::TokenShard>(cfg_.data.valid);
       check_shard(*valid_, "data.valid");
     }
-    build_optimizer();
     metrics_path_ =
         cfg_.log.metrics.empty()
             ? (fs::path(cfg_.checkpoint.dir) / "metrics.jsonl").string()
@@ -219,15 +218,29 @@ class Trainer {
   }
   // Mean over the data-parallel ranks (identity in one process).
   double dp_mean(double v) const;
-  // Averages the gradients of params_ over the data-parallel ranks, in one
-  // float32 buffer.
+  // Averages the gradients of params_ over the data-parallel ranks (expert
+  // slices over the expert-data-parallel ranks), in float32 buffers.
   void all_reduce_grads();
+  // Expert parallelism: slices every MoE layer's experts to this rank's.
+  void shard_experts();
+  // The full tensor of an expert parameter (or its optimizer state) from
+  // every expert-parallel rank's slice; `t` itself otherwise.
+  at::Tensor gather_experts(const std::string& name, const at::Tensor& t) const;
+  // This rank's slice of a full expert tensor read from a checkpoint.
+  at::Tensor expert_slice(const std::string& name, const at::Tensor& t) const;
+  bool is_expert(const std::string& name) const {
+    return ep_.has_value() && (ends_with(name, ".moe.w_gate_up") ||
+                               ends_with(name, ".moe.w_down") ||
+                               ends_with(name, ".moe.b_gate_up") ||
+                               ends_with(name, ".moe.b_down"));
+  }
+  void load_model_state(const std::string& dir);
+  int64_t load_optimizer_state(const std::string& dir);
   void build_optimizer();
   at::Tensor batch(
       const io::TokenShard& s, int64_t step, int64_t micro, bool random);
   double evaluate();
   void save(int64_t step);
-  int64_t load(const std::string& dir);
   void apply_moe_schedules(int64_t step);
 
   TrainConfig cfg_;
@@ -243,8 +256,8 @@ class Trainer {
   std::vector<bool> opt_is_master_; // parallel to names_
   c10::Device device_{c10::kCPU};
   parallel::LaunchEnv env_;
-  std::optional<parallel::Group> dp_;
-  int64_t dp_size_ = 1, dp_rank_ = 0;
+  std::optional<parallel::Group> dp_, ep_, edp_; // data, expert, expert-data
+  int64_t dp_size_ = 1, dp_rank_ = 0, ep_size_ = 1, ep_rank_ = 0;
 };
 
 void Trainer::setup_parallel() {
@@ -264,6 +277,13 @@ void Trainer::setup_parallel() {
       ", from ",
       env_.source,
       ")");
+  TORCH_CHECK(
+      dp_size_ % p.expert_parallel == 0,
+      "config: parallel.expert_parallel (",
+      p.expert_parallel,
+      ") must divide the data-parallel size (",
+      dp_size_,
+      ")");
   if (env_.world_size == 1) {
     return;
   }
@@ -280,8 +300,81 @@ void Trainer::setup_parallel() {
   std::iota(ranks.begin(), ranks.end(), 0);
   dp_ = parallel::make_gloo_group(store, env_, "data_parallel", ranks, timeout);
   dp_rank_ = dp_->rank;
+  ep_size_ = p.expert_parallel;
+  if (ep_size_ > 1) {
+    // Rank order: expert-parallel ranks are consecutive, expert-data-parallel
+    // ranks stride by ep (DESIGN).
+    ep_rank_ = env_.rank % ep_size_;
+    const int64_t edp_rank = env_.rank / ep_size_;
+    std::vector<int64_t> ep_ranks, edp_ranks;
+    for (int64_t i = 0; i < ep_size_; ++i) {
+      ep_ranks.push_back(edp_rank * ep_size_ + i);
+    }
+    for (int64_t j = 0; j < dp_size_ / ep_size_; ++j) {
+      edp_ranks.push_back(j * ep_size_ + ep_rank_);
+    }
+    ep_ = parallel::make_gloo_group(
+        store,
+        env_,
+        "expert_parallel_" + std::to_string(edp_rank),
+        ep_ranks,
+        timeout);
+    edp_ = parallel::make_gloo_group(
+        store,
+        env_,
+        "expert_data_parallel_" + std::to_string(ep_rank_),
+        edp_ranks,
+        timeout);
+  }
   log::info(log::format(
-      "data parallel: %ld processes (%s)", dp_size_, env_.source.c_str()));
+      "data parallel: %ld processes (%s), expert parallel %ld",
+      dp_size_,
+      env_.source.c_str(),
+      ep_size_));
+}
+
+void Trainer::shard_experts() {
+  if (!ep_) {
+    return;
+  }
+  for (const auto& m : model_->layers->children()) {
+    auto block = std::dynamic_pointer_cast<BlockImpl>(m);
+    if (block && block->moe) {
+      block->moe->shard_experts(ep_rank_, ep_size_, &*ep_);
+    }
+  }
+}
+
+at::Tensor Trainer::gather_experts(
+    const std::string& name, const at::Tensor& t) const {
+  if (!is_expert(name) || t.dim() == 0) {
+    return t;
+  }
+  // Zeros except this rank's slice, summed over the expert-parallel group.
+  auto sizes = t.sizes().vec();
+  const int64_t El = sizes[0];
+  sizes[0] = El * ep_size_;
+  auto full = at::zeros(sizes, t.options().dtype(at::kFloat));
+  full.narrow(0, ep_rank_ * El, El).copy_(t.detach());
+  ep_->all_reduce_sum(full);
+  return full.to(t.scalar_type());
+}
+
+at::Tensor Trainer::expert_slice(
+    const std::string& name, const at::Tensor& t) const {
+  if (!is_expert(name) || t.dim() == 0) {
+    return t;
+  }
+  TORCH_CHECK(
+      t.size(0) % ep_size_ == 0,
+      "checkpoint: expert tensor '",
+      name,
+      "' has ",
+      t.size(0),
+      " experts, not divisible by expert_parallel ",
+      ep_size_);
+  const int64_t El = t.size(0) / ep_size_;
+  return t.narrow(0, ep_rank_ * El, El);
 }
 
 double Trainer::dp_mean(double v) const {
@@ -298,25 +391,36 @@ void Trainer::all_reduce_grads() {
     return;
   }
   at::NoGradGuard g;
-  std::vector<at::Tensor> flat;
-  std::vector<at::Tensor*> dst;
-  for (auto& p : params_) {
-    if (p.grad().defined()) {
-      flat.push_back(p.grad().to(at::kFloat).reshape(-1));
-      dst.push_back(&p.mutable_grad());
+  // Dense gradients are summed over the data-parallel ranks; an expert
+  // slice's gradient already holds its whole expert-parallel group's tokens
+  // (the dispatcher's backward), so it is summed over expert-data-parallel
+  // ranks only. Both are then divided by the replicas: the gradient of the
+  // mean loss.
+  for (const bool expert : {false, true}) {
+    const auto& group = expert ? edp_ : dp_;
+    std::vector<at::Tensor> flat;
+    std::vector<at::Tensor*> dst;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      auto& p = params_[i];
+      if (p.grad().defined() && is_expert(param_names_[i]) == expert) {
+        flat.push_back(p.grad().to(at::kFloat).reshape(-1));
+        dst.push_back(&p.mutable_grad());
+      }
     }
-  }
-  if (flat.empty()) {
-    return;
-  }
-  auto buf = at::cat(flat);
-  dp_->all_reduce_sum(buf);
-  buf.div_(static_cast<double>(dp_size_));
-  int64_t off = 0;
-  for (auto* d : dst) {
-    const int64_t n = d->numel();
-    d->copy_(buf.narrow(0, off, n).view(d->sizes()));
-    off += n;
+    if (flat.empty()) {
+      continue;
+    }
+    auto buf = at::cat(flat);
+    if (group && group->size() > 1) {
+      group->all_reduce_sum(buf);
+    }
+    buf.div_(static_cast<double>(dp_size_));
+    int64_t off = 0;
+    for (auto* d : dst) {
+      const int64_t n = d->numel();
+      d->copy_(buf.narrow(0, off, n).view(d->sizes()));
+      off += n;
+    }
   }
 }
 
@@ -503,20 +607,13 @@ void Trainer::apply_moe_schedules(int64_t step) {
 }
 
 void Trainer::save(int64_t step) {
-  // Data-parallel replicas hold the same model and optimizer: rank 0 writes,
-  // the others wait for the commit.
-  if (dp_rank_ != 0) {
-    dp_->barrier();
-    return;
-  }
-  const fs::path dir(cfg_.checkpoint.dir);
-  const auto name = "step_" + std::to_string(step);
-  const fs::path tmp = dir / (name + ".tmp"), final_dir = dir / name;
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
+  // Full tensors under global names: expert slices are gathered from the
+  // expert-parallel ranks (every rank takes part), then rank 0 writes, as
+  // the data-parallel replicas hold the same model and optimizer, and the
+  // others wait for the commit. The checkpoint loads at any layout.
   io::TensorMap model_t, opt_t;
   for (const auto& p : model_->named_parameters()) {
-    model_t[p.key()] = p.value();
+    model_t[p.key()] = gather_experts(p.key(), p.value());
   }
   for (const auto& b : model_->named_buffers()) {
     model_t[b.key()] = b.value();
@@ -529,16 +626,26 @@ void Trainer::save(int64_t step) {
       auto it = state.find(p.unsafeGetTensorImpl());
       if (it != state.end()) {
         auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
-        opt_t[names_[i] + ".exp_avg"] = s.exp_avg();
-        opt_t[names_[i] + ".exp_avg_sq"] = s.exp_avg_sq();
-        opt_t[names_[i] + ".step"] = at::full({}, s.step(), at::kLong);
+        const auto& n = names_[i];
+        opt_t[n + ".exp_avg"] = gather_experts(n, s.exp_avg());
+        opt_t[n + ".exp_avg_sq"] = gather_experts(n, s.exp_avg_sq());
+        opt_t[n + ".step"] = at::full({}, s.step(), at::kLong);
         if (opt_is_master_[i]) {
-          opt_t[names_[i] + ".master"] = p;
+          opt_t[n + ".master"] = gather_experts(n, p);
         }
       }
       ++i;
     }
   }
+  if (dp_rank_ != 0) {
+    dp_->barrier();
+    return;
+  }
+  const fs::path dir(cfg_.checkpoint.dir);
+  const auto name = "step_" + std::to_string(step);
+  const fs::path tmp = dir / (name + ".tmp"), final_dir = dir / name;
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
   io::save_safetensors((tmp / "model.safetensors").string(), model_t);
   io::save_safetensors((tmp / "optimizer.safetensors").string(), opt_t);
   auto rng = at::detail::getDefaultCPUGenerator().get_state();
@@ -550,7 +657,7 @@ void Trainer::save(int64_t step) {
       {"parallel",
        {{"tensor_parallel", 1},
         {"data_parallel", dp_size_},
-        {"expert_parallel", 1}}}};
+        {"expert_parallel", ep_size_}}}};
   std::vector<std::string> files = {
       "model.safetensors", "optimizer.safetensors", "rng.safetensors"};
   if (!cfg_.init_from.empty()) { // the architecture, for resume and export
@@ -596,10 +703,15 @@ void Trainer::save(int64_t step) {
   }
 }
 
-int64_t Trainer::load(const std::string& dir_in) {
+void Trainer::load_model_state(const std::string& dir) {
+  read_manifest(fs::path(dir)); // SHA-256 of every file
+  load_model_tensors(*model_, fs::path(dir));
+}
+
+int64_t Trainer::load_optimizer_state(const std::string& dir_in) {
   const fs::path dir(dir_in);
-  const json manifest = read_manifest(dir);
-  load_model_tensors(*model_, dir);
+  std::ifstream in(dir / "manifest.json");
+  const json manifest = json::parse(in);
   auto opt_t = io::load_safetensors((dir / "optimizer.safetensors").string());
   size_t i = 0;
   for (auto& group : opt_->param_groups()) {
@@ -607,12 +719,12 @@ int64_t Trainer::load(const std::string& dir_in) {
       const auto& n = names_[i];
       if (opt_t.count(n + ".exp_avg")) {
         auto s = std::make_unique<torch::optim::AdamWParamState>();
-        s->exp_avg(opt_t.at(n + ".exp_avg"));
-        s->exp_avg_sq(opt_t.at(n + ".exp_avg_sq"));
+        s->exp_avg(expert_slice(n, opt_t.at(n + ".exp_avg")).clone());
+        s->exp_avg_sq(expert_slice(n, opt_t.at(n + ".exp_avg_sq")).clone());
         s->step(opt_t.at(n + ".step").item<int64_t>());
         opt_->state()[p.unsafeGetTensorImpl()] = std::move(s);
         if (opt_is_master_[i]) {
-          p.detach().copy_(opt_t.at(n + ".master"));
+          p.detach().copy_(expert_slice(n, opt_t.at(n + ".master")));
         }
       }
       ++i;
@@ -638,9 +750,10 @@ RunResult Trainer::run(const std::string& resume) {
   } else if (resume != "never") {
     from = resume;
   }
+  // The full model first (a checkpoint of any layout, or a fresh init),
+  // then this rank's expert slices, then the optimizer over what it holds.
   if (!from.empty()) {
-    step = load(from);
-    log::info(log::format("resumed from %s at step %ld", from.c_str(), step));
+    load_model_state(from);
   } else {
     at::manual_seed(cfg_.train.seed);
     if (cfg_.init_from.empty()) {
@@ -649,12 +762,12 @@ RunResult Trainer::run(const std::string& resume) {
       io::load_hf_weights(*model_, cfg_.hf_config, cfg_.init_from);
       log::info("initialized from " + cfg_.init_from);
     }
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (masters_[i].defined()) {
-        at::NoGradGuard g;
-        masters_[i].copy_(params_[i]);
-      }
-    }
+  }
+  shard_experts();
+  build_optimizer();
+  if (!from.empty()) {
+    step = load_optimizer_state(from);
+    log::info(log::format("resumed from %s at step %ld", from.c_str(), step));
   }
   std::ofstream metrics; // rank 0 writes the metrics
   if (env_.rank == 0) {
@@ -742,10 +855,16 @@ RunResult Trainer::run(const std::string& resume) {
       }
     }
     std::vector<at::Tensor> opt_params;
-    for (auto& g : opt_->param_groups()) {
-      for (auto& p : g.params()) {
-        if (p.grad().defined()) {
-          opt_params.push_back(p);
+    std::vector<bool> opt_expert; // an expert slice (counted over EP ranks)
+    {
+      size_t k = 0;
+      for (auto& g : opt_->param_groups()) {
+        for (auto& p : g.params()) {
+          if (p.grad().defined()) {
+            opt_params.push_back(p);
+            opt_expert.push_back(is_expert(names_[k]));
+          }
+          ++k;
         }
       }
     }
@@ -753,16 +872,31 @@ RunResult Trainer::run(const std::string& resume) {
     {
       at::NoGradGuard g;
       // Per-tensor norms in the gradients' own dtype (no float64 copies of
-      // every gradient), combined in float64.
+      // every gradient), combined in float64. Every parameter is counted
+      // once: replicated ones here, expert slices summed over the
+      // expert-parallel group.
       std::vector<at::Tensor> grads;
       grads.reserve(opt_params.size());
       for (auto& p : opt_params) {
         grads.push_back(p.grad());
       }
-      const auto norms =
-          grads.empty() ? at::zeros({0}) : at::stack(at::_foreach_norm(grads));
-      grad_norm =
-          std::sqrt(norms.to(at::kDouble).square().sum().item<double>());
+      const auto sq =
+          grads.empty()
+              ? at::zeros({0}, at::kDouble)
+              : at::stack(at::_foreach_norm(grads)).to(at::kDouble).square();
+      double dense = 0;
+      auto expert = at::zeros({1}, at::kDouble);
+      for (size_t k = 0; k < opt_params.size(); ++k) {
+        if (opt_expert[k]) {
+          expert += sq[k];
+        } else {
+          dense += sq[k].item<double>();
+        }
+      }
+      if (ep_) {
+        ep_->all_reduce_sum(expert);
+      }
+      grad_norm = std::sqrt(dense + expert.item<double>());
     }
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
       ++result.skipped_steps;

@@ -156,24 +156,27 @@ def assert_same_run(a, b, tol=2e-5):
         assert (pa[n] - pb[n]).abs().max().item() <= 1e-4, n
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_data_parallel_matches_one_process(tmp_path, shards, nproc):
-    """The same global batch (4 rows) on 1 process and split over N: the
-    losses, gradient norms, routing counts (which drive the selection-bias
-    update) and the trained parameters agree."""
+@pytest.mark.parametrize("nproc,ep", [(2, 1), (4, 1), (2, 2), (4, 2), (4, 4)])
+def test_parallel_training_matches_one_process(tmp_path, shards, nproc, ep):
+    """The same global batch (4 rows) on 1 process and split over N data-
+    parallel processes, with the 4 experts sharded over ep of them (DP2, DP4,
+    EP2, DP2xEP2, EP4): the losses, gradient norms, routing counts (which drive
+    the selection-bias update) and the trained parameters agree, and the
+    checkpoint (full tensors) resumes in one process."""
     single = dp_config(tmp_path, shards, "single", 4)
     r = subprocess.run([EXE, "train", "--config", str(single)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     dp = dp_config(tmp_path, shards, "dp", 4 // nproc)
-    r = torchrun(nproc, "train", "--config", str(dp), timeout=300)
+    r = torchrun(nproc, "train", "--config", str(dp), "--set", f"parallel.expert_parallel={ep}", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"data parallel: {nproc} processes" in r.stderr + r.stdout
+    assert f"data parallel: {nproc} processes (torchrun), expert parallel {ep}" in r.stderr + r.stdout
     assert_same_run(tmp_path / "single", tmp_path / "dp")
     # A data-parallel checkpoint resumes in one process.
     import json
 
     manifest = json.loads((tmp_path / "dp" / "step_3" / "manifest.json").read_text())
     assert manifest["parallel"]["data_parallel"] == nproc
+    assert manifest["parallel"]["expert_parallel"] == ep
     resumed = dp_config(tmp_path, shards, "resumed", 4)
     r = subprocess.run([EXE, "train", "--config", str(resumed), "--resume", str(tmp_path / "dp" / "step_3")],
                        capture_output=True, text=True, timeout=300)
@@ -215,9 +218,15 @@ def test_layout_must_match_the_launch(tmp_path, shards):
     assert r.returncode != 0
     assert "parallel.data_parallel (4) x parallel.tensor_parallel (1) must equal the number of processes " \
            "(WORLD_SIZE 2, from torchrun)" in r.stderr
-    r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.expert_parallel=2"],
+    r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.tensor_parallel=2"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "not implemented yet (issue 7)" in r.stderr
+    r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.expert_parallel=3"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "moe.num_experts (4) must be divisible by parallel.expert_parallel (3)" in r.stderr
+    r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.expert_parallel=2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "parallel.expert_parallel (2) must divide the data-parallel size (1)" in r.stderr
 
 
 # ---- expert parallelism ----------------------------------------------------------
@@ -235,3 +244,18 @@ def test_expert_parallel_dispatch_matches_all_local_experts(nproc, args):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
     assert r.stdout.count("expert-parallel output and gradients match") == nproc
+
+
+def test_checkpoint_reshards_from_one_process_to_dp2_ep2(tmp_path, shards):
+    """A one-process checkpoint resumes on 4 processes with the experts
+    sharded over 2 (DP2 x EP2) and ends where the one-process run ends."""
+    single = dp_config(tmp_path, shards, "single", 4)
+    r = subprocess.run([EXE, "train", "--config", str(single)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = dp_config(tmp_path, shards, "resharded", 1)
+    r = torchrun(4, "train", "--config", str(cfg), "--set", "parallel.expert_parallel=2", "--resume",
+                 str(tmp_path / "single" / "step_3"), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pa, pb = final_model(tmp_path / "single"), final_model(tmp_path / "resharded")
+    for n in pa:
+        assert (pa[n] - pb[n]).abs().max().item() <= 1e-4, n
