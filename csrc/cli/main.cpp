@@ -269,6 +269,9 @@ int main(int argc, char** argv) {
     } else if (*train) {
       auto cfg = moeyard::train::TrainConfig::load(config, overrides);
       auto r = moeyard::train::run_training(cfg, resume);
+      if (moeyard::parallel::LaunchEnv::from_env().rank != 0) {
+        return r.interrupted ? 130 : 0; // rank 0 reports
+      }
       std::cout << "done: " << r.steps_done << " steps, final loss "
                 << r.final_loss
                 << (r.final_valid_loss > 0
