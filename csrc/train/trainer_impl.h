@@ -1,0 +1,169 @@
+#pragma once
+// Internal to csrc/train: the Trainer class, whose members are defined in
+// trainer.cpp (the loop, optimizer, data), checkpoint.cpp (save and load)
+// and trainer_parallel.cpp (process groups, gradient reduction, expert
+// sharding).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/optim/adamw.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <optional>
+
+#include "io/hf_checkpoint.h"
+#include "io/safetensors.h"
+#include "io/token_shard.h"
+#include "model/transformer.h"
+#include "parallel/process_group.h"
+#include "util/log.h"
+
+#include "train/trainer.h"
+
+namespace moeyard::train::detail {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+inline bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Learning-rate multiplier at `step` (0-based) of `total`.
+
+// Verifies every file's SHA-256 against a checkpoint's manifest.json and
+// returns the manifest.
+json read_manifest(const fs::path& dir);
+
+// Copies a checkpoint's model tensors into `model`: every name and shape
+// must match, in both directions.
+void load_model_tensors(TransformerImpl& model, const fs::path& dir);
+
+class Trainer {
+ public:
+  Trainer(const TrainConfig& c) : cfg_(c), model_(c.model) {
+    if (cfg_.train.threads > 0) {
+      at::set_num_threads(cfg_.train.threads);
+    }
+    setup_parallel();
+    try {
+      device_ = c10::Device(cfg_.train.device);
+    } catch (const std::exception&) {
+      TORCH_CHECK(
+          false,
+          "config: train.device must be cpu, cuda or cuda:N, got '",
+          cfg_.train.device,
+          "'");
+    }
+    model_->to(device_);
+    train_ = std::make_unique<io::TokenShard>(cfg_.data.train);
+    check_shard(*train_, "data.train");
+    if (!cfg_.data.valid.empty()) {
+      valid_ = std::make_unique<io::TokenShard>(cfg_.data.valid);
+      check_shard(*valid_, "data.valid");
+    }
+    metrics_path_ =
+        cfg_.log.metrics.empty()
+            ? (fs::path(cfg_.checkpoint.dir) / "metrics.jsonl").string()
+            : cfg_.log.metrics;
+  }
+
+  RunResult run(const std::string& resume);
+
+ private:
+  void check_shard(const io::TokenShard& s, const char* field) {
+    TORCH_CHECK(
+        s.vocab_size() <= cfg_.model.vocab_size,
+        "config: ",
+        field,
+        " (",
+        s.path(),
+        ") was made for a vocabulary of ",
+        s.vocab_size(),
+        " tokens but model.vocab_size is ",
+        cfg_.model.vocab_size);
+    TORCH_CHECK(
+        s.size() > cfg_.data.seq_len,
+        "config: ",
+        field,
+        " (",
+        s.path(),
+        ") has ",
+        s.size(),
+        " tokens, fewer than data.seq_len + 1 = ",
+        cfg_.data.seq_len + 1);
+  }
+
+  // The tokenizer the data was made with: tokenizer.json beside the train
+  // shard (scripts/prepare_data.py puts it there), else init_from's; "" for
+  // byte-level data.
+  std::string tokenizer_path() const {
+    auto data_dir = fs::path(cfg_.data.train).parent_path();
+    if (fs::exists((data_dir.empty() ? "." : data_dir) / "tokenizer.json")) {
+      return ((data_dir.empty() ? "." : data_dir) / "tokenizer.json").string();
+    }
+    if (!cfg_.init_from.empty() &&
+        fs::exists(fs::path(cfg_.init_from) / "tokenizer.json")) {
+      return (fs::path(cfg_.init_from) / "tokenizer.json").string();
+    }
+    return "";
+  }
+  // Data parallelism over every process of the launch (docs/distributed.md).
+  void setup_parallel();
+  bool distributed() const {
+    return dp_.has_value();
+  }
+  // Mean over the data-parallel ranks (identity in one process).
+  double dp_mean(double v) const;
+  // Averages the gradients of params_ over the data-parallel ranks (expert
+  // slices over the expert-data-parallel ranks), in float32 buffers.
+  void all_reduce_grads();
+  // Expert parallelism: slices every MoE layer's experts to this rank's.
+  void shard_experts();
+  // The full tensor of an expert parameter (or its optimizer state) from
+  // every expert-parallel rank's slice; `t` itself otherwise.
+  at::Tensor gather_experts(const std::string& name, const at::Tensor& t) const;
+  // This rank's slice of a full expert tensor read from a checkpoint.
+  at::Tensor expert_slice(const std::string& name, const at::Tensor& t) const;
+  bool is_expert(const std::string& name) const {
+    return ep_.has_value() && (ends_with(name, ".moe.w_gate_up") ||
+                               ends_with(name, ".moe.w_down") ||
+                               ends_with(name, ".moe.b_gate_up") ||
+                               ends_with(name, ".moe.b_down"));
+  }
+  void load_model_state(const std::string& dir);
+  int64_t load_optimizer_state(const std::string& dir);
+  void build_optimizer();
+  at::Tensor batch(
+      const io::TokenShard& s, int64_t step, int64_t micro, bool random);
+  double evaluate();
+  void save(int64_t step);
+  void apply_moe_schedules(int64_t step);
+
+  TrainConfig cfg_;
+  Transformer model_;
+  std::unique_ptr<io::TokenShard> train_, valid_;
+  std::unique_ptr<torch::optim::AdamW> opt_;
+  std::vector<double> base_lr_; // per parameter group
+  std::vector<std::string> names_; // parameter names in optimizer order
+  std::vector<at::Tensor> params_,
+      masters_; // masters: fp32 copies of non-fp32 params
+  std::string metrics_path_;
+  std::vector<std::string> param_names_; // parallel to params_
+  std::vector<bool> opt_is_master_; // parallel to names_
+  c10::Device device_{c10::kCPU};
+  parallel::LaunchEnv env_;
+  std::optional<parallel::Group> dp_, ep_, edp_; // data, expert, expert-data
+  int64_t dp_size_ = 1, dp_rank_ = 0, ep_size_ = 1, ep_rank_ = 0;
+};
+
+} // namespace moeyard::train::detail
