@@ -73,6 +73,10 @@ class MoE(nn.Module):
             on the router input), or ``"none"``.
         noise_eps: jitter amplitude. temperature: Gumbel temperature.
         expert_dropout: dropout on the experts' hidden activations (training).
+        activation: the routed experts' ``"swiglu"``, or GPT-OSS's
+            ``"clamped_swiglu"`` (``swiglu_alpha``, ``swiglu_limit``).
+        expert_bias: per-expert biases ``b_gate_up [E, 2F]`` and
+            ``b_down [E, H]`` (GPT-OSS).
         dtype, device: of the experts and shared experts (the router is
             float32 always).
     """
@@ -103,6 +107,10 @@ class MoE(nn.Module):
         noise_eps: float = 1e-2,
         temperature: float = 1.0,
         expert_dropout: float = 0.0,
+        activation: str = "swiglu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        expert_bias: bool = False,
         dtype: Optional[torch.dtype] = None,
         device=None,
     ) -> None:
@@ -132,12 +140,20 @@ class MoE(nn.Module):
         if not 0.0 <= expert_dropout < 1.0:
             raise ValueError(f"MoE: expert_dropout must be in [0, 1), got {expert_dropout}")
         self.expert_dropout = expert_dropout
+        _check_choice("activation", activation, ("swiglu", "clamped_swiglu"))
+        if activation == "clamped_swiglu" and not swiglu_limit > 0:
+            raise ValueError(f"MoE: swiglu_limit must be > 0, got {swiglu_limit}")
+        self.activation, self.swiglu_alpha, self.swiglu_limit = activation, swiglu_alpha, swiglu_limit
 
         fp32 = dict(device=device, dtype=torch.float32)
         dd = dict(device=device, dtype=dtype)
         self.router = nn.Linear(hidden_size, num_experts, bias=router_bias, **fp32)
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, hidden_size, **dd))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, **dd))
+        self.b_gate_up = self.b_down = None
+        if expert_bias:
+            self.b_gate_up = nn.Parameter(torch.zeros(num_experts, 2 * ffn_size, **dd))
+            self.b_down = nn.Parameter(torch.zeros(num_experts, hidden_size, **dd))
         if selection_bias:
             self.register_buffer("selection_bias", torch.zeros(num_experts, **fp32))
         else:
@@ -194,6 +210,11 @@ class MoE(nn.Module):
             self.expert_dropout,
             0,
             self.training,
+            self.b_gate_up,
+            self.b_down,
+            self.activation,
+            self.swiglu_alpha,
+            self.swiglu_limit,
         )
         return out[0], MoEResult(*out[1:])
 

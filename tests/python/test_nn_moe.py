@@ -276,3 +276,34 @@ def test_wrong_input_shape_names_the_field():
 def test_package_exports():
     assert moeyard.__version__ == "0.1.0"
     assert callable(moeyard.ops.router_topk)
+
+
+def test_gpt_oss_style_experts_match_a_loop():
+    """nn.MoE with expert biases and the clamped SwiGLU (GPT-OSS) against a
+    per-token loop, outputs and gradients of the biases."""
+    torch.manual_seed(11)
+    H, F, E, K, T = 16, 8, 4, 2, 12
+    moe = moeyard.MoE(H, F, E, K, router_bias=True, expert_bias=True, activation="clamped_swiglu",
+                      swiglu_limit=0.8)
+    with torch.no_grad():
+        moe.b_gate_up.normal_()
+        moe.b_down.normal_()
+        moe.router.bias.normal_()
+    x = torch.randn(T, H)
+    y, _ = moe(x)
+    p = (x @ moe.router.weight.t() + moe.router.bias).softmax(-1)
+    w, idx = p.topk(K, -1)
+    w = w / w.sum(-1, keepdim=True)
+    want = torch.zeros_like(x)
+    for t in range(T):
+        for j in range(K):
+            e = idx[t, j]
+            h = moe.w_gate_up[e] @ x[t] + moe.b_gate_up[e]
+            g, u = h[:F].clamp(max=0.8), h[F:].clamp(-0.8, 0.8)
+            want[t] += w[t, j] * (moe.w_down[e] @ ((u + 1) * g * torch.sigmoid(1.702 * g)) + moe.b_down[e])
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    (g1,) = torch.autograd.grad(y.sum(), [moe.b_down])
+    (g2,) = torch.autograd.grad(want.sum(), [moe.b_down])
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="activation must be one of swiglu, clamped_swiglu, got 'relu'"):
+        moeyard.MoE(H, F, E, K, activation="relu")
