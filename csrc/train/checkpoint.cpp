@@ -162,7 +162,12 @@ void Trainer::save(int64_t step) {
   for (const auto& e : fs::directory_iterator(dir)) {
     const auto n = e.path().filename().string();
     if (e.is_directory() && n.rfind("step_", 0) == 0 && !ends_with(n, ".tmp")) {
-      all.emplace_back(std::stoll(n.substr(5)), e.path());
+      const auto num = n.substr(5);
+      if (!num.empty() && std::all_of(num.begin(), num.end(), [](char c) {
+            return c >= '0' && c <= '9';
+          })) { // other step_* names are not ours
+        all.emplace_back(std::stoll(num), e.path());
+      }
     }
   }
   std::sort(all.begin(), all.end());

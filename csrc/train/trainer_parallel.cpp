@@ -100,7 +100,11 @@ at::Tensor Trainer::gather_experts(
   auto sizes = t.sizes().vec();
   const int64_t El = sizes[0];
   sizes[0] = El * ep_size_;
-  auto full = at::zeros(sizes, t.options().dtype(at::kFloat));
+  // float64 stays float64; anything narrower is exact in float32.
+  auto full = at::zeros(
+      sizes,
+      t.options().dtype(
+          t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   full.narrow(0, ep_rank_ * El, El).copy_(t.detach());
   ep_->all_reduce_sum(full);
   return full.to(t.scalar_type());
