@@ -10,7 +10,6 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-#include <numeric>
 #include <thread>
 
 #include "io/hf_checkpoint.h"
@@ -205,10 +204,7 @@ int main(int argc, char** argv) {
       const auto env = par::LaunchEnv::from_env();
       const auto timeout =
           std::chrono::milliseconds(static_cast<int64_t>(dist_timeout * 1000));
-      auto store = par::make_store(env, timeout);
-      std::vector<int64_t> all(env.world_size);
-      std::iota(all.begin(), all.end(), 0);
-      auto world = par::make_gloo_group(store, env, "world", all, timeout);
+      auto world = par::make_world_group(env, "world", timeout);
       if (env.rank == exit_rank) {
         std::cerr << "rank " << env.rank << ": exiting early (--exit-rank)\n";
         return 3;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <numeric>
 
 namespace moeyard::parallel {
 namespace {
@@ -195,6 +196,15 @@ Group make_gloo_group(
   g.backend = c10::make_intrusive<c10d::ProcessGroupGloo>(
       prefixed, static_cast<int>(g.rank), static_cast<int>(ranks.size()), opts);
   return g;
+}
+
+Group make_world_group(
+    const LaunchEnv& env,
+    const std::string& name,
+    std::chrono::milliseconds timeout) {
+  std::vector<int64_t> ranks(env.world_size);
+  std::iota(ranks.begin(), ranks.end(), 0);
+  return make_gloo_group(make_store(env, timeout), env, name, ranks, timeout);
 }
 
 void Group::all_reduce_sum(at::Tensor& t) const {

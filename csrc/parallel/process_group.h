@@ -69,4 +69,10 @@ Group make_gloo_group(
     const std::vector<int64_t>& ranks,
     std::chrono::milliseconds timeout);
 
+// The store and one group over every process of the launch.
+Group make_world_group(
+    const LaunchEnv& env,
+    const std::string& name,
+    std::chrono::milliseconds timeout);
+
 } // namespace moeyard::parallel

@@ -3,7 +3,6 @@
 
 #include <torch/extension.h>
 
-#include <numeric>
 #include <optional>
 
 #include "io/hf_checkpoint.h"
@@ -230,11 +229,7 @@ PYBIND11_MODULE(_C, m) {
         const auto env = par::LaunchEnv::from_env();
         const auto timeout =
             std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
-        auto store = par::make_store(env, timeout);
-        std::vector<int64_t> ranks(env.world_size);
-        std::iota(ranks.begin(), ranks.end(), 0);
-        ep_group =
-            par::make_gloo_group(store, env, "expert_parallel", ranks, timeout);
+        ep_group = par::make_world_group(env, "expert_parallel", timeout);
         return py::make_tuple(env.rank, env.world_size);
       },
       py::arg("timeout_s") = 60.0);

@@ -1,0 +1,397 @@
+// tokenizer.json into Tokenizer::Impl: model (BPE), normalizers,
+// pre-tokenizers, decoders and post-processor; errors name the file, the
+// field and the value.
+
+#include <fstream>
+#include <sstream>
+
+#include "text/tokenizer_impl.h"
+
+namespace moeyard {
+
+using namespace text_detail;
+
+void Tokenizer::Impl::parse_normalizer(
+    const json& j, const std::string& field) {
+  if (j.is_null()) {
+    return;
+  }
+  const auto type = j.value("type", std::string());
+  if (type == "Sequence") {
+    const auto& list = j.at("normalizers");
+    for (size_t i = 0; i < list.size(); ++i) {
+      parse_normalizer(
+          list[i], field + ".normalizers[" + std::to_string(i) + "]");
+    }
+  } else if (type == "NFC") {
+    normalizers.push_back({Norm::kNfc, "", {}});
+  } else if (type == "Prepend") {
+    normalizers.push_back(
+        {Norm::kPrepend, j.at("prepend").get<std::string>(), {}});
+  } else if (type == "Replace") {
+    normalizers.push_back(
+        {Norm::kReplace,
+         j.at("content").get<std::string>(),
+         Pattern::parse(j.at("pattern"), file, field + ".pattern")});
+  } else {
+    fail(
+        file,
+        field + ".type",
+        "unsupported normalizer " + dump(type) +
+            " (supported: NFC, Prepend, Replace, Sequence)");
+  }
+}
+
+void Tokenizer::Impl::parse_pre_tokenizer(
+    const json& j, const std::string& field) {
+  if (j.is_null()) {
+    return;
+  }
+  const auto type = j.value("type", std::string());
+  Pre p{};
+  if (type == "Sequence") {
+    const auto& list = j.at("pretokenizers");
+    for (size_t i = 0; i < list.size(); ++i) {
+      parse_pre_tokenizer(
+          list[i], field + ".pretokenizers[" + std::to_string(i) + "]");
+    }
+    return;
+  } else if (type == "ByteLevel") {
+    p.kind = Pre::kByteLevel;
+    p.add_prefix_space = j.value("add_prefix_space", false);
+    p.use_regex = j.value("use_regex", true);
+    byte_level = true;
+    if (p.use_regex && !gpt2) {
+      gpt2 = std::make_shared<Regex>(kGpt2Pattern, file, field);
+    }
+  } else if (type == "Split") {
+    p.kind = Pre::kSplit;
+    p.pattern = Pattern::parse(j.at("pattern"), file, field + ".pattern");
+    const auto b = j.at("behavior").get<std::string>();
+    static const std::pair<const char*, Behavior> kBehaviors[] = {
+        {"Removed", Behavior::kRemoved},
+        {"Isolated", Behavior::kIsolated},
+        {"MergedWithPrevious", Behavior::kMergedWithPrevious},
+        {"MergedWithNext", Behavior::kMergedWithNext},
+        {"Contiguous", Behavior::kContiguous}};
+    bool found = false;
+    for (const auto& [name, value] : kBehaviors) {
+      if (b == name) {
+        p.behavior = value;
+        found = true;
+      }
+    }
+    if (!found) {
+      fail(file, field + ".behavior", "unknown behavior " + dump(b));
+    }
+    p.invert = j.value("invert", false);
+  } else if (type == "Metaspace") {
+    p.kind = Pre::kMetaspace;
+    p.replacement = j.value("replacement", std::string("\xE2\x96\x81"));
+    if (j.contains("prepend_scheme")) {
+      p.prepend_scheme = j.at("prepend_scheme").get<std::string>();
+    } else {
+      p.prepend_scheme = j.value("add_prefix_space", true) ? "always" : "never";
+    }
+    if (p.prepend_scheme != "always" && p.prepend_scheme != "first" &&
+        p.prepend_scheme != "never") {
+      fail(
+          file,
+          field + ".prepend_scheme",
+          "unknown value " + dump(p.prepend_scheme));
+    }
+    p.split = j.value("split", true);
+  } else if (type == "Whitespace" || type == "WhitespaceSplit") {
+    // Keeps the matches of \w+|[^\w\s]+ (Whitespace) or \S+ (split on
+    // whitespace), dropping the rest.
+    p.kind = Pre::kSplit;
+    p.pattern.regex = std::make_shared<Regex>(
+        type == "Whitespace" ? "\\w+|[^\\w\\s]+" : "\\S+", file, field);
+    p.behavior = Behavior::kRemoved;
+    p.invert = true;
+  } else if (type == "Digits") {
+    p.kind = Pre::kDigits;
+    p.individual_digits = j.value("individual_digits", false);
+  } else {
+    fail(
+        file,
+        field + ".type",
+        "unsupported pre-tokenizer " + dump(type) +
+            " (supported: ByteLevel, Split, Metaspace, Digits, Whitespace, "
+            "WhitespaceSplit, Sequence)");
+  }
+  pre_tokenizers.push_back(std::move(p));
+}
+
+void Tokenizer::Impl::parse_decoder(const json& j, const std::string& field) {
+  if (j.is_null()) {
+    return;
+  }
+  has_decoder = true;
+  const auto type = j.value("type", std::string());
+  Dec d{};
+  if (type == "Sequence") {
+    const auto& list = j.at("decoders");
+    for (size_t i = 0; i < list.size(); ++i) {
+      parse_decoder(list[i], field + ".decoders[" + std::to_string(i) + "]");
+    }
+    return;
+  } else if (type == "ByteLevel") {
+    d.kind = Dec::kByteLevel;
+  } else if (type == "Metaspace") {
+    d.kind = Dec::kMetaspace;
+    d.text = j.value("replacement", std::string("\xE2\x96\x81"));
+    d.prepend = j.contains("prepend_scheme")
+                    ? j.at("prepend_scheme").get<std::string>() != "never"
+                    : j.value("add_prefix_space", true);
+  } else if (type == "Replace") {
+    d.kind = Dec::kReplace;
+    d.pattern = Pattern::parse(j.at("pattern"), file, field + ".pattern");
+    d.text = j.at("content").get<std::string>();
+  } else if (type == "BPEDecoder") {
+    d.kind = Dec::kBpe;
+    d.text = j.value("suffix", std::string("</w>"));
+  } else if (type == "ByteFallback") {
+    d.kind = Dec::kByteFallback;
+  } else if (type == "Fuse") {
+    d.kind = Dec::kFuse;
+  } else if (type == "Strip") {
+    d.kind = Dec::kStrip;
+    d.text = j.at("content").get<std::string>();
+    d.start = j.value("start", 0);
+    d.stop = j.value("stop", 0);
+  } else {
+    fail(
+        file,
+        field + ".type",
+        "unsupported decoder " + dump(type) +
+            " (supported: ByteLevel, Metaspace, Replace, ByteFallback, "
+            "BPEDecoder, Fuse, Strip, Sequence)");
+  }
+  decoders.push_back(std::move(d));
+}
+
+void Tokenizer::Impl::parse_post_processor(
+    const json& j, const std::string& field) {
+  if (j.is_null()) {
+    return;
+  }
+  const auto type = j.value("type", std::string());
+  if (type == "Sequence") {
+    const auto& list = j.at("processors");
+    for (size_t i = 0; i < list.size(); ++i) {
+      parse_post_processor(
+          list[i], field + ".processors[" + std::to_string(i) + "]");
+    }
+  } else if (type == "ByteLevel") {
+    // Offsets only.
+  } else if (type == "TemplateProcessing") {
+    bool seen_a = false;
+    for (const auto& piece : j.at("single")) {
+      if (piece.contains("Sequence")) {
+        seen_a = true;
+        continue;
+      }
+      const auto name = piece.at("SpecialToken").at("id").get<std::string>();
+      const auto& st = j.at("special_tokens");
+      if (!st.contains(name)) {
+        fail(
+            file,
+            field + ".special_tokens",
+            "template token " + dump(name) + " is not defined");
+      }
+      for (const auto& id : st.at(name).at("ids")) {
+        (seen_a ? suffix : prefix).push_back(id.get<int64_t>());
+      }
+    }
+  } else {
+    fail(
+        file,
+        field + ".type",
+        "unsupported post-processor " + dump(type) +
+            " (supported: TemplateProcessing, ByteLevel, Sequence)");
+  }
+}
+
+void Tokenizer::Impl::parse_model(const json& m) {
+  const auto type =
+      m.value("type", std::string(m.contains("merges") ? "BPE" : ""));
+  if (type != "BPE") {
+    fail(
+        file,
+        "model.type",
+        "unsupported model " + dump(type) + " (only BPE is supported)");
+  }
+  if (m.contains("dropout") && !m.at("dropout").is_null() &&
+      m.at("dropout").get<double>() > 0) {
+    fail(
+        file,
+        "model.dropout",
+        "BPE dropout is not supported, got " + dump(m.at("dropout")));
+  }
+  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+    if (m.contains(key) && !m.at(key).is_null() &&
+        !m.at(key).get<std::string>().empty()) {
+      fail(
+          file,
+          std::string("model.") + key,
+          "is not supported, got " + dump(m.at(key)));
+    }
+  }
+  if (!m.contains("vocab") || !m.at("vocab").is_object()) {
+    fail(file, "model.vocab", "missing (expected an object token -> id)");
+  }
+  if (!m.contains("merges") || !m.at("merges").is_array()) {
+    fail(file, "model.merges", "missing (expected a list of merges)");
+  }
+  for (const auto& [tok, id] : m.at("vocab").items()) {
+    vocab[tok] = id.get<int64_t>();
+  }
+  if (m.contains("unk_token") && !m.at("unk_token").is_null()) {
+    unk_token = m.at("unk_token").get<std::string>();
+  }
+  fuse_unk = m.value("fuse_unk", false);
+  byte_fallback = m.value("byte_fallback", false);
+  ignore_merges = m.value("ignore_merges", false);
+  const auto& list = m.at("merges");
+  for (size_t r = 0; r < list.size(); ++r) {
+    const auto& e = list[r];
+    std::string a, b;
+    if (e.is_string()) {
+      const auto s = e.get<std::string>();
+      const auto sp = s.find(' ');
+      if (sp == std::string::npos) {
+        fail(
+            file,
+            "model.merges[" + std::to_string(r) + "]",
+            "expected \"a b\", got " + dump(e));
+      }
+      a = s.substr(0, sp);
+      b = s.substr(sp + 1);
+    } else if (e.is_array() && e.size() == 2) {
+      a = e[0].get<std::string>();
+      b = e[1].get<std::string>();
+    } else {
+      fail(
+          file,
+          "model.merges[" + std::to_string(r) + "]",
+          "expected \"a b\" or [\"a\", \"b\"], got " + dump(e));
+    }
+    const auto ia = vocab.find(a), ib = vocab.find(b), iab = vocab.find(a + b);
+    if (ia == vocab.end() || ib == vocab.end() || iab == vocab.end()) {
+      fail(
+          file,
+          "model.merges[" + std::to_string(r) + "]",
+          "merge " + dump(e) + " uses a token missing from model.vocab");
+    }
+    merges.emplace(
+        key(ia->second, ib->second),
+        std::make_pair(static_cast<int64_t>(r), iab->second));
+  }
+  for (int b = 0; b < 256; ++b) {
+    char name[8];
+    std::snprintf(name, sizeof(name), "<0x%02X>", b);
+    const auto it = vocab.find(name);
+    byte_ids[b] = it == vocab.end() ? -1 : it->second;
+  }
+}
+
+Tokenizer Tokenizer::from_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) {
+    throw std::runtime_error("tokenizer " + path + ": cannot open the file");
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return from_json_string(ss.str(), path);
+}
+
+Tokenizer Tokenizer::from_json_string(
+    const std::string& text, const std::string& name) {
+  auto impl = std::make_unique<Impl>();
+  impl->file = name;
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    fail(name, "", std::string("not valid JSON (") + e.what() + ")");
+  }
+  if (!j.is_object() || !j.contains("model")) {
+    fail(name, "model", "missing (not a tokenizer.json)");
+  }
+  try {
+    impl->parse_model(j.at("model"));
+    impl->parse_normalizer(j.value("normalizer", json()), "normalizer");
+    impl->parse_pre_tokenizer(
+        j.value("pre_tokenizer", json()), "pre_tokenizer");
+    impl->parse_decoder(j.value("decoder", json()), "decoder");
+    impl->parse_post_processor(
+        j.value("post_processor", json()), "post_processor");
+    if (j.contains("truncation") && !j.at("truncation").is_null()) {
+      fail(
+          name,
+          "truncation",
+          "is not supported, got " + dump(j.at("truncation")));
+    }
+    const auto& added = j.value("added_tokens", json::array());
+    for (size_t i = 0; i < added.size(); ++i) {
+      const auto& a = added[i];
+      Impl::Added t;
+      t.content = a.at("content").get<std::string>();
+      t.id = a.at("id").get<int64_t>();
+      t.special = a.value("special", false);
+      t.normalized = a.value("normalized", !t.special);
+      t.lstrip = a.value("lstrip", false);
+      t.rstrip = a.value("rstrip", false);
+      if (a.value("single_word", false)) {
+        fail(
+            name,
+            "added_tokens[" + std::to_string(i) + "].single_word",
+            "single_word tokens are not supported (" + dump(t.content) + ")");
+      }
+      t.match = t.normalized ? impl->normalize(t.content) : t.content;
+      impl->id_to_added[t.id] = t.content;
+      impl->added.push_back(std::move(t));
+    }
+  } catch (const json::exception& e) {
+    fail(name, "", std::string("malformed (") + e.what() + ")");
+  }
+  int64_t size = 0;
+  for (const auto& [tok, id] : impl->vocab) {
+    size = std::max(size, id + 1);
+  }
+  for (const auto& a : impl->added) {
+    size = std::max(size, a.id + 1);
+  }
+  impl->size = size;
+  impl->id_to_token.assign(size, std::string());
+  for (const auto& [tok, id] : impl->vocab) {
+    if (id >= 0) {
+      impl->id_to_token[id] = tok;
+    }
+  }
+  // The end-of-sequence token: the template's last appended token, else a
+  // special token with a well-known name.
+  if (!impl->suffix.empty()) {
+    impl->eos = impl->suffix.back();
+  } else {
+    static const char* kNames[] = {
+        "</s>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<|eos|>",
+        "<eos>",
+        "<\xEF\xBD\x9C"
+        "end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>"};
+    for (const char* n : kNames) {
+      for (const auto& a : impl->added) {
+        if (!impl->eos && a.special && a.content == n) {
+          impl->eos = a.id;
+        }
+      }
+    }
+  }
+  return Tokenizer(std::move(impl));
+}
+
+} // namespace moeyard
