@@ -265,16 +265,47 @@ at::Tensor AttentionImpl::forward(
     const at::Tensor& x,
     const at::Tensor& attn_mask,
     const Rotary& rotary) const {
-  const int64_t B = x.size(0), S = x.size(1);
-  auto [q, k, v] = project(x, rotary, 0);
-  const auto o = attend(q, k, v, attn_mask);
-  return o_proj->forward(o.transpose(1, 2).reshape({B, S, heads * v_dim}));
+  auto [q, k, v] = project(tp ? parallel::copy_to_tp(x, *tp) : x, rotary, 0);
+  return output(attend(q, k, v, attn_mask));
+}
+
+at::Tensor AttentionImpl::output(const at::Tensor& o) const {
+  const int64_t B = o.size(0), S = o.size(2);
+  const auto flat = o.transpose(1, 2).reshape({B, S, heads * v_dim});
+  if (!tp) {
+    return o_proj->forward(flat);
+  }
+  auto y = parallel::reduce_from_tp(at::linear(flat, o_proj->weight), *tp);
+  return o_proj->bias.defined() ? y + o_proj->bias : y;
+}
+
+void AttentionImpl::shard(
+    int64_t rank, int64_t tp_size, const parallel::Group* group) {
+  TORCH_CHECK(!mla, "tensor parallelism: MLA attention does not split");
+  const parallel::TpSplit rows{0, 1}, cols{1, 1};
+  q_proj->shard(rows, rank, tp_size, true);
+  k_proj->shard(rows, rank, tp_size, true);
+  v_proj->shard(rows, rank, tp_size, true);
+  o_proj->shard(cols, rank, tp_size, false); // bias added after the sum
+  if (qk_norm == "projection") {
+    q_norm->shard(rank, tp_size, group);
+    k_norm->shard(rank, tp_size, group);
+  }
+  if (sinks.defined()) {
+    sinks = parallel::tp_slice(sinks.detach(), rows, rank, tp_size)
+                .clone()
+                .requires_grad_(sinks.requires_grad());
+    parameters_["sinks"] = sinks;
+  }
+  heads /= tp_size;
+  kv_heads /= tp_size;
+  tp = group;
 }
 
 at::Tensor AttentionImpl::forward_cached(
     const at::Tensor& x, KVCache& cache, const Rotary& rotary) const {
-  const int64_t B = x.size(0), S = x.size(1), P = cache.length();
-  auto [q, k, v] = project(x, rotary, P);
+  const int64_t S = x.size(1), P = cache.length();
+  auto [q, k, v] = project(tp ? parallel::copy_to_tp(x, *tp) : x, rotary, P);
   cache.k = P == 0 ? k : at::cat({cache.k, k}, 2);
   cache.v = P == 0 ? v : at::cat({cache.v, v}, 2);
   // New query i sits at position P + i: it sees keys j <= P + i (window).
@@ -285,8 +316,7 @@ at::Tensor AttentionImpl::forward_cached(
   if (window > 0) {
     allowed = allowed & (i - j < window);
   }
-  const auto o = attend(q, cache.k, cache.v, allowed.view({1, 1, S, P + S}));
-  return o_proj->forward(o.transpose(1, 2).reshape({B, S, heads * v_dim}));
+  return output(attend(q, cache.k, cache.v, allowed.view({1, 1, S, P + S})));
 }
 
 } // namespace moeyard

@@ -357,4 +357,42 @@ ModelConfig ModelConfig::from_yaml_file(const std::string& file) {
   return from_yaml(root, "", file);
 }
 
+void ModelConfig::check_tensor_parallel(int64_t tp) const {
+  TORCH_CHECK(
+      tp >= 1, "config: parallel.tensor_parallel must be >= 1, got ", tp);
+  if (tp == 1) {
+    return;
+  }
+  TORCH_CHECK(
+      !is_mla(),
+      "config: parallel.tensor_parallel (",
+      tp,
+      ") with multi-head latent attention (model.attention: mla) is not "
+      "supported; use data and expert parallelism");
+  auto divides = [&](const char* field, int64_t value) {
+    TORCH_CHECK(
+        value % tp == 0,
+        "config: parallel.tensor_parallel (",
+        tp,
+        ") must divide ",
+        field,
+        " (",
+        value,
+        ")");
+  };
+  divides("model.num_heads", num_heads);
+  divides("model.num_kv_heads", kv_heads());
+  divides("model.vocab_size", vocab_size);
+  for (int64_t i = 0; i < num_layers; ++i) {
+    if (!is_moe_layer(i)) {
+      if (moe.num_experts > 0 && dense_ffn_size > 0) {
+        divides("model.dense_ffn_size", dense_ffn_size);
+      } else {
+        divides("model.ffn_size", ffn_size);
+      }
+      break;
+    }
+  }
+}
+
 } // namespace moeyard

@@ -108,6 +108,9 @@ struct ModelConfig {
 
   // Throws c10::Error naming the field and values on inconsistent sizes.
   void validate() const;
+  // Errors unless the model splits over `tp` tensor-parallel ranks: heads,
+  // kv heads, vocabulary and dense-MLP width divisible by tp; no MLA.
+  void check_tensor_parallel(int64_t tp) const;
 
   static ModelConfig from_yaml(
       const YAML::Node& node,

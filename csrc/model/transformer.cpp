@@ -53,7 +53,11 @@ at::Tensor NormImpl::forward(const at::Tensor& x) const {
   }
   // HF convention: normalize in float32, cast back, then scale.
   const auto xf = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
-  const auto normed = xf * at::rsqrt(xf.square().mean(-1, true) + eps);
+  const auto mean_sq =
+      tp ? parallel::all_reduce_tp(xf.square().sum(-1, true), *tp) /
+               static_cast<double>(full_dim)
+         : xf.square().mean(-1, true);
+  const auto normed = xf * at::rsqrt(mean_sq + eps);
   return weight * normed.to(x.scalar_type());
 }
 
@@ -69,13 +73,19 @@ MlpImpl::MlpImpl(
   down = register_module("down", Linear(F, H, false, dt));
 }
 
-at::Tensor MlpImpl::forward(const at::Tensor& x) const {
+at::Tensor MlpImpl::forward(const at::Tensor& x_in) const {
+  // Under tensor parallelism: column-parallel in, row-parallel out.
+  const auto x = tp ? parallel::copy_to_tp(x_in, *tp) : x_in;
+  at::Tensor a;
   if (gate_up) {
     auto h = gate_up->forward(x);
     const int64_t F = h.size(-1) / 2;
-    return down->forward(at::silu(h.narrow(-1, 0, F)) * h.narrow(-1, F, F));
+    a = at::silu(h.narrow(-1, 0, F)) * h.narrow(-1, F, F);
+  } else {
+    a = at::gelu(up->forward(x), "tanh");
   }
-  return down->forward(at::gelu(up->forward(x), "tanh"));
+  const auto y = down->forward(a);
+  return tp ? parallel::reduce_from_tp(y, *tp) : y;
 }
 
 MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
@@ -290,8 +300,33 @@ at::Tensor attention_mask(
 
 } // namespace
 
+at::Tensor TransformerImpl::embed_tokens(const at::Tensor& tokens) const {
+  if (!tp) {
+    return at::embedding(embed->weight, tokens);
+  }
+  return parallel::vocab_parallel_embedding(
+      tokens, embed->weight, tp->rank * embed->weight.size(0), *tp);
+}
+
+at::Tensor TransformerImpl::local_logits(const at::Tensor& x) const {
+  const auto& head = config.tie_embeddings ? embed->weight : lm_head->weight;
+  auto logits = at::linear(tp ? parallel::copy_to_tp(x, *tp) : x, head);
+  return logits.scalar_type() == at::kDouble ? logits : logits.to(at::kFloat);
+}
+
 TransformerOutput TransformerImpl::forward(
     const at::Tensor& tokens, const at::Tensor& mask) {
+  TransformerOutput out;
+  const auto x = hidden(tokens, mask, out);
+  out.logits = local_logits(x);
+  if (tp) { // every rank gets the whole vocabulary
+    out.logits = parallel::gather_from_tp(out.logits, -1, *tp);
+  }
+  return out;
+}
+
+at::Tensor TransformerImpl::hidden(
+    const at::Tensor& tokens, const at::Tensor& mask, TransformerOutput& out) {
   TORCH_CHECK(
       tokens.dim() == 2 && tokens.scalar_type() == at::kLong,
       "Transformer: tokens must be int64 [batch, seq], got ",
@@ -307,7 +342,7 @@ TransformerOutput TransformerImpl::forward(
         ", got ",
         mask.sizes());
   }
-  auto x = at::embedding(embed->weight, tokens);
+  auto x = embed_tokens(tokens);
   // One mask per distinct window (full and sliding layers), built once.
   std::vector<std::pair<int64_t, at::Tensor>> masks;
   auto mask_for = [&](int64_t window) {
@@ -321,7 +356,6 @@ TransformerOutput TransformerImpl::forward(
         attention_mask(mask, B, S, window, x.options().device(x.device())));
     return masks.back().second;
   };
-  TransformerOutput out;
   for (int64_t i = 0; i < static_cast<int64_t>(layers->size()); ++i) {
     std::optional<MoEOutput> moe_out;
     const auto* block = layers[i]->as<BlockImpl>();
@@ -330,20 +364,16 @@ TransformerOutput TransformerImpl::forward(
       out.moe_layers.push_back({i, std::move(*moe_out)});
     }
   }
-  x = norm->forward(x);
-  const auto& head = config.tie_embeddings ? embed->weight : lm_head->weight;
-  out.logits = at::linear(x, head);
-  if (out.logits.scalar_type() != at::kDouble) {
-    out.logits = out.logits.to(at::kFloat);
-  }
-  return out;
+  return norm->forward(x);
 }
 
 LossOutput TransformerImpl::loss(
     const at::Tensor& tokens, const at::Tensor& mask) {
   LossOutput r;
-  r.out = forward(tokens, mask);
-  const int64_t S = tokens.size(1), V = config.vocab_size;
+  const auto x = hidden(tokens, mask, r.out);
+  // Under tensor parallelism out.logits holds this rank's vocabulary columns.
+  r.out.logits = local_logits(x);
+  const int64_t S = tokens.size(1), V = r.out.logits.size(-1);
   const auto logits = r.out.logits.narrow(1, 0, S - 1).reshape({-1, V});
   auto target = tokens.narrow(1, 1, S - 1).reshape({-1});
   if (mask.defined()) {
@@ -351,7 +381,15 @@ LossOutput TransformerImpl::loss(
     target = at::where(keep, target, -100);
   }
   r.tokens = (target != -100).sum();
-  r.ce = at::cross_entropy_loss(logits, target, {}, at::Reduction::Mean, -100);
+  if (tp) {
+    r.ce = parallel::vocab_parallel_cross_entropy(
+               logits, target, tp->rank * V, -100, *tp)
+               .sum() /
+           r.tokens;
+  } else {
+    r.ce =
+        at::cross_entropy_loss(logits, target, {}, at::Reduction::Mean, -100);
+  }
   const auto& m = config.moe;
   r.aux = at::zeros({}, logits.options());
   for (const auto& l : r.out.moe_layers) {
@@ -370,13 +408,12 @@ namespace moeyard {
 at::Tensor TransformerImpl::forward_cached(
     const at::Tensor& tokens, std::vector<KVCache>& caches) {
   caches.resize(layers->size());
-  auto x = at::embedding(embed->weight, tokens);
+  auto x = embed_tokens(tokens);
   for (size_t i = 0; i < layers->size(); ++i) {
     x = layers[i]->as<BlockImpl>()->forward_cached(x, caches[i], rotary);
   }
-  x = norm->forward(x);
-  const auto& head = config.tie_embeddings ? embed->weight : lm_head->weight;
-  return at::linear(x, head).to(at::kFloat);
+  const auto logits = local_logits(norm->forward(x)).to(at::kFloat);
+  return tp ? parallel::gather_from_tp(logits, -1, *tp) : logits;
 }
 
 std::vector<int64_t> TransformerImpl::generate(

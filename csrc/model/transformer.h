@@ -22,6 +22,7 @@
 
 #include "model/config.h"
 #include "model/moe_forward.h"
+#include "parallel/tensor_parallel.h"
 
 namespace moeyard {
 
@@ -30,6 +31,9 @@ class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in, int64_t out, bool bias, at::ScalarType dtype);
   at::Tensor forward(const at::Tensor& x) const;
+  // Keeps rank's piece of the weight (and of the bias when `bias_too`).
+  void shard(
+      const parallel::TpSplit& split, int64_t rank, int64_t tp, bool bias_too);
   at::Tensor weight, bias;
 };
 TORCH_MODULE(Linear);
@@ -40,9 +44,16 @@ class NormImpl : public torch::nn::Module {
   NormImpl(
       int64_t dim, const std::string& kind, double eps, at::ScalarType dtype);
   at::Tensor forward(const at::Tensor& x) const;
+  // Keeps rank's features of an RMSNorm over split features.
+  void shard(int64_t rank, int64_t tp, const parallel::Group* group);
   at::Tensor weight, bias;
   bool layernorm;
   double eps;
+  // Tensor parallelism: an RMSNorm over features split across `tp` (a
+  // projection's q/k norm) sums the squares over the group; `full_dim` is
+  // the unsplit width.
+  const parallel::Group* tp = nullptr;
+  int64_t full_dim = 0;
 };
 TORCH_MODULE(Norm);
 
@@ -93,18 +104,25 @@ class AttentionImpl : public torch::nn::Module {
       const at::Tensor& k,
       const at::Tensor& v,
       const at::Tensor& allowed) const;
+  // o_proj of the heads' outputs o [B, heads, S, v_dim]; row-parallel
+  // (partial sums reduced, then the bias) under tensor parallelism.
+  at::Tensor output(const at::Tensor& o) const;
+  // Tensor parallelism: keeps heads [rank * heads / tp, ...) and their kv
+  // heads (q/k/v column-parallel, o_proj row-parallel).
+  void shard(int64_t rank, int64_t tp, const parallel::Group* group);
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   Linear q_a_proj{nullptr}, q_b_proj{nullptr}, kv_a_proj{nullptr},
       kv_b_proj{nullptr}; // MLA
   Norm q_norm{nullptr}, k_norm{nullptr}, q_a_norm{nullptr}, kv_a_norm{nullptr};
   at::Tensor sinks; // [heads] (attention_sinks)
-  int64_t heads, kv_heads, window;
+  int64_t heads, kv_heads, window; // heads of this rank (tensor parallel)
   int64_t head_dim; // q/k width per head (MLA: nope + rope)
   int64_t v_dim; // value width per head
   int64_t nope_dim, rope_dim, kv_rank; // MLA
   double clip, scale = 1.0;
   std::string qk_norm;
   bool mla;
+  const parallel::Group* tp = nullptr;
 };
 TORCH_MODULE(Attention);
 
@@ -117,7 +135,11 @@ class MlpImpl : public torch::nn::Module {
       const std::string& kind,
       at::ScalarType dtype);
   at::Tensor forward(const at::Tensor& x) const;
+  // Tensor parallelism: keeps hidden units [rank * F / tp, ...) (gate_up or
+  // up column-parallel, down row-parallel).
+  void shard(int64_t rank, int64_t tp, const parallel::Group* group);
   Linear gate_up{nullptr}, up{nullptr}, down{nullptr};
+  const parallel::Group* tp = nullptr;
 };
 TORCH_MODULE(Mlp);
 
@@ -205,12 +227,34 @@ class TransformerImpl : public torch::nn::Module {
       const std::vector<int64_t>& stop_tokens = {}); // sampled one ends it
   // Resets parameters (normal(0, std) for matrices, ones for norms).
   void init_weights(double std = 0.02);
+  // Tensor parallelism (Megatron layout, docs/distributed.md): keeps this
+  // rank's heads, dense-MLP hidden units and vocabulary rows under the same
+  // parameter names; experts stay whole (computed alike on every TP rank).
+  // Errors name the sizes that do not divide by tp.
+  void shard_tensor_parallel(
+      int64_t rank, int64_t tp, const parallel::Group* group);
+  // How parameter `name` splits over the TP group (replicated: dim -1).
+  parallel::TpSplit tp_split(const std::string& name) const;
+  // A replicated parameter used inside a TP-split computation (per-head q/k
+  // norms): each rank's gradient is a partial sum, all-reduced over TP.
+  bool tp_partial_grad(const std::string& name) const;
 
   ModelConfig config;
   Linear embed{nullptr}, lm_head{nullptr};
   torch::nn::ModuleList layers{nullptr};
   Norm norm{nullptr};
   Rotary rotary;
+  const parallel::Group* tp = nullptr; // tensor-parallel group (not owned)
+
+ private:
+  // Embedding lookup (vocabulary-parallel under TP).
+  at::Tensor embed_tokens(const at::Tensor& tokens) const;
+  // The final hidden states [B, S, H] (normed); fills out.moe_layers.
+  at::Tensor hidden(
+      const at::Tensor& tokens, const at::Tensor& mask, TransformerOutput& out);
+  // Logits in float32 (float64 stays): this rank's vocabulary columns
+  // under TP, all of them otherwise.
+  at::Tensor local_logits(const at::Tensor& x) const;
 };
 TORCH_MODULE(Transformer);
 

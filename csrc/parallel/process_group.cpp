@@ -79,6 +79,10 @@ LaunchEnv LaunchEnv::from_vars(
         has("LOCAL_RANK") ? parse_int("LOCAL_RANK", v.at("LOCAL_RANK")) : 0;
     e.agent_store = has("TORCHELASTIC_USE_AGENT_STORE") &&
                     v.at("TORCHELASTIC_USE_AGENT_STORE") == "True";
+    if (has("TORCHELASTIC_RESTART_COUNT")) {
+      e.restart_count = parse_int(
+          "TORCHELASTIC_RESTART_COUNT", v.at("TORCHELASTIC_RESTART_COUNT"));
+    }
   } else if (has("SLURM_PROCID") && has("SLURM_NTASKS")) {
     e.source = "slurm";
     e.rank = parse_int("SLURM_PROCID", v.at("SLURM_PROCID"));
@@ -103,6 +107,9 @@ LaunchEnv LaunchEnv::from_vars(
         " processes (torchrun sets them; in Slurm, export them in the sbatch "
         "script)");
   }
+  if (has("GLOO_SOCKET_IFNAME")) {
+    e.gloo_ifname = v.at("GLOO_SOCKET_IFNAME");
+  }
   if (has("MASTER_ADDR")) {
     e.master_addr = v.at("MASTER_ADDR");
   }
@@ -126,6 +133,8 @@ LaunchEnv LaunchEnv::from_env() {
         "MASTER_ADDR",
         "MASTER_PORT",
         "TORCHELASTIC_USE_AGENT_STORE",
+        "TORCHELASTIC_RESTART_COUNT",
+        "GLOO_SOCKET_IFNAME",
         "SLURM_PROCID",
         "SLURM_NTASKS",
         "SLURM_LOCALID"}) {
@@ -147,7 +156,8 @@ c10::intrusive_ptr<c10d::Store> make_store(
   o.timeout = timeout;
   try {
     auto store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
-    return c10::make_intrusive<c10d::PrefixStore>("moeyard", store);
+    return c10::make_intrusive<c10d::PrefixStore>(
+        "moeyard/" + std::to_string(env.restart_count), store);
   } catch (const std::exception& e) {
     TORCH_CHECK(
         false,
@@ -186,12 +196,29 @@ Group make_gloo_group(
       " is not a member");
   g.rank = it - ranks.begin();
   auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-  // One machine: loopback; several: the interface the hostname resolves to.
+  // GLOO_SOCKET_IFNAME if set; else one machine: loopback; several: the
+  // interface the hostname resolves to.
   const bool local =
       env.master_addr == "127.0.0.1" || env.master_addr == "localhost";
-  opts->devices.push_back(
-      local ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
-            : c10d::ProcessGroupGloo::createDefaultDevice());
+  try {
+    opts->devices.push_back(
+        !env.gloo_ifname.empty()
+            ? c10d::ProcessGroupGloo::createDeviceForInterface(env.gloo_ifname)
+        : local ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
+                : c10d::ProcessGroupGloo::createDefaultDevice());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(
+        false,
+        "process group '",
+        name,
+        "': cannot open a Gloo device",
+        env.gloo_ifname.empty()
+            ? std::string()
+            : " on interface GLOO_SOCKET_IFNAME='" + env.gloo_ifname + "'",
+        " (",
+        e.what(),
+        ")");
+  }
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name, store);
   g.backend = c10::make_intrusive<c10d::ProcessGroupGloo>(
       prefixed, static_cast<int>(g.rank), static_cast<int>(ranks.size()), opts);
@@ -231,6 +258,25 @@ at::Tensor Group::all_to_all(
   auto rs = recv_splits;
   wait(backend->alltoall_base(out, in, rs, ss), *this, "all_to_all");
   return out;
+}
+
+void Group::all_reduce_max(at::Tensor& t) const {
+  std::vector<at::Tensor> v = {t};
+  c10d::AllreduceOptions o;
+  o.reduceOp = c10d::ReduceOp::MAX;
+  wait(backend->allreduce(v, o), *this, "all_reduce(max)");
+}
+
+at::Tensor Group::all_gather(const at::Tensor& t, int64_t dim) const {
+  const auto in = t.contiguous();
+  std::vector<at::Tensor> parts;
+  for (int64_t i = 0; i < size(); ++i) {
+    parts.push_back(at::empty_like(in));
+  }
+  std::vector<std::vector<at::Tensor>> out = {parts};
+  std::vector<at::Tensor> inputs = {in};
+  wait(backend->allgather(out, inputs), *this, "all_gather");
+  return at::cat(out[0], dim);
 }
 
 void Group::barrier() const {

@@ -27,6 +27,12 @@ struct LaunchEnv {
   int64_t master_port = 29500;
   std::string source = "single"; // "torchrun" | "slurm" | "single"
   bool agent_store = false; // torchrun's agent already serves the store
+  // TORCHELASTIC_RESTART_COUNT: a restarted launch keys its store entries
+  // apart from the previous attempt's (torchrun's agent store outlives it).
+  int64_t restart_count = 0;
+  // GLOO_SOCKET_IFNAME: the network interface Gloo binds to ("" = the one
+  // the hostname resolves to).
+  std::string gloo_ifname;
 
   static LaunchEnv from_env();
   // From a map instead of the environment (tests).
@@ -51,8 +57,12 @@ struct Group {
   int64_t size() const {
     return static_cast<int64_t>(ranks.size());
   }
-  // Sum over the group, in place.
+  // Sum (max) over the group, in place; every member gets the same bits.
   void all_reduce_sum(at::Tensor& t) const;
+  void all_reduce_max(at::Tensor& t) const;
+  // The members' tensors (same shape) concatenated along `dim`, in rank
+  // order.
+  at::Tensor all_gather(const at::Tensor& t, int64_t dim) const;
   // Splits of dim 0 sent to / received from each member (element counts
   // of dim 0; empty: equal splits).
   at::Tensor all_to_all(

@@ -80,13 +80,13 @@ void load_model_tensors(TransformerImpl& model, const fs::path& dir) {
 }
 
 void Trainer::save(int64_t step) {
-  // Full tensors under global names: expert slices are gathered from the
-  // expert-parallel ranks (every rank takes part), then rank 0 writes, as
-  // the data-parallel replicas hold the same model and optimizer, and the
-  // others wait for the commit. The checkpoint loads at any layout.
+  // Full tensors under global names: tensor-parallel pieces and expert
+  // slices are gathered (every rank takes part), then rank 0 writes, as the
+  // replicas hold the same model and optimizer, and the others wait for the
+  // commit. The checkpoint loads at any layout.
   io::TensorMap model_t, opt_t;
   for (const auto& p : model_->named_parameters()) {
-    model_t[p.key()] = gather_experts(p.key(), p.value());
+    model_t[p.key()] = full_tensor(p.key(), p.value());
   }
   for (const auto& b : model_->named_buffers()) {
     model_t[b.key()] = b.value();
@@ -100,18 +100,18 @@ void Trainer::save(int64_t step) {
       if (it != state.end()) {
         auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
         const auto& n = names_[i];
-        opt_t[n + ".exp_avg"] = gather_experts(n, s.exp_avg());
-        opt_t[n + ".exp_avg_sq"] = gather_experts(n, s.exp_avg_sq());
+        opt_t[n + ".exp_avg"] = full_tensor(n, s.exp_avg());
+        opt_t[n + ".exp_avg_sq"] = full_tensor(n, s.exp_avg_sq());
         opt_t[n + ".step"] = at::full({}, s.step(), at::kLong);
         if (opt_is_master_[i]) {
-          opt_t[n + ".master"] = gather_experts(n, p);
+          opt_t[n + ".master"] = full_tensor(n, p);
         }
       }
       ++i;
     }
   }
-  if (dp_rank_ != 0) {
-    dp_->barrier();
+  if (env_.rank != 0) {
+    world_->barrier();
     return;
   }
   const fs::path dir(cfg_.checkpoint.dir);
@@ -128,7 +128,7 @@ void Trainer::save(int64_t step) {
       {"config", cfg_.text},
       {"data_position", step},
       {"parallel",
-       {{"tensor_parallel", 1},
+       {{"tensor_parallel", tp_size_},
         {"data_parallel", dp_size_},
         {"expert_parallel", ep_size_}}}};
   std::vector<std::string> files = {
@@ -177,7 +177,7 @@ void Trainer::save(int64_t step) {
   }
   log::info("checkpoint saved: " + final_dir.string());
   if (distributed()) {
-    dp_->barrier();
+    world_->barrier();
   }
 }
 
@@ -197,12 +197,12 @@ int64_t Trainer::load_optimizer_state(const std::string& dir_in) {
       const auto& n = names_[i];
       if (opt_t.count(n + ".exp_avg")) {
         auto s = std::make_unique<torch::optim::AdamWParamState>();
-        s->exp_avg(expert_slice(n, opt_t.at(n + ".exp_avg")).clone());
-        s->exp_avg_sq(expert_slice(n, opt_t.at(n + ".exp_avg_sq")).clone());
+        s->exp_avg(local_piece(n, opt_t.at(n + ".exp_avg")).clone());
+        s->exp_avg_sq(local_piece(n, opt_t.at(n + ".exp_avg_sq")).clone());
         s->step(opt_t.at(n + ".step").item<int64_t>());
         opt_->state()[p.unsafeGetTensorImpl()] = std::move(s);
         if (opt_is_master_[i]) {
-          p.detach().copy_(expert_slice(n, opt_t.at(n + ".master")));
+          p.detach().copy_(local_piece(n, opt_t.at(n + ".master")));
         }
       }
       ++i;

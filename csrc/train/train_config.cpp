@@ -286,10 +286,8 @@ TrainConfig TrainConfig::parse(
     if (p.data_parallel < 0) {
       r.fail("data_parallel", "must be >= 0 (0: every process)");
     }
-    if (p.tensor_parallel != 1) {
-      r.fail(
-          "tensor_parallel",
-          "tensor parallelism is not implemented yet (issue 7); use 1");
+    if (p.tensor_parallel < 1) {
+      r.fail("tensor_parallel", "must be >= 1");
     }
     if (p.expert_parallel < 1) {
       r.fail("expert_parallel", "must be >= 1");
@@ -300,6 +298,7 @@ TrainConfig TrainConfig::parse(
   }
   top.finish();
   c.model.validate();
+  c.model.check_tensor_parallel(c.parallel.tensor_parallel);
   if (c.parallel.expert_parallel > 1) {
     TORCH_CHECK(
         c.model.moe.num_experts % c.parallel.expert_parallel == 0,

@@ -81,8 +81,8 @@ struct LogConfig {
 struct ParallelConfig {
   // Data-parallel replicas; 0: every process (WORLD_SIZE / tensor_parallel).
   int64_t data_parallel = 0;
-  int64_t tensor_parallel = 1; // not implemented yet: 1
-  int64_t expert_parallel = 1; // not implemented yet: 1
+  int64_t tensor_parallel = 1; // heads, dense MLP, vocabulary split
+  int64_t expert_parallel = 1; // experts split inside each DP group
   double timeout_s = 300; // rendezvous and collective timeout
 };
 

@@ -253,7 +253,7 @@ RunResult Trainer::run(const std::string& resume) {
       log::info("initialized from " + cfg_.init_from);
     }
   }
-  shard_experts();
+  shard_model();
   build_optimizer();
   if (!from.empty()) {
     step = load_optimizer_state(from);
@@ -318,12 +318,14 @@ RunResult Trainer::run(const std::string& resume) {
     // signal on any rank, the routing counts and the gradients.
     bool stop_requested = g_signal != 0;
     if (distributed()) {
+      // Over every process: tensor-parallel ranks hold the same values.
       auto v = at::tensor(
           {loss_sum, ce_sum, aux_sum, stop_requested ? 1.0 : 0.0}, at::kDouble);
-      dp_->all_reduce_sum(v);
-      loss_sum = v[0].item<double>() / dp_size_;
-      ce_sum = v[1].item<double>() / dp_size_;
-      aux_sum = v[2].item<double>() / dp_size_;
+      world_->all_reduce_sum(v);
+      const double n = static_cast<double>(env_.world_size);
+      loss_sum = v[0].item<double>() / n;
+      ce_sum = v[1].item<double>() / n;
+      aux_sum = v[2].item<double>() / n;
       stop_requested = v[3].item<double>() > 0;
       if (!layer_tokens.empty()) {
         auto counts = at::stack(layer_tokens).to(at::kDouble);
@@ -345,14 +347,19 @@ RunResult Trainer::run(const std::string& resume) {
       }
     }
     std::vector<at::Tensor> opt_params;
-    std::vector<bool> opt_expert; // an expert slice (counted over EP ranks)
+    // 1: an expert slice (counted over EP ranks), 2: a tensor-parallel
+    // piece (counted over TP ranks), 0: replicated.
+    std::vector<int> opt_kind;
     {
       size_t k = 0;
       for (auto& g : opt_->param_groups()) {
         for (auto& p : g.params()) {
           if (p.grad().defined()) {
             opt_params.push_back(p);
-            opt_expert.push_back(is_expert(names_[k]));
+            opt_kind.push_back(
+                is_expert(names_[k])       ? 1
+                : is_tp_sharded(names_[k]) ? 2
+                                           : 0);
           }
           ++k;
         }
@@ -376,9 +383,12 @@ RunResult Trainer::run(const std::string& resume) {
               : at::stack(at::_foreach_norm(grads)).to(at::kDouble).square();
       double dense = 0;
       auto expert = at::zeros({1}, at::kDouble);
+      auto split = at::zeros({1}, at::kDouble);
       for (size_t k = 0; k < opt_params.size(); ++k) {
-        if (opt_expert[k]) {
+        if (opt_kind[k] == 1) {
           expert += sq[k];
+        } else if (opt_kind[k] == 2) {
+          split += sq[k];
         } else {
           dense += sq[k].item<double>();
         }
@@ -386,7 +396,11 @@ RunResult Trainer::run(const std::string& resume) {
       if (ep_) {
         ep_->all_reduce_sum(expert);
       }
-      grad_norm = std::sqrt(dense + expert.item<double>());
+      if (tp_) {
+        tp_->all_reduce_sum(split);
+      }
+      grad_norm =
+          std::sqrt(dense + expert.item<double>() + split.item<double>());
     }
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
       ++result.skipped_steps;

@@ -117,23 +117,30 @@ class Trainer {
     }
     return "";
   }
-  // Data parallelism over every process of the launch (docs/distributed.md).
+  // The process groups of the layout (docs/distributed.md): rank = (dp index)
+  // x tp + tp rank; expert-parallel groups inside the data-parallel ones.
   void setup_parallel();
   bool distributed() const {
-    return dp_.has_value();
+    return world_.has_value();
   }
   // Mean over the data-parallel ranks (identity in one process).
   double dp_mean(double v) const;
   // Averages the gradients of params_ over the data-parallel ranks (expert
   // slices over the expert-data-parallel ranks), in float32 buffers.
   void all_reduce_grads();
-  // Expert parallelism: slices every MoE layer's experts to this rank's.
-  void shard_experts();
-  // The full tensor of an expert parameter (or its optimizer state) from
-  // every expert-parallel rank's slice; `t` itself otherwise.
+  // Tensor parallelism (this rank's heads, hidden units, vocabulary rows),
+  // then expert parallelism (this rank's experts of every MoE layer).
+  void shard_model();
+  // The full tensor of a parameter (or its optimizer state) from every
+  // tensor- or expert-parallel rank's piece; `t` itself when replicated.
+  at::Tensor full_tensor(const std::string& name, const at::Tensor& t) const;
+  // This rank's piece of a full tensor read from a checkpoint.
+  at::Tensor local_piece(const std::string& name, const at::Tensor& t) const;
   at::Tensor gather_experts(const std::string& name, const at::Tensor& t) const;
-  // This rank's slice of a full expert tensor read from a checkpoint.
   at::Tensor expert_slice(const std::string& name, const at::Tensor& t) const;
+  bool is_tp_sharded(const std::string& name) const {
+    return tp_.has_value() && model_->tp_split(name).sharded();
+  }
   bool is_expert(const std::string& name) const {
     return ep_.has_value() && (ends_with(name, ".moe.w_gate_up") ||
                                ends_with(name, ".moe.w_down") ||
@@ -162,8 +169,10 @@ class Trainer {
   std::vector<bool> opt_is_master_; // parallel to names_
   c10::Device device_{c10::kCPU};
   parallel::LaunchEnv env_;
-  std::optional<parallel::Group> dp_, ep_, edp_; // data, expert, expert-data
+  // Every process; data, expert, expert-data and tensor parallel groups.
+  std::optional<parallel::Group> world_, dp_, ep_, edp_, tp_;
   int64_t dp_size_ = 1, dp_rank_ = 0, ep_size_ = 1, ep_rank_ = 0;
+  int64_t tp_size_ = 1, tp_rank_ = 0;
 };
 
 } // namespace moeyard::train::detail

@@ -1,6 +1,6 @@
 // Multi-process training: process groups from the launch, gradient
-// reduction over data- and expert-data-parallel groups, expert sharding and
-// gathering; docs/distributed.md.
+// reduction over data-, expert-data- and tensor-parallel groups, model
+// sharding and gathering; docs/distributed.md.
 
 #include "train/trainer_impl.h"
 
@@ -10,14 +10,23 @@ void Trainer::setup_parallel() {
   env_ = parallel::LaunchEnv::from_env();
   log::set_rank(static_cast<int>(env_.rank));
   const auto& p = cfg_.parallel;
-  dp_size_ = p.data_parallel > 0 ? p.data_parallel
-                                 : env_.world_size / p.tensor_parallel;
+  tp_size_ = p.tensor_parallel;
   TORCH_CHECK(
-      dp_size_ * p.tensor_parallel == env_.world_size,
+      env_.world_size % tp_size_ == 0 || p.data_parallel > 0,
+      "config: parallel.tensor_parallel (",
+      tp_size_,
+      ") must divide the number of processes (WORLD_SIZE ",
+      env_.world_size,
+      ", from ",
+      env_.source,
+      ")");
+  dp_size_ = p.data_parallel > 0 ? p.data_parallel : env_.world_size / tp_size_;
+  TORCH_CHECK(
+      dp_size_ * tp_size_ == env_.world_size,
       "config: parallel.data_parallel (",
       dp_size_,
       ") x parallel.tensor_parallel (",
-      p.tensor_parallel,
+      tp_size_,
       ") must equal the number of processes (WORLD_SIZE ",
       env_.world_size,
       ", from ",
@@ -42,44 +51,60 @@ void Trainer::setup_parallel() {
   const auto timeout = std::chrono::milliseconds(
       static_cast<int64_t>(cfg_.parallel.timeout_s * 1000));
   auto store = parallel::make_store(env_, timeout);
-  std::vector<int64_t> ranks(env_.world_size);
-  std::iota(ranks.begin(), ranks.end(), 0);
-  dp_ = parallel::make_gloo_group(store, env_, "data_parallel", ranks, timeout);
+  auto group = [&](const std::string& name, const std::vector<int64_t>& r) {
+    return parallel::make_gloo_group(store, env_, name, r, timeout);
+  };
+  // Rank order (DESIGN): tensor-parallel ranks are consecutive; then
+  // expert-parallel ranks (consecutive data-parallel indices), then
+  // expert-data-parallel ranks (data-parallel indices strided by ep).
+  tp_rank_ = env_.rank % tp_size_;
+  const int64_t dp_index = env_.rank / tp_size_;
+  auto global = [&](int64_t dp_i) { return dp_i * tp_size_ + tp_rank_; };
+  std::vector<int64_t> all(env_.world_size), dp_ranks, tp_ranks;
+  std::iota(all.begin(), all.end(), 0);
+  for (int64_t d = 0; d < dp_size_; ++d) {
+    dp_ranks.push_back(global(d));
+  }
+  for (int64_t t = 0; t < tp_size_; ++t) {
+    tp_ranks.push_back(dp_index * tp_size_ + t);
+  }
+  world_ = group("world", all);
+  dp_ = group("data_parallel_" + std::to_string(tp_rank_), dp_ranks);
   dp_rank_ = dp_->rank;
+  if (tp_size_ > 1) {
+    tp_ = group("tensor_parallel_" + std::to_string(dp_index), tp_ranks);
+  }
   ep_size_ = p.expert_parallel;
   if (ep_size_ > 1) {
-    // Rank order: expert-parallel ranks are consecutive, expert-data-parallel
-    // ranks stride by ep (DESIGN).
-    ep_rank_ = env_.rank % ep_size_;
-    const int64_t edp_rank = env_.rank / ep_size_;
+    ep_rank_ = dp_index % ep_size_;
+    const int64_t edp_index = dp_index / ep_size_;
     std::vector<int64_t> ep_ranks, edp_ranks;
     for (int64_t i = 0; i < ep_size_; ++i) {
-      ep_ranks.push_back(edp_rank * ep_size_ + i);
+      ep_ranks.push_back(global(edp_index * ep_size_ + i));
     }
     for (int64_t j = 0; j < dp_size_ / ep_size_; ++j) {
-      edp_ranks.push_back(j * ep_size_ + ep_rank_);
+      edp_ranks.push_back(global(j * ep_size_ + ep_rank_));
     }
-    ep_ = parallel::make_gloo_group(
-        store,
-        env_,
-        "expert_parallel_" + std::to_string(edp_rank),
-        ep_ranks,
-        timeout);
-    edp_ = parallel::make_gloo_group(
-        store,
-        env_,
-        "expert_data_parallel_" + std::to_string(ep_rank_),
-        edp_ranks,
-        timeout);
+    const auto tag = std::to_string(tp_rank_) + "_" + std::to_string(edp_index);
+    ep_ = group("expert_parallel_" + tag, ep_ranks);
+    edp_ = group(
+        "expert_data_parallel_" + std::to_string(tp_rank_) + "_" +
+            std::to_string(ep_rank_),
+        edp_ranks);
   }
   log::info(log::format(
-      "data parallel: %ld processes (%s), expert parallel %ld",
+      "data parallel: %ld processes (%s), expert parallel %ld, tensor "
+      "parallel %ld",
       dp_size_,
       env_.source.c_str(),
-      ep_size_));
+      ep_size_,
+      tp_size_));
 }
 
-void Trainer::shard_experts() {
+void Trainer::shard_model() {
+  if (tp_) {
+    model_->shard_tensor_parallel(tp_rank_, tp_size_, &*tp_);
+  }
   if (!ep_) {
     return;
   }
@@ -89,6 +114,22 @@ void Trainer::shard_experts() {
       block->moe->shard_experts(ep_rank_, ep_size_, &*ep_);
     }
   }
+}
+
+at::Tensor Trainer::full_tensor(
+    const std::string& name, const at::Tensor& t) const {
+  if (is_tp_sharded(name)) {
+    return parallel::tp_gather(t.detach(), model_->tp_split(name), *tp_);
+  }
+  return gather_experts(name, t);
+}
+
+at::Tensor Trainer::local_piece(
+    const std::string& name, const at::Tensor& t) const {
+  if (is_tp_sharded(name)) {
+    return parallel::tp_slice(t, model_->tp_split(name), tp_rank_, tp_size_);
+  }
+  return expert_slice(name, t);
 }
 
 at::Tensor Trainer::gather_experts(
@@ -128,7 +169,7 @@ at::Tensor Trainer::expert_slice(
 }
 
 double Trainer::dp_mean(double v) const {
-  if (!distributed()) {
+  if (!distributed() || dp_size_ == 1) {
     return v;
   }
   auto t = at::full({1}, v, at::kDouble);
@@ -163,6 +204,22 @@ void Trainer::all_reduce_grads() {
     auto buf = at::cat(flat);
     if (group && group->size() > 1) {
       group->all_reduce_sum(buf);
+    }
+    if (!expert && tp_) {
+      // Replicated parameters used inside the TP-split computation (per-head
+      // q/k norms) hold each rank's share of their gradient.
+      int64_t off = 0;
+      for (size_t i = 0; i < params_.size(); ++i) {
+        auto& p = params_[i];
+        if (p.grad().defined() && !is_expert(param_names_[i])) {
+          if (model_->tp_partial_grad(param_names_[i])) {
+            auto part = buf.narrow(0, off, p.numel()).clone();
+            tp_->all_reduce_sum(part);
+            buf.narrow(0, off, p.numel()).copy_(part);
+          }
+          off += p.numel();
+        }
+      }
     }
     buf.div_(static_cast<double>(dp_size_));
     int64_t off = 0;

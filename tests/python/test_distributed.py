@@ -169,7 +169,8 @@ def test_parallel_training_matches_one_process(tmp_path, shards, nproc, ep):
     dp = dp_config(tmp_path, shards, "dp", 4 // nproc)
     r = torchrun(nproc, "train", "--config", str(dp), "--set", f"parallel.expert_parallel={ep}", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"data parallel: {nproc} processes (torchrun), expert parallel {ep}" in r.stderr + r.stdout
+    assert f"data parallel: {nproc} processes (torchrun), expert parallel {ep}, tensor parallel 1" \
+        in r.stderr + r.stdout
     assert_same_run(tmp_path / "single", tmp_path / "dp")
     # A data-parallel checkpoint resumes in one process.
     import json
@@ -218,9 +219,15 @@ def test_layout_must_match_the_launch(tmp_path, shards):
     assert r.returncode != 0
     assert "parallel.data_parallel (4) x parallel.tensor_parallel (1) must equal the number of processes " \
            "(WORLD_SIZE 2, from torchrun)" in r.stderr
-    r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.tensor_parallel=2"],
+    r = torchrun(2, "train", "--config", str(cfg), "--set", "parallel.tensor_parallel=2", "--set",
+                 "model.vocab_size=255", timeout=120)
+    assert r.returncode != 0 and "parallel.tensor_parallel (2) must divide model.vocab_size (255)" in r.stderr
+    r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.tensor_parallel=2", "--set",
+                        "model.attention=mla", "--set", "model.num_kv_heads=0", "--set", "model.kv_lora_rank=8", "--set", "model.qk_rope_head_dim=4",
+                        "--set", "model.qk_nope_head_dim=4", "--set", "model.v_head_dim=8"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "not implemented yet (issue 7)" in r.stderr
+    assert r.returncode == 1 and "with multi-head latent attention (model.attention: mla) is not supported" \
+        in r.stderr, r.stderr
     r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.expert_parallel=3"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "moe.num_experts (4) must be divisible by parallel.expert_parallel (3)" in r.stderr
@@ -259,3 +266,69 @@ def test_checkpoint_reshards_from_one_process_to_dp2_ep2(tmp_path, shards):
     pa, pb = final_model(tmp_path / "single"), final_model(tmp_path / "resharded")
     for n in pa:
         assert (pa[n] - pb[n]).abs().max().item() <= 1e-4, n
+
+
+# ---- tensor parallelism ----------------------------------------------------------
+
+# A dense layer (moe_every_n: 2) for the split MLP, per-head q/k norms (a
+# replicated weight with per-rank partial gradients); the second variant:
+# norms over the split projections, tied vocabulary-parallel embeddings,
+# attention biases, sinks and a GELU MLP.
+TP_VARIANTS = {
+    "head": ["--set", "model.qk_norm=head", "--set", "moe.moe_every_n=2"],
+    "projection": ["--set", "model.qk_norm=projection", "--set", "model.tie_embeddings=true", "--set",
+                   "model.attention_bias=true", "--set", "model.attention_sinks=true", "--set", "model.mlp=gelu",
+                   "--set", "moe.moe_every_n=2"],
+}
+
+
+@pytest.mark.parametrize("nproc,tp,ep,variant", [
+    (2, 2, 1, "head"), (2, 2, 1, "projection"), (4, 2, 1, "head"), (4, 2, 2, "projection")])
+def test_tensor_parallel_training_matches_one_process(tmp_path, shards, nproc, tp, ep, variant):
+    """TP2, TP2 x DP2 and TP2 x DP2 x EP2 (heads, dense-MLP width and
+    vocabulary split; experts computed alike on both TP ranks and sharded over
+    EP): losses, gradient norms, routing counts and the trained parameters
+    (gathered into full tensors in the checkpoint) equal the one-process run."""
+    extra = TP_VARIANTS[variant]
+    single = dp_config(tmp_path, shards, "single", 4)
+    r = subprocess.run([EXE, "train", "--config", str(single), *extra], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = dp_config(tmp_path, shards, "tp", 4 * tp // nproc)
+    r = torchrun(nproc, "train", "--config", str(cfg), "--set", f"parallel.tensor_parallel={tp}", "--set",
+                 f"parallel.expert_parallel={ep}", *extra, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"data parallel: {nproc // tp} processes (torchrun), expert parallel {ep}, tensor parallel {tp}" \
+        in r.stderr + r.stdout
+    assert_same_run(tmp_path / "single", tmp_path / "tp")
+    import json
+
+    manifest = json.loads((tmp_path / "tp" / "step_3" / "manifest.json").read_text())
+    assert manifest["parallel"] == {"tensor_parallel": tp, "data_parallel": nproc // tp, "expert_parallel": ep}
+
+
+def test_checkpoint_reshards_from_dp2_ep2_to_tp2_and_one_process(tmp_path, shards):
+    """Saved at DP2 x EP2, resumed at TP2 (2 processes) and in one process:
+    both end where the uninterrupted one-process run ends."""
+    extra = TP_VARIANTS["head"]
+    single = dp_config(tmp_path, shards, "single", 4)
+    r = subprocess.run([EXE, "train", "--config", str(single), *extra], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = dp_config(tmp_path, shards, "dp2ep2", 2)
+    r = torchrun(4, "train", "--config", str(saved), "--set", "parallel.expert_parallel=2", "--set",
+                 "train.micro_batch=1", *extra, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = str(tmp_path / "dp2ep2" / "step_3")
+    tp2 = dp_config(tmp_path, shards, "tp2", 4)
+    r = torchrun(2, "train", "--config", str(tp2), "--set", "parallel.tensor_parallel=2", "--resume", ckpt, *extra,
+                 timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = dp_config(tmp_path, shards, "one", 4)
+    r = subprocess.run([EXE, "train", "--config", str(one), "--resume", ckpt, *extra], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = final_model(tmp_path / "single")
+    for run in ("tp2", "one"):
+        got = final_model(tmp_path / run)
+        assert set(got) == set(want)
+        for n in want:
+            assert (got[n] - want[n]).abs().max().item() <= 1e-4, (run, n)

@@ -1,0 +1,116 @@
+// Tensor parallelism of the model (transformer.h, docs/distributed.md):
+// which parameters split over the TP group and how, and the sharding of a
+// fully built model into this rank's pieces. The forward passes place the
+// collectives (csrc/parallel/tensor_parallel.h).
+
+#include <ATen/ATen.h>
+
+#include "model/transformer.h"
+
+namespace moeyard {
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+} // namespace
+
+void LinearImpl::shard(
+    const parallel::TpSplit& split, int64_t rank, int64_t tp, bool bias_too) {
+  auto keep = [&](const char* name, at::Tensor& t, parallel::TpSplit s) {
+    t = parallel::tp_slice(t.detach(), s, rank, tp)
+            .clone()
+            .requires_grad_(t.requires_grad());
+    parameters_[name] = t;
+  };
+  keep("weight", weight, split);
+  if (bias_too && bias.defined()) {
+    keep("bias", bias, {0, split.parts});
+  }
+}
+
+void NormImpl::shard(int64_t rank, int64_t tp_size, const parallel::Group* g) {
+  TORCH_CHECK(!layernorm, "tensor parallelism: split LayerNorm unsupported");
+  full_dim = weight.size(0);
+  weight = parallel::tp_slice(weight.detach(), {0, 1}, rank, tp_size)
+               .clone()
+               .requires_grad_(weight.requires_grad());
+  parameters_["weight"] = weight;
+  tp = g;
+}
+
+void MlpImpl::shard(int64_t rank, int64_t tp_size, const parallel::Group* g) {
+  if (gate_up) {
+    gate_up->shard({0, 2}, rank, tp_size, false); // [gate_r; up_r]
+  } else {
+    up->shard({0, 1}, rank, tp_size, false);
+  }
+  down->shard({1, 1}, rank, tp_size, false);
+  tp = g;
+}
+
+parallel::TpSplit TransformerImpl::tp_split(const std::string& n) const {
+  if (n == "embed.weight" || n == "lm_head.weight") {
+    return {0, 1}; // vocabulary rows
+  }
+  for (const char* p : {".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj."}) {
+    if (n.find(p) != std::string::npos) {
+      return {0, 1}; // heads (weight rows and bias)
+    }
+  }
+  if (ends_with(n, ".attn.o_proj.weight") || ends_with(n, ".mlp.down.weight")) {
+    return {1, 1}; // row-parallel: input features
+  }
+  if (ends_with(n, ".attn.sinks") || ends_with(n, ".mlp.up.weight")) {
+    return {0, 1};
+  }
+  if (ends_with(n, ".mlp.gate_up.weight")) {
+    return {0, 2};
+  }
+  if (config.qk_norm == "projection" && (ends_with(n, ".attn.q_norm.weight") ||
+                                         ends_with(n, ".attn.k_norm.weight"))) {
+    return {0, 1};
+  }
+  return {};
+}
+
+bool TransformerImpl::tp_partial_grad(const std::string& n) const {
+  return config.qk_norm == "head" && (ends_with(n, ".attn.q_norm.weight") ||
+                                      ends_with(n, ".attn.k_norm.weight"));
+}
+
+void TransformerImpl::shard_tensor_parallel(
+    int64_t rank, int64_t tp_size, const parallel::Group* group) {
+  TORCH_CHECK(
+      tp_size >= 1 && rank >= 0 && rank < tp_size,
+      "tensor parallelism: rank ",
+      rank,
+      " outside group size ",
+      tp_size);
+  if (tp_size == 1) {
+    return;
+  }
+  TORCH_CHECK(!tp, "tensor parallelism: the model is already sharded");
+  TORCH_CHECK(
+      group && group->size() == tp_size,
+      "tensor parallelism: the group must have ",
+      tp_size,
+      " members");
+  config.check_tensor_parallel(tp_size);
+  embed->shard({0, 1}, rank, tp_size, false);
+  if (lm_head) {
+    lm_head->shard({0, 1}, rank, tp_size, false);
+  }
+  for (const auto& m : layers->children()) {
+    auto* b = m->as<BlockImpl>();
+    b->attn->shard(rank, tp_size, group);
+    if (b->mlp) {
+      b->mlp->shard(rank, tp_size, group);
+    }
+  }
+  tp = group;
+}
+
+} // namespace moeyard

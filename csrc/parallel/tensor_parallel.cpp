@@ -1,0 +1,222 @@
+#include "parallel/tensor_parallel.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <limits>
+
+namespace moeyard::parallel {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const Group& group_of(AutogradContext* ctx) {
+  return *reinterpret_cast<const Group*>(ctx->saved_data["group"].toInt());
+}
+
+int64_t ptr(const Group& g) {
+  return reinterpret_cast<int64_t>(&g);
+}
+
+at::Tensor summed(const at::Tensor& x, const Group& g) {
+  auto y = x.contiguous().clone();
+  g.all_reduce_sum(y);
+  return y;
+}
+
+struct CopyToTp : public torch::autograd::Function<CopyToTp> {
+  static at::Tensor forward(
+      AutogradContext* ctx, const at::Tensor& x, int64_t group) {
+    ctx->saved_data["group"] = group;
+    return x.view_as(x);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {summed(grads[0], group_of(ctx)), {}};
+  }
+};
+
+struct ReduceFromTp : public torch::autograd::Function<ReduceFromTp> {
+  static at::Tensor forward(
+      AutogradContext* ctx, const at::Tensor& x, int64_t group) {
+    (void)ctx;
+    return summed(x, *reinterpret_cast<const Group*>(group));
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    (void)ctx;
+    return {grads[0], {}};
+  }
+};
+
+struct AllReduceTp : public torch::autograd::Function<AllReduceTp> {
+  static at::Tensor forward(
+      AutogradContext* ctx, const at::Tensor& x, int64_t group) {
+    ctx->saved_data["group"] = group;
+    return summed(x, *reinterpret_cast<const Group*>(group));
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {summed(grads[0], group_of(ctx)), {}};
+  }
+};
+
+struct GatherFromTp : public torch::autograd::Function<GatherFromTp> {
+  static at::Tensor forward(
+      AutogradContext* ctx, const at::Tensor& x, int64_t dim, int64_t group) {
+    ctx->saved_data["group"] = group;
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["width"] = x.size(dim);
+    return reinterpret_cast<const Group*>(group)->all_gather(x, dim);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto& g = group_of(ctx);
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    const int64_t w = ctx->saved_data["width"].toInt();
+    return {grads[0].narrow(dim, g.rank * w, w).contiguous(), {}, {}};
+  }
+};
+
+struct VocabParallelCE : public torch::autograd::Function<VocabParallelCE> {
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& logits,
+      const at::Tensor& target,
+      int64_t vocab_start,
+      int64_t ignore_index,
+      int64_t group) {
+    const auto& g = *reinterpret_cast<const Group*>(group);
+    const int64_t Vl = logits.size(1);
+    auto m = std::get<0>(logits.max(1)).contiguous();
+    g.all_reduce_max(m);
+    const auto shifted = logits - m.unsqueeze(1);
+    auto e = shifted.exp();
+    auto sum = e.sum(1).contiguous();
+    g.all_reduce_sum(sum);
+    const auto local = target - vocab_start;
+    const auto mine = (local >= 0) & (local < Vl);
+    const auto idx = at::where(mine, local, at::zeros_like(local));
+    auto picked = shifted.gather(1, idx.unsqueeze(1)).squeeze(1) *
+                  mine.to(shifted.scalar_type());
+    picked = picked.contiguous();
+    g.all_reduce_sum(picked);
+    const auto keep = target != ignore_index;
+    auto loss = (sum.log() - picked) * keep.to(picked.scalar_type());
+    // Saved for the backward: the local softmax and the one-hot columns.
+    e.div_(sum.unsqueeze(1));
+    ctx->save_for_backward({e, idx, (mine & keep), keep});
+    return loss;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto& probs = s[0];
+    const auto& idx = s[1];
+    const auto& hit = s[2];
+    const auto& keep = s[3];
+    const auto go = grads[0] * keep.to(grads[0].scalar_type());
+    auto grad = probs * go.unsqueeze(1);
+    grad.scatter_add_(
+        1,
+        idx.unsqueeze(1),
+        (-go * hit.to(go.scalar_type())).unsqueeze(1).to(grad.scalar_type()));
+    return {grad, {}, {}, {}, {}};
+  }
+};
+
+} // namespace
+
+at::Tensor copy_to_tp(const at::Tensor& x, const Group& g) {
+  return CopyToTp::apply(x, ptr(g));
+}
+
+at::Tensor reduce_from_tp(const at::Tensor& x, const Group& g) {
+  return ReduceFromTp::apply(x, ptr(g));
+}
+
+at::Tensor all_reduce_tp(const at::Tensor& x, const Group& g) {
+  return AllReduceTp::apply(x, ptr(g));
+}
+
+at::Tensor gather_from_tp(const at::Tensor& x, int64_t dim, const Group& g) {
+  return GatherFromTp::apply(x, dim < 0 ? dim + x.dim() : dim, ptr(g));
+}
+
+at::Tensor vocab_parallel_embedding(
+    const at::Tensor& tokens,
+    const at::Tensor& weight,
+    int64_t vocab_start,
+    const Group& g) {
+  const int64_t Vl = weight.size(0);
+  const auto local = tokens - vocab_start;
+  const auto mine = (local >= 0) & (local < Vl);
+  const auto rows =
+      at::embedding(weight, at::where(mine, local, at::zeros_like(local)));
+  return reduce_from_tp(rows * mine.unsqueeze(-1).to(rows.scalar_type()), g);
+}
+
+at::Tensor vocab_parallel_cross_entropy(
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    int64_t vocab_start,
+    int64_t ignore_index,
+    const Group& g) {
+  TORCH_CHECK(
+      logits.dim() == 2 && target.dim() == 1 &&
+          logits.size(0) == target.size(0),
+      "vocab_parallel_cross_entropy: logits [N, V/tp] and target [N] "
+      "expected, got ",
+      logits.sizes(),
+      " and ",
+      target.sizes());
+  const auto l =
+      logits.scalar_type() == at::kDouble ? logits : logits.to(at::kFloat);
+  return VocabParallelCE::apply(
+      l, target.to(at::kLong), vocab_start, ignore_index, ptr(g));
+}
+
+at::Tensor tp_slice(
+    const at::Tensor& full, const TpSplit& s, int64_t rank, int64_t tp) {
+  if (!s.sharded() || tp == 1) {
+    return full;
+  }
+  const int64_t n = full.size(s.dim);
+  TORCH_CHECK(
+      n % (s.parts * tp) == 0,
+      "tensor parallelism: size ",
+      n,
+      " of dim ",
+      s.dim,
+      " does not split into ",
+      s.parts,
+      " x ",
+      tp,
+      " pieces");
+  const int64_t block = n / s.parts, piece = block / tp;
+  if (s.parts == 1) {
+    return full.narrow(s.dim, rank * piece, piece);
+  }
+  std::vector<at::Tensor> pieces;
+  for (int64_t b = 0; b < s.parts; ++b) {
+    pieces.push_back(full.narrow(s.dim, b * block + rank * piece, piece));
+  }
+  return at::cat(pieces, s.dim);
+}
+
+at::Tensor tp_gather(
+    const at::Tensor& piece, const TpSplit& s, const Group& g) {
+  if (!s.sharded() || g.size() == 1) {
+    return piece;
+  }
+  const auto all = g.all_gather(piece, s.dim); // [rank][part]
+  if (s.parts == 1) {
+    return all;
+  }
+  const int64_t w = piece.size(s.dim) / s.parts;
+  std::vector<at::Tensor> ordered; // [part][rank]
+  for (int64_t b = 0; b < s.parts; ++b) {
+    for (int64_t r = 0; r < g.size(); ++r) {
+      ordered.push_back(all.narrow(s.dim, (r * s.parts + b) * w, w));
+    }
+  }
+  return at::cat(ordered, s.dim);
+}
+
+} // namespace moeyard::parallel
