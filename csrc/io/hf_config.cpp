@@ -114,6 +114,106 @@ std::vector<int64_t> sparse_step_layers(const JsonReader& r, int64_t layers) {
   return out;
 }
 
+// transformers' config classes: the defaults of the keys read here, and
+// attribute_map aliases. A key absent from config.json takes the class's
+// default; a key present as null is the class's None and is read with the
+// fallback at its use in hf_model_config (e.g. q_lora_rank: null is a plain
+// q_proj, absent is 1536). Only DeepSeek-V3 and GPT-OSS have their tables
+// here so far; the other families require the keys they read.
+struct ClassDefaults {
+  json defaults = json::object();
+  std::vector<std::pair<std::string, std::string>> aliases; // alias, key
+};
+
+ClassDefaults class_defaults(Family fam) {
+  ClassDefaults d;
+  switch (fam) {
+    case Family::kDeepseekV3: // DeepseekV3Config (transformers 5)
+      d.defaults = {
+          {"vocab_size", 129280},
+          {"hidden_size", 7168},
+          {"intermediate_size", 18432},
+          {"moe_intermediate_size", 2048},
+          {"num_hidden_layers", 61},
+          {"num_attention_heads", 128},
+          {"num_key_value_heads", 128},
+          {"n_shared_experts", 1},
+          {"n_routed_experts", 256},
+          {"routed_scaling_factor", 2.5},
+          {"kv_lora_rank", 512},
+          {"q_lora_rank", 1536},
+          {"qk_rope_head_dim", 64},
+          {"v_head_dim", 128},
+          {"qk_nope_head_dim", 128},
+          {"n_group", 8},
+          {"topk_group", 4},
+          {"num_experts_per_tok", 8},
+          {"first_k_dense_replace", 3},
+          {"norm_topk_prob", true},
+          {"hidden_act", "silu"},
+          {"max_position_embeddings", 4096},
+          {"rms_norm_eps", 1e-6},
+          {"tie_word_embeddings", false},
+          {"rope_interleave", true},
+          {"attention_bias", false},
+      };
+      d.aliases = {
+          {"num_local_experts", "n_routed_experts"},
+          {"num_mtp_layers", "num_nextn_predict_layers"}};
+      break;
+    case Family::kGptOss: // GptOssConfig (transformers 5)
+      d.defaults = {
+          {"num_hidden_layers", 36},       {"num_local_experts", 128},
+          {"vocab_size", 201088},          {"hidden_size", 2880},
+          {"intermediate_size", 2880},     {"head_dim", 64},
+          {"num_attention_heads", 64},     {"num_key_value_heads", 8},
+          {"sliding_window", 128},         {"tie_word_embeddings", false},
+          {"hidden_act", "silu"},          {"max_position_embeddings", 131072},
+          {"rms_norm_eps", 1e-5},          {"num_experts_per_tok", 4},
+          {"swiglu_alpha", 1.702},         {"swiglu_limit", 7.0},
+          {"router_aux_loss_coef", 0.001}, {"attention_bias", true},
+          {"rope_theta", 150000.0},
+      }; // rope_theta: GptOssConfig.default_theta
+      d.aliases = {{"num_experts", "num_local_experts"}};
+      break;
+    default:
+      break;
+  }
+  return d;
+}
+
+// config.json as transformers' config class sees it: aliases renamed, then
+// the class defaults under the keys that are absent.
+json with_class_defaults(const json& hf, Family fam) {
+  const ClassDefaults d = class_defaults(fam);
+  json out = hf;
+  for (const auto& [alias, key] : d.aliases) {
+    if (out.contains(alias) && !out.contains(key)) {
+      out[key] = out.at(alias);
+    }
+  }
+  for (const auto& [key, value] : d.defaults.items()) {
+    if (!out.contains(key)) {
+      out[key] = value;
+    }
+  }
+  // GptOssConfig's rope_parameters when config.json gives neither
+  // rope_parameters nor the older rope_scaling.
+  if (fam == Family::kGptOss &&
+      (!out.contains("rope_parameters") ||
+       out.at("rope_parameters").is_null()) &&
+      (!out.contains("rope_scaling") || out.at("rope_scaling").is_null())) {
+    out["rope_parameters"] = {
+        {"rope_type", "yarn"},
+        {"factor", 32.0},
+        {"beta_fast", 32.0},
+        {"beta_slow", 1.0},
+        {"truncate", false},
+        {"original_max_position_embeddings", 4096}};
+  }
+  return out;
+}
+
 // Layers that are not MoE take a dense MLP; the layer list is explicit
 // whenever it is not "every layer".
 void set_moe_layers(ModelConfig& c, std::vector<int64_t> layers) {
@@ -177,10 +277,11 @@ json read_hf_config(const std::string& dir) {
   return j;
 }
 
-ModelConfig hf_model_config(const json& hf, const std::string& file) {
+ModelConfig hf_model_config(const json& file_json, const std::string& file) {
+  const Family fam = family_of(
+      JsonReader{file_json, file}.need<std::string>("model_type"), file);
+  const json hf = with_class_defaults(file_json, fam);
   JsonReader r{hf, file};
-  const auto type = r.need<std::string>("model_type");
-  const Family fam = family_of(type, file);
   ModelConfig c;
   c.vocab_size = r.need<int64_t>("vocab_size");
   c.hidden_size = r.need<int64_t>("hidden_size");
@@ -251,7 +352,7 @@ ModelConfig hf_model_config(const json& hf, const std::string& file) {
     case Family::kDeepseekV3:
       c.attention = "mla";
       c.head_dim = 0; // config.json's head_dim is the rotary width
-      c.q_lora_rank = r.get<int64_t>("q_lora_rank", 0);
+      c.q_lora_rank = r.get<int64_t>("q_lora_rank", 0); // null: q_proj
       c.kv_lora_rank = r.need<int64_t>("kv_lora_rank");
       c.qk_nope_head_dim = r.need<int64_t>("qk_nope_head_dim");
       c.qk_rope_head_dim = r.need<int64_t>("qk_rope_head_dim");
@@ -261,15 +362,21 @@ ModelConfig hf_model_config(const json& hf, const std::string& file) {
       c.num_kv_heads = 0;
       m.num_experts = r.need<int64_t>("n_routed_experts");
       m.ffn_size = r.need<int64_t>("moe_intermediate_size");
-      m.first_k_dense = r.get<int64_t>("first_k_dense_replace", 0);
-      m.moe_every_n = r.get<int64_t>("moe_layer_freq", 1);
+      // transformers' DeepseekV3DecoderLayer: MoE iff layer >=
+      // first_k_dense_replace. moe_layer_freq (in DeepSeek's own files, and
+      // honoured by its remote code as layer % freq == 0) is not read by
+      // transformers, whose weights are laid out without it; so neither is
+      // it here.
+      m.first_k_dense = r.need<int64_t>("first_k_dense_replace");
+      m.moe_every_n = 1;
       m.routing.score_fn = "sigmoid";
       m.selection_bias = true; // e_score_correction_bias
-      m.routing.renormalize = r.get<bool>("norm_topk_prob", true);
-      m.routing.scale = r.get<double>("routed_scaling_factor", 1.0);
-      m.routing.num_groups = r.get<int64_t>("n_group", 1);
-      m.routing.topk_groups = r.get<int64_t>("topk_group", 1);
-      m.num_shared_experts = r.get<int64_t>("n_shared_experts", 0);
+      // null is transformers' None: falsy, no renormalization
+      m.routing.renormalize = r.get<bool>("norm_topk_prob", false);
+      m.routing.scale = r.need<double>("routed_scaling_factor");
+      m.routing.num_groups = r.need<int64_t>("n_group");
+      m.routing.topk_groups = r.need<int64_t>("topk_group");
+      m.num_shared_experts = r.need<int64_t>("n_shared_experts");
       m.shared_ffn_size = m.ffn_size;
       r.only<std::string>("topk_method", "noaux_tc", "DeepSeek-V3 routing");
       r.only<std::string>("scoring_func", "sigmoid", "DeepSeek-V3 routing");
@@ -288,8 +395,24 @@ ModelConfig hf_model_config(const json& hf, const std::string& file) {
       break;
   }
   // Per-layer attention kinds (GPT-OSS; Qwen2-MoE lists all-full layers).
-  if (r.has("layer_types")) {
-    const auto types = r.get<std::vector<std::string>>("layer_types", {});
+  // Without layer_types GptOssConfig alternates, starting with a sliding
+  // layer: "sliding_attention" if (i + 1) % 2 else "full_attention".
+  if (r.has("layer_types") || fam == Family::kGptOss) {
+    std::vector<std::string> types;
+    if (r.has("layer_types")) {
+      types = r.get<std::vector<std::string>>("layer_types", {});
+      TORCH_CHECK(
+          static_cast<int64_t>(types.size()) == c.num_layers,
+          file,
+          ": layer_types has ",
+          types.size(),
+          " entries for num_hidden_layers = ",
+          c.num_layers);
+    } else {
+      for (int64_t i = 0; i < c.num_layers; ++i) {
+        types.push_back((i + 1) % 2 ? "sliding_attention" : "full_attention");
+      }
+    }
     bool any_sliding = false;
     std::vector<std::string> mine;
     for (const auto& t : types) {
@@ -308,8 +431,6 @@ ModelConfig hf_model_config(const json& hf, const std::string& file) {
     } else if (fam != Family::kMixtral) {
       c.sliding_window = 0;
     }
-  } else if (fam == Family::kGptOss) {
-    c.sliding_window = r.get<int64_t>("sliding_window", 0);
   }
   // transformers' load-balancing loss is E * sum_e (count_e / T) P_e over
   // all layers' tokens at once; moeyard's switch loss uses count_e / (T K)

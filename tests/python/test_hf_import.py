@@ -62,7 +62,10 @@ def make_hf(family, seed=0, **extra):
     torch.manual_seed(seed)
     cfg = cfg_cls(**{**COMMON, **kw, **extra})
     cfg._attn_implementation = "eager"
-    model = model_cls(cfg).eval()
+    return perturb(model_cls(cfg).eval())
+
+
+def perturb(model):
     with torch.no_grad():  # away from the init so a missed norm or bias shows
         for n, p in model.named_parameters():
             if "norm" in n:
@@ -363,3 +366,128 @@ def test_index_naming_a_missing_shard_is_an_error(saved, tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(RuntimeError, match="model-99999-of-99999.safetensors"):
         moeyard.Transformer.from_hf(d)
+
+
+# ---- keys absent from config.json: transformers' config-class defaults -----
+
+def hf_from_minimal_config(tmp_path, config, seed=0):
+    """A random transformers model of a config.json that has only the keys in
+    `config` (transformers fills in its class defaults), saved next to that
+    same minimal config.json: (model read back by transformers, directory)."""
+    d = tmp_path / "minimal"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    cfg = transformers.AutoConfig.from_pretrained(d)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    perturb(transformers.AutoModelForCausalLM.from_config(cfg).eval()).save_pretrained(d)
+    (d / "config.json").write_text(json.dumps(config))  # save_pretrained wrote every key
+    back = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    return back, d
+
+
+def hf_moe_layers(model):
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+
+def test_gpt_oss_without_layer_types_alternates_sliding_and_full(tmp_path):
+    """GptOssConfig without layer_types: even layers sliding, odd layers full."""
+    hf = make_hf("gpt_oss", num_hidden_layers=4, layer_types=None)
+    assert hf.config.layer_types == ["sliding_attention", "full_attention"] * 2
+    d = tmp_path / "no_types"
+    hf.save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["layer_types"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    back = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    assert back.config.layer_types == hf.config.layer_types
+    tokens, mask = tokens_and_mask(seed=9)  # 12 tokens, window 5: the kinds matter
+    want = hf_logits(back, tokens, mask)
+    real = mask.bool()
+    got = moeyard.Transformer.from_hf(d).eval()(tokens, mask)["logits"]
+    assert (got[real] - want[real]).abs().max().item() < 1e-4
+    # The check can fail: every layer sliding (the old reading) is far off.
+    cfg["layer_types"] = ["sliding_attention"] * 4
+    (d / "config.json").write_text(json.dumps(cfg))
+    wrong = moeyard.Transformer.from_hf(d).eval()(tokens, mask)["logits"]
+    assert (wrong[real] - want[real]).abs().max().item() > 1e-3
+
+
+def test_gpt_oss_minimal_config_takes_class_defaults(tmp_path):
+    """Absent: layer_types, sliding_window (128), head_dim (64),
+    num_key_value_heads (8), rope (YaRN x32, theta 150000), rms_norm_eps
+    (1e-5), num_experts_per_tok (4), swiglu_*, attention_bias, ..."""
+    config = dict(model_type="gpt_oss", vocab_size=V, hidden_size=H, num_hidden_layers=3,
+                  num_attention_heads=16, intermediate_size=24, num_local_experts=8)
+    hf, d = hf_from_minimal_config(tmp_path, config)
+    assert hf.config.sliding_window == 128 and hf.config.num_key_value_heads == 8
+    g = torch.Generator().manual_seed(10)
+    tokens = torch.randint(0, V, (2, 140), generator=g)  # past the 128 window
+    ours = moeyard.Transformer.from_hf(d).eval()
+    assert (ours(tokens)["logits"] - hf_logits(hf, tokens)).abs().max().item() < 1e-4
+    assert ours.moe_layer_indices() == hf_moe_layers(hf) == [0, 1, 2]
+
+
+def test_deepseek_minimal_config_takes_class_defaults(tmp_path):
+    """Absent: first_k_dense_replace (3), n_shared_experts (1),
+    n_routed_experts (256), num_experts_per_tok (8), n_group (8), topk_group
+    (4), routed_scaling_factor (2.5), norm_topk_prob, q_lora_rank (1536),
+    kv_lora_rank (512), qk_{nope,rope}_head_dim (128, 64), v_head_dim (128),
+    rope_interleave, max_position_embeddings, rope."""
+    config = dict(model_type="deepseek_v3", vocab_size=V, hidden_size=H, num_hidden_layers=5,
+                  num_attention_heads=2, num_key_value_heads=2,  # transformers' own needs it
+                  intermediate_size=56, moe_intermediate_size=8)
+    hf, d = hf_from_minimal_config(tmp_path, config)
+    c = hf.config
+    assert (c.n_routed_experts, c.n_group, c.topk_group, c.num_experts_per_tok) == (256, 8, 4, 8)
+    assert (c.first_k_dense_replace, c.n_shared_experts, c.routed_scaling_factor) == (3, 1, 2.5)
+    assert (c.q_lora_rank, c.kv_lora_rank) == (1536, 512)
+    ours = moeyard.Transformer.from_hf(d).eval()
+    assert ours.moe_layer_indices() == hf_moe_layers(hf) == [3, 4]
+    tokens, mask = tokens_and_mask(seed=11)
+    assert (ours(tokens)["logits"] - hf_logits(hf, tokens)).abs().max().item() < 1e-4
+    chosen = []
+    hooks = [router_of(hf.model.layers[i]).register_forward_hook(
+        lambda mod, inp, out: chosen.append(out[2])) for i in hf_moe_layers(hf)]
+    try:
+        hf_logits(hf, tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    mine = ours(tokens)["moe_layers"]
+    assert len(mine) == len(chosen) == 2
+    for stats, idx in zip(mine, chosen):
+        assert torch.equal(stats["indices"].reshape(-1, 8).sort(-1).values,
+                           idx.reshape(-1, 8).sort(-1).values)
+
+
+def test_deepseek_q_lora_rank_null_is_a_plain_q_proj(tmp_path):
+    """q_lora_rank: null is transformers' None (q_proj), unlike an absent key."""
+    config = dict(model_type="deepseek_v3", vocab_size=V, hidden_size=H, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, intermediate_size=56,
+                  moe_intermediate_size=8, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
+                  first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=12,
+                  qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    hf, d = hf_from_minimal_config(tmp_path, config)
+    assert hf.config.q_lora_rank is None
+    ours = moeyard.Transformer.from_hf(d).eval()
+    assert "layers.0.attn.q_proj.weight" in dict(ours.named_parameters())
+    tokens, _ = tokens_and_mask(seed=12)
+    assert (ours(tokens)["logits"] - hf_logits(hf, tokens)).abs().max().item() < 1e-4
+
+
+def test_deepseek_moe_layers_follow_first_k_dense_replace_only(tmp_path):
+    """transformers' DeepseekV3DecoderLayer is MoE iff layer >=
+    first_k_dense_replace; moe_layer_freq in config.json is not read."""
+    hf = make_hf("deepseek_v3", num_hidden_layers=5, first_k_dense_replace=1)
+    d = tmp_path / "freq"
+    hf.save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["moe_layer_freq"] = 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    back = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    assert hf_moe_layers(back) == [1, 2, 3, 4]
+    ours = moeyard.Transformer.from_hf(d).eval()
+    assert ours.moe_layer_indices() == [1, 2, 3, 4]
+    tokens, _ = tokens_and_mask(seed=13)
+    assert (ours(tokens)["logits"] - hf_logits(back, tokens)).abs().max().item() < 1e-4
