@@ -35,10 +35,14 @@ int64_t parse_int(const std::string& var, const std::string& value) {
 void wait(
     const c10::intrusive_ptr<c10d::Work>& work,
     const Group& g,
-    const char* collective) {
+    const char* collective,
+    std::chrono::milliseconds timeout = std::chrono::milliseconds(0)) {
+  if (timeout.count() == 0) {
+    timeout = g.timeout;
+  }
   std::string why;
   try {
-    work->wait(g.timeout);
+    work->wait(timeout);
     return;
   } catch (const c10::Error& e) {
     why = e.what_without_backtrace();
@@ -54,7 +58,7 @@ void wait(
       "' (",
       g.size(),
       " ranks) failed or timed out after ",
-      g.timeout.count() / 1000.0,
+      timeout.count() / 1000.0,
       " s: a peer died or hangs (",
       why,
       ")");
@@ -281,6 +285,12 @@ at::Tensor Group::all_gather(const at::Tensor& t, int64_t dim) const {
 
 void Group::barrier() const {
   wait(backend->barrier(), *this, "barrier");
+}
+
+void Group::barrier(std::chrono::milliseconds timeout) const {
+  c10d::BarrierOptions o;
+  o.timeout = timeout;
+  wait(backend->barrier(o), *this, "barrier", timeout);
 }
 
 } // namespace moeyard::parallel

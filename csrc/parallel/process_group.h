@@ -70,6 +70,9 @@ struct Group {
       const std::vector<int64_t>& send_splits,
       const std::vector<int64_t>& recv_splits) const;
   void barrier() const;
+  // A barrier that waits up to `timeout` (longer than the collectives':
+  // peers waiting while one rank writes a checkpoint).
+  void barrier(std::chrono::milliseconds timeout) const;
 };
 
 Group make_gloo_group(

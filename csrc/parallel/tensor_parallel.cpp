@@ -200,23 +200,31 @@ at::Tensor tp_slice(
   return at::cat(pieces, s.dim);
 }
 
+at::Tensor tp_join(const std::vector<at::Tensor>& pieces, const TpSplit& s) {
+  TORCH_CHECK(!pieces.empty(), "tp_join: no pieces");
+  if (!s.sharded() || pieces.size() == 1) {
+    return pieces[0];
+  }
+  if (s.parts == 1) {
+    return at::cat(pieces, s.dim);
+  }
+  const int64_t w = pieces[0].size(s.dim) / s.parts;
+  std::vector<at::Tensor> ordered; // [part][rank]
+  for (int64_t b = 0; b < s.parts; ++b) {
+    for (const auto& p : pieces) {
+      ordered.push_back(p.narrow(s.dim, b * w, w));
+    }
+  }
+  return at::cat(ordered, s.dim);
+}
+
 at::Tensor tp_gather(
     const at::Tensor& piece, const TpSplit& s, const Group& g) {
   if (!s.sharded() || g.size() == 1) {
     return piece;
   }
-  const auto all = g.all_gather(piece, s.dim); // [rank][part]
-  if (s.parts == 1) {
-    return all;
-  }
-  const int64_t w = piece.size(s.dim) / s.parts;
-  std::vector<at::Tensor> ordered; // [part][rank]
-  for (int64_t b = 0; b < s.parts; ++b) {
-    for (int64_t r = 0; r < g.size(); ++r) {
-      ordered.push_back(all.narrow(s.dim, (r * s.parts + b) * w, w));
-    }
-  }
-  return at::cat(ordered, s.dim);
+  const auto all = g.all_gather(piece, s.dim);
+  return tp_join(all.split(piece.size(s.dim), s.dim), s);
 }
 
 } // namespace moeyard::parallel

@@ -66,7 +66,11 @@ struct TpSplit {
 at::Tensor tp_slice(
     const at::Tensor& full, const TpSplit& s, int64_t rank, int64_t tp);
 
-// The full tensor from every member's piece (the inverse of tp_slice).
+// The full tensor from every rank's piece, in rank order (the inverse of
+// tp_slice).
+at::Tensor tp_join(const std::vector<at::Tensor>& pieces, const TpSplit& s);
+
+// tp_join of the group members' pieces.
 at::Tensor tp_gather(const at::Tensor& piece, const TpSplit& s, const Group& g);
 
 } // namespace moeyard::parallel

@@ -258,7 +258,11 @@ TrainConfig TrainConfig::parse(
     r.get("dir", c.checkpoint.dir);
     r.get("every", c.checkpoint.every);
     r.get("keep_last", c.checkpoint.keep_last);
+    r.get("timeout_s", c.checkpoint.timeout_s);
     r.finish();
+    if (!(c.checkpoint.timeout_s > 0)) {
+      r.fail("timeout_s", "must be > 0");
+    }
   }
   {
     auto r = top.child("log");

@@ -71,6 +71,9 @@ struct CheckpointConfig {
   std::string dir = "runs/tiny";
   int64_t every = 100; // 0: only the final save
   int64_t keep_last = 2;
+  // How long the ranks of a multi-process run wait for each other while a
+  // checkpoint is written (the collectives' parallel.timeout_s is shorter).
+  double timeout_s = 3600;
 };
 
 struct LogConfig {

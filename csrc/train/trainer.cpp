@@ -258,6 +258,19 @@ RunResult Trainer::run(const std::string& resume) {
   if (!from.empty()) {
     step = load_optimizer_state(from);
     log::info(log::format("resumed from %s at step %ld", from.c_str(), step));
+  } else {
+    seed_stream(0);
+  }
+  if (distributed()) { // every rank resumed the same step
+    auto t = at::tensor({double(step), -double(step)}, at::kDouble);
+    world_->all_reduce_max(t);
+    TORCH_CHECK(
+        t[0].item<double>() == -t[1].item<double>(),
+        "resume: the ranks resumed different steps (",
+        -t[1].item<double>(),
+        " to ",
+        t[0].item<double>(),
+        "); every rank must see the same checkpoint directory");
   }
   std::ofstream metrics; // rank 0 writes the metrics
   if (env_.rank == 0) {
@@ -420,6 +433,11 @@ RunResult Trainer::run(const std::string& resume) {
           cfg_.train.max_bad_steps,
           ")");
       ++step;
+      if (stop_requested) {
+        save(step);
+        result.interrupted = true;
+        break;
+      }
       continue;
     }
     bad_in_row = 0;

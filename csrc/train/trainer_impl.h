@@ -44,6 +44,11 @@ inline bool ends_with(const std::string& s, const std::string& suffix) {
 // returns the manifest.
 json read_manifest(const fs::path& dir);
 
+// The full tensors of a checkpoint's files of one kind ("model",
+// "optimizer"): whole tensors and the pieces ranks wrote, joined.
+io::TensorMap load_checkpoint_tensors(
+    const fs::path& dir, const std::string& kind);
+
 // Copies a checkpoint's model tensors into `model`: every name and shape
 // must match, in both directions.
 void load_model_tensors(TransformerImpl& model, const fs::path& dir);
@@ -154,6 +159,17 @@ class Trainer {
       const io::TokenShard& s, int64_t step, int64_t micro, bool random);
   double evaluate();
   void save(int64_t step);
+  // Rank 0: manifest (SHA-256 of every file), rename, `latest`, pruning.
+  void commit(int64_t step, const fs::path& tmp, const fs::path& final_dir);
+  // Whether this rank writes `name` (one copy of each tensor or piece) and
+  // the piece metadata it writes with it ("" for whole tensors).
+  bool writes(const std::string& name) const;
+  std::string piece_of(const std::string& name) const;
+  std::string rng_file(int64_t dp_rank) const;
+  // Every rank, with checkpoint.timeout_s (a save outlasts collectives).
+  void save_barrier() const;
+  // Seeds this data-parallel rank's random stream for training at `step`.
+  void seed_stream(int64_t step);
   void apply_moe_schedules(int64_t step);
 
   TrainConfig cfg_;
