@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <numeric>
 #include <thread>
 
 #include "io/hf_checkpoint.h"
@@ -85,6 +86,11 @@ int main(int argc, char** argv) {
   int64_t exit_rank = -1, stall_rank = -1;
   dist->add_option(
       "--timeout", dist_timeout, "rendezvous/collective timeout, s (60)");
+  std::string dist_device = "cpu";
+  dist->add_option(
+      "--device",
+      dist_device,
+      "cpu (Gloo) or cuda (NCCL, GPU LOCAL_RANK of each process)");
   dist->add_option(
           "--exit-rank",
           exit_rank,
@@ -204,7 +210,27 @@ int main(int argc, char** argv) {
       const auto env = par::LaunchEnv::from_env();
       const auto timeout =
           std::chrono::milliseconds(static_cast<int64_t>(dist_timeout * 1000));
-      auto world = par::make_world_group(env, "world", timeout);
+      TORCH_CHECK(
+          dist_device == "cpu" || dist_device == "cuda",
+          "dist-check: --device must be cpu or cuda, got '",
+          dist_device,
+          "'");
+      auto world =
+          dist_device == "cpu"
+              ? par::make_world_group(env, "world", timeout)
+              : par::make_nccl_group(
+                    par::make_store(env, timeout),
+                    env,
+                    "world",
+                    [&] {
+                      std::vector<int64_t> r(env.world_size);
+                      std::iota(r.begin(), r.end(), 0);
+                      return r;
+                    }(),
+                    timeout,
+                    c10::Device(
+                        c10::kCUDA,
+                        static_cast<c10::DeviceIndex>(env.local_rank)));
       if (env.rank == exit_rank) {
         std::cerr << "rank " << env.rank << ": exiting early (--exit-rank)\n";
         return 3;
@@ -213,8 +239,10 @@ int main(int argc, char** argv) {
         std::this_thread::sleep_for(3 * timeout);
       }
       const int64_t W = env.world_size, r = env.rank;
-      auto t = at::full({3}, double(r + 1), at::kDouble);
+      // On the group's device (the GPU under NCCL), checked on the CPU.
+      auto t = at::full({3}, double(r + 1), at::kDouble).to(world.device);
       world.all_reduce_sum(t);
+      t = t.cpu();
       const double want_sum = W * (W + 1) / 2.0;
       TORCH_CHECK(
           (t == want_sum).all().item<bool>(),
@@ -224,13 +252,18 @@ int main(int argc, char** argv) {
           want_sum);
       // Row j of rank r's input goes to rank j and holds 100 r + j.
       auto in = (at::arange(W, at::kDouble) + 100.0 * r).view({W, 1});
-      auto out = world.all_to_all(
-          in, std::vector<int64_t>(W, 1), std::vector<int64_t>(W, 1));
+      auto out = world
+                     .all_to_all(
+                         in.to(world.device),
+                         std::vector<int64_t>(W, 1),
+                         std::vector<int64_t>(W, 1))
+                     .cpu();
       auto want = (at::arange(W, at::kDouble) * 100.0 + r).view({W, 1});
       TORCH_CHECK(
           at::equal(out, want), "dist-check: all_to_all gave wrong rows");
       world.barrier();
       std::cout << "rank " << r << "/" << W << " (" << env.source
+                << (dist_device == "cuda" ? ", NCCL" : "")
                 << "): all_reduce ok (" << t[0].item<double>()
                 << "), all_to_all ok\n";
     } else if (*conv) {

@@ -229,6 +229,26 @@ Group make_gloo_group(
   return g;
 }
 
+#ifndef MOEYARD_WITH_NCCL
+bool nccl_available() {
+  return false;
+}
+
+Group make_nccl_group(
+    const c10::intrusive_ptr<c10d::Store>&,
+    const LaunchEnv&,
+    const std::string& name,
+    const std::vector<int64_t>&,
+    std::chrono::milliseconds,
+    c10::Device) {
+  TORCH_CHECK(
+      false,
+      "process group '",
+      name,
+      "': NCCL groups need moeyard built with CUDA (this build has none)");
+}
+#endif
+
 Group make_world_group(
     const LaunchEnv& env,
     const std::string& name,
@@ -238,15 +258,37 @@ Group make_world_group(
   return make_gloo_group(make_store(env, timeout), env, name, ranks, timeout);
 }
 
+namespace {
+
+// `t` on the group's device (itself when it is there already).
+at::Tensor on_device(const Group& g, const at::Tensor& t) {
+  return t.device() == g.device ? t : t.to(g.device);
+}
+
+// Copies a collective's result back into `t` when it ran on a copy.
+void write_back(at::Tensor& t, const at::Tensor& result) {
+  if (!result.is_same(t)) {
+    t.copy_(result);
+  }
+}
+
+} // namespace
+
 void Group::all_reduce_sum(at::Tensor& t) const {
-  std::vector<at::Tensor> v = {t};
+  auto d = on_device(*this, t);
+  std::vector<at::Tensor> v = {d};
   wait(backend->allreduce(v), *this, "all_reduce");
+  write_back(t, d);
 }
 
 at::Tensor Group::all_to_all(
     const at::Tensor& input,
     const std::vector<int64_t>& send_splits,
     const std::vector<int64_t>& recv_splits) const {
+  if (input.device() != device) {
+    return all_to_all(input.to(device), send_splits, recv_splits)
+        .to(input.device());
+  }
   int64_t rows = 0;
   for (auto r : recv_splits) {
     rows += r;
@@ -265,13 +307,18 @@ at::Tensor Group::all_to_all(
 }
 
 void Group::all_reduce_max(at::Tensor& t) const {
-  std::vector<at::Tensor> v = {t};
+  auto d = on_device(*this, t);
+  std::vector<at::Tensor> v = {d};
   c10d::AllreduceOptions o;
   o.reduceOp = c10d::ReduceOp::MAX;
   wait(backend->allreduce(v, o), *this, "all_reduce(max)");
+  write_back(t, d);
 }
 
 at::Tensor Group::all_gather(const at::Tensor& t, int64_t dim) const {
+  if (t.device() != device) {
+    return all_gather(t.to(device), dim).to(t.device());
+  }
   const auto in = t.contiguous();
   std::vector<at::Tensor> parts;
   for (int64_t i = 0; i < size(); ++i) {

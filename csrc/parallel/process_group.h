@@ -45,14 +45,17 @@ struct LaunchEnv {
 c10::intrusive_ptr<c10d::Store> make_store(
     const LaunchEnv& env, std::chrono::milliseconds timeout);
 
-// A named group over `ranks` (global ranks, this process among them) on the
-// CPU with Gloo; collectives time out after `timeout`.
+// A named group over `ranks` (global ranks, this process among them): Gloo
+// on the CPU or NCCL on a GPU (`device`); collectives time out after
+// `timeout`. Tensors on another device than the group's travel through it
+// and come back where they were.
 struct Group {
   std::string name;
   std::vector<int64_t> ranks;
   int64_t rank = 0; // this process's rank in the group
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout{0};
+  c10::Device device{c10::kCPU};
 
   int64_t size() const {
     return static_cast<int64_t>(ranks.size());
@@ -81,6 +84,20 @@ Group make_gloo_group(
     const std::string& name,
     const std::vector<int64_t>& ranks,
     std::chrono::milliseconds timeout);
+
+// A group on CUDA device `device` with NCCL (the one the PyTorch wheel
+// ships). Errors when moeyard was built without CUDA. NCCL's watchdog
+// aborts a collective that outlasts `timeout`, naming the group.
+Group make_nccl_group(
+    const c10::intrusive_ptr<c10d::Store>& store,
+    const LaunchEnv& env,
+    const std::string& name,
+    const std::vector<int64_t>& ranks,
+    std::chrono::milliseconds timeout,
+    c10::Device device);
+
+// Whether this build has NCCL groups.
+bool nccl_available();
 
 // The store and one group over every process of the launch.
 Group make_world_group(

@@ -59,7 +59,6 @@ class Trainer {
     if (cfg_.train.threads > 0) {
       at::set_num_threads(cfg_.train.threads);
     }
-    setup_parallel();
     try {
       device_ = c10::Device(cfg_.train.device);
     } catch (const std::exception&) {
@@ -69,6 +68,8 @@ class Trainer {
           cfg_.train.device,
           "'");
     }
+    setup_parallel(); // a multi-process GPU run: device_ becomes
+                      // cuda:LOCAL_RANK
     model_->to(device_);
     train_ = std::make_unique<io::TokenShard>(cfg_.data.train);
     check_shard(*train_, "data.train");

@@ -2,6 +2,8 @@
 // reduction over data-, expert-data- and tensor-parallel groups, model
 // sharding and gathering; docs/distributed.md.
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
 #include "train/trainer_impl.h"
 
 namespace moeyard::train::detail {
@@ -42,17 +44,30 @@ void Trainer::setup_parallel() {
   if (env_.world_size == 1) {
     return;
   }
-  TORCH_CHECK(
-      cfg_.train.device == "cpu",
-      "config: train.device '",
-      cfg_.train.device,
-      "' with several processes needs NCCL groups, which are not "
-      "implemented yet (issue 7); multi-process runs are CPU (Gloo) only");
+  const bool gpu = device_.is_cuda();
+  if (gpu) {
+    TORCH_CHECK(
+        parallel::nccl_available(),
+        "config: train.device '",
+        cfg_.train.device,
+        "' with several processes needs NCCL process groups; this build of "
+        "moeyard has no CUDA");
+    if (!device_.has_index()) { // one GPU per process: LOCAL_RANK's
+      device_ = c10::Device(
+          c10::kCUDA, static_cast<c10::DeviceIndex>(env_.local_rank));
+    }
+    c10::impl::getDeviceGuardImpl(c10::kCUDA)->setDevice(device_);
+  }
   const auto timeout = std::chrono::milliseconds(
       static_cast<int64_t>(cfg_.parallel.timeout_s * 1000));
   auto store = parallel::make_store(env_, timeout);
+  // Tensor traffic over NCCL on GPUs, Gloo on CPUs; the world group (stop
+  // requests, step checks, checkpoint barriers) is always Gloo.
   auto group = [&](const std::string& name, const std::vector<int64_t>& r) {
-    return parallel::make_gloo_group(store, env_, name, r, timeout);
+    return gpu && name != "world"
+               ? parallel::make_nccl_group(
+                     store, env_, name, r, timeout, device_)
+               : parallel::make_gloo_group(store, env_, name, r, timeout);
   };
   // Rank order (DESIGN): tensor-parallel ranks are consecutive; then
   // expert-parallel ranks (consecutive data-parallel indices), then
@@ -94,11 +109,12 @@ void Trainer::setup_parallel() {
   }
   log::info(log::format(
       "data parallel: %ld processes (%s), expert parallel %ld, tensor "
-      "parallel %ld",
+      "parallel %ld%s",
       dp_size_,
       env_.source.c_str(),
       ep_size_,
-      tp_size_));
+      tp_size_,
+      gpu ? ", NCCL" : ""));
 }
 
 void Trainer::shard_model() {
