@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "model/moe_forward.h"
-#include "reference.h"
+#include "reference/moe.h"
 
 namespace {
 

@@ -8,7 +8,7 @@
 #include <string>
 
 #include "ops/ops.h"
-#include "reference.h"
+#include "reference/movement.h"
 
 namespace {
 

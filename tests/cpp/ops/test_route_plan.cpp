@@ -10,7 +10,7 @@
 #include <string>
 
 #include "ops/ops.h"
-#include "reference.h"
+#include "reference/routing.h"
 
 namespace {
 

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "ops/ops.h"
-#include "reference.h"
+#include "reference/routing.h"
 
 namespace {
 
