@@ -218,13 +218,4 @@ at::Tensor tp_join(const std::vector<at::Tensor>& pieces, const TpSplit& s) {
   return at::cat(ordered, s.dim);
 }
 
-at::Tensor tp_gather(
-    const at::Tensor& piece, const TpSplit& s, const Group& g) {
-  if (!s.sharded() || g.size() == 1) {
-    return piece;
-  }
-  const auto all = g.all_gather(piece, s.dim);
-  return tp_join(all.split(piece.size(s.dim), s.dim), s);
-}
-
 } // namespace moeyard::parallel

@@ -70,7 +70,4 @@ at::Tensor tp_slice(
 // tp_slice).
 at::Tensor tp_join(const std::vector<at::Tensor>& pieces, const TpSplit& s);
 
-// tp_join of the group members' pieces.
-at::Tensor tp_gather(const at::Tensor& piece, const TpSplit& s, const Group& g);
-
 } // namespace moeyard::parallel

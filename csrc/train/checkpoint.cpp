@@ -256,6 +256,14 @@ void Trainer::save(int64_t step) {
     fs::create_directories(tmp);
   }
   save_barrier();
+  TORCH_CHECK(
+      fs::is_directory(tmp),
+      "checkpoint: rank ",
+      env_.rank,
+      " does not see ",
+      tmp.string(),
+      " that rank 0 created: checkpoint.dir must be on a filesystem every "
+      "rank shares");
   io::TensorMap model_t, opt_t;
   std::map<std::string, std::string> model_meta, opt_meta;
   auto keep = [&](io::TensorMap& m,
@@ -309,7 +317,7 @@ void Trainer::save(int64_t step) {
         model_t,
         model_meta);
   }
-  if (!opt_t.empty()) {
+  if (!opt_t.empty() || env_.rank == 0) { // rank 0's even before any step
     io::save_safetensors(
         (tmp / ("optimizer" + suffix + ".safetensors")).string(),
         opt_t,
@@ -405,13 +413,27 @@ int64_t Trainer::load_optimizer_state(const std::string& dir_in) {
     for (auto& p : group.params()) {
       const auto& n = names_[i];
       if (opt_t.count(n + ".exp_avg")) {
+        auto piece = [&](const std::string& key) {
+          auto t = local_piece(n, opt_t.at(key));
+          TORCH_CHECK(
+              t.sizes() == p.sizes(),
+              "checkpoint ",
+              dir.string(),
+              ": optimizer tensor '",
+              key,
+              "' gives this rank shape ",
+              t.sizes(),
+              ", the parameter has ",
+              p.sizes());
+          return t;
+        };
         auto s = std::make_unique<torch::optim::AdamWParamState>();
-        s->exp_avg(local_piece(n, opt_t.at(n + ".exp_avg")).clone());
-        s->exp_avg_sq(local_piece(n, opt_t.at(n + ".exp_avg_sq")).clone());
+        s->exp_avg(piece(n + ".exp_avg").clone());
+        s->exp_avg_sq(piece(n + ".exp_avg_sq").clone());
         s->step(opt_t.at(n + ".step").item<int64_t>());
         opt_->state()[p.unsafeGetTensorImpl()] = std::move(s);
         if (opt_is_master_[i]) {
-          p.detach().copy_(local_piece(n, opt_t.at(n + ".master")));
+          p.detach().copy_(piece(n + ".master"));
         }
       }
       ++i;
@@ -442,8 +464,11 @@ int64_t Trainer::load_optimizer_state(const std::string& dir_in) {
   }
   if (!restored) {
     log::warn(log::format(
-        "resume: the checkpoint was saved with data_parallel %ld, this run "
-        "has %ld; random streams restart from train.seed at step %ld",
+        "resume: no random-stream file for data-parallel rank %ld in %s "
+        "(saved with data_parallel %ld, this run has %ld); random streams "
+        "restart from train.seed at step %ld",
+        dp_rank_,
+        dir.string().c_str(),
         par.value("data_parallel", int64_t(1)),
         dp_size_,
         step));

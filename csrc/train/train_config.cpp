@@ -288,7 +288,7 @@ TrainConfig TrainConfig::parse(
     r.get("timeout_s", p.timeout_s);
     r.finish();
     if (p.data_parallel < 0) {
-      r.fail("data_parallel", "must be >= 0 (0: every process)");
+      r.fail("data_parallel", "must be >= 0 (0: WORLD_SIZE / tensor_parallel)");
     }
     if (p.tensor_parallel < 1) {
       r.fail("tensor_parallel", "must be >= 1");

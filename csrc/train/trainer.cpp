@@ -262,6 +262,7 @@ RunResult Trainer::run(const std::string& resume) {
     seed_stream(0);
   }
   if (distributed()) { // every rank resumed the same step
+    save_barrier(); // loading may take the ranks unequal times
     auto t = at::tensor({double(step), -double(step)}, at::kDouble);
     world_->all_reduce_max(t);
     TORCH_CHECK(
@@ -390,22 +391,21 @@ RunResult Trainer::run(const std::string& resume) {
       for (auto& p : opt_params) {
         grads.push_back(p.grad());
       }
-      const auto sq =
-          grads.empty()
-              ? at::zeros({0}, at::kDouble)
-              : at::stack(at::_foreach_norm(grads)).to(at::kDouble).square();
-      double dense = 0;
-      auto expert = at::zeros({1}, at::kDouble);
-      auto split = at::zeros({1}, at::kDouble);
+      // One host copy of the squared norms (one device sync on GPUs).
+      const auto sq = grads.empty() ? at::zeros({0}, at::kDouble)
+                                    : at::stack(at::_foreach_norm(grads))
+                                          .to(at::kDouble)
+                                          .square()
+                                          .cpu()
+                                          .contiguous();
+      const double* sqp = sq.const_data_ptr<double>();
+      double sums[3] = {0, 0, 0}; // replicated, expert, TP piece
       for (size_t k = 0; k < opt_params.size(); ++k) {
-        if (opt_kind[k] == 1) {
-          expert += sq[k];
-        } else if (opt_kind[k] == 2) {
-          split += sq[k];
-        } else {
-          dense += sq[k].item<double>();
-        }
+        sums[opt_kind[k]] += sqp[k];
       }
+      const double dense = sums[0];
+      auto expert = at::full({1}, sums[1], at::kDouble);
+      auto split = at::full({1}, sums[2], at::kDouble);
       if (ep_) {
         ep_->all_reduce_sum(expert);
       }

@@ -137,12 +137,8 @@ class Trainer {
   // Tensor parallelism (this rank's heads, hidden units, vocabulary rows),
   // then expert parallelism (this rank's experts of every MoE layer).
   void shard_model();
-  // The full tensor of a parameter (or its optimizer state) from every
-  // tensor- or expert-parallel rank's piece; `t` itself when replicated.
-  at::Tensor full_tensor(const std::string& name, const at::Tensor& t) const;
   // This rank's piece of a full tensor read from a checkpoint.
   at::Tensor local_piece(const std::string& name, const at::Tensor& t) const;
-  at::Tensor gather_experts(const std::string& name, const at::Tensor& t) const;
   at::Tensor expert_slice(const std::string& name, const at::Tensor& t) const;
   bool is_tp_sharded(const std::string& name) const {
     return tp_.has_value() && model_->tp_split(name).sharded();

@@ -45,6 +45,14 @@ void Trainer::setup_parallel() {
     return;
   }
   const bool gpu = device_.is_cuda();
+  TORCH_CHECK(
+      !gpu || !device_.has_index() || env_.world_size == 1,
+      "config: train.device '",
+      cfg_.train.device,
+      "' names one GPU for ",
+      env_.world_size,
+      " processes; use train.device: cuda (each process takes GPU "
+      "LOCAL_RANK)");
   if (gpu) {
     TORCH_CHECK(
         parallel::nccl_available(),
@@ -52,10 +60,9 @@ void Trainer::setup_parallel() {
         cfg_.train.device,
         "' with several processes needs NCCL process groups; this build of "
         "moeyard has no CUDA");
-    if (!device_.has_index()) { // one GPU per process: LOCAL_RANK's
-      device_ = c10::Device(
-          c10::kCUDA, static_cast<c10::DeviceIndex>(env_.local_rank));
-    }
+    // One GPU per process: LOCAL_RANK's.
+    device_ =
+        c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(env_.local_rank));
     c10::impl::getDeviceGuardImpl(c10::kCUDA)->setDevice(device_);
   }
   const auto timeout = std::chrono::milliseconds(
@@ -132,39 +139,24 @@ void Trainer::shard_model() {
   }
 }
 
-at::Tensor Trainer::full_tensor(
-    const std::string& name, const at::Tensor& t) const {
-  if (is_tp_sharded(name)) {
-    return parallel::tp_gather(t.detach(), model_->tp_split(name), *tp_);
-  }
-  return gather_experts(name, t);
-}
-
 at::Tensor Trainer::local_piece(
     const std::string& name, const at::Tensor& t) const {
   if (is_tp_sharded(name)) {
-    return parallel::tp_slice(t, model_->tp_split(name), tp_rank_, tp_size_);
+    const auto split = model_->tp_split(name);
+    TORCH_CHECK(
+        split.dim < t.dim() &&
+            t.size(split.dim) % (split.parts * tp_size_) == 0,
+        "checkpoint: tensor '",
+        name,
+        "' of shape ",
+        t.sizes(),
+        " does not split over tensor_parallel ",
+        tp_size_,
+        " along dim ",
+        split.dim);
+    return parallel::tp_slice(t, split, tp_rank_, tp_size_);
   }
   return expert_slice(name, t);
-}
-
-at::Tensor Trainer::gather_experts(
-    const std::string& name, const at::Tensor& t) const {
-  if (!is_expert(name) || t.dim() == 0) {
-    return t;
-  }
-  // Zeros except this rank's slice, summed over the expert-parallel group.
-  auto sizes = t.sizes().vec();
-  const int64_t El = sizes[0];
-  sizes[0] = El * ep_size_;
-  // float64 stays float64; anything narrower is exact in float32.
-  auto full = at::zeros(
-      sizes,
-      t.options().dtype(
-          t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  full.narrow(0, ep_rank_ * El, El).copy_(t.detach());
-  ep_->all_reduce_sum(full);
-  return full.to(t.scalar_type());
 }
 
 at::Tensor Trainer::expert_slice(
@@ -223,17 +215,30 @@ void Trainer::all_reduce_grads() {
     }
     if (!expert && tp_) {
       // Replicated parameters used inside the TP-split computation (per-head
-      // q/k norms) hold each rank's share of their gradient.
+      // q/k norms) hold each rank's share of their gradient: summed over TP
+      // in one buffer.
+      std::vector<std::pair<int64_t, int64_t>> spans; // (offset, numel)
       int64_t off = 0;
       for (size_t i = 0; i < params_.size(); ++i) {
         auto& p = params_[i];
         if (p.grad().defined() && !is_expert(param_names_[i])) {
           if (model_->tp_partial_grad(param_names_[i])) {
-            auto part = buf.narrow(0, off, p.numel()).clone();
-            tp_->all_reduce_sum(part);
-            buf.narrow(0, off, p.numel()).copy_(part);
+            spans.emplace_back(off, p.numel());
           }
           off += p.numel();
+        }
+      }
+      if (!spans.empty()) {
+        std::vector<at::Tensor> parts;
+        for (auto [o, n] : spans) {
+          parts.push_back(buf.narrow(0, o, n));
+        }
+        auto partial = at::cat(parts);
+        tp_->all_reduce_sum(partial);
+        int64_t at_ = 0;
+        for (auto [o, n] : spans) {
+          buf.narrow(0, o, n).copy_(partial.narrow(0, at_, n));
+          at_ += n;
         }
       }
     }

@@ -58,6 +58,10 @@ def load(step_dir, kind="model"):
                     continue
                 m = json.loads(meta[key])
                 entry = pieces.setdefault(key, {"dim": m["dim"], "parts": m["parts"], "count": m["count"], "by": {}})
+                if (key in whole or m["index"] in entry["by"]
+                        or (entry["dim"], entry["parts"], entry["count"]) != (m["dim"], m["parts"], m["count"])):
+                    raise ValueError(f"checkpoint {path}: piece {m['index']} of tensor '{key}' "
+                                     "does not fit the other pieces")
                 entry["by"][m["index"]] = t
     for key, e in pieces.items():
         if sorted(e["by"]) != list(range(e["count"])):
