@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "model/transformer.h"
+#include "ops/linear.h"
 
 namespace moeyard {
 namespace {
@@ -275,7 +276,7 @@ at::Tensor AttentionImpl::output(const at::Tensor& o) const {
   if (!tp) {
     return o_proj->forward(flat);
   }
-  auto y = parallel::reduce_from_tp(at::linear(flat, o_proj->weight), *tp);
+  auto y = parallel::reduce_from_tp(ops::linear(flat, o_proj->weight), *tp);
   return o_proj->bias.defined() ? y + o_proj->bias : y;
 }
 

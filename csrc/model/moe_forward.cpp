@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "ops/linear.h"
 #include "ops/ops.h"
 #include "parallel/expert_dispatch.h"
 
@@ -337,10 +338,10 @@ MoEOutput moe_forward(
   auto y = ops::unpermute(out_rows, plan.slot, combine);
 
   if (w.shared_gate_up.defined()) {
-    auto shared = at::linear(
-        ops::swiglu(at::linear(x2, w.shared_gate_up)), w.shared_down);
+    auto shared = ops::linear(
+        ops::swiglu(ops::linear(x2, w.shared_gate_up)), w.shared_down);
     if (w.shared_gate.defined()) {
-      shared = shared * at::sigmoid(at::linear(x2, w.shared_gate));
+      shared = shared * at::sigmoid(ops::linear(x2, w.shared_gate));
     }
     y = y + shared;
   }

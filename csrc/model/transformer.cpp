@@ -1,4 +1,5 @@
 #include "model/transformer.h"
+#include "ops/linear.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -34,7 +35,7 @@ LinearImpl::LinearImpl(
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) const {
-  return at::linear(
+  return ops::linear(
       x, weight, bias.defined() ? std::optional(bias) : std::nullopt);
 }
 
@@ -310,7 +311,7 @@ at::Tensor TransformerImpl::embed_tokens(const at::Tensor& tokens) const {
 
 at::Tensor TransformerImpl::local_logits(const at::Tensor& x) const {
   const auto& head = config.tie_embeddings ? embed->weight : lm_head->weight;
-  auto logits = at::linear(tp ? parallel::copy_to_tp(x, *tp) : x, head);
+  auto logits = ops::linear(tp ? parallel::copy_to_tp(x, *tp) : x, head);
   return logits.scalar_type() == at::kDouble ? logits : logits.to(at::kFloat);
 }
 

@@ -210,3 +210,39 @@ def test_router_topk_nan_and_minus_inf_rows(E):
     assert (idx[2] % 2 == 1).all()
     for r in (0, 3, 4):
         assert torch.equal(idx[r], logits[r].topk(3).indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_mm_reduced_precision_accumulates_in_float32(dtype):
+    """bf16/fp16 grouped_mm (forward and both gradients) on the CPU equals the
+    float32 products rounded once: exactly so on CPUs without bf16/fp16 GEMM
+    units, where moeyard computes in float32 (ATen's own reduced-precision GEMM
+    runs ~300x slower there), within one rounding where a native unit runs."""
+    torch.manual_seed(0)
+    N, E, H, F_ = 37, 3, 24, 40
+    x = torch.randn(N, H).to(dtype).requires_grad_()
+    w = torch.randn(E, F_, H).to(dtype).requires_grad_()
+    offsets = torch.tensor([0, 5, 5, 30], dtype=torch.long)  # expert 1 empty, 7 padding rows
+    y = ops.grouped_mm(x, w, offsets)
+    g = torch.randn(N, F_).to(dtype)
+    y.backward(g)
+    x32, w32, g32 = x.detach().float(), w.detach().float(), g.float()
+    want = torch.zeros(N, F_)
+    gx = torch.zeros(N, H)
+    gw = torch.zeros(E, F_, H)
+    for e in range(E):
+        a, b = offsets[e].item(), offsets[e + 1].item()
+        want[a:b] = x32[a:b] @ w32[e].T
+        gx[a:b] = g32[a:b] @ w32[e]
+        gw[e] = g32[a:b].T @ x32[a:b]
+    tol = dict(rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(y.detach(), want.to(dtype), **tol)
+    torch.testing.assert_close(x.grad, gx.to(dtype), **tol)
+    torch.testing.assert_close(w.grad, gw.to(dtype), **tol)
+    assert torch.all(y.detach()[30:] == 0) and torch.all(x.grad[30:] == 0)
+    import moeyard
+
+    if not moeyard._C._native_reduced_gemm(dtype):
+        assert torch.equal(y.detach(), want.to(dtype))
+        assert torch.equal(x.grad, gx.to(dtype))
+        assert torch.equal(w.grad, gw.to(dtype))

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "ops/grouped_mm/grouped_mm_checks.h"
+#include "ops/linear.h"
 
 namespace moeyard::ops {
 namespace {
@@ -157,12 +158,19 @@ at::Tensor grouped_mm_cpu(
   const bool covers_all = off.front() == 0 && off.back() == N;
   auto out = covers_all ? at::empty({N, Dout}, input.options())
                         : at::zeros({N, Dout}, input.options());
+  const bool via_f32 = gemm_in_float32(input.scalar_type(), input.device());
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) {
       continue;
     }
     auto o = out.narrow(0, off[e], n);
+    if (via_f32) { // no bf16/fp16 GEMM unit: float32 products, one rounding
+      o.copy_(at::mm(
+          input.narrow(0, off[e], n).to(at::kFloat),
+          weight[e].to(at::kFloat).t()));
+      continue;
+    }
     if (n <= kSkinnyRows && input.scalar_type() == at::kFloat &&
         !at::in_parallel_region()) {
       skinny_mm(input.narrow(0, off[e], n), weight[e], o);
@@ -195,6 +203,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(
       grad_out_in.sizes());
   const auto grad_out = grad_out_in.to(input.scalar_type()).contiguous();
   const auto off = read_offsets(expert_offsets, N, op);
+  const bool via_f32 = gemm_in_float32(input.scalar_type(), input.device());
   // Only rows outside the experts' span (padding) need zeros: filling the
   // whole [N, Din] gradient first costs as much as a GEMM's epilogue.
   auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
@@ -210,6 +219,12 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(
     }
     const auto go = grad_out.narrow(0, off[e], n);
     auto gi = grad_input.narrow(0, off[e], n);
+    if (via_f32) {
+      const auto go32 = go.to(at::kFloat);
+      gi.copy_(at::mm(go32, weight[e].to(at::kFloat)));
+      gw.copy_(at::mm(go32.t(), input.narrow(0, off[e], n).to(at::kFloat)));
+      continue;
+    }
     at::mm_out(gi, go, weight[e]);
     at::mm_out(gw, go.t(), input.narrow(0, off[e], n));
   }
