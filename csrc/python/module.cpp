@@ -7,7 +7,6 @@
 
 #include "io/hf_checkpoint.h"
 #include "model/transformer.h"
-#include "ops/linear.h"
 #include "parallel/process_group.h"
 #include "text/tokenizer.h"
 #include "train/trainer.h"
@@ -219,13 +218,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("max_shard_bytes") = int64_t(5) << 30,
       "writes config.json + safetensors in the family's own layout");
   m.def("hf_families", &moeyard::io::hf_families);
-  m.def(
-      "_native_reduced_gemm",
-      [](at::ScalarType dtype) {
-        return !moeyard::ops::gemm_in_float32(dtype, at::Device(at::kCPU));
-      },
-      "whether this CPU multiplies dtype natively (else moeyard's CPU "
-      "products run in float32)");
 
   // Expert parallelism from Python, for multi-process tests under torchrun:
   // one expert-parallel group over every process of the launch.

@@ -20,6 +20,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "ops/grouped_mm/grouped_mm_checks.h"
@@ -41,12 +42,26 @@ std::vector<int64_t> read_offsets(
 // measured faster than the BLAS GEMM up to ~64 rows at H=1024..2048.
 constexpr int64_t kSkinnyRows = 32;
 
+#if defined(CPU_CAPABILITY_AVX2)
+// 8 weights as float32: loaded as is, or widened from bfloat16 (the high
+// half of a float32) or float16 (F16C).
+inline __m256 load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
 // out[r, c] = dot(x[r, :], w[c, :]) for an R x C tile: R input rows (from
-// cache) against C weight rows (streamed once from memory), R * C vector
-// accumulators.
-template <int R, int C>
-void dot_tile(
-    const float* x, int64_t K, const float* w, float* out, int64_t ldo) {
+// cache) against C weight rows (streamed once from memory, float32 or
+// widened from bf16/fp16), R * C float32 vector accumulators.
+template <int R, int C, typename WT>
+void dot_tile(const float* x, int64_t K, const WT* w, float* out, int64_t ldo) {
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (true) { // raw AVX2: keeps all R * C accumulators in registers
     __m256 acc[R][C];
@@ -59,7 +74,7 @@ void dot_tile(
     for (; k + 8 <= K; k += 8) {
       __m256 wv[C];
       for (int c = 0; c < C; ++c) {
-        wv[c] = _mm256_loadu_ps(w + c * K + k);
+        wv[c] = load8(w + c * K + k);
       }
       for (int r = 0; r < R; ++r) {
         const __m256 xv = _mm256_loadu_ps(x + r * K + k);
@@ -77,7 +92,7 @@ void dot_tile(
         v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
         float s = _mm_cvtss_f32(v);
         for (int64_t kk = k; kk < K; ++kk) {
-          s += x[r * K + kk] * w[c * K + kk];
+          s += x[r * K + kk] * static_cast<float>(w[c * K + kk]);
         }
         out[r * ldo + c] = s;
       }
@@ -96,7 +111,15 @@ void dot_tile(
   for (; k + Vec::size() <= K; k += Vec::size()) {
     Vec wv[C];
     for (int c = 0; c < C; ++c) {
-      wv[c] = Vec::loadu(w + c * K + k);
+      if constexpr (std::is_same_v<WT, float>) {
+        wv[c] = Vec::loadu(w + c * K + k);
+      } else {
+        float buf[Vec::size()];
+        for (int64_t i = 0; i < Vec::size(); ++i) {
+          buf[i] = static_cast<float>(w[c * K + k + i]);
+        }
+        wv[c] = Vec::loadu(buf);
+      }
     }
     for (int r = 0; r < R; ++r) {
       const Vec xv = Vec::loadu(x + r * K + k);
@@ -110,7 +133,7 @@ void dot_tile(
       float s = at::vec::vec_reduce_all<float>(
           [](const Vec& a, const Vec& b) { return a + b; }, acc[r][c]);
       for (int64_t kk = k; kk < K; ++kk) {
-        s += x[r * K + kk] * w[c * K + kk];
+        s += x[r * K + kk] * static_cast<float>(w[c * K + kk]);
       }
       out[r * ldo + c] = s;
     }
@@ -119,16 +142,18 @@ void dot_tile(
 
 // y [n, Dout] = x [n, K] w^T for n <= kSkinnyRows, parallel over Dout: tiles
 // of 4 weight rows x 2 input rows, so each weight row is read from memory
-// once and each input row from cache once per 4 weight rows.
+// once and each input row from cache once per 4 weight rows. x and y are
+// float32; w float32, bfloat16 or float16 (widened as it streams in).
+template <typename WT>
 void skinny_mm(const at::Tensor& x, const at::Tensor& w, at::Tensor y) {
   const int64_t n = x.size(0), K = x.size(1), Dout = w.size(0);
   const float* xp = x.const_data_ptr<float>();
-  const float* wp = w.const_data_ptr<float>();
+  const WT* wp = w.const_data_ptr<WT>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, Dout, 32, [&](int64_t j0, int64_t j1) {
     int64_t j = j0;
     for (; j + 4 <= j1; j += 4) {
-      const float* wj = wp + j * K;
+      const WT* wj = wp + j * K;
       int64_t r = 0;
       for (; r + 2 <= n; r += 2) {
         dot_tile<2, 4>(xp + r * K, K, wj, yp + r * Dout + j, Dout);
@@ -165,15 +190,26 @@ at::Tensor grouped_mm_cpu(
       continue;
     }
     auto o = out.narrow(0, off[e], n);
+    const bool skinny = n <= kSkinnyRows && !at::in_parallel_region();
+    if (via_f32 && skinny) { // stream the bf16/fp16 weights, widen in place
+      const auto x32 = input.narrow(0, off[e], n).to(at::kFloat).contiguous();
+      auto y32 = at::empty({n, Dout}, x32.options());
+      if (input.scalar_type() == at::kBFloat16) {
+        skinny_mm<c10::BFloat16>(x32, weight[e], y32);
+      } else {
+        skinny_mm<c10::Half>(x32, weight[e], y32);
+      }
+      o.copy_(y32);
+      continue;
+    }
     if (via_f32) { // no bf16/fp16 GEMM unit: float32 products, one rounding
       o.copy_(at::mm(
           input.narrow(0, off[e], n).to(at::kFloat),
           weight[e].to(at::kFloat).t()));
       continue;
     }
-    if (n <= kSkinnyRows && input.scalar_type() == at::kFloat &&
-        !at::in_parallel_region()) {
-      skinny_mm(input.narrow(0, off[e], n), weight[e], o);
+    if (skinny && input.scalar_type() == at::kFloat) {
+      skinny_mm<float>(input.narrow(0, off[e], n), weight[e], o);
     } else {
       at::mm_out(o, input.narrow(0, off[e], n), weight[e].t());
     }
