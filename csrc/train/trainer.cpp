@@ -121,6 +121,11 @@ void Trainer::build_optimizer() {
         frozen > 0,
         "config: optim.freeze matches no parameter name (see docs/model.md "
         "for the names)");
+    TORCH_CHECK(
+        !params_.empty(),
+        "config: optim.freeze freezes all ",
+        frozen,
+        " parameter tensors; nothing would train");
     log::info(log::format(
         "frozen: %ld tensors, %ld parameters (optim.freeze)",
         frozen,

@@ -135,6 +135,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, shards):
     ("train.steps=0", r"train.steps .*must be >= 1"),
     ("moe.top_k=9", r"moe.top_k \(9\) must be in \[1, moe.num_experts=4\]"),
     ("data.seq_len=64", r"data.seq_len \(64\) exceeds model.max_seq_len \(32\)"),
+    ("optim.freeze=[\".\"]", r"optim.freeze freezes all \d+ parameter tensors; nothing would train"),
     ("parallel.tensor_parallel=0", r"parallel.tensor_parallel .*must be >= 1"),
     ("parallel.tensor_parallel=3", r"parallel.tensor_parallel \(3\) must divide model.num_heads \(4\)"),
     ("parallel.tensor_parallel=4", r"parallel.tensor_parallel \(4\) must divide model.num_kv_heads \(2\)"),
