@@ -282,11 +282,17 @@ at::Tensor AttentionImpl::output(const at::Tensor& o) const {
 
 void AttentionImpl::shard(
     int64_t rank, int64_t tp_size, const parallel::Group* group) {
-  TORCH_CHECK(!mla, "tensor parallelism: MLA attention does not split");
   const parallel::TpSplit rows{0, 1}, cols{1, 1};
-  q_proj->shard(rows, rank, tp_size, true);
-  k_proj->shard(rows, rank, tp_size, true);
-  v_proj->shard(rows, rank, tp_size, true);
+  if (mla) {
+    // Per-head up-projections split by heads; the low-rank down-projections
+    // and their norms stay whole (TransformerImpl::tp_partial_grad).
+    (q_proj ? q_proj : q_b_proj)->shard(rows, rank, tp_size, true);
+    kv_b_proj->shard(rows, rank, tp_size, true);
+  } else {
+    q_proj->shard(rows, rank, tp_size, true);
+    k_proj->shard(rows, rank, tp_size, true);
+    v_proj->shard(rows, rank, tp_size, true);
+  }
   o_proj->shard(cols, rank, tp_size, false); // bias added after the sum
   if (qk_norm == "projection") {
     q_norm->shard(rank, tp_size, group);

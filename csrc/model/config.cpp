@@ -363,12 +363,6 @@ void ModelConfig::check_tensor_parallel(int64_t tp) const {
   if (tp == 1) {
     return;
   }
-  TORCH_CHECK(
-      !is_mla(),
-      "config: parallel.tensor_parallel (",
-      tp,
-      ") with multi-head latent attention (model.attention: mla) is not "
-      "supported; use data and expert parallelism");
   auto divides = [&](const char* field, int64_t value) {
     TORCH_CHECK(
         value % tp == 0,

@@ -55,7 +55,12 @@ parallel::TpSplit TransformerImpl::tp_split(const std::string& n) const {
   if (n == "embed.weight" || n == "lm_head.weight") {
     return {0, 1}; // vocabulary rows
   }
-  for (const char* p : {".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj."}) {
+  for (const char* p :
+       {".attn.q_proj.",
+        ".attn.k_proj.",
+        ".attn.v_proj.",
+        ".attn.q_b_proj.",
+        ".attn.kv_b_proj."}) {
     if (n.find(p) != std::string::npos) {
       return {0, 1}; // heads (weight rows and bias)
     }
@@ -77,6 +82,18 @@ parallel::TpSplit TransformerImpl::tp_split(const std::string& n) const {
 }
 
 bool TransformerImpl::tp_partial_grad(const std::string& n) const {
+  if (config.is_mla()) { // MLA's shared low-rank projections and norms
+    for (const char* p :
+         {".attn.q_a_proj.",
+          ".attn.q_a_norm.",
+          ".attn.kv_a_proj.",
+          ".attn.kv_a_norm."}) {
+      if (n.find(p) != std::string::npos) {
+        return true;
+      }
+    }
+    return false;
+  }
   return config.qk_norm == "head" && (ends_with(n, ".attn.q_norm.weight") ||
                                       ends_with(n, ".attn.k_norm.weight"));
 }

@@ -108,7 +108,8 @@ class AttentionImpl : public torch::nn::Module {
   // (partial sums reduced, then the bias) under tensor parallelism.
   at::Tensor output(const at::Tensor& o) const;
   // Tensor parallelism: keeps heads [rank * heads / tp, ...) and their kv
-  // heads (q/k/v column-parallel, o_proj row-parallel).
+  // heads (q/k/v, or MLA's q/q_b and kv_b, column-parallel; o_proj
+  // row-parallel).
   void shard(int64_t rank, int64_t tp, const parallel::Group* group);
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   Linear q_a_proj{nullptr}, q_b_proj{nullptr}, kv_a_proj{nullptr},
@@ -236,7 +237,8 @@ class TransformerImpl : public torch::nn::Module {
   // How parameter `name` splits over the TP group (replicated: dim -1).
   parallel::TpSplit tp_split(const std::string& name) const;
   // A replicated parameter used inside a TP-split computation (per-head q/k
-  // norms): each rank's gradient is a partial sum, all-reduced over TP.
+  // norms; MLA's low-rank q/kv down-projections and their norms): each
+  // rank's gradient is a partial sum, all-reduced over TP.
   bool tp_partial_grad(const std::string& name) const;
 
   ModelConfig config;

@@ -223,11 +223,10 @@ def test_layout_must_match_the_launch(tmp_path, shards):
                  "model.vocab_size=255", timeout=120)
     assert r.returncode != 0 and "parallel.tensor_parallel (2) must divide model.vocab_size (255)" in r.stderr
     r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.tensor_parallel=2", "--set",
-                        "model.attention=mla", "--set", "model.num_kv_heads=0", "--set", "model.kv_lora_rank=8", "--set", "model.qk_rope_head_dim=4",
-                        "--set", "model.qk_nope_head_dim=4", "--set", "model.v_head_dim=8"],
+                        "model.num_heads=2", "--set", "model.num_kv_heads=1"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "with multi-head latent attention (model.attention: mla) is not supported" \
-        in r.stderr, r.stderr
+    assert r.returncode == 1 and "parallel.tensor_parallel (2) must divide model.num_kv_heads (1)" in r.stderr, \
+        r.stderr
     r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.expert_parallel=3"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "moe.num_experts (4) must be divisible by parallel.expert_parallel (3)" in r.stderr
@@ -276,6 +275,12 @@ def test_checkpoint_reshards_from_one_process_to_dp2_ep2(tmp_path, shards):
 # attention biases, sinks and a GELU MLP.
 TP_VARIANTS = {
     "head": ["--set", "model.qk_norm=head", "--set", "moe.moe_every_n=2"],
+    # DeepSeek's multi-head latent attention: q_b_proj and kv_b_proj split by
+    # heads, the low-rank q_a/kv_a projections and their norms replicated with
+    # partial gradients.
+    "mla": ["--set", "model.attention=mla", "--set", "model.num_kv_heads=0", "--set", "model.kv_lora_rank=8",
+            "--set", "model.q_lora_rank=16", "--set", "model.qk_rope_head_dim=4", "--set",
+            "model.qk_nope_head_dim=4", "--set", "model.v_head_dim=8", "--set", "moe.moe_every_n=2"],
     "projection": ["--set", "model.qk_norm=projection", "--set", "model.tie_embeddings=true", "--set",
                    "model.attention_bias=true", "--set", "model.attention_sinks=true", "--set", "model.mlp=gelu",
                    "--set", "moe.moe_every_n=2"],
@@ -283,7 +288,7 @@ TP_VARIANTS = {
 
 
 @pytest.mark.parametrize("nproc,tp,ep,variant", [
-    (2, 2, 1, "head"), (2, 2, 1, "projection"), (4, 2, 1, "head"), (4, 2, 2, "projection")])
+    (2, 2, 1, "head"), (2, 2, 1, "projection"), (2, 2, 1, "mla"), (4, 2, 1, "head"), (4, 2, 2, "projection")])
 def test_tensor_parallel_training_matches_one_process(tmp_path, shards, nproc, tp, ep, variant):
     """TP2, TP2 x DP2 and TP2 x DP2 x EP2 (heads, dense-MLP width and
     vocabulary split; experts computed alike on both TP ranks and sharded over
