@@ -223,8 +223,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> AttentionImpl::project(
     v = v.clamp(-clip, clip);
   }
   q = q.view({B, S, heads, head_dim});
-  k = k.view({B, S, kv_heads, head_dim});
-  v = v.view({B, S, kv_heads, head_dim}).transpose(1, 2);
+  k = k.view({B, S, -1, head_dim});
+  v = v.view({B, S, -1, head_dim});
+  if (kv_first >= 0) { // replicated kv heads: the one this rank's heads use
+    k = k.narrow(2, kv_first, 1);
+    v = v.narrow(2, kv_first, 1);
+  }
+  v = v.transpose(1, 2);
   if (qk_norm == "head") {
     q = q_norm->forward(q);
     k = k_norm->forward(k);
@@ -288,15 +293,23 @@ void AttentionImpl::shard(
     // and their norms stay whole (TransformerImpl::tp_partial_grad).
     (q_proj ? q_proj : q_b_proj)->shard(rows, rank, tp_size, true);
     kv_b_proj->shard(rows, rank, tp_size, true);
-  } else {
+  } else if (kv_heads % tp_size == 0) {
     q_proj->shard(rows, rank, tp_size, true);
     k_proj->shard(rows, rank, tp_size, true);
     v_proj->shard(rows, rank, tp_size, true);
+  } else {
+    // Fewer kv heads than ranks (tp a multiple of kv_heads): k/v stay whole
+    // on every rank (partial gradients, TransformerImpl::tp_partial_grad)
+    // and each rank keeps the kv head of its query heads.
+    q_proj->shard(rows, rank, tp_size, true);
+    kv_first = rank * (heads / tp_size) / (heads / kv_heads);
   }
   o_proj->shard(cols, rank, tp_size, false); // bias added after the sum
   if (qk_norm == "projection") {
     q_norm->shard(rank, tp_size, group);
-    k_norm->shard(rank, tp_size, group);
+    if (kv_first < 0) {
+      k_norm->shard(rank, tp_size, group);
+    }
   }
   if (sinks.defined()) {
     sinks = parallel::tp_slice(sinks.detach(), rows, rank, tp_size)
@@ -305,7 +318,7 @@ void AttentionImpl::shard(
     parameters_["sinks"] = sinks;
   }
   heads /= tp_size;
-  kv_heads /= tp_size;
+  kv_heads = kv_first >= 0 ? 1 : kv_heads / tp_size;
   tp = group;
 }
 

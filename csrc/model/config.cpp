@@ -375,7 +375,16 @@ void ModelConfig::check_tensor_parallel(int64_t tp) const {
         ")");
   };
   divides("model.num_heads", num_heads);
-  divides("model.num_kv_heads", kv_heads());
+  if (!is_mla()) {
+    // Split kv heads, or (fewer kv heads than ranks) whole ones on every rank.
+    TORCH_CHECK(
+        kv_heads() % tp == 0 || tp % kv_heads() == 0,
+        "config: parallel.tensor_parallel (",
+        tp,
+        ") must divide model.num_kv_heads (",
+        kv_heads(),
+        ") or be a multiple of it");
+  }
   divides("model.vocab_size", vocab_size);
   for (int64_t i = 0; i < num_layers; ++i) {
     if (!is_moe_layer(i)) {

@@ -51,7 +51,24 @@ void MlpImpl::shard(int64_t rank, int64_t tp_size, const parallel::Group* g) {
   tp = g;
 }
 
+namespace {
+
+bool kv_replicated(const ModelConfig& c, int64_t tp) {
+  return !c.is_mla() && c.kv_heads() % tp != 0;
+}
+
+bool is_kv_param(const std::string& n) {
+  return n.find(".attn.k_proj.") != std::string::npos ||
+         n.find(".attn.v_proj.") != std::string::npos ||
+         ends_with(n, ".attn.k_norm.weight");
+}
+
+} // namespace
+
 parallel::TpSplit TransformerImpl::tp_split(const std::string& n) const {
+  if (kv_replicated(config, tp_size) && is_kv_param(n)) {
+    return {}; // whole on every rank
+  }
   if (n == "embed.weight" || n == "lm_head.weight") {
     return {0, 1}; // vocabulary rows
   }
@@ -82,6 +99,9 @@ parallel::TpSplit TransformerImpl::tp_split(const std::string& n) const {
 }
 
 bool TransformerImpl::tp_partial_grad(const std::string& n) const {
+  if (kv_replicated(config, tp_size) && is_kv_param(n)) {
+    return true; // each rank's gradient covers the kv head it uses
+  }
   if (config.is_mla()) { // MLA's shared low-rank projections and norms
     for (const char* p :
          {".attn.q_a_proj.",
@@ -99,35 +119,36 @@ bool TransformerImpl::tp_partial_grad(const std::string& n) const {
 }
 
 void TransformerImpl::shard_tensor_parallel(
-    int64_t rank, int64_t tp_size, const parallel::Group* group) {
+    int64_t rank, int64_t size, const parallel::Group* group) {
   TORCH_CHECK(
-      tp_size >= 1 && rank >= 0 && rank < tp_size,
+      size >= 1 && rank >= 0 && rank < size,
       "tensor parallelism: rank ",
       rank,
       " outside group size ",
-      tp_size);
-  if (tp_size == 1) {
+      size);
+  if (size == 1) {
     return;
   }
   TORCH_CHECK(!tp, "tensor parallelism: the model is already sharded");
   TORCH_CHECK(
-      group && group->size() == tp_size,
+      group && group->size() == size,
       "tensor parallelism: the group must have ",
-      tp_size,
+      size,
       " members");
-  config.check_tensor_parallel(tp_size);
-  embed->shard({0, 1}, rank, tp_size, false);
+  config.check_tensor_parallel(size);
+  embed->shard({0, 1}, rank, size, false);
   if (lm_head) {
-    lm_head->shard({0, 1}, rank, tp_size, false);
+    lm_head->shard({0, 1}, rank, size, false);
   }
   for (const auto& m : layers->children()) {
     auto* b = m->as<BlockImpl>();
-    b->attn->shard(rank, tp_size, group);
+    b->attn->shard(rank, size, group);
     if (b->mlp) {
-      b->mlp->shard(rank, tp_size, group);
+      b->mlp->shard(rank, size, group);
     }
   }
   tp = group;
+  tp_size = size;
 }
 
 } // namespace moeyard

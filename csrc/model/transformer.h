@@ -124,6 +124,9 @@ class AttentionImpl : public torch::nn::Module {
   std::string qk_norm;
   bool mla;
   const parallel::Group* tp = nullptr;
+  // Tensor parallelism with fewer kv heads than ranks: k/v projections stay
+  // whole and this rank uses kv head kv_first (-1: kv heads are split).
+  int64_t kv_first = -1;
 };
 TORCH_MODULE(Attention);
 
@@ -247,6 +250,7 @@ class TransformerImpl : public torch::nn::Module {
   Norm norm{nullptr};
   Rotary rotary;
   const parallel::Group* tp = nullptr; // tensor-parallel group (not owned)
+  int64_t tp_size = 1;
 
  private:
   // Embedding lookup (vocabulary-parallel under TP).

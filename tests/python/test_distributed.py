@@ -223,10 +223,10 @@ def test_layout_must_match_the_launch(tmp_path, shards):
                  "model.vocab_size=255", timeout=120)
     assert r.returncode != 0 and "parallel.tensor_parallel (2) must divide model.vocab_size (255)" in r.stderr
     r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.tensor_parallel=2", "--set",
-                        "model.num_heads=2", "--set", "model.num_kv_heads=1"],
+                        "model.num_heads=6", "--set", "model.num_kv_heads=3", "--set", "model.head_dim=8"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "parallel.tensor_parallel (2) must divide model.num_kv_heads (1)" in r.stderr, \
-        r.stderr
+    assert r.returncode == 1 and \
+        "parallel.tensor_parallel (2) must divide model.num_kv_heads (3) or be a multiple of it" in r.stderr, r.stderr
     r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.expert_parallel=3"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "moe.num_experts (4) must be divisible by parallel.expert_parallel (3)" in r.stderr
@@ -288,10 +288,12 @@ TP_VARIANTS = {
 
 
 @pytest.mark.parametrize("nproc,tp,ep,variant", [
-    (2, 2, 1, "head"), (2, 2, 1, "projection"), (2, 2, 1, "mla"), (4, 2, 1, "head"), (4, 2, 2, "projection")])
+    (2, 2, 1, "head"), (2, 2, 1, "projection"), (2, 2, 1, "mla"), (4, 4, 1, "head"), (4, 4, 1, "projection"),
+    (4, 2, 1, "head"), (4, 2, 2, "projection")])
 def test_tensor_parallel_training_matches_one_process(tmp_path, shards, nproc, tp, ep, variant):
-    """TP2, TP2 x DP2 and TP2 x DP2 x EP2 (heads, dense-MLP width and
-    vocabulary split; experts computed alike on both TP ranks and sharded over
+    """TP2, TP4 (2 kv heads: whole on every rank, each rank using its query
+    heads' one), TP2 x DP2 and TP2 x DP2 x EP2 (heads, dense-MLP width and
+    vocabulary split; experts computed alike on the TP ranks and sharded over
     EP): losses, gradient norms, routing counts and the trained parameters
     (gathered into full tensors in the checkpoint) equal the one-process run."""
     extra = TP_VARIANTS[variant]

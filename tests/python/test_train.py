@@ -138,7 +138,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, shards):
     ("optim.freeze=[\".\"]", r"optim.freeze freezes all \d+ parameter tensors; nothing would train"),
     ("parallel.tensor_parallel=0", r"parallel.tensor_parallel .*must be >= 1"),
     ("parallel.tensor_parallel=3", r"parallel.tensor_parallel \(3\) must divide model.num_heads \(4\)"),
-    ("parallel.tensor_parallel=4", r"parallel.tensor_parallel \(4\) must divide model.num_kv_heads \(2\)"),
+    ("parallel.tensor_parallel=8", r"parallel.tensor_parallel \(8\) must divide model.num_heads \(4\)"),
     ("parallel.tensor_parallel=2", r"parallel.tensor_parallel \(2\) must divide the number of processes "
                                    r"\(WORLD_SIZE 1, from single\)"),
     ("parallel.expert_parallel=3", r"moe.num_experts \(4\) must be divisible by parallel.expert_parallel \(3\)"),
