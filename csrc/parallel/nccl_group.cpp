@@ -5,8 +5,6 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 
-#include <algorithm>
-
 #include "parallel/process_group.h"
 
 namespace moeyard::parallel {
@@ -28,20 +26,8 @@ Group make_nccl_group(
       name,
       "': NCCL needs a CUDA device with an index, got ",
       device);
-  Group g;
-  g.name = name;
-  g.ranks = ranks;
-  g.timeout = timeout;
+  Group g = group_shell(env, name, ranks, timeout);
   g.device = device;
-  const auto it = std::find(ranks.begin(), ranks.end(), env.rank);
-  TORCH_CHECK(
-      it != ranks.end(),
-      "process group '",
-      name,
-      "': rank ",
-      env.rank,
-      " is not a member");
-  g.rank = it - ranks.begin();
   auto opts = c10d::ProcessGroupNCCL::Options::create();
   opts->timeout = timeout; // the watchdog aborts a collective past it
   opts->group_name = name;

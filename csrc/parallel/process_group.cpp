@@ -180,8 +180,7 @@ c10::intrusive_ptr<c10d::Store> make_store(
   return {};
 }
 
-Group make_gloo_group(
-    const c10::intrusive_ptr<c10d::Store>& store,
+Group group_shell(
     const LaunchEnv& env,
     const std::string& name,
     const std::vector<int64_t>& ranks,
@@ -199,6 +198,16 @@ Group make_gloo_group(
       env.rank,
       " is not a member");
   g.rank = it - ranks.begin();
+  return g;
+}
+
+Group make_gloo_group(
+    const c10::intrusive_ptr<c10d::Store>& store,
+    const LaunchEnv& env,
+    const std::string& name,
+    const std::vector<int64_t>& ranks,
+    std::chrono::milliseconds timeout) {
+  Group g = group_shell(env, name, ranks, timeout);
   auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
   // GLOO_SOCKET_IFNAME if set; else one machine: loopback; several: the
   // interface the hostname resolves to.

@@ -78,6 +78,15 @@ struct Group {
   void barrier(std::chrono::milliseconds timeout) const;
 };
 
+// A group's name, members and this process's place among them (an error
+// when it is not a member), without a backend: make_gloo_group and
+// make_nccl_group add theirs.
+Group group_shell(
+    const LaunchEnv& env,
+    const std::string& name,
+    const std::vector<int64_t>& ranks,
+    std::chrono::milliseconds timeout);
+
 Group make_gloo_group(
     const c10::intrusive_ptr<c10d::Store>& store,
     const LaunchEnv& env,
