@@ -3,8 +3,9 @@
 
     python scripts/plot_run.py runs/tiny [--out runs/tiny/plots]
 
-Reads <run>/metrics.jsonl (written by `moeyard train`) and writes
-loss.png (train loss, cross-entropy, validation loss, learning rate) and
+Reads <run>/metrics.jsonl (written by `moeyard train`; one value per step)
+and writes loss.png (train loss, cross-entropy, validation loss, learning
+rate, skipped steps as red lines) and
 expert_load_layer<N>.png (share of tokens per expert over the steps) per
 MoE layer.
 """
@@ -21,16 +22,31 @@ import numpy as np  # noqa: E402
 
 
 def load(run):
+    """One record per step, by step: the last one written wins (a file
+    appended to by an older version after a resume may repeat steps), and a
+    line torn by a crash is ignored."""
     path = run if run.endswith(".jsonl") else os.path.join(run, "metrics.jsonl")
+    by_step = {}
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                m = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(m, dict) and "step" in m:
+                by_step[m["step"]] = m
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def plot_loss(ms, out):
+    skipped = [m["step"] for m in ms if m.get("skipped")]
+    ms = [m for m in ms if not m.get("skipped")]
     steps = [m["step"] for m in ms]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(steps, [m["loss"] for m in ms], label="train loss", lw=1)
     ax.plot(steps, [m["ce"] for m in ms], label="train cross-entropy", lw=1, alpha=0.7)
+    for i, s in enumerate(skipped):
+        ax.axvline(s, color="red", lw=0.6, alpha=0.5, label="skipped step" if i == 0 else None)
     val = [(m["step"], m["valid_loss"]) for m in ms if "valid_loss" in m]
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")

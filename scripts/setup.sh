@@ -54,6 +54,11 @@ if [ ! -f "$BUILD/build.ninja" ] || ! grep -q "CMAKE_COMMAND:INTERNAL=$VENV/" "$
     ${MOEYARD_CMAKE_ARGS:-} >/dev/null
 fi
 log "building"
-cmake --build "$BUILD" -j"$(nproc)" | grep -vE '^\[[0-9]+/[0-9]+\] (Building|Linking)' || true
-test "${PIPESTATUS[0]}" -eq 0
+# The build's own status (the filter's would hide a failed build).
+{ cmake --build "$BUILD" -j"$(nproc)" 2>&1; echo $? >"$BUILD/.build_status"; } |
+  grep -vE '^\[[0-9]+/[0-9]+\] (Building|Linking)' || true
+if [ "$(cat "$BUILD/.build_status")" != 0 ]; then
+  log "build failed"
+  exit 1
+fi
 log "ready: venv $VENV, build $BUILD"

@@ -37,6 +37,18 @@ int main(int argc, char** argv) {
       resume,
       "auto (continue from <checkpoint.dir>/latest), never, or a checkpoint "
       "dir");
+  moeyard::train::RunOptions run_options;
+  train->add_flag(
+      "--overwrite",
+      run_options.overwrite,
+      "start although checkpoint.dir holds newer checkpoints (another run's, "
+      "or after --resume of an older step); they are deleted at this run's "
+      "first checkpoint");
+  train->add_flag(
+      "--allow-data-change",
+      run_options.allow_data_change,
+      "resume although data.train, data.seed or data.seq_len differ from "
+      "the checkpoint's");
   auto* gen = app.add_subcommand(
       "generate",
       "sample text from a checkpoint (byte-level or with its tokenizer.json)");
@@ -297,7 +309,8 @@ int main(int argc, char** argv) {
                 << "\n";
     } else if (*train) {
       auto cfg = moeyard::train::TrainConfig::load(config, overrides);
-      auto r = moeyard::train::run_training(cfg, resume);
+      run_options.resume = resume;
+      auto r = moeyard::train::run_training(cfg, run_options);
       if (moeyard::parallel::LaunchEnv::from_env().rank != 0) {
         return r.interrupted ? 130 : 0; // rank 0 reports
       }

@@ -2,6 +2,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <cstdio>
+#include <cstdlib>
+
 namespace moeyard::config {
 namespace {
 
@@ -21,7 +24,42 @@ std::string show(const YAML::Node& n) {
   return n.IsSequence() ? "a list" : (n.IsMap() ? "a mapping" : "null");
 }
 
+std::string repr(int64_t v) {
+  return std::to_string(v);
+}
+std::string repr(double v) { // the shortest text that reads back as v
+  char buf[32];
+  for (int digits = 6; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, v);
+    if (std::strtod(buf, nullptr) == v) {
+      break;
+    }
+  }
+  return buf;
+}
+std::string repr(bool v) {
+  return v ? "true" : "false";
+}
+std::string repr(const std::string& v) {
+  return v;
+}
+template <typename T>
+std::string repr(const std::vector<T>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    s += (i ? ", " : "") + repr(v[i]);
+  }
+  return s + "]";
+}
+
 } // namespace
+
+template <typename T>
+void YamlReader::note(const char* key, const T& value) {
+  if (sink_) {
+    (*sink_)[path_.empty() ? key : path_ + "." + key] = repr(value);
+  }
+}
 
 YamlReader::YamlReader(YAML::Node node, std::string path, std::string file)
     : node_(std::move(node)), path_(std::move(path)), file_(std::move(file)) {
@@ -61,6 +99,7 @@ std::optional<YAML::Node> YamlReader::lookup(const char* key) {
 void YamlReader::get(const char* key, int64_t& out) {
   auto found = lookup(key);
   if (!found) {
+    note(key, out);
     return;
   }
   const YAML::Node n = *found;
@@ -73,11 +112,13 @@ void YamlReader::get(const char* key, int64_t& out) {
   } catch (...) {
     fail(key, "expected an integer, got " + show(n));
   }
+  note(key, out);
 }
 
 void YamlReader::get(const char* key, double& out) {
   auto found = lookup(key);
   if (!found) {
+    note(key, out);
     return;
   }
   const YAML::Node n = *found;
@@ -90,11 +131,13 @@ void YamlReader::get(const char* key, double& out) {
   } catch (...) {
     fail(key, "expected a number, got " + show(n));
   }
+  note(key, out);
 }
 
 void YamlReader::get(const char* key, bool& out) {
   auto found = lookup(key);
   if (!found) {
+    note(key, out);
     return;
   }
   const YAML::Node n = *found;
@@ -106,11 +149,13 @@ void YamlReader::get(const char* key, bool& out) {
   } else {
     fail(key, "expected true or false, got " + show(n));
   }
+  note(key, out);
 }
 
 void YamlReader::get(const char* key, std::string& out) {
   auto found = lookup(key);
   if (!found) {
+    note(key, out);
     return;
   }
   const YAML::Node n = *found;
@@ -118,11 +163,13 @@ void YamlReader::get(const char* key, std::string& out) {
     fail(key, "expected a string, got " + show(n));
   }
   out = n.Scalar();
+  note(key, out);
 }
 
 void YamlReader::get(const char* key, std::vector<int64_t>& out) {
   auto found = lookup(key);
   if (!found) {
+    note(key, out);
     return;
   }
   const YAML::Node n = *found;
@@ -137,11 +184,13 @@ void YamlReader::get(const char* key, std::vector<int64_t>& out) {
       fail(key, "expected a list of integers, found " + show(item));
     }
   }
+  note(key, out);
 }
 
 void YamlReader::get(const char* key, std::vector<std::string>& out) {
   auto found = lookup(key);
   if (!found) {
+    note(key, out);
     return;
   }
   const YAML::Node n = *found;
@@ -155,14 +204,17 @@ void YamlReader::get(const char* key, std::vector<std::string>& out) {
     }
     out.push_back(item.Scalar());
   }
+  note(key, out);
 }
 
 YamlReader YamlReader::child(const char* key) {
   auto n = lookup(key);
-  return YamlReader(
+  YamlReader r(
       n ? *n : YAML::Node(YAML::NodeType::Null),
       path_.empty() ? key : path_ + "." + key,
       file_);
+  r.sink_ = sink_;
+  return r;
 }
 
 std::vector<YamlReader> YamlReader::child_list(const char* key) {
@@ -181,6 +233,7 @@ std::vector<YamlReader> YamlReader::child_list(const char* key) {
         (path_.empty() ? std::string(key) : path_ + "." + key) + "[" +
             std::to_string(i++) + "]",
         file_);
+    out.back().sink_ = sink_;
   }
   return out;
 }

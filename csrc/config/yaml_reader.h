@@ -6,6 +6,8 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <map>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -37,13 +39,24 @@ class YamlReader {
   std::string where(const char* key) const;
   [[noreturn]] void fail(const char* key, const std::string& what) const;
 
+  // Every value read through this reader and the readers it hands out,
+  // resolved (a default when the key is absent), by key path
+  // ("optim.lr" -> "0.003"): what a checkpoint records of its config.
+  using Resolved = std::map<std::string, std::string>;
+  void record_into(std::shared_ptr<Resolved> sink) {
+    sink_ = std::move(sink);
+  }
+
  private:
+  template <typename T>
+  void note(const char* key, const T& value);
   std::optional<YAML::Node> lookup(const char* key);
 
   YAML::Node node_;
   std::string path_;
   std::string file_;
   std::set<std::string> used_;
+  std::shared_ptr<Resolved> sink_;
 };
 
 } // namespace moeyard::config

@@ -389,11 +389,13 @@ MoEOutput moe_forward(
   out.z_loss = (at::logsumexp(logits, -1).square() * vw).sum() / n_valid;
   out.tokens_per_expert = plan.assigned;
   const auto kept = plan.counts.sum().to(rdt);
+  // With no real token (all padding, or T = 0) nothing was dropped: 0.
+  const auto n_real = vw.sum();
   out.dropped_fraction =
       o.routing == "expert_choice"
           // fraction of real tokens no expert took
-          ? 1.0 - ((plan.slot >= 0).any(1).to(rdt) * vw).sum() / n_valid
-          : 1.0 - kept / (n_valid * K);
+          ? (n_real - ((plan.slot >= 0).any(1).to(rdt) * vw).sum()) / n_valid
+          : (n_real * K - kept) / (n_valid * K);
   const auto ent = -(probs * at::log(probs.clamp_min(1e-20))).sum(-1);
   out.router_entropy = (ent * vw).sum() / n_valid;
   // Allocated rows: E*C with a capacity; dropless, the real tokens' K slots
@@ -404,6 +406,8 @@ MoEOutput moe_forward(
       has_capacity ? kept / std::max<int64_t>(plan.row_token.size(0), 1)
                    : kept / (n_valid * K);
   out.indices = plan.indices;
+  out.importance = importance;
+  out.valid_tokens = n_real;
   return out;
 }
 

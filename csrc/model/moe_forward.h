@@ -75,6 +75,11 @@ struct MoEOutput {
   at::Tensor dropped_fraction; // scalar: dropped / valid assignments
   at::Tensor router_entropy; // scalar: mean entropy of routing probs
   at::Tensor capacity_utilization; // scalar: filled / allocated expert rows
+  // The sums behind the statistics, so that callers can combine them over
+  // micro-batches and ranks exactly (C++ only, not in the op's outputs).
+  at::Tensor importance; // [E] float32: routing probabilities summed over
+                         // the real tokens (P_e of the switch loss x tokens)
+  at::Tensor valid_tokens; // scalar float32: real (unmasked) tokens
   at::Tensor indices; // token choice: [T, K] (-1 padding); EC: [E, C]
 };
 

@@ -60,12 +60,15 @@ PYBIND11_MODULE(_C, m) {
       "train",
       [](const std::string& config,
          const std::vector<std::string>& overrides,
-         const std::string& resume) {
+         const std::string& resume,
+         bool overwrite,
+         bool allow_data_change) {
         auto cfg = moeyard::train::TrainConfig::load(config, overrides);
         moeyard::train::RunResult r;
         {
           py::gil_scoped_release release;
-          r = moeyard::train::run_training(cfg, resume);
+          r = moeyard::train::run_training(
+              cfg, {resume, overwrite, allow_data_change});
         }
         py::dict d;
         d["steps"] = r.steps_done;
@@ -78,6 +81,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("config"),
       py::arg("overrides") = std::vector<std::string>{},
       py::arg("resume") = "auto",
+      py::arg("overwrite") = false,
+      py::arg("allow_data_change") = false,
       "Runs the C++ trainer (the same as `moeyard train`).");
 
   m.def(

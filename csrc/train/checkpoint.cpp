@@ -327,6 +327,7 @@ void Trainer::save(int64_t step) {
     auto rng = at::detail::getDefaultCPUGenerator().get_state();
     io::save_safetensors((tmp / rng_file(dp_rank_)).string(), {{"cpu", rng}});
   }
+  run_dir::crash_point("save:written");
   save_barrier();
   if (env_.rank == 0) {
     commit(step, tmp, final_dir);
@@ -339,23 +340,39 @@ std::string Trainer::rng_file(int64_t dp_rank) const {
                        : "rng.safetensors";
 }
 
-void Trainer::commit(
-    int64_t step, const fs::path& tmp, const fs::path& final_dir) {
-  const fs::path dir(cfg_.checkpoint.dir);
-  json manifest = {
+json Trainer::manifest_state(int64_t step) const {
+  json recent = json::array();
+  for (const double l : recent_losses_) {
+    recent.push_back(l);
+  }
+  return {
       {"step", step},
+      {"run_id", run_id_},
       {"config", cfg_.text},
+      {"resolved_config", cfg_.resolved},
+      {"data", data_fingerprint_},
       {"data_position", step},
+      {"trainer_state",
+       {{"bad_in_row", bad_in_row_}, {"recent_losses", recent}}},
       {"parallel",
        {{"tensor_parallel", tp_size_},
         {"data_parallel", dp_size_},
         {"expert_parallel", ep_size_}}}};
+}
+
+void Trainer::commit(
+    int64_t step, const fs::path& tmp, const fs::path& final_dir) {
+  // Every file is on disk (fsynced) before the manifest names it, the
+  // manifest before the directory is renamed into place, the rename before
+  // `latest` names it, and `latest` before anything old is deleted.
+  const fs::path dir(cfg_.checkpoint.dir);
+  json manifest = manifest_state(step);
   if (!cfg_.init_from.empty()) { // the architecture, for resume and export
-    std::ofstream out(tmp / "hf_config.json");
-    out << cfg_.hf_config.dump(2) << "\n";
+    run_dir::write_durably(tmp / "hf_config.json", cfg_.hf_config.dump(2) + "\n");
   }
   if (const auto tok = tokenizer_path(); !tok.empty()) { // for generate
     fs::copy_file(tok, tmp / "tokenizer.json");
+    run_dir::fsync_path(tmp / "tokenizer.json");
   }
   std::vector<std::string> files;
   for (const auto& e : fs::directory_iterator(tmp)) {
@@ -365,43 +382,37 @@ void Trainer::commit(
   for (const auto& f : files) {
     manifest["sha256"][f] = io::sha256_file((tmp / f).string());
   }
-  {
-    std::ofstream out(tmp / "manifest.json");
-    out << manifest.dump(2);
-  }
-  fs::remove_all(final_dir);
-  fs::rename(tmp, final_dir);
-  const auto name = final_dir.filename().string();
-  // `latest` moves only after the rename commits the checkpoint.
-  {
-    std::ofstream out(dir / "latest.tmp");
-    out << name << "\n";
-  }
-  fs::rename(dir / "latest.tmp", dir / "latest");
-  // Keep the newest keep_last checkpoints.
-  std::vector<std::pair<int64_t, fs::path>> all;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    const auto n = e.path().filename().string();
-    if (e.is_directory() && n.rfind("step_", 0) == 0 && !ends_with(n, ".tmp")) {
-      const auto num = n.substr(5);
-      if (!num.empty() && std::all_of(num.begin(), num.end(), [](char c) {
-            return c >= '0' && c <= '9';
-          })) { // other step_* names are not ours
-        all.emplace_back(std::stoll(num), e.path());
-      }
+  run_dir::crash_point("commit:files");
+  run_dir::write_durably(tmp / "manifest.json", manifest.dump(2));
+  run_dir::publish(tmp, final_dir);
+  // Pruning: never what `latest` names (final_dir), never another run's
+  // checkpoints or newer ones unless this run was started with --overwrite.
+  const auto run_of = [](const fs::path& p) {
+    try {
+      return json::parse(std::ifstream(p / "manifest.json"))
+          .value("run_id", std::string("legacy"));
+    } catch (const std::exception&) {
+      return std::string(); // unreadable: nobody's, never pruned
     }
+  };
+  const auto drop = run_dir::prune_list(
+      run_dir::list_checkpoints(dir),
+      step,
+      run_id_,
+      cfg_.checkpoint.keep_last,
+      discard_others_,
+      run_of);
+  for (const auto& p : drop) {
+    fs::remove_all(p);
+    run_dir::crash_point("prune:one");
   }
-  std::sort(all.begin(), all.end());
-  const int64_t keep = std::max<int64_t>(cfg_.checkpoint.keep_last, 1);
-  for (int64_t k = 0; k + keep < static_cast<int64_t>(all.size()); ++k) {
-    fs::remove_all(all[k].second);
+  if (discard_others_ && !drop.empty()) {
+    log::info(
+        "--overwrite: removed the earlier checkpoints this run replaces (" +
+        std::to_string(drop.size()) + ")");
   }
+  discard_others_ = false;
   log::info("checkpoint saved: " + final_dir.string());
-}
-
-void Trainer::load_model_state(const std::string& dir) {
-  read_manifest(fs::path(dir)); // SHA-256 of every file
-  load_model_tensors(*model_, fs::path(dir));
 }
 
 int64_t Trainer::load_optimizer_state(const std::string& dir_in) {

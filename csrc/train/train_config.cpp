@@ -142,6 +142,8 @@ TrainConfig TrainConfig::parse(
     YAML::Node root, const std::string& file, const nlohmann::json& hf) {
   TrainConfig c;
   config::YamlReader top(root, "", file);
+  auto resolved = std::make_shared<config::YamlReader::Resolved>();
+  top.record_into(resolved);
   {
     auto r = top.child("model");
     r.get("init_from", c.init_from);
@@ -241,6 +243,8 @@ TrainConfig TrainConfig::parse(
     r.get("eval_every", t.eval_every);
     r.get("eval_batches", t.eval_batches);
     r.get("max_bad_steps", t.max_bad_steps);
+    r.get("spike_factor", t.spike_factor);
+    r.get("spike_window", t.spike_window);
     r.get("device", t.device);
     r.finish();
     if (t.steps < 1) {
@@ -251,6 +255,12 @@ TrainConfig TrainConfig::parse(
     }
     if (t.grad_accum < 1) {
       r.fail("grad_accum", "must be >= 1");
+    }
+    if (!(t.spike_factor == 0 || t.spike_factor > 1)) {
+      r.fail("spike_factor", "must be 0 (off) or > 1");
+    }
+    if (t.spike_window < 1) {
+      r.fail("spike_window", "must be >= 1");
     }
   }
   {
@@ -332,6 +342,7 @@ TrainConfig TrainConfig::parse(
   YAML::Emitter out;
   out << root;
   c.text = out.c_str();
+  c.resolved = *resolved;
   return c;
 }
 

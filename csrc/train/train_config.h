@@ -3,6 +3,7 @@
 // has a default and a one-line doc (docs/training.md lists them); unknown
 // keys, wrong types and bad values are errors naming the key path and line.
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -63,7 +64,11 @@ struct TrainSection {
   int64_t threads = 0; // 0: PyTorch default
   int64_t eval_every = 50;
   int64_t eval_batches = 4;
-  int64_t max_bad_steps = 5; // consecutive non-finite steps before abort
+  int64_t max_bad_steps = 5; // consecutive skipped steps before abort
+  // Loss-spike guard: skip a step whose loss exceeds spike_factor times the
+  // median of the last spike_window accepted losses (0: off).
+  double spike_factor = 0.0;
+  int64_t spike_window = 50;
   std::string device = "cpu"; // cpu | cuda | cuda:N
 };
 
@@ -104,7 +109,10 @@ struct TrainConfig {
   LogConfig log;
   MoESchedules schedule;
   ParallelConfig parallel;
-  std::string text; // the resolved config as YAML (saved with checkpoints)
+  std::string text; // the config as given, as YAML (saved with checkpoints)
+  // Every key with its resolved value ("moe.score_fn" -> "softmax"),
+  // defaults included: what resume compares (docs/training.md).
+  std::map<std::string, std::string> resolved;
   // model.init_from: a Hugging Face checkpoint directory whose config.json
   // defines the model and whose weights initialize it (fine-tuning).
   std::string init_from;

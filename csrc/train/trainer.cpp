@@ -231,25 +231,63 @@ void Trainer::apply_moe_schedules(int64_t step) {
   }
 }
 
-RunResult Trainer::run(const std::string& resume) {
-  RunResult result;
-  fs::create_directories(cfg_.checkpoint.dir);
-  int64_t step = 0;
-  std::string from;
-  if (resume == "auto") {
-    std::ifstream latest(fs::path(cfg_.checkpoint.dir) / "latest");
-    std::string name;
-    if (latest >> name) {
-      from = (fs::path(cfg_.checkpoint.dir) / name).string();
+int64_t Trainer::start(const RunOptions& options) {
+  options_ = options;
+  const fs::path dir(cfg_.checkpoint.dir);
+  fs::create_directories(dir);
+  if (env_.rank == 0) {
+    for (const auto& line : run_dir::recover(dir)) {
+      log::warn("checkpoint.dir: " + line);
     }
-  } else if (resume != "never") {
-    from = resume;
+  }
+  save_barrier(); // the directory is in order before any rank reads it
+  const auto verify = [](const fs::path& p) -> std::string {
+    try {
+      read_manifest(p);
+      return "";
+    } catch (const c10::Error& e) {
+      return e.what_without_backtrace();
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+  };
+  const auto begin = run_dir::choose_start(dir, options.resume, verify);
+  if (env_.rank == 0) {
+    for (const auto& note : begin.notes) {
+      log::warn("resume: " + note);
+    }
+  }
+  data_fingerprint_ = {{"train", run_dir::data_fingerprint(cfg_.data.train)}};
+  if (!cfg_.data.valid.empty()) {
+    data_fingerprint_["valid"] = run_dir::data_fingerprint(cfg_.data.valid);
   }
   // The full model first (a checkpoint of any layout, or a fresh init),
-  // then this rank's expert slices, then the optimizer over what it holds.
-  if (!from.empty()) {
-    load_model_state(from);
+  // then this rank's pieces, then the optimizer over what it holds.
+  int64_t step = 0;
+  json manifest;
+  if (!begin.from.empty()) {
+    manifest = read_manifest(begin.from); // SHA-256 of every file
+    step = manifest.at("step").get<int64_t>();
+    check_resume_compatible(manifest, begin.from);
+    run_id_ = manifest.value("run_id", std::string("legacy"));
+    const auto& st = manifest.value("trainer_state", json::object());
+    bad_in_row_ = st.value("bad_in_row", int64_t(0));
+    for (const auto& l : st.value("recent_losses", json::array())) {
+      recent_losses_.push_back(l.get<double>());
+    }
+    load_model_tensors(*model_, begin.from);
   } else {
+    run_id_ = [] {
+      std::random_device rd;
+      char buf[17];
+      std::snprintf(
+          buf,
+          sizeof buf,
+          "%08x%08x",
+          static_cast<unsigned>(rd()),
+          static_cast<unsigned>(rd()));
+      return std::string(buf);
+    }();
     at::manual_seed(cfg_.train.seed);
     if (cfg_.init_from.empty()) {
       model_->init_weights();
@@ -258,11 +296,35 @@ RunResult Trainer::run(const std::string& resume) {
       log::info("initialized from " + cfg_.init_from);
     }
   }
+  // Checkpoints newer than the start belong to another run, or to the
+  // future of an older step: never mixed with this run's silently.
+  std::vector<std::string> newer;
+  for (const auto& c : run_dir::list_checkpoints(dir)) {
+    if (c.step > step || begin.from.empty()) {
+      newer.push_back(c.path.filename().string());
+    }
+  }
+  TORCH_CHECK(
+      newer.empty() || options.overwrite,
+      "checkpoint.dir ",
+      dir.string(),
+      " already holds ",
+      begin.from.empty() ? "checkpoints (" : "checkpoints newer than step " +
+              std::to_string(step) + " (",
+      c10::Join(", ", newer),
+      "; the newest is ",
+      newer.empty() ? "" : newer.back(),
+      ") that this run would overwrite or mix with. Continue them with "
+      "--resume auto, choose another checkpoint.dir, or pass --overwrite to "
+      "replace them (they are deleted when this run commits its first "
+      "checkpoint)");
+  discard_others_ = options.overwrite && !newer.empty();
   shard_model();
   build_optimizer();
-  if (!from.empty()) {
-    step = load_optimizer_state(from);
-    log::info(log::format("resumed from %s at step %ld", from.c_str(), step));
+  if (!begin.from.empty()) {
+    load_optimizer_state(begin.from.string());
+    log::info(log::format(
+        "resumed from %s at step %ld", begin.from.string().c_str(), step));
   } else {
     seed_stream(0);
   }
@@ -278,10 +340,422 @@ RunResult Trainer::run(const std::string& resume) {
         t[0].item<double>(),
         "); every rank must see the same checkpoint directory");
   }
+  if (env_.rank == 0) {
+    truncate_metrics(step);
+  }
+  return step;
+}
+
+void Trainer::check_resume_compatible(
+    const json& manifest, const fs::path& from) {
+  // The checkpoint's resolved config; older manifests carry only the text.
+  std::map<std::string, std::string> was;
+  if (manifest.contains("resolved_config")) {
+    was = manifest.at("resolved_config")
+              .get<std::map<std::string, std::string>>();
+  } else {
+    json hf = nullptr;
+    if (fs::exists(from / "hf_config.json")) {
+      hf = json::parse(std::ifstream(from / "hf_config.json"));
+    }
+    was = TrainConfig::from_text(manifest.at("config").get<std::string>(), hf)
+              .resolved;
+  }
+  const auto defines_model = [](const std::string& key) {
+    for (const char* p : {"model.", "moe.", "schedule.top_k.",
+                          "schedule.capacity_factor."}) {
+      if (key.rfind(p, 0) == 0) {
+        return true;
+      }
+    }
+    return false;
+  };
+  const auto is_data = [](const std::string& key) {
+    return key == "data.seed" || key == "data.seq_len";
+  };
+  std::string model_diff, data_diff;
+  auto differ = [&](const std::string& key, const std::string& a,
+                    const std::string& b) {
+    return "\n  " + key + ": checkpoint " + (a.empty() ? "(unset)" : a) +
+        ", this config " + (b.empty() ? "(unset)" : b);
+  };
+  std::set<std::string> keys;
+  for (const auto& [k, v] : was) {
+    keys.insert(k);
+  }
+  for (const auto& [k, v] : cfg_.resolved) {
+    keys.insert(k);
+  }
+  for (const auto& k : keys) {
+    const auto a = was.count(k) ? was.at(k) : std::string();
+    const auto b = cfg_.resolved.count(k) ? cfg_.resolved.at(k) : std::string();
+    if (a == b) {
+      continue;
+    }
+    if (defines_model(k)) {
+      model_diff += differ(k, a, b);
+    } else if (is_data(k)) {
+      data_diff += differ(k, a, b);
+    }
+  }
+  if (!cfg_.init_from.empty() && fs::exists(from / "hf_config.json")) {
+    const json hf = json::parse(std::ifstream(from / "hf_config.json"));
+    for (const auto& [k, v] : hf.items()) {
+      const auto now = cfg_.hf_config.value(k, json());
+      if (now != v) {
+        model_diff += differ("config.json " + k, v.dump(), now.dump());
+      }
+    }
+  }
+  TORCH_CHECK(
+      model_diff.empty(),
+      "resume: ",
+      from.string(),
+      " was saved with another model or routing; fields that differ:",
+      model_diff,
+      "\nResume with the checkpoint's values, or start a new run (another "
+      "checkpoint.dir, or --resume never --overwrite). Fields that may change "
+      "on resume are listed in docs/training.md");
+  // The data: the same content (a moved file is fine) and sampling.
+  const auto saved = manifest.value("data", json::object());
+  for (const auto& [split, fp] : data_fingerprint_.items()) {
+    if (!saved.contains(split)) {
+      continue; // a manifest from before data fingerprints
+    }
+    const auto why = run_dir::fingerprint_difference(saved.at(split), fp);
+    if (!why.empty()) {
+      data_diff += "\n  data." + split + ": " +
+          saved.at(split).value("path", std::string()) + " then, " +
+          fp.value("path", std::string()) + " now: " + why;
+    } else if (saved.at(split).value("path", "") != fp.value("path", "")) {
+      log::info(
+          "resume: data." + split + " moved to " + fp.value("path", "") +
+          " (same content)");
+    }
+  }
+  if (!data_diff.empty()) {
+    TORCH_CHECK(
+        options_.allow_data_change,
+        "resume: the training data differs from the checkpoint's (",
+        from.string(),
+        "):",
+        data_diff,
+        "\nThe resumed run would not see the batches the checkpoint's run "
+        "would have. Pass --allow-data-change to resume anyway");
+    log::warn("resume: the data differs (--allow-data-change):" + data_diff);
+  }
+}
+
+void Trainer::truncate_metrics(int64_t step) const {
+  if (!fs::exists(metrics_path_)) {
+    return;
+  }
+  std::ifstream in(metrics_path_);
+  std::string line, kept;
+  int64_t dropped = 0;
+  while (std::getline(in, line)) {
+    json rec;
+    try {
+      rec = json::parse(line);
+    } catch (const std::exception&) {
+      ++dropped; // a record torn by a crash
+      continue;
+    }
+    if (!rec.is_object() || rec.value("step", int64_t(0)) > step) {
+      ++dropped;
+      continue;
+    }
+    kept += line + "\n";
+  }
+  in.close();
+  if (dropped > 0) {
+    run_dir::write_durably(metrics_path_, kept);
+    log::info(log::format(
+        "%s: dropped %ld records past step %ld (those steps run again)",
+        metrics_path_.c_str(),
+        dropped,
+        step));
+  }
+}
+
+nlohmann::json Trainer::routing_stats(
+    std::vector<at::Tensor>& sums, std::vector<at::Tensor>& layer_tokens) {
+  json out = json::array();
+  if (sums.empty()) {
+    return out;
+  }
+  // One row per layer: counts [E], importance [E], then tokens and the
+  // token-weighted sums of z loss, entropy, dropped fraction, capacity
+  // utilization and (per sequence) switch loss.
+  auto all = at::stack(sums).cpu();
+  if (distributed()) {
+    dp_->all_reduce_sum(all);
+  }
+  const int64_t E = cfg_.model.moe.num_experts;
+  size_t l = 0;
+  int64_t layer = -1;
+  for (const auto& m : model_->layers->children()) {
+    ++layer;
+    auto block = std::dynamic_pointer_cast<BlockImpl>(m);
+    if (!block || !block->moe) {
+      continue;
+    }
+    const auto& o = block->moe->options;
+    const auto row = all[l].contiguous();
+    const double* v = row.const_data_ptr<double>();
+    const double n = v[2 * E], nz = std::max(n, 1.0);
+    double sw = 0;
+    if (cfg_.model.moe.switch_per_sequence && o.routing == "token_choice") {
+      sw = v[2 * E + 5] / nz;
+    } else {
+      for (int64_t e = 0; e < E; ++e) {
+        sw += v[e] / (nz * o.top_k) * (v[E + e] / nz);
+      }
+      sw *= E;
+    }
+    json rec = {
+        {"layer", layer},
+        {"tokens", n},
+        {"z_loss", v[2 * E + 1] / nz},
+        {"router_entropy", v[2 * E + 2] / nz},
+        {"dropped_fraction", v[2 * E + 3] / nz},
+        {"capacity_utilization", v[2 * E + 4] / nz},
+        {"switch_loss", sw},
+        {"top_k", o.top_k},
+        {"tokens_per_expert", std::vector<double>(v, v + E)}};
+    int64_t dead = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      dead += v[e] == 0;
+    }
+    rec["dead_experts"] = dead;
+    if (o.capacity_factor > 0) {
+      rec["capacity_factor"] = o.capacity_factor;
+    }
+    out.push_back(rec);
+    layer_tokens[l] = all[l].narrow(0, 0, E).to(at::kFloat);
+    ++l;
+  }
+  return out;
+}
+
+double Trainer::global_grad_norm(
+    const std::vector<at::Tensor>& params, const std::vector<int>& kind) {
+  at::NoGradGuard g;
+  // Per-tensor norms in the gradients' own dtype (no float64 copies of
+  // every gradient), combined in float64. Every parameter is counted once:
+  // replicated ones here, expert slices summed over the expert-parallel
+  // group, tensor-parallel pieces over the tensor-parallel group.
+  std::vector<at::Tensor> grads;
+  grads.reserve(params.size());
+  for (const auto& p : params) {
+    grads.push_back(p.grad());
+  }
+  // One host copy of the squared norms (one device sync on GPUs).
+  const auto sq = grads.empty() ? at::zeros({0}, at::kDouble)
+                                : at::stack(at::_foreach_norm(grads))
+                                      .to(at::kDouble)
+                                      .square()
+                                      .cpu()
+                                      .contiguous();
+  const double* sqp = sq.const_data_ptr<double>();
+  double sums[3] = {0, 0, 0}; // replicated, expert, TP piece
+  for (size_t k = 0; k < params.size(); ++k) {
+    sums[kind[k]] += sqp[k];
+  }
+  auto expert = at::full({1}, sums[1], at::kDouble);
+  auto split = at::full({1}, sums[2], at::kDouble);
+  if (ep_) {
+    ep_->all_reduce_sum(expert);
+  }
+  if (tp_) {
+    tp_->all_reduce_sum(split);
+  }
+  return std::sqrt(sums[0] + expert.item<double>() + split.item<double>());
+}
+
+std::string Trainer::skip_reason(double loss, double grad_norm) const {
+  if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+    return "non-finite";
+  }
+  // The spike guard needs a few accepted steps for a meaningful median.
+  const double f = cfg_.train.spike_factor;
+  if (f > 0 && recent_losses_.size() >= 5) {
+    std::vector<double> v(recent_losses_.begin(), recent_losses_.end());
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    const double median = v[v.size() / 2];
+    if (loss > f * median) {
+      return "loss spike";
+    }
+  }
+  return "";
+}
+
+Trainer::StepOutcome Trainer::train_step(int64_t step) {
+  StepOutcome out;
+  const int64_t total = cfg_.train.steps;
+  apply_moe_schedules(step);
+  const double lr_f = lr_factor(cfg_.optim, step, total);
+  out.lr = base_lr_[0] * lr_f;
+  auto& groups = opt_->param_groups();
+  for (size_t g = 0; g < groups.size(); ++g) {
+    static_cast<torch::optim::AdamWOptions&>(groups[g].options())
+        .lr(base_lr_[g] * lr_f);
+  }
+  // Micro-batch loop: accumulate gradients of the mean loss. Losses and
+  // routing sums stay on the device until the step's one host copy.
+  for (auto& p : params_) {
+    p.mutable_grad() = at::Tensor();
+  }
+  at::Tensor losses; // [loss, ce, aux] summed over micro-batches
+  std::vector<at::Tensor> sums; // per MoE layer, see routing_stats
+  for (int64_t micro = 0; micro < cfg_.train.grad_accum; ++micro) {
+    auto r = model_->loss(batch(*train_, step, micro, true));
+    (r.loss / cfg_.train.grad_accum).backward();
+    const auto l = at::stack({r.loss.detach(), r.ce.detach(), r.aux.detach()})
+                       .to(at::kDouble);
+    losses = losses.defined() ? losses + l : l;
+    for (size_t k = 0; k < r.out.moe_layers.size(); ++k) {
+      const auto& m = r.out.moe_layers[k].moe;
+      const auto n = m.valid_tokens.detach().to(at::kDouble);
+      const auto row = at::cat(
+          {m.tokens_per_expert.detach().to(at::kDouble),
+           m.importance.detach().to(at::kDouble),
+           at::stack(
+               {n,
+                m.z_loss.detach().to(at::kDouble) * n,
+                m.router_entropy.detach().to(at::kDouble) * n,
+                m.dropped_fraction.detach().to(at::kDouble) * n,
+                m.capacity_utilization.detach().to(at::kDouble) * n,
+                m.switch_loss.detach().to(at::kDouble) * n})});
+      if (sums.size() <= k) {
+        sums.push_back(row);
+      } else {
+        sums[k] += row;
+      }
+    }
+  }
+  // Across ranks: the logged losses and a stop request from a signal on
+  // any rank (tensor-parallel ranks hold the same values, so over every
+  // process), the routing statistics and the gradients.
+  const int sig = g_signal;
+  out.stop_here = sig != 0;
+  auto v = at::cat(
+               {losses.cpu(),
+                at::tensor({sig != 0 ? 1.0 : 0.0, double(sig)}, at::kDouble)})
+               .contiguous();
+  if (distributed()) {
+    world_->all_reduce_sum(v);
+    v.narrow(0, 0, 3).div_(static_cast<double>(env_.world_size));
+  }
+  const double* vp = v.const_data_ptr<double>();
+  out.loss = vp[0] / cfg_.train.grad_accum;
+  out.ce = vp[1] / cfg_.train.grad_accum;
+  out.aux = vp[2] / cfg_.train.grad_accum;
+  out.stop_signal = vp[3] > 0 ? static_cast<int>(std::lround(vp[4] / vp[3])) : 0;
+  std::vector<at::Tensor> layer_tokens(sums.size());
+  out.moe_layers = routing_stats(sums, layer_tokens);
+  if (distributed()) {
+    all_reduce_grads();
+  }
+  if (cfg_.optim.expert_grad_clip > 0) {
+    clip_experts(param_names_, params_, cfg_.optim.expert_grad_clip);
+  }
+  // fp32 masters take the gradients of their low-precision parameters.
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (masters_[i].defined() && params_[i].grad().defined()) {
+      masters_[i].mutable_grad() = params_[i].grad().to(at::kFloat);
+    }
+  }
+  std::vector<at::Tensor> opt_params;
+  // 1: an expert slice (counted over EP ranks), 2: a tensor-parallel
+  // piece (counted over TP ranks), 0: replicated.
+  std::vector<int> opt_kind;
+  {
+    size_t k = 0;
+    for (auto& g : opt_->param_groups()) {
+      for (auto& p : g.params()) {
+        if (p.grad().defined()) {
+          opt_params.push_back(p);
+          opt_kind.push_back(
+              is_expert(names_[k])       ? 1
+              : is_tp_sharded(names_[k]) ? 2
+                                         : 0);
+        }
+        ++k;
+      }
+    }
+  }
+  out.grad_norm = global_grad_norm(opt_params, opt_kind);
+  out.skipped = skip_reason(out.loss, out.grad_norm);
+  if (!out.skipped.empty()) {
+    ++bad_in_row_;
+    log::warn(log::format(
+        "step %ld: %s (loss %g, grad norm %g); step skipped (%ld in a row)",
+        step + 1,
+        out.skipped == "loss spike"
+            ? log::format(
+                  "loss above %g x the running median",
+                  cfg_.train.spike_factor)
+                  .c_str()
+            : "non-finite loss or gradient norm",
+        out.loss,
+        out.grad_norm,
+        bad_in_row_));
+    TORCH_CHECK(
+        bad_in_row_ < cfg_.train.max_bad_steps,
+        "training aborted: ",
+        bad_in_row_,
+        " skipped steps in a row (last: ",
+        out.skipped,
+        "; train.max_bad_steps = ",
+        cfg_.train.max_bad_steps,
+        ")");
+    return out;
+  }
+  bad_in_row_ = 0;
+  recent_losses_.push_back(out.loss);
+  while (static_cast<int64_t>(recent_losses_.size()) >
+         cfg_.train.spike_window) {
+    recent_losses_.pop_front();
+  }
+  if (cfg_.optim.grad_clip > 0 && out.grad_norm > cfg_.optim.grad_clip) {
+    at::NoGradGuard g;
+    const double s = cfg_.optim.grad_clip / (out.grad_norm + 1e-6);
+    for (auto& p : opt_params) {
+      p.mutable_grad().mul_(s);
+    }
+  }
+  opt_->step();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (masters_[i].defined()) {
+      at::NoGradGuard g;
+      params_[i].copy_(masters_[i]);
+    }
+  }
+  if (cfg_.schedule.bias_update_rate > 0) {
+    size_t l = 0;
+    for (const auto& m : model_->layers->children()) {
+      auto block = std::dynamic_pointer_cast<BlockImpl>(m);
+      if (block && block->moe) {
+        if (block->moe->selection_bias.defined()) {
+          block->moe->update_selection_bias(
+              layer_tokens[l], cfg_.schedule.bias_update_rate);
+        }
+        ++l;
+      }
+    }
+  }
+  return out;
+}
+
+RunResult Trainer::run(const RunOptions& options) {
+  RunResult result;
+  int64_t step = start(options);
   std::ofstream metrics; // rank 0 writes the metrics
   if (env_.rank == 0) {
     metrics.open(metrics_path_, std::ios::app);
   }
+  g_signal = 0;
   auto prev_int = std::signal(SIGINT, on_signal);
   auto prev_term = std::signal(SIGTERM, on_signal);
   const int64_t total = cfg_.train.steps;
@@ -290,213 +764,36 @@ RunResult Trainer::run(const std::string& resume) {
   model_->train();
   auto t_start = std::chrono::steady_clock::now();
   auto t_log = t_start;
-  int64_t bad_in_row = 0, logged_from = step;
+  int64_t logged_from = step;
   const int64_t first_step = step;
   while (step < total) {
-    apply_moe_schedules(step);
-    const double lr_f = lr_factor(cfg_.optim, step, total);
-    auto& groups = opt_->param_groups();
-    for (size_t g = 0; g < groups.size(); ++g) {
-      static_cast<torch::optim::AdamWOptions&>(groups[g].options())
-          .lr(base_lr_[g] * lr_f);
-    }
-    // Micro-batch loop: accumulate gradients of the mean loss.
-    for (auto& p : params_) {
-      p.mutable_grad() = at::Tensor();
-    }
-    double loss_sum = 0, ce_sum = 0, aux_sum = 0;
-    std::vector<at::Tensor> layer_tokens;
-    json layer_stats = json::array();
-    for (int64_t micro = 0; micro < cfg_.train.grad_accum; ++micro) {
-      auto r = model_->loss(batch(*train_, step, micro, true));
-      (r.loss / cfg_.train.grad_accum).backward();
-      loss_sum += r.loss.item<double>();
-      ce_sum += r.ce.item<double>();
-      aux_sum += r.aux.item<double>();
-      for (size_t l = 0; l < r.out.moe_layers.size(); ++l) {
-        const auto tpe = r.out.moe_layers[l].moe.tokens_per_expert.detach();
-        if (layer_tokens.size() <= l) {
-          layer_tokens.push_back(tpe.clone());
-        } else {
-          layer_tokens[l] += tpe;
-        }
-        if (micro == cfg_.train.grad_accum - 1) {
-          const auto& m = r.out.moe_layers[l].moe;
-          layer_stats.push_back(
-              {{"layer", r.out.moe_layers[l].layer},
-               {"dropped_fraction", m.dropped_fraction.item<double>()},
-               {"router_entropy", m.router_entropy.item<double>()},
-               {"switch_loss", m.switch_loss.item<double>()},
-               {"z_loss", m.z_loss.item<double>()},
-               {"capacity_utilization",
-                m.capacity_utilization.item<double>()}});
-        }
-      }
-    }
-    // Across data-parallel ranks: the logged losses, a stop request from a
-    // signal on any rank, the routing counts and the gradients.
-    bool stop_requested = g_signal != 0;
-    if (distributed()) {
-      // Over every process: tensor-parallel ranks hold the same values.
-      auto v = at::tensor(
-          {loss_sum, ce_sum, aux_sum, stop_requested ? 1.0 : 0.0}, at::kDouble);
-      world_->all_reduce_sum(v);
-      const double n = static_cast<double>(env_.world_size);
-      loss_sum = v[0].item<double>() / n;
-      ce_sum = v[1].item<double>() / n;
-      aux_sum = v[2].item<double>() / n;
-      stop_requested = v[3].item<double>() > 0;
-      if (!layer_tokens.empty()) {
-        auto counts = at::stack(layer_tokens).to(at::kDouble);
-        dp_->all_reduce_sum(counts);
-        for (size_t l = 0; l < layer_tokens.size(); ++l) {
-          layer_tokens[l] = counts[l].to(layer_tokens[l].scalar_type());
-        }
-      }
-      all_reduce_grads();
-    }
-    const double loss = loss_sum / cfg_.train.grad_accum;
-    if (cfg_.optim.expert_grad_clip > 0) {
-      clip_experts(param_names_, params_, cfg_.optim.expert_grad_clip);
-    }
-    // fp32 masters take the gradients of their low-precision parameters.
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (masters_[i].defined() && params_[i].grad().defined()) {
-        masters_[i].mutable_grad() = params_[i].grad().to(at::kFloat);
-      }
-    }
-    std::vector<at::Tensor> opt_params;
-    // 1: an expert slice (counted over EP ranks), 2: a tensor-parallel
-    // piece (counted over TP ranks), 0: replicated.
-    std::vector<int> opt_kind;
-    {
-      size_t k = 0;
-      for (auto& g : opt_->param_groups()) {
-        for (auto& p : g.params()) {
-          if (p.grad().defined()) {
-            opt_params.push_back(p);
-            opt_kind.push_back(
-                is_expert(names_[k])       ? 1
-                : is_tp_sharded(names_[k]) ? 2
-                                           : 0);
-          }
-          ++k;
-        }
-      }
-    }
-    double grad_norm = 0;
-    {
-      at::NoGradGuard g;
-      // Per-tensor norms in the gradients' own dtype (no float64 copies of
-      // every gradient), combined in float64. Every parameter is counted
-      // once: replicated ones here, expert slices summed over the
-      // expert-parallel group.
-      std::vector<at::Tensor> grads;
-      grads.reserve(opt_params.size());
-      for (auto& p : opt_params) {
-        grads.push_back(p.grad());
-      }
-      // One host copy of the squared norms (one device sync on GPUs).
-      const auto sq = grads.empty() ? at::zeros({0}, at::kDouble)
-                                    : at::stack(at::_foreach_norm(grads))
-                                          .to(at::kDouble)
-                                          .square()
-                                          .cpu()
-                                          .contiguous();
-      const double* sqp = sq.const_data_ptr<double>();
-      double sums[3] = {0, 0, 0}; // replicated, expert, TP piece
-      for (size_t k = 0; k < opt_params.size(); ++k) {
-        sums[opt_kind[k]] += sqp[k];
-      }
-      const double dense = sums[0];
-      auto expert = at::full({1}, sums[1], at::kDouble);
-      auto split = at::full({1}, sums[2], at::kDouble);
-      if (ep_) {
-        ep_->all_reduce_sum(expert);
-      }
-      if (tp_) {
-        tp_->all_reduce_sum(split);
-      }
-      grad_norm =
-          std::sqrt(dense + expert.item<double>() + split.item<double>());
-    }
-    if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
-      ++result.skipped_steps;
-      ++bad_in_row;
-      log::warn(log::format(
-          "step %ld: non-finite loss %g or grad norm %g; step skipped (%ld in "
-          "a row)",
-          step + 1,
-          loss,
-          grad_norm,
-          bad_in_row));
-      TORCH_CHECK(
-          bad_in_row < cfg_.train.max_bad_steps,
-          "training aborted: ",
-          bad_in_row,
-          " non-finite steps in a row (train.max_bad_steps = ",
-          cfg_.train.max_bad_steps,
-          ")");
-      ++step;
-      if (stop_requested) {
-        save(step);
-        result.interrupted = true;
-        break;
-      }
-      continue;
-    }
-    bad_in_row = 0;
-    if (cfg_.optim.grad_clip > 0 && grad_norm > cfg_.optim.grad_clip) {
-      at::NoGradGuard g;
-      const double s = cfg_.optim.grad_clip / (grad_norm + 1e-6);
-      for (auto& p : opt_params) {
-        p.mutable_grad().mul_(s);
-      }
-    }
-    opt_->step();
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (masters_[i].defined()) {
-        at::NoGradGuard g;
-        params_[i].copy_(masters_[i]);
-      }
-    }
-    if (cfg_.schedule.bias_update_rate > 0) {
-      size_t l = 0;
-      for (const auto& m : model_->layers->children()) {
-        auto block = std::dynamic_pointer_cast<BlockImpl>(m);
-        if (block && block->moe) {
-          if (block->moe->selection_bias.defined()) {
-            block->moe->update_selection_bias(
-                layer_tokens[l], cfg_.schedule.bias_update_rate);
-          }
-          ++l;
-        }
-      }
-    }
+    const auto s = train_step(step);
     ++step;
-    result.final_loss = loss;
-    // Metrics (every step) and the console line (every log.every steps).
+    if (s.skipped.empty()) {
+      result.final_loss = s.loss;
+    } else {
+      ++result.skipped_steps;
+    }
+    // Metrics: one record per step, skipped ones included.
     json rec = {
         {"step", step},
-        {"loss", loss},
-        {"ce", ce_sum / cfg_.train.grad_accum},
-        {"aux", aux_sum / cfg_.train.grad_accum},
-        {"lr", base_lr_[0] * lr_f},
-        {"grad_norm", grad_norm},
-        {"moe_layers", layer_stats}};
-    for (size_t l = 0; l < layer_tokens.size(); ++l) {
-      auto v = layer_tokens[l].to(at::kDouble).contiguous();
-      rec["moe_layers"][l]["tokens_per_expert"] = std::vector<double>(
-          v.data_ptr<double>(), v.data_ptr<double>() + v.numel());
-      rec["moe_layers"][l]["dead_experts"] =
-          (layer_tokens[l] == 0).sum().item<int64_t>();
+        {"loss", s.loss},
+        {"ce", s.ce},
+        {"aux", s.aux},
+        {"lr", s.lr},
+        {"grad_norm", s.grad_norm},
+        {"moe_layers", s.moe_layers}};
+    if (!s.skipped.empty()) {
+      rec["skipped"] = true;
+      rec["skip_reason"] = s.skipped;
     }
-    if (cfg_.schedule.capacity_factor.start >= 0) {
+    // The values routing used this step (after clamping to the model).
+    if (cfg_.schedule.capacity_factor.start >= 0 && !s.moe_layers.empty()) {
       rec["capacity_factor"] =
-          cfg_.schedule.capacity_factor.value(step - 1, total);
+          s.moe_layers[0].value("capacity_factor", 0.0);
     }
-    if (cfg_.schedule.top_k.start >= 1) {
-      rec["top_k"] = std::llround(cfg_.schedule.top_k.value(step - 1, total));
+    if (cfg_.schedule.top_k.start >= 1 && !s.moe_layers.empty()) {
+      rec["top_k"] = s.moe_layers[0].at("top_k");
     }
     const bool eval_now = cfg_.train.eval_every > 0 &&
                           (step % cfg_.train.eval_every == 0 || step == total);
@@ -525,19 +822,32 @@ RunResult Trainer::run(const std::string& resume) {
           "step %5ld/%ld | loss %.4f | lr %.2e | %.0f tok/s | ETA %s",
           step,
           total,
-          loss,
-          base_lr_[0] * lr_f,
+          s.loss,
+          s.lr,
           tps,
           fmt_duration(eta).c_str()));
       t_log = now;
       logged_from = step;
     }
-    if (stop_requested) {
-      log::warn(log::format(
-          "signal %d: saving a checkpoint at step %ld and stopping",
-          int(g_signal),
-          step));
+    if (s.stop_signal != 0) {
+      const auto what = s.stop_signal == SIGINT ? "SIGINT"
+          : s.stop_signal == SIGTERM            ? "SIGTERM"
+                                     : "a signal";
+      const auto msg = s.stop_here
+          ? log::format("%s received", what)
+          : log::format("stop requested by another rank (%s)", what);
+      if (env_.rank == 0 || s.stop_here) {
+        log::warn(msg + log::format(": saving a checkpoint at step %ld and "
+                                    "stopping", step));
+      }
       save(step);
+      if (env_.rank == 0) { // the stop is clean only if the save verifies
+        read_manifest(fs::path(cfg_.checkpoint.dir) /
+                      ("step_" + std::to_string(step)));
+        log::info(log::format(
+            "checkpoint step_%ld verified; resume with --resume auto", step));
+      }
+      save_barrier();
       result.interrupted = true;
       break;
     }
@@ -558,10 +868,12 @@ RunResult Trainer::run(const std::string& resume) {
 
 } // namespace detail
 
-RunResult run_training(const TrainConfig& config, const std::string& resume) {
+RunResult run_training(const TrainConfig& config, const RunOptions& options) {
+  // Before the trainer sets up its groups: only rank 0 prints the config.
+  log::set_rank(static_cast<int>(parallel::LaunchEnv::from_env().rank));
   log::info("resolved config:\n" + config.text);
   detail::Trainer t(config);
-  return t.run(resume);
+  return t.run(options);
 }
 
 } // namespace moeyard::train

@@ -18,10 +18,25 @@ struct RunResult {
   bool interrupted = false;
 };
 
-// Runs training. resume: "auto" (continue from <dir>/latest if present),
-// "never", or a checkpoint directory.
-RunResult run_training(
-    const TrainConfig& config, const std::string& resume = "auto");
+// How a run treats the checkpoints already in checkpoint.dir
+// (docs/training.md, "Resuming").
+struct RunOptions {
+  // "auto": continue from <dir>/latest (or the newest checkpoint that
+  // verifies when `latest` is unusable); "never": a new run; or a
+  // checkpoint directory to continue from.
+  std::string resume = "auto";
+  // Allow a run to start in a directory holding checkpoints newer than its
+  // starting point (another run's, or the future of an older step): they
+  // are deleted once this run commits its first checkpoint.
+  bool overwrite = false;
+  // Resume although the training data or its sampling (data.train,
+  // data.seed, data.seq_len) differs from the checkpoint's.
+  bool allow_data_change = false;
+};
+
+// Runs training; a requested stop (SIGINT/SIGTERM) saves, verifies the
+// checkpoint and returns with `interrupted` set.
+RunResult run_training(const TrainConfig& config, const RunOptions& options = {});
 
 // The model of a checkpoint directory (config from its manifest, weights
 // verified against their SHA-256). Used by `moeyard generate`.

@@ -6,11 +6,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/StringUtil.h>
 #include <torch/optim/adamw.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <deque>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -18,6 +20,8 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <optional>
+#include <random>
+#include <set>
 
 #include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
@@ -26,6 +30,7 @@
 #include "parallel/process_group.h"
 #include "util/log.h"
 
+#include "train/run_dir.h"
 #include "train/trainer.h"
 
 namespace moeyard::train::detail {
@@ -83,9 +88,36 @@ class Trainer {
             : cfg_.log.metrics;
   }
 
-  RunResult run(const std::string& resume);
+  RunResult run(const RunOptions& options);
 
  private:
+  // What one optimizer step did, for the metrics and the loop.
+  struct StepOutcome {
+    double loss = 0, ce = 0, aux = 0, grad_norm = 0, lr = 0;
+    std::string skipped; // "" : applied; else why it was skipped
+    int stop_signal = 0; // a stop was requested (on any rank) by this signal
+    bool stop_here = false; // this rank received the signal
+    nlohmann::json moe_layers = nlohmann::json::array();
+  };
+  // Chooses the checkpoint to start from (or none), checks that it fits
+  // this config and data, loads the model and optimizer; the first step.
+  int64_t start(const RunOptions& options);
+  // Errors naming every field that defines the model or routing and
+  // differs from the checkpoint's; the data fingerprint likewise.
+  void check_resume_compatible(const json& manifest, const fs::path& from);
+  // Drops metrics records past `step` (their steps will be run again).
+  void truncate_metrics(int64_t step) const;
+  StepOutcome train_step(int64_t step);
+  // Per MoE layer, the routing statistics of the whole step: every
+  // micro-batch on every data-parallel rank (one collective).
+  nlohmann::json routing_stats(
+      std::vector<at::Tensor>& sums, std::vector<at::Tensor>& layer_tokens);
+  double global_grad_norm(
+      const std::vector<at::Tensor>& params, const std::vector<int>& kind);
+  // Why this step must be skipped ("" : it must not).
+  std::string skip_reason(double loss, double grad_norm) const;
+  // rank 0: the manifest fields that describe the run, not the files.
+  json manifest_state(int64_t step) const;
   void check_shard(const io::TokenShard& s, const char* field) {
     TORCH_CHECK(
         s.vocab_size() <= cfg_.model.vocab_size,
@@ -149,7 +181,6 @@ class Trainer {
                                ends_with(name, ".moe.b_gate_up") ||
                                ends_with(name, ".moe.b_down"));
   }
-  void load_model_state(const std::string& dir);
   int64_t load_optimizer_state(const std::string& dir);
   void build_optimizer();
   at::Tensor batch(
@@ -171,6 +202,12 @@ class Trainer {
 
   TrainConfig cfg_;
   Transformer model_;
+  RunOptions options_;
+  std::string run_id_; // the run the checkpoints of this run belong to
+  bool discard_others_ = false; // --overwrite, until the first commit
+  json data_fingerprint_; // data.train and data.valid
+  std::deque<double> recent_losses_; // accepted steps, for the spike guard
+  int64_t bad_in_row_ = 0; // consecutive skipped steps
   std::unique_ptr<io::TokenShard> train_, valid_;
   std::unique_ptr<torch::optim::AdamW> opt_;
   std::vector<double> base_lr_; // per parameter group
