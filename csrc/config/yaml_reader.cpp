@@ -2,26 +2,69 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
+#include <sstream>
 
 namespace moeyard::config {
 namespace {
 
-std::string location(const YAML::Node& n, const std::string& file) {
-  const auto mark = n.Mark();
-  if (mark.line < 0) {
-    return file.empty() ? "" : " (" + file + ")";
-  }
-  return " (" + (file.empty() ? std::string("line ") : file + ":") +
-         std::to_string(mark.line + 1) + ")";
-}
+constexpr double kInf = std::numeric_limits<double>::infinity();
 
 std::string show(const YAML::Node& n) {
   if (n.IsScalar()) {
     return "'" + n.Scalar() + "'";
   }
   return n.IsSequence() ? "a list" : (n.IsMap() ? "a mapping" : "null");
+}
+
+// An integer scalar (the whole text), else nullopt.
+std::optional<int64_t> parse_int(const YAML::Node& n) {
+  if (!n.IsScalar()) {
+    return std::nullopt;
+  }
+  const std::string& s = n.Scalar();
+  try {
+    size_t used = 0;
+    const int64_t v = std::stoll(s, &used);
+    if (used == s.size()) {
+      return v;
+    }
+  } catch (...) {
+  }
+  return std::nullopt;
+}
+
+// A number scalar (the whole text; also YAML's .inf, -.inf and .nan, which
+// no range contains), else nullopt.
+std::optional<double> parse_double(const YAML::Node& n) {
+  if (!n.IsScalar()) {
+    return std::nullopt;
+  }
+  std::string s = n.Scalar();
+  const bool neg = !s.empty() && s[0] == '-';
+  const std::string body = s.substr(!s.empty() && (s[0] == '-' || s[0] == '+'));
+  if (body == ".inf" || body == ".Inf" || body == ".INF") {
+    return neg ? -kInf : kInf;
+  }
+  if (s == ".nan" || s == ".NaN" || s == ".NAN") {
+    return std::numeric_limits<double>::quiet_NaN();
+  }
+  try {
+    size_t used = 0;
+    const double v = std::stod(s, &used);
+    if (used == s.size()) {
+      return v;
+    }
+  } catch (...) {
+  }
+  return std::nullopt;
+}
+
+std::string join(const std::string& path, const std::string& key) {
+  return path.empty() ? key : path + "." + key;
 }
 
 std::string repr(int64_t v) {
@@ -57,35 +100,191 @@ std::string repr(const std::vector<T>& v) {
 template <typename T>
 void YamlReader::note(const char* key, const T& value) {
   if (sink_) {
-    (*sink_)[path_.empty() ? key : path_ + "." + key] = repr(value);
+    (*sink_)[full(key)] = repr(value);
   }
 }
 
+// ---- Range ----------------------------------------------------------------
+
+Range::Range(double lo, bool lo_open, double hi, bool hi_open)
+    : lo_(lo), hi_(hi), lo_open_(lo_open), hi_open_(hi_open) {}
+
+Range Range::any() {
+  return Range(-kInf, true, kInf, true);
+}
+Range Range::at_least(double lo) {
+  return Range(lo, false, kInf, true);
+}
+Range Range::greater_than(double lo) {
+  return Range(lo, true, kInf, true);
+}
+Range Range::closed(double lo, double hi) {
+  return Range(lo, false, hi, false);
+}
+Range Range::closed_open(double lo, double hi) {
+  return Range(lo, false, hi, true);
+}
+Range Range::open_closed(double lo, double hi) {
+  return Range(lo, true, hi, false);
+}
+
+Range Range::shown_as(std::string text) const {
+  Range r = *this;
+  r.text_ = std::move(text);
+  return r;
+}
+
+bool Range::contains(double v) const {
+  if (!std::isfinite(v)) {
+    return false;
+  }
+  return (lo_open_ ? v > lo_ : v >= lo_) && (hi_open_ ? v < hi_ : v <= hi_);
+}
+
+std::string Range::str() const {
+  if (!text_.empty()) {
+    return text_;
+  }
+  return std::string(lo_open_ ? "(" : "[") + show_number(lo_) + ", " +
+         show_number(hi_) + (hi_open_ ? ")" : "]");
+}
+
+std::string show_number(double v) {
+  if (std::isnan(v)) {
+    return "nan";
+  }
+  if (std::isinf(v)) {
+    return v > 0 ? "inf" : "-inf";
+  }
+  if (v == std::floor(v) && std::abs(v) < 1e15) {
+    return std::to_string(static_cast<long long>(v));
+  }
+  std::ostringstream s;
+  s.precision(6);
+  s << v;
+  return s.str();
+}
+
+void check_range(const std::string& name, double v, const Range& range) {
+  TORCH_CHECK(
+      range.contains(v),
+      "config: ",
+      name,
+      ": ",
+      show_number(v),
+      " is outside ",
+      range.str());
+}
+
+// ---- Sources ----------------------------------------------------------------
+
+void Sources::add_override(const std::string& path, const std::string& kv) {
+  for (auto it = overrides.begin(); it != overrides.end();) {
+    const std::string& p = it->first;
+    const bool below = p.size() > path.size() &&
+                       p.compare(0, path.size(), path) == 0 &&
+                       (p[path.size()] == '.' || p[path.size()] == '[');
+    it = below ? overrides.erase(it) : std::next(it);
+  }
+  overrides[path] = kv;
+}
+
+const std::string* Sources::override_of(const std::string& path) const {
+  // The most specific first: path itself, then the mappings above it.
+  for (size_t end = path.size(); end > 0;) {
+    const auto it = overrides.find(path.substr(0, end));
+    if (it != overrides.end()) {
+      return &it->second;
+    }
+    const auto cut = path.find_last_of(".[", end - 1);
+    if (cut == std::string::npos || cut == 0) {
+      break;
+    }
+    end = cut;
+  }
+  return nullptr;
+}
+
+// ---- YamlReader -------------------------------------------------------------
+
 YamlReader::YamlReader(YAML::Node node, std::string path, std::string file)
-    : node_(std::move(node)), path_(std::move(path)), file_(std::move(file)) {
+    : YamlReader(
+          std::move(node),
+          std::move(path),
+          std::make_shared<const Sources>(Sources{std::move(file), {}})) {}
+
+YamlReader::YamlReader(
+    YAML::Node node, std::string path, std::shared_ptr<const Sources> sources)
+    : node_(std::move(node)),
+      path_(std::move(path)),
+      sources_(std::move(sources)) {
   TORCH_CHECK(
       !node_.IsDefined() || node_.IsNull() || node_.IsMap(),
       "config: ",
       path_,
-      location(node_, file_),
+      location(node_, path_),
       ": expected a mapping, got ",
       show(node_));
 }
 
-std::string YamlReader::where(const char* key) const {
-  const std::string p = path_.empty() ? key : path_ + "." + key;
-  if (node_.IsMap() && node_[key]) {
-    return p + location(node_[key], file_);
-  }
-  return p + location(node_, file_);
+std::string YamlReader::full(const std::string& key) const {
+  return join(path_, key);
 }
 
-void YamlReader::fail(const char* key, const std::string& what) const {
+std::string YamlReader::location(
+    const YAML::Node& n, const std::string& path) const {
+  if (const std::string* kv = sources_->override_of(path)) {
+    return " (--set " + *kv + ")";
+  }
+  const std::string& file = sources_->file;
+  const auto mark = n.Mark();
+  if (mark.line < 0) {
+    return file.empty() ? "" : " (" + file + ")";
+  }
+  return " (" + (file.empty() ? std::string("line ") : file + ":") +
+         std::to_string(mark.line + 1) + ")";
+}
+
+std::string YamlReader::where(const std::string& key) const {
+  const std::string p = full(key);
+  if (node_.IsMap() && node_[key]) {
+    return p + location(node_[key], p);
+  }
+  return p + location(node_, path_);
+}
+
+std::string YamlReader::locate(const std::string& dotted) const {
+  const std::string p = full(dotted);
+  if (sources_->override_of(p)) {
+    return location(node_, p);
+  }
+  YAML::Node cur = node_;
+  std::stringstream parts(dotted);
+  std::string part;
+  while (std::getline(parts, part, '.')) {
+    if (!cur.IsMap()) {
+      return "";
+    }
+    const YAML::Node& c = cur;
+    YAML::Node next = c[part];
+    if (!next.IsDefined()) {
+      return "";
+    }
+    cur.reset(next);
+  }
+  return location(cur, p);
+}
+
+void YamlReader::fail(const std::string& key, const std::string& what) const {
   TORCH_CHECK(false, "config: ", where(key), ": ", what);
 }
 
 bool YamlReader::has(const char* key) const {
   return node_.IsMap() && node_[key];
+}
+
+bool YamlReader::given() const {
+  return node_.IsDefined() && !node_.IsNull();
 }
 
 std::optional<YAML::Node> YamlReader::lookup(const char* key) {
@@ -96,41 +295,37 @@ std::optional<YAML::Node> YamlReader::lookup(const char* key) {
   return node_[key];
 }
 
-void YamlReader::get(const char* key, int64_t& out) {
+void YamlReader::get(const char* key, int64_t& out, const Range& range) {
   auto found = lookup(key);
   if (!found) {
     note(key, out);
     return;
   }
-  const YAML::Node n = *found;
-  try {
-    TORCH_CHECK(n.IsScalar());
-    const std::string s = n.Scalar();
-    size_t used = 0;
-    out = std::stoll(s, &used);
-    TORCH_CHECK(used == s.size());
-  } catch (...) {
-    fail(key, "expected an integer, got " + show(n));
+  const auto v = parse_int(*found);
+  if (!v) {
+    fail(key, "expected an integer, got " + show(*found));
   }
+  if (!range.contains(static_cast<double>(*v))) {
+    fail(key, found->Scalar() + " is outside " + range.str());
+  }
+  out = *v;
   note(key, out);
 }
 
-void YamlReader::get(const char* key, double& out) {
+void YamlReader::get(const char* key, double& out, const Range& range) {
   auto found = lookup(key);
   if (!found) {
     note(key, out);
     return;
   }
-  const YAML::Node n = *found;
-  try {
-    TORCH_CHECK(n.IsScalar());
-    const std::string s = n.Scalar();
-    size_t used = 0;
-    out = std::stod(s, &used);
-    TORCH_CHECK(used == s.size());
-  } catch (...) {
-    fail(key, "expected a number, got " + show(n));
+  const auto v = parse_double(*found);
+  if (!v) {
+    fail(key, "expected a number, got " + show(*found));
   }
+  if (!range.contains(*v)) {
+    fail(key, found->Scalar() + " is outside " + range.str());
+  }
+  out = *v;
   note(key, out);
 }
 
@@ -166,7 +361,8 @@ void YamlReader::get(const char* key, std::string& out) {
   note(key, out);
 }
 
-void YamlReader::get(const char* key, std::vector<int64_t>& out) {
+void YamlReader::get(
+    const char* key, std::vector<int64_t>& out, const Range& each) {
   auto found = lookup(key);
   if (!found) {
     note(key, out);
@@ -176,14 +372,18 @@ void YamlReader::get(const char* key, std::vector<int64_t>& out) {
   if (!n.IsSequence()) {
     fail(key, "expected a list of integers, got " + show(n));
   }
-  out.clear();
+  std::vector<int64_t> values;
   for (const auto& item : n) {
-    try {
-      out.push_back(std::stoll(item.Scalar()));
-    } catch (...) {
+    const auto v = parse_int(item);
+    if (!v) {
       fail(key, "expected a list of integers, found " + show(item));
     }
+    if (!each.contains(static_cast<double>(*v))) {
+      fail(key, "entry " + item.Scalar() + " is outside " + each.str());
+    }
+    values.push_back(*v);
   }
+  out = std::move(values);
   note(key, out);
 }
 
@@ -210,9 +410,7 @@ void YamlReader::get(const char* key, std::vector<std::string>& out) {
 YamlReader YamlReader::child(const char* key) {
   auto n = lookup(key);
   YamlReader r(
-      n ? *n : YAML::Node(YAML::NodeType::Null),
-      path_.empty() ? key : path_ + "." + key,
-      file_);
+      n ? *n : YAML::Node(YAML::NodeType::Null), full(key), sources_);
   r.sink_ = sink_;
   return r;
 }
@@ -220,7 +418,7 @@ YamlReader YamlReader::child(const char* key) {
 std::vector<YamlReader> YamlReader::child_list(const char* key) {
   auto n = lookup(key);
   std::vector<YamlReader> out;
-  if (!n) {
+  if (!n || n->IsNull()) {
     return out;
   }
   if (!n->IsSequence()) {
@@ -229,10 +427,7 @@ std::vector<YamlReader> YamlReader::child_list(const char* key) {
   int i = 0;
   for (const auto& item : *n) {
     out.emplace_back(
-        item,
-        (path_.empty() ? std::string(key) : path_ + "." + key) + "[" +
-            std::to_string(i++) + "]",
-        file_);
+        item, full(key) + "[" + std::to_string(i++) + "]", sources_);
     out.back().sink_ = sink_;
   }
   return out;
@@ -252,8 +447,8 @@ void YamlReader::finish() const {
       TORCH_CHECK(
           false,
           "config: ",
-          path_.empty() ? k : path_ + "." + k,
-          location(kv.first, file_),
+          full(k),
+          location(kv.first, full(k)),
           ": unknown key (known keys: ",
           known,
           ")");

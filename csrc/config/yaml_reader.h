@@ -1,8 +1,12 @@
 #pragma once
 // Reads one YAML mapping into typed fields, remembering which keys it used,
 // so that unknown keys, wrong types and bad values become errors that name
-// the key path and the file line: "config: model.num_heads (tiny.yaml:7):
-// expected an integer, got 'four'".
+// the key path, where the value was given and, for numbers, the valid range:
+//   config: optim.beta1 (tiny.yaml:12): 1.5 is outside [0, 1)
+//   config: train.steps (--set train.steps=many): expected an integer, got
+//   'many'
+// Every number is read with its Range, so a field's valid values are
+// declared once, at the read; NaN and infinities are outside every range.
 
 #include <yaml-cpp/yaml.h>
 
@@ -15,19 +19,74 @@
 
 namespace moeyard::config {
 
+// The valid values of a numeric field: an interval with open or closed ends,
+// always excluding NaN and the infinities.
+class Range {
+ public:
+  static Range any(); // (-inf, inf): every finite number
+  static Range at_least(double lo); // [lo, inf)
+  static Range greater_than(double lo); // (lo, inf)
+  static Range closed(double lo, double hi); // [lo, hi]
+  static Range closed_open(double lo, double hi); // [lo, hi)
+  static Range open_closed(double lo, double hi); // (lo, hi]
+
+  // The same interval, shown as `text` in messages (for bounds that come
+  // from another key: "[1, moe.num_experts (tiny.yaml:14) = 4]").
+  Range shown_as(std::string text) const;
+
+  bool contains(double v) const;
+  std::string str() const; // "[0, 1)", "(0, inf)"
+
+ private:
+  Range(double lo, bool lo_open, double hi, bool hi_open);
+  double lo_, hi_;
+  bool lo_open_, hi_open_;
+  std::string text_;
+};
+
+// A number as messages show it: 64, 0.5, 1e-08, inf, nan.
+std::string show_number(double v);
+
+// Errors unless `range` contains `v`: "config: <name>: <v> is outside
+// <range>" (for values that did not come from YAML, e.g. a Hugging Face
+// config.json).
+void check_range(const std::string& name, double v, const Range& range);
+
+// Where a config's values came from: the file, and the key paths that
+// `--set key=value` replaced, which messages cite instead of a file line.
+struct Sources {
+  std::string file;
+  std::map<std::string, std::string> overrides; // "a.b" -> "a.b=value"
+
+  // Records `--set path=...` (`kv` the whole argument); it replaces any
+  // earlier override below `path`.
+  void add_override(const std::string& path, const std::string& kv);
+  // The override that gave the value at `path` (itself or a mapping above
+  // it), if any.
+  const std::string* override_of(const std::string& path) const;
+};
+
 class YamlReader {
  public:
   YamlReader(YAML::Node node, std::string path, std::string file = "");
+  YamlReader(
+      YAML::Node node,
+      std::string path,
+      std::shared_ptr<const Sources> sources);
 
-  // Reads `key` into `out` if present (the default stays otherwise).
-  void get(const char* key, int64_t& out);
-  void get(const char* key, double& out);
+  // Reads `key` into `out` if present (the default stays otherwise); a
+  // number outside `range` is an error naming the key, value and range.
+  void get(const char* key, int64_t& out, const Range& range);
+  void get(const char* key, double& out, const Range& range);
+  void get(const char* key, std::vector<int64_t>& out, const Range& each);
   void get(const char* key, bool& out);
   void get(const char* key, std::string& out);
-  void get(const char* key, std::vector<int64_t>& out);
   void get(const char* key, std::vector<std::string>& out);
 
   bool has(const char* key) const;
+  // Whether this mapping was given: an absent key and a null value (e.g.
+  // `--set schedule.top_k=null`) both read as not given.
+  bool given() const;
   // A nested mapping (an empty one if the key is absent).
   YamlReader child(const char* key);
   // A list of mappings (empty if the key is absent).
@@ -35,9 +94,13 @@ class YamlReader {
   // Errors on keys that no get()/child() asked for.
   void finish() const;
 
-  // "path.key (file:line)" for error messages about a value already read.
-  std::string where(const char* key) const;
-  [[noreturn]] void fail(const char* key, const std::string& what) const;
+  // "path.key (file:line)" or "path.key (--set path.key=value)" for error
+  // messages about a value already read; an absent key cites this mapping.
+  std::string where(const std::string& key) const;
+  // " (file:line)" or " (--set a.b=value)" for the value at the dotted path
+  // `dotted` below this mapping; "" when it was not given.
+  std::string locate(const std::string& dotted) const;
+  [[noreturn]] void fail(const std::string& key, const std::string& what) const;
 
   // Every value read through this reader and the readers it hands out,
   // resolved (a default when the key is absent), by key path
@@ -51,10 +114,12 @@ class YamlReader {
   template <typename T>
   void note(const char* key, const T& value);
   std::optional<YAML::Node> lookup(const char* key);
+  std::string full(const std::string& key) const;
+  std::string location(const YAML::Node& n, const std::string& path) const;
 
   YAML::Node node_;
   std::string path_;
-  std::string file_;
+  std::shared_ptr<const Sources> sources_;
   std::set<std::string> used_;
   std::shared_ptr<Resolved> sink_;
 };

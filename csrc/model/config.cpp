@@ -9,42 +9,117 @@
 
 namespace moeyard {
 
-void read_moe_config(config::YamlReader r, MoEConfig& m) {
-  r.get("num_experts", m.num_experts);
-  r.get("ffn_size", m.ffn_size);
-  r.get("moe_every_n", m.moe_every_n);
-  r.get("first_k_dense", m.first_k_dense);
-  r.get("layers", m.layers);
-  r.get("num_shared_experts", m.num_shared_experts);
-  r.get("shared_ffn_size", m.shared_ffn_size);
-  r.get("shared_gate", m.shared_gate);
-  r.get("router_bias", m.router_bias);
-  r.get("selection_bias", m.selection_bias);
-  r.get("expert_bias", m.expert_bias);
-  r.get("expert_dropout", m.expert_dropout);
-  r.get("switch_coeff", m.switch_coeff);
-  r.get("switch_per_sequence", m.switch_per_sequence);
-  r.get("importance_coeff", m.importance_coeff);
-  r.get("load_coeff", m.load_coeff);
-  r.get("z_coeff", m.z_coeff);
+using config::Range;
+
+// Every field of the two sections once: its key, its member and, for
+// numbers, its valid range (docs/model.md lists the same ranges). `field`
+// is called as field(key, member) or field(key, member, range); the YAML
+// readers read with it, validate() checks configs from other sources with
+// it. Ranges that depend on another key are checked in validate().
+template <typename Model, typename F>
+void model_fields(Model& c, F&& field) {
+  field("vocab_size", c.vocab_size, Range::at_least(1));
+  field("hidden_size", c.hidden_size, Range::at_least(1));
+  field("num_layers", c.num_layers, Range::at_least(1));
+  field("num_heads", c.num_heads, Range::at_least(1));
+  field("num_kv_heads", c.num_kv_heads, Range::at_least(0));
+  field("head_dim", c.head_dim, Range::at_least(0));
+  field("ffn_size", c.ffn_size, Range::at_least(1));
+  field("dense_ffn_size", c.dense_ffn_size, Range::at_least(0));
+  field("mlp", c.mlp);
+  field("norm", c.norm);
+  field("norm_eps", c.norm_eps, Range::greater_than(0));
+  field("qk_norm", c.qk_norm);
+  field("qkv_bias", c.qkv_bias);
+  field("attention_bias", c.attention_bias);
+  field("clip_qkv", c.clip_qkv, Range::at_least(0));
+  field("attention", c.attention);
+  field("q_lora_rank", c.q_lora_rank, Range::at_least(0));
+  field("kv_lora_rank", c.kv_lora_rank, Range::at_least(0));
+  field("qk_nope_head_dim", c.qk_nope_head_dim, Range::at_least(0));
+  field("qk_rope_head_dim", c.qk_rope_head_dim, Range::at_least(0));
+  field("v_head_dim", c.v_head_dim, Range::at_least(0));
+  field("attention_scale", c.attention_scale, Range::at_least(0));
+  field("attention_sinks", c.attention_sinks);
+  field("sliding_window", c.sliding_window, Range::at_least(0));
+  field("layer_types", c.layer_types);
+  field("rope_theta", c.rope_theta, Range::greater_than(0));
+  field("rotary_pct", c.rotary_pct, Range::closed(0, 1));
+  field("rope_scaling", c.rope_scaling);
+  field("rope_factor", c.rope_factor, Range::at_least(1));
+  field(
+      "rope_original_max_position",
+      c.rope_original_max_position,
+      Range::at_least(1));
+  field("yarn_beta_fast", c.yarn_beta_fast, Range::greater_than(0));
+  field("yarn_beta_slow", c.yarn_beta_slow, Range::greater_than(0));
+  field("yarn_truncate", c.yarn_truncate);
+  field("yarn_mscale", c.yarn_mscale, Range::at_least(0));
+  field("yarn_mscale_all_dim", c.yarn_mscale_all_dim, Range::at_least(0));
+  field("yarn_attention_factor", c.yarn_attention_factor, Range::at_least(0));
+  field("rope_interleave", c.rope_interleave);
+  field("max_seq_len", c.max_seq_len, Range::at_least(1));
+  field("tie_embeddings", c.tie_embeddings);
+  field("dtype", c.dtype);
+}
+
+template <typename MoE, typename F>
+void moe_fields(MoE& m, F&& field) {
+  field("num_experts", m.num_experts, Range::at_least(0));
+  field("ffn_size", m.ffn_size, Range::at_least(0));
+  field("moe_every_n", m.moe_every_n, Range::at_least(1));
+  field("first_k_dense", m.first_k_dense, Range::at_least(0));
+  field("layers", m.layers, Range::at_least(0)); // < model.num_layers
+  field("num_shared_experts", m.num_shared_experts, Range::at_least(0));
+  field("shared_ffn_size", m.shared_ffn_size, Range::at_least(0));
+  field("shared_gate", m.shared_gate);
+  field("router_bias", m.router_bias);
+  field("selection_bias", m.selection_bias);
+  field("expert_bias", m.expert_bias);
+  field("expert_dropout", m.expert_dropout, Range::closed_open(0, 1));
+  field("switch_coeff", m.switch_coeff, Range::at_least(0));
+  field("switch_per_sequence", m.switch_per_sequence);
+  field("importance_coeff", m.importance_coeff, Range::at_least(0));
+  field("load_coeff", m.load_coeff, Range::at_least(0));
+  field("z_coeff", m.z_coeff, Range::at_least(0));
   auto& o = m.routing;
-  r.get("top_k", o.top_k);
-  r.get("score_fn", o.score_fn);
-  r.get("renormalize", o.renormalize);
-  r.get("scale", o.scale);
-  r.get("num_groups", o.num_groups);
-  r.get("topk_groups", o.topk_groups);
-  r.get("routing", o.routing);
-  r.get("weight_on_input", o.weight_on_input);
-  r.get("capacity_factor", o.capacity_factor);
-  r.get("min_capacity", o.min_capacity);
-  r.get("drop_policy", o.drop_policy);
-  r.get("noise", o.noise);
-  r.get("noise_eps", o.noise_eps);
-  r.get("temperature", o.temperature);
-  r.get("activation", o.activation);
-  r.get("swiglu_alpha", o.swiglu_alpha);
-  r.get("swiglu_limit", o.swiglu_limit);
+  field("top_k", o.top_k, Range::at_least(1)); // <= moe.num_experts
+  field("score_fn", o.score_fn);
+  field("renormalize", o.renormalize);
+  field("scale", o.scale, Range::greater_than(0));
+  field("num_groups", o.num_groups, Range::at_least(1)); // divides E
+  field("topk_groups", o.topk_groups, Range::at_least(1)); // <= num_groups
+  field("routing", o.routing);
+  field("weight_on_input", o.weight_on_input);
+  field("capacity_factor", o.capacity_factor, Range::at_least(0));
+  field("min_capacity", o.min_capacity, Range::at_least(1));
+  field("drop_policy", o.drop_policy);
+  field("noise", o.noise);
+  field("noise_eps", o.noise_eps, Range::closed_open(0, 1));
+  field("temperature", o.temperature, Range::greater_than(0));
+  field("activation", o.activation);
+  field("swiglu_alpha", o.swiglu_alpha, Range::greater_than(0));
+  field("swiglu_limit", o.swiglu_limit, Range::greater_than(0));
+}
+
+void read_model_fields(config::YamlReader& r, ModelConfig& c) {
+  model_fields(c, [&](const char* key, auto& v, const auto&... range) {
+    r.get(key, v, range...);
+  });
+}
+
+void read_model_field(config::YamlReader& r, ModelConfig& c, const char* key) {
+  model_fields(c, [&](const char* k, auto& v, const auto&... range) {
+    if (std::string(k) == key) {
+      r.get(k, v, range...);
+    }
+  });
+}
+
+void read_moe_config(config::YamlReader r, MoEConfig& m) {
+  moe_fields(m, [&](const char* key, auto& v, const auto&... range) {
+    r.get(key, v, range...);
+  });
   r.finish();
 }
 
@@ -68,44 +143,124 @@ void check_one_of(
       false, "config: ", field, " must be one of ", list, ", got '", v, "'");
 }
 
-void validate_mla(const ModelConfig& c) {
-  auto at_least = [](const char* f, int64_t v, int64_t lo) {
+std::string shown(int64_t v) {
+  return std::to_string(v);
+}
+std::string shown(double v) {
+  return config::show_number(v);
+}
+std::string shown(const std::string& v) {
+  return "'" + v + "'";
+}
+
+// Keys in messages: "model.num_heads (tiny.yaml:9)" and, with the value,
+// "model.num_heads (tiny.yaml:9) = 4".
+struct Names {
+  const ModelConfig::KeyNamer& name;
+  std::string at(const std::string& key) const {
+    return name ? name(key) : key;
+  }
+  template <typename V>
+  std::string is(const std::string& key, const V& v) const {
+    return at(key) + " = " + shown(v);
+  }
+};
+
+// A number of a config from any source (YAML has been checked on reading).
+void check_value(const std::string& name, double v, const Range& range) {
+  config::check_range(name, v, range);
+}
+void check_value(
+    const std::string& name,
+    const std::vector<int64_t>& v,
+    const Range& range) {
+  for (const auto x : v) {
     TORCH_CHECK(
-        v >= lo,
+        range.contains(static_cast<double>(x)),
         "config: ",
-        f,
-        " must be >= ",
-        lo,
-        " with model.attention 'mla', got ",
-        v);
+        name,
+        ": entry ",
+        x,
+        " is outside ",
+        range.str());
+  }
+}
+
+void validate_mla(const ModelConfig& c, const Names& n) {
+  const std::string mla = " with " + n.is("model.attention", c.attention);
+  auto at_least = [&](const char* f, int64_t v, int64_t lo) {
+    TORCH_CHECK(v >= lo, "config: ", n.is(f, v), " must be >= ", lo, mla);
   };
   at_least("model.kv_lora_rank", c.kv_lora_rank, 1);
   at_least("model.qk_rope_head_dim", c.qk_rope_head_dim, 2);
-  at_least("model.qk_nope_head_dim", c.qk_nope_head_dim, 0);
   at_least("model.v_head_dim", c.v_head_dim, 1);
-  at_least("model.q_lora_rank", c.q_lora_rank, 0);
   TORCH_CHECK(
       c.qk_rope_head_dim % 2 == 0,
-      "config: model.qk_rope_head_dim (",
-      c.qk_rope_head_dim,
-      ") must be even");
+      "config: ",
+      n.is("model.qk_rope_head_dim", c.qk_rope_head_dim),
+      " must be even");
   TORCH_CHECK(
       c.kv_heads() == c.num_heads,
-      "config: model.num_kv_heads (",
-      c.num_kv_heads,
-      ") must be 0 or model.num_heads (",
-      c.num_heads,
-      ") with model.attention 'mla'");
+      "config: ",
+      n.is("model.num_kv_heads", c.num_kv_heads),
+      " must be 0 or ",
+      n.is("model.num_heads", c.num_heads),
+      mla);
   TORCH_CHECK(
       c.qk_norm == "none",
-      "config: model.qk_norm ('",
-      c.qk_norm,
-      "') must be 'none' with model.attention 'mla'");
+      "config: ",
+      n.is("model.qk_norm", c.qk_norm),
+      " must be 'none'",
+      mla);
   TORCH_CHECK(
       c.clip_qkv == 0,
-      "config: model.clip_qkv (",
-      c.clip_qkv,
-      ") must be 0 with model.attention 'mla'");
+      "config: ",
+      n.is("model.clip_qkv", c.clip_qkv),
+      " must be 0",
+      mla);
+}
+
+void validate_moe(const ModelConfig& c, const Names& n) {
+  const auto& moe = c.moe;
+  const auto& o = moe.routing;
+  const std::string experts = n.is("moe.num_experts", moe.num_experts);
+  TORCH_CHECK(
+      o.top_k <= moe.num_experts,
+      "config: ",
+      n.is("moe.top_k", o.top_k),
+      " is outside [1, ",
+      experts,
+      "]");
+  for (auto l : moe.layers) {
+    TORCH_CHECK(
+        l < c.num_layers,
+        "config: ",
+        n.at("moe.layers"),
+        ": entry ",
+        l,
+        " is not a layer index in [0, ",
+        n.is("model.num_layers", c.num_layers),
+        ")");
+  }
+  TORCH_CHECK(
+      moe.num_experts % o.num_groups == 0,
+      "config: ",
+      n.is("moe.num_groups", o.num_groups),
+      " must divide ",
+      experts);
+  TORCH_CHECK(
+      o.topk_groups <= o.num_groups,
+      "config: ",
+      n.is("moe.topk_groups", o.topk_groups),
+      " is outside [1, ",
+      n.is("moe.num_groups", o.num_groups),
+      "]");
+  check_one_of("moe.score_fn", o.score_fn, {"softmax", "sigmoid"});
+  check_one_of("moe.routing", o.routing, {"token_choice", "expert_choice"});
+  check_one_of("moe.drop_policy", o.drop_policy, {"position", "probs"});
+  check_one_of(
+      "moe.noise", o.noise, {"none", "noisy_topk", "gumbel", "jitter"});
+  check_one_of("moe.activation", o.activation, {"swiglu", "clamped_swiglu"});
 }
 
 } // namespace
@@ -135,37 +290,39 @@ bool ModelConfig::is_moe_layer(int64_t i) const {
   return i >= moe.first_k_dense && (i + 1) % moe.moe_every_n == 0;
 }
 
-void ModelConfig::validate() const {
-  auto positive = [](const char* f, int64_t v) {
-    TORCH_CHECK(v >= 1, "config: ", f, " must be >= 1, got ", v);
-  };
-  positive("model.vocab_size", vocab_size);
-  positive("model.hidden_size", hidden_size);
-  positive("model.num_layers", num_layers);
-  positive("model.num_heads", num_heads);
-  positive("model.ffn_size", ffn_size);
-  positive("model.max_seq_len", max_seq_len);
+void ModelConfig::validate(const KeyNamer& name) const {
+  const Names n{name};
+  // Every number in its range: read from YAML it was checked on reading;
+  // this covers configs from other sources (config.json, C++).
+  model_fields(*this, [&](const char* key, const auto& v, const auto&... r) {
+    if constexpr (sizeof...(r) == 1) {
+      check_value(n.at(std::string("model.") + key), v, r...);
+    }
+  });
+  moe_fields(moe, [&](const char* key, const auto& v, const auto&... r) {
+    if constexpr (sizeof...(r) == 1) {
+      check_value(n.at(std::string("moe.") + key), v, r...);
+    }
+  });
   TORCH_CHECK(
       head_dim > 0 || is_mla() || hidden_size % num_heads == 0,
-      "config: model.num_heads (",
-      num_heads,
-      ") must divide model.hidden_size (",
-      hidden_size,
-      ") unless model.head_dim is set");
+      "config: ",
+      n.is("model.num_heads", num_heads),
+      " must divide ",
+      n.is("model.hidden_size", hidden_size),
+      " unless model.head_dim is set");
   TORCH_CHECK(
-      num_kv_heads >= 0 && num_heads % kv_heads() == 0,
-      "config: model.num_kv_heads (",
-      num_kv_heads,
-      ") must divide model.num_heads (",
-      num_heads,
-      ")");
+      num_heads % kv_heads() == 0,
+      "config: ",
+      n.is("model.num_kv_heads", num_kv_heads),
+      " must divide ",
+      n.is("model.num_heads", num_heads));
   const int64_t rot = static_cast<int64_t>(rotary_pct * dim_per_head());
   TORCH_CHECK(
-      is_mla() || (rotary_pct >= 0 && rotary_pct <= 1 && rot % 2 == 0),
-      "config: model.rotary_pct (",
-      rotary_pct,
-      ") must be in [0, 1] and give an "
-      "even number of rotary dims (head_dim ",
+      is_mla() || rot % 2 == 0,
+      "config: ",
+      n.is("model.rotary_pct", rotary_pct),
+      " must give an even number of rotary dims (head_dim ",
       dim_per_head(),
       " -> ",
       rot,
@@ -177,153 +334,30 @@ void ModelConfig::validate() const {
   check_one_of("model.dtype", dtype, {"float32", "bfloat16", "float64"});
   check_one_of("model.attention", attention, {"mha", "mla"});
   if (is_mla()) {
-    validate_mla(*this);
+    validate_mla(*this, n);
   }
-  TORCH_CHECK(
-      clip_qkv >= 0, "config: model.clip_qkv must be >= 0, got ", clip_qkv);
-  TORCH_CHECK(
-      attention_scale >= 0,
-      "config: model.attention_scale must be >= 0, got ",
-      attention_scale);
-  TORCH_CHECK(
-      yarn_mscale >= 0 && yarn_mscale_all_dim >= 0 &&
-          yarn_attention_factor >= 0,
-      "config: model.yarn_mscale (",
-      yarn_mscale,
-      "), model.yarn_mscale_all_dim (",
-      yarn_mscale_all_dim,
-      ") and model.yarn_attention_factor (",
-      yarn_attention_factor,
-      ") must be >= 0");
   if (!layer_types.empty()) {
     TORCH_CHECK(
         static_cast<int64_t>(layer_types.size()) == num_layers,
-        "config: model.layer_types has ",
+        "config: ",
+        n.at("model.layer_types"),
+        " has ",
         layer_types.size(),
-        " entries, model.num_layers is ",
-        num_layers);
+        " entries, ",
+        n.is("model.num_layers", num_layers));
     for (const auto& t : layer_types) {
       check_one_of("model.layer_types entry", t, {"full", "sliding"});
       TORCH_CHECK(
           t != "sliding" || sliding_window > 0,
-          "config: model.layer_types has a 'sliding' layer but "
-          "model.sliding_window is ",
-          sliding_window);
+          "config: ",
+          n.at("model.layer_types"),
+          " has a 'sliding' layer but ",
+          n.is("model.sliding_window", sliding_window));
     }
   }
-  TORCH_CHECK(
-      rope_factor >= 1.0,
-      "config: model.rope_factor must be >= 1, got ",
-      rope_factor);
-  TORCH_CHECK(
-      sliding_window >= 0,
-      "config: model.sliding_window must be >= 0, got ",
-      sliding_window);
-  TORCH_CHECK(
-      norm_eps > 0, "config: model.norm_eps must be > 0, got ", norm_eps);
-  if (moe.num_experts <= 0) {
-    return;
+  if (moe.num_experts > 0) {
+    validate_moe(*this, n);
   }
-  const auto& o = moe.routing;
-  TORCH_CHECK(
-      o.top_k >= 1 && o.top_k <= moe.num_experts,
-      "config: moe.top_k (",
-      o.top_k,
-      ") must be in [1, moe.num_experts=",
-      moe.num_experts,
-      "]");
-  positive("moe.moe_every_n", moe.moe_every_n);
-  TORCH_CHECK(
-      moe.first_k_dense >= 0,
-      "config: moe.first_k_dense must be >= 0, got ",
-      moe.first_k_dense);
-  for (auto l : moe.layers) {
-    TORCH_CHECK(
-        l >= 0 && l < num_layers,
-        "config: moe.layers entry ",
-        l,
-        " is not a layer index in [0, ",
-        num_layers,
-        ")");
-  }
-  TORCH_CHECK(
-      o.capacity_factor <= 0 || o.capacity_factor > 0,
-      "config: moe.capacity_factor is NaN");
-  TORCH_CHECK(
-      o.num_groups >= 1 && moe.num_experts % o.num_groups == 0,
-      "config: moe.num_groups (",
-      o.num_groups,
-      ") must divide moe.num_experts (",
-      moe.num_experts,
-      ")");
-  TORCH_CHECK(
-      o.topk_groups >= 1 && o.topk_groups <= o.num_groups,
-      "config: moe.topk_groups (",
-      o.topk_groups,
-      ") must be in [1, moe.num_groups=",
-      o.num_groups,
-      "]");
-  check_one_of("moe.score_fn", o.score_fn, {"softmax", "sigmoid"});
-  check_one_of("moe.routing", o.routing, {"token_choice", "expert_choice"});
-  check_one_of("moe.drop_policy", o.drop_policy, {"position", "probs"});
-  check_one_of(
-      "moe.noise", o.noise, {"none", "noisy_topk", "gumbel", "jitter"});
-  TORCH_CHECK(
-      moe.expert_dropout >= 0 && moe.expert_dropout < 1,
-      "config: moe.expert_dropout must be in [0, 1), got ",
-      moe.expert_dropout);
-  TORCH_CHECK(
-      moe.num_shared_experts >= 0,
-      "config: moe.num_shared_experts must be >= 0, got ",
-      moe.num_shared_experts);
-  check_one_of("moe.activation", o.activation, {"swiglu", "clamped_swiglu"});
-  TORCH_CHECK(
-      o.activation == "swiglu" || o.swiglu_limit > 0,
-      "config: moe.swiglu_limit must be > 0, got ",
-      o.swiglu_limit);
-}
-
-void read_model_fields(config::YamlReader& r, ModelConfig& c) {
-  r.get("vocab_size", c.vocab_size);
-  r.get("hidden_size", c.hidden_size);
-  r.get("num_layers", c.num_layers);
-  r.get("num_heads", c.num_heads);
-  r.get("num_kv_heads", c.num_kv_heads);
-  r.get("head_dim", c.head_dim);
-  r.get("ffn_size", c.ffn_size);
-  r.get("dense_ffn_size", c.dense_ffn_size);
-  r.get("mlp", c.mlp);
-  r.get("norm", c.norm);
-  r.get("norm_eps", c.norm_eps);
-  r.get("qk_norm", c.qk_norm);
-  r.get("qkv_bias", c.qkv_bias);
-  r.get("attention_bias", c.attention_bias);
-  r.get("clip_qkv", c.clip_qkv);
-  r.get("attention", c.attention);
-  r.get("q_lora_rank", c.q_lora_rank);
-  r.get("kv_lora_rank", c.kv_lora_rank);
-  r.get("qk_nope_head_dim", c.qk_nope_head_dim);
-  r.get("qk_rope_head_dim", c.qk_rope_head_dim);
-  r.get("v_head_dim", c.v_head_dim);
-  r.get("attention_scale", c.attention_scale);
-  r.get("attention_sinks", c.attention_sinks);
-  r.get("sliding_window", c.sliding_window);
-  r.get("layer_types", c.layer_types);
-  r.get("rope_theta", c.rope_theta);
-  r.get("rotary_pct", c.rotary_pct);
-  r.get("rope_scaling", c.rope_scaling);
-  r.get("rope_factor", c.rope_factor);
-  r.get("rope_original_max_position", c.rope_original_max_position);
-  r.get("yarn_beta_fast", c.yarn_beta_fast);
-  r.get("yarn_beta_slow", c.yarn_beta_slow);
-  r.get("yarn_truncate", c.yarn_truncate);
-  r.get("yarn_mscale", c.yarn_mscale);
-  r.get("yarn_mscale_all_dim", c.yarn_mscale_all_dim);
-  r.get("yarn_attention_factor", c.yarn_attention_factor);
-  r.get("rope_interleave", c.rope_interleave);
-  r.get("max_seq_len", c.max_seq_len);
-  r.get("tie_embeddings", c.tie_embeddings);
-  r.get("dtype", c.dtype);
 }
 
 ModelConfig ModelConfig::from_yaml(
@@ -333,7 +367,12 @@ ModelConfig ModelConfig::from_yaml(
   read_model_fields(r, c);
   read_moe_config(r.child("moe"), c.moe);
   r.finish();
-  c.validate();
+  // "model.num_heads" is `num_heads` here, "moe.top_k" `moe.top_k`.
+  c.validate([&](const std::string& key) {
+    const bool model = key.rfind("model.", 0) == 0;
+    const std::string loc = r.locate(model ? key.substr(6) : key);
+    return key + (loc.empty() ? " (default)" : loc);
+  });
   return c;
 }
 
@@ -357,33 +396,32 @@ ModelConfig ModelConfig::from_yaml_file(const std::string& file) {
   return from_yaml(root, "", file);
 }
 
-void ModelConfig::check_tensor_parallel(int64_t tp) const {
-  TORCH_CHECK(
-      tp >= 1, "config: parallel.tensor_parallel must be >= 1, got ", tp);
+void ModelConfig::check_tensor_parallel(
+    int64_t tp, const KeyNamer& name) const {
+  const Names n{name};
+  const std::string tp_is = n.is("parallel.tensor_parallel", tp);
+  TORCH_CHECK(tp >= 1, "config: ", tp_is, " is outside [1, inf)");
   if (tp == 1) {
     return;
   }
   auto divides = [&](const char* field, int64_t value) {
     TORCH_CHECK(
         value % tp == 0,
-        "config: parallel.tensor_parallel (",
-        tp,
-        ") must divide ",
-        field,
-        " (",
-        value,
-        ")");
+        "config: ",
+        tp_is,
+        " must divide ",
+        n.is(field, value));
   };
   divides("model.num_heads", num_heads);
   if (!is_mla()) {
     // Split kv heads, or (fewer kv heads than ranks) whole ones on every rank.
     TORCH_CHECK(
         kv_heads() % tp == 0 || tp % kv_heads() == 0,
-        "config: parallel.tensor_parallel (",
-        tp,
-        ") must divide model.num_kv_heads (",
-        kv_heads(),
-        ") or be a multiple of it");
+        "config: ",
+        tp_is,
+        " must divide ",
+        n.is("model.num_kv_heads", kv_heads()),
+        " or be a multiple of it");
   }
   divides("model.vocab_size", vocab_size);
   for (int64_t i = 0; i < num_layers; ++i) {

@@ -1,10 +1,13 @@
 #pragma once
-// The model's configuration: every field has a default and a one-line doc
-// (docs/model.md lists them). Built from YAML (a file, a string, or a node
-// of a larger config); unknown keys, wrong types and inconsistent values are
-// errors naming the key path.
+// The model's configuration: every field has a default, a one-line doc and,
+// if a number, a valid range (docs/model.md lists them; config.cpp declares
+// the ranges once, in model_fields / moe_fields). Built from YAML (a file, a
+// string, or a node of a larger config); unknown keys, wrong types, values
+// outside their range and inconsistent values are errors naming the key
+// path and where it was given.
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -106,11 +109,17 @@ struct ModelConfig {
   int64_t window_of(int64_t i) const;
   bool is_moe_layer(int64_t i) const;
 
-  // Throws c10::Error naming the field and values on inconsistent sizes.
-  void validate() const;
+  // Names a key ("model.num_heads", "moe.top_k", "parallel.tensor_parallel")
+  // in an error message with where it was given: "model.num_heads
+  // (tiny.yaml:9)". Empty: the bare key.
+  using KeyNamer = std::function<std::string(const std::string& key)>;
+
+  // Throws c10::Error naming the fields, their values and where they were
+  // given on a value outside its range or inconsistent values.
+  void validate(const KeyNamer& name = {}) const;
   // Errors unless the model splits over `tp` tensor-parallel ranks: heads,
   // kv heads, vocabulary and dense-MLP width divisible by tp; no MLA.
-  void check_tensor_parallel(int64_t tp) const;
+  void check_tensor_parallel(int64_t tp, const KeyNamer& name = {}) const;
 
   static ModelConfig from_yaml(
       const YAML::Node& node,
@@ -121,8 +130,10 @@ struct ModelConfig {
 };
 
 // Readers of the two sections, for configs that hold them at other paths
-// (the trainer's top-level `model:` and `moe:`).
+// (the trainer's top-level `model:` and `moe:`). read_model_field reads one
+// key only (e.g. max_seq_len beside model.init_from).
 void read_model_fields(config::YamlReader& r, ModelConfig& c);
+void read_model_field(config::YamlReader& r, ModelConfig& c, const char* key);
 void read_moe_config(config::YamlReader r, MoEConfig& m);
 
 } // namespace moeyard

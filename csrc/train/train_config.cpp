@@ -31,15 +31,23 @@ double Schedule::value(int64_t step, int64_t total) const {
 
 namespace {
 
+using config::Range;
+
+// Names a key in a message about two keys: "data.seq_len (x.yaml:9)".
+using KeyNamer = ModelConfig::KeyNamer;
+
 // With model.init_from the `moe:` section may change routing options
 // (capacity, drop policy, aux coefficients, noise, top-k, selection bias for
 // aux-loss-free updates) but nothing the loaded weights depend on.
 void check_same_architecture(
-    const MoEConfig& was, const MoEConfig& now, const std::string& from) {
+    const MoEConfig& was,
+    const MoEConfig& now,
+    const std::string& from,
+    const KeyNamer& name) {
   auto same = [&](const char* key, auto a, auto b) {
     if (!(a == b)) {
       std::ostringstream msg;
-      msg << "config: moe." << key << " = " << b
+      msg << "config: " << name(std::string("moe.") + key) << " = " << b
           << " changes the architecture of the checkpoint in model.init_from ("
           << from << ": " << a
           << "); with init_from only routing options may change (capacity, "
@@ -68,24 +76,41 @@ void check_same_architecture(
       now.routing.weight_on_input);
 }
 
-void read_schedule(config::YamlReader r, Schedule& s) {
-  r.get("type", s.type);
-  r.get("start", s.start);
-  r.get("end", s.end);
-  r.get("steps", s.steps);
-  r.get("begin", s.begin);
-  r.finish();
-  for (const char* t : {"constant", "linear", "cosine", "step"}) {
-    if (s.type == t) {
-      return;
-    }
+// schedule.capacity_factor / schedule.top_k: absent or null is off (the moe:
+// value stays); given, it needs a start, and an end unless constant, both
+// in `values`.
+void read_schedule(config::YamlReader r, Schedule& s, const Range& values) {
+  if (!r.given()) {
+    s = Schedule{};
+    return;
   }
-  r.fail(
-      "type", "must be constant, linear, cosine or step, got '" + s.type + "'");
+  r.get("type", s.type);
+  r.get("start", s.start, values);
+  r.get("end", s.end, values);
+  r.get("steps", s.steps, Range::at_least(0));
+  r.get("begin", s.begin, Range::at_least(0));
+  r.finish();
+  if (s.type != "constant" && s.type != "linear" && s.type != "cosine" &&
+      s.type != "step") {
+    r.fail(
+        "type",
+        "must be constant, linear, cosine or step, got '" + s.type + "'");
+  }
+  if (!r.has("start")) {
+    r.fail("start", "is required (null or no schedule keeps the moe: value)");
+  }
+  if (!r.has("end")) {
+    if (s.type != "constant") {
+      r.fail("end", "is required with type '" + s.type + "'");
+    }
+    s.end = s.start;
+  }
+  s.enabled = true;
 }
 
-// Applies "a.b.c=value" to the YAML tree.
-void apply_override(YAML::Node root, const std::string& kv) {
+// Applies "a.b.c=value" to the YAML tree and records it in `sources`.
+void apply_override(
+    YAML::Node root, const std::string& kv, config::Sources& sources) {
   const auto eq = kv.find('=');
   TORCH_CHECK(
       eq != std::string::npos && eq > 0,
@@ -93,7 +118,13 @@ void apply_override(YAML::Node root, const std::string& kv) {
       kv,
       "'");
   const std::string path = kv.substr(0, eq);
-  YAML::Node value = YAML::Load(kv.substr(eq + 1));
+  YAML::Node value;
+  try {
+    value = YAML::Load(kv.substr(eq + 1));
+  } catch (const YAML::Exception& e) {
+    TORCH_CHECK(
+        false, "config: --set ", kv, ": cannot parse the value: ", e.what());
+  }
   std::stringstream ss(path);
   std::string part;
   std::vector<std::string> parts;
@@ -109,6 +140,7 @@ void apply_override(YAML::Node root, const std::string& kv) {
     node.reset(node[parts[i]]);
   }
   node[parts.back()] = value;
+  sources.add_override(path, kv);
 }
 
 } // namespace
@@ -121,10 +153,12 @@ TrainConfig TrainConfig::load(
   } catch (const YAML::Exception& e) {
     TORCH_CHECK(false, "config: cannot read ", file, ": ", e.what());
   }
+  auto sources = std::make_shared<config::Sources>();
+  sources->file = file;
   for (const auto& o : overrides) {
-    apply_override(root, o);
+    apply_override(root, o, *sources);
   }
-  return parse(root, file, nullptr);
+  return parse(root, sources, nullptr);
 }
 
 TrainConfig TrainConfig::from_text(
@@ -135,13 +169,15 @@ TrainConfig TrainConfig::from_text(
   } catch (const YAML::Exception& e) {
     TORCH_CHECK(false, "config: cannot parse YAML: ", e.what());
   }
-  return parse(root, "", hf_config);
+  return parse(root, std::make_shared<config::Sources>(), hf_config);
 }
 
 TrainConfig TrainConfig::parse(
-    YAML::Node root, const std::string& file, const nlohmann::json& hf) {
+    YAML::Node root,
+    std::shared_ptr<const config::Sources> sources,
+    const nlohmann::json& hf) {
   TrainConfig c;
-  config::YamlReader top(root, "", file);
+  config::YamlReader top(root, "", sources);
   auto resolved = std::make_shared<config::YamlReader::Resolved>();
   top.record_into(resolved);
   {
@@ -156,14 +192,14 @@ TrainConfig TrainConfig::parse(
       c.model = io::hf_model_config(
           c.hf_config,
           (std::filesystem::path(c.init_from) / "config.json").string());
-      r.get("dtype", c.model.dtype);
-      r.get("max_seq_len", c.model.max_seq_len);
+      read_model_field(r, c.model, "dtype");
+      read_model_field(r, c.model, "max_seq_len");
       const YAML::Node m = root["model"];
       for (const auto& kv : m) {
         const auto k = kv.first.as<std::string>();
         if (k != "init_from" && k != "dtype" && k != "max_seq_len") {
           r.fail(
-              k.c_str(),
+              k,
               "is set by the checkpoint's config.json (model.init_from: " +
                   c.init_from +
                   "); with init_from only dtype and max_seq_len may be set");
@@ -172,58 +208,61 @@ TrainConfig TrainConfig::parse(
     }
     r.finish();
   }
+  // Keys in messages about two keys; a key the YAML does not give is a
+  // default, or with init_from (model, moe) from the checkpoint's config.
+  const KeyNamer name = [&](const std::string& key) {
+    const std::string loc = top.locate(key);
+    if (!loc.empty()) {
+      return key + loc;
+    }
+    const bool from_hf = !c.init_from.empty() && (key.rfind("model.", 0) == 0 ||
+                                                  key.rfind("moe.", 0) == 0);
+    return key +
+           (from_hf ? " (" + c.init_from + "/config.json)" : " (default)");
+  };
   {
     const MoEConfig imported = c.model.moe;
     read_moe_config(top.child("moe"), c.model.moe);
     if (!c.init_from.empty()) {
-      check_same_architecture(imported, c.model.moe, c.init_from);
+      check_same_architecture(imported, c.model.moe, c.init_from, name);
     }
   }
   {
     auto r = top.child("data");
     r.get("train", c.data.train);
     r.get("valid", c.data.valid);
-    r.get("seq_len", c.data.seq_len);
-    r.get("seed", c.data.seed);
+    r.get("seq_len", c.data.seq_len, Range::at_least(2)); // <= max_seq_len
+    r.get("seed", c.data.seed, Range::at_least(0));
     r.finish();
-    if (c.data.seq_len < 2) {
-      r.fail("seq_len", "must be >= 2");
-    }
   }
   {
     auto r = top.child("optim");
     auto& o = c.optim;
-    r.get("lr", o.lr);
-    r.get("min_lr_ratio", o.min_lr_ratio);
+    r.get("lr", o.lr, Range::greater_than(0));
+    r.get("min_lr_ratio", o.min_lr_ratio, Range::closed(0, 1));
     r.get("lr_schedule", o.lr_schedule);
-    r.get("warmup", o.warmup);
-    r.get("wsd_decay_fraction", o.wsd_decay_fraction);
-    r.get("weight_decay", o.weight_decay);
-    r.get("beta1", o.beta1);
-    r.get("beta2", o.beta2);
-    r.get("eps", o.eps);
-    r.get("router_lr_mult", o.router_lr_mult);
-    r.get("grad_clip", o.grad_clip);
-    r.get("expert_grad_clip", o.expert_grad_clip);
+    r.get("warmup", o.warmup, Range::at_least(0));
+    r.get("wsd_decay_fraction", o.wsd_decay_fraction, Range::open_closed(0, 1));
+    r.get("weight_decay", o.weight_decay, Range::at_least(0));
+    r.get("beta1", o.beta1, Range::closed_open(0, 1));
+    r.get("beta2", o.beta2, Range::closed_open(0, 1));
+    r.get("eps", o.eps, Range::greater_than(0));
+    r.get("router_lr_mult", o.router_lr_mult, Range::at_least(0));
+    r.get("grad_clip", o.grad_clip, Range::at_least(0));
+    r.get("expert_grad_clip", o.expert_grad_clip, Range::at_least(0));
     r.get("freeze", o.freeze);
-    if (r.has("groups")) {
-      auto list = r.child_list("groups");
-      for (auto& g : list) {
-        OptimConfig::Group grp;
-        g.get("pattern", grp.pattern);
-        g.get("lr_mult", grp.lr_mult);
-        g.get("weight_decay", grp.weight_decay);
-        g.finish();
-        if (grp.pattern.empty()) {
-          g.fail("pattern", "is required (a substring of parameter names)");
-        }
-        o.groups.push_back(grp);
+    for (auto& g : r.child_list("groups")) {
+      OptimConfig::Group grp;
+      g.get("pattern", grp.pattern);
+      g.get("lr_mult", grp.lr_mult, Range::at_least(0));
+      g.get("weight_decay", grp.weight_decay, Range::at_least(0));
+      g.finish();
+      if (grp.pattern.empty()) {
+        g.fail("pattern", "is required (a substring of parameter names)");
       }
+      o.groups.push_back(grp);
     }
     r.finish();
-    if (!(o.lr > 0)) {
-      r.fail("lr", "must be > 0");
-    }
     if (o.lr_schedule != "cosine" && o.lr_schedule != "linear" &&
         o.lr_schedule != "constant" && o.lr_schedule != "wsd") {
       r.fail(
@@ -235,110 +274,94 @@ TrainConfig TrainConfig::parse(
   {
     auto r = top.child("train");
     auto& t = c.train;
-    r.get("steps", t.steps);
-    r.get("micro_batch", t.micro_batch);
-    r.get("grad_accum", t.grad_accum);
-    r.get("seed", t.seed);
-    r.get("threads", t.threads);
-    r.get("eval_every", t.eval_every);
-    r.get("eval_batches", t.eval_batches);
-    r.get("max_bad_steps", t.max_bad_steps);
-    r.get("spike_factor", t.spike_factor);
-    r.get("spike_window", t.spike_window);
+    r.get("steps", t.steps, Range::at_least(1));
+    r.get("micro_batch", t.micro_batch, Range::at_least(1));
+    r.get("grad_accum", t.grad_accum, Range::at_least(1));
+    r.get("seed", t.seed, Range::at_least(0));
+    r.get("threads", t.threads, Range::at_least(0));
+    r.get("eval_every", t.eval_every, Range::at_least(0));
+    r.get("eval_batches", t.eval_batches, Range::at_least(1));
+    r.get("max_bad_steps", t.max_bad_steps, Range::at_least(1));
+    r.get("spike_factor", t.spike_factor, Range::at_least(0));
+    r.get("spike_window", t.spike_window, Range::at_least(1));
     r.get("device", t.device);
     r.finish();
-    if (t.steps < 1) {
-      r.fail("steps", "must be >= 1");
-    }
-    if (t.micro_batch < 1) {
-      r.fail("micro_batch", "must be >= 1");
-    }
-    if (t.grad_accum < 1) {
-      r.fail("grad_accum", "must be >= 1");
-    }
-    if (!(t.spike_factor == 0 || t.spike_factor > 1)) {
-      r.fail("spike_factor", "must be 0 (off) or > 1");
-    }
-    if (t.spike_window < 1) {
-      r.fail("spike_window", "must be >= 1");
+    if (t.spike_factor > 0 && t.spike_factor <= 1) {
+      r.fail(
+          "spike_factor",
+          config::show_number(t.spike_factor) +
+              " would skip ordinary steps: use 0 (off) or a factor > 1");
     }
   }
   {
     auto r = top.child("checkpoint");
     r.get("dir", c.checkpoint.dir);
-    r.get("every", c.checkpoint.every);
-    r.get("keep_last", c.checkpoint.keep_last);
-    r.get("timeout_s", c.checkpoint.timeout_s);
+    r.get("every", c.checkpoint.every, Range::at_least(0));
+    r.get("keep_last", c.checkpoint.keep_last, Range::at_least(1));
+    r.get("timeout_s", c.checkpoint.timeout_s, Range::greater_than(0));
     r.finish();
-    if (!(c.checkpoint.timeout_s > 0)) {
-      r.fail("timeout_s", "must be > 0");
-    }
   }
   {
     auto r = top.child("log");
-    r.get("every", c.log.every);
+    r.get("every", c.log.every, Range::at_least(1));
     r.get("metrics", c.log.metrics);
     r.finish();
   }
   {
     auto r = top.child("schedule");
-    c.schedule.capacity_factor.start = -1; // "not scheduled"
-    c.schedule.top_k.start = -1;
-    read_schedule(r.child("capacity_factor"), c.schedule.capacity_factor);
-    read_schedule(r.child("top_k"), c.schedule.top_k);
-    r.get("bias_update_rate", c.schedule.bias_update_rate);
+    const int64_t experts = c.model.moe.num_experts;
+    read_schedule(
+        r.child("capacity_factor"),
+        c.schedule.capacity_factor,
+        Range::greater_than(0));
+    read_schedule(
+        r.child("top_k"),
+        c.schedule.top_k,
+        Range::closed(1, static_cast<double>(experts))
+            .shown_as(
+                "[1, " + name("moe.num_experts") + " = " +
+                std::to_string(experts) + "]"));
+    r.get("bias_update_rate", c.schedule.bias_update_rate, Range::at_least(0));
     r.finish();
   }
   {
     auto r = top.child("parallel");
     auto& p = c.parallel;
-    r.get("tensor_parallel", p.tensor_parallel);
-    r.get("data_parallel", p.data_parallel);
-    r.get("expert_parallel", p.expert_parallel);
-    r.get("timeout_s", p.timeout_s);
+    // data_parallel 0: WORLD_SIZE / tensor_parallel
+    r.get("data_parallel", p.data_parallel, Range::at_least(0));
+    r.get("tensor_parallel", p.tensor_parallel, Range::at_least(1));
+    r.get("expert_parallel", p.expert_parallel, Range::at_least(1));
+    r.get("timeout_s", p.timeout_s, Range::greater_than(0));
     r.finish();
-    if (p.data_parallel < 0) {
-      r.fail("data_parallel", "must be >= 0 (0: WORLD_SIZE / tensor_parallel)");
-    }
-    if (p.tensor_parallel < 1) {
-      r.fail("tensor_parallel", "must be >= 1");
-    }
-    if (p.expert_parallel < 1) {
-      r.fail("expert_parallel", "must be >= 1");
-    }
-    if (!(p.timeout_s > 0)) {
-      r.fail("timeout_s", "must be > 0");
-    }
   }
   top.finish();
-  c.model.validate();
-  c.model.check_tensor_parallel(c.parallel.tensor_parallel);
+  c.model.validate(name);
+  c.model.check_tensor_parallel(c.parallel.tensor_parallel, name);
+  auto is = [&](const std::string& key, int64_t v) {
+    return name(key) + " = " + std::to_string(v);
+  };
   if (c.parallel.expert_parallel > 1) {
     TORCH_CHECK(
         c.model.moe.num_experts % c.parallel.expert_parallel == 0,
-        "config: moe.num_experts (",
-        c.model.moe.num_experts,
-        ") must be divisible by parallel.expert_parallel (",
-        c.parallel.expert_parallel,
-        ")");
+        "config: ",
+        is("moe.num_experts", c.model.moe.num_experts),
+        " must be divisible by ",
+        is("parallel.expert_parallel", c.parallel.expert_parallel));
     TORCH_CHECK(
         c.parallel.data_parallel == 0 ||
             c.parallel.data_parallel % c.parallel.expert_parallel == 0,
-        "config: parallel.data_parallel (",
-        c.parallel.data_parallel,
-        ") must be divisible by parallel.expert_parallel (",
-        c.parallel.expert_parallel,
-        "): experts are sharded inside each data-parallel group");
+        "config: ",
+        is("parallel.data_parallel", c.parallel.data_parallel),
+        " must be divisible by ",
+        is("parallel.expert_parallel", c.parallel.expert_parallel),
+        ": experts are sharded inside each data-parallel group");
   }
-  if (c.data.seq_len > c.model.max_seq_len) {
-    TORCH_CHECK(
-        false,
-        "config: data.seq_len (",
-        c.data.seq_len,
-        ") exceeds model.max_seq_len (",
-        c.model.max_seq_len,
-        ")");
-  }
+  TORCH_CHECK(
+      c.data.seq_len <= c.model.max_seq_len,
+      "config: ",
+      is("data.seq_len", c.data.seq_len),
+      " exceeds ",
+      is("model.max_seq_len", c.model.max_seq_len));
   YAML::Emitter out;
   out << root;
   c.text = out.c_str();

@@ -1,9 +1,13 @@
 #pragma once
 // The trainer's configuration: one YAML file onto typed sections. Every field
-// has a default and a one-line doc (docs/training.md lists them); unknown
-// keys, wrong types and bad values are errors naming the key path and line.
+// has a default, a one-line doc and, if a number, a valid range
+// (docs/training.md lists them; train_config.cpp declares each range once,
+// where the field is read); unknown keys, wrong types, values outside their
+// range and inconsistent values are errors naming the key path and where
+// the value was given (file:line, or the `--set` argument).
 
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -12,10 +16,17 @@
 
 #include "model/config.h"
 
+namespace moeyard::config {
+struct Sources;
+}
+
 namespace moeyard::train {
 
 // A value that changes over training (DESIGN: one schedule type).
 struct Schedule {
+  // Whether the config gives this schedule; off, the option keeps its fixed
+  // value.
+  bool enabled = false;
   std::string type = "constant"; // constant | linear | cosine | step
   double start = 0.0;
   double end = 0.0;
@@ -62,7 +73,7 @@ struct TrainSection {
   int64_t grad_accum = 1;
   int64_t seed = 0;
   int64_t threads = 0; // 0: PyTorch default
-  int64_t eval_every = 50;
+  int64_t eval_every = 50; // 0: never
   int64_t eval_batches = 4;
   int64_t max_bad_steps = 5; // consecutive skipped steps before abort
   // Loss-spike guard: skip a step whose loss exceeds spike_factor times the
@@ -95,7 +106,9 @@ struct ParallelConfig {
 };
 
 struct MoESchedules {
-  Schedule capacity_factor; // type "none" (start < 0): keep moe.capacity_factor
+  // Absent or null: off (keep moe.capacity_factor / moe.top_k). Given: its
+  // values must lie in (0, inf) / [1, moe.num_experts].
+  Schedule capacity_factor;
   Schedule top_k;
   double bias_update_rate = 0.0; // aux-loss-free selection bias update
 };
@@ -118,7 +131,8 @@ struct TrainConfig {
   std::string init_from;
   nlohmann::json hf_config; // that config.json (null without init_from)
 
-  // overrides: "a.b=value" applied before parsing.
+  // overrides: "a.b=value" applied before parsing (errors about them cite
+  // the argument: "optim.lr (--set optim.lr=inf)").
   static TrainConfig load(
       const std::string& file, const std::vector<std::string>& overrides = {});
   // From YAML text (e.g. the config saved in a checkpoint manifest).
@@ -129,7 +143,9 @@ struct TrainConfig {
 
  private:
   static TrainConfig parse(
-      YAML::Node root, const std::string& file, const nlohmann::json& hf);
+      YAML::Node root,
+      std::shared_ptr<const config::Sources> sources,
+      const nlohmann::json& hf);
 };
 
 } // namespace moeyard::train

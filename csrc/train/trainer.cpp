@@ -219,14 +219,11 @@ void Trainer::apply_moe_schedules(int64_t step) {
       continue;
     }
     auto& o = block->moe->options;
-    if (sc.capacity_factor.start >= 0) {
+    if (sc.capacity_factor.enabled) {
       o.capacity_factor = sc.capacity_factor.value(step, cfg_.train.steps);
     }
-    if (sc.top_k.start >= 1) {
-      o.top_k = std::clamp<int64_t>(
-          std::llround(sc.top_k.value(step, cfg_.train.steps)),
-          1,
-          cfg_.model.moe.num_experts);
+    if (sc.top_k.enabled) { // values checked against num_experts
+      o.top_k = std::llround(sc.top_k.value(step, cfg_.train.steps));
     }
   }
 }
@@ -788,11 +785,11 @@ RunResult Trainer::run(const RunOptions& options) {
       rec["skip_reason"] = s.skipped;
     }
     // The values routing used this step (after clamping to the model).
-    if (cfg_.schedule.capacity_factor.start >= 0 && !s.moe_layers.empty()) {
+    if (cfg_.schedule.capacity_factor.enabled && !s.moe_layers.empty()) {
       rec["capacity_factor"] =
           s.moe_layers[0].value("capacity_factor", 0.0);
     }
-    if (cfg_.schedule.top_k.start >= 1 && !s.moe_layers.empty()) {
+    if (cfg_.schedule.top_k.enabled && !s.moe_layers.empty()) {
       rec["top_k"] = s.moe_layers[0].at("top_k");
     }
     const bool eval_now = cfg_.train.eval_every > 0 &&

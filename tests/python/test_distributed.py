@@ -221,15 +221,18 @@ def test_layout_must_match_the_launch(tmp_path, shards):
            "(WORLD_SIZE 2, from torchrun)" in r.stderr
     r = torchrun(2, "train", "--config", str(cfg), "--set", "parallel.tensor_parallel=2", "--set",
                  "model.vocab_size=255", timeout=120)
-    assert r.returncode != 0 and "parallel.tensor_parallel (2) must divide model.vocab_size (255)" in r.stderr
+    assert r.returncode != 0 and "parallel.tensor_parallel (--set parallel.tensor_parallel=2) = 2 must divide " \
+        "model.vocab_size (--set model.vocab_size=255) = 255" in r.stderr
     r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.tensor_parallel=2", "--set",
                         "model.num_heads=6", "--set", "model.num_kv_heads=3", "--set", "model.head_dim=8"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and \
-        "parallel.tensor_parallel (2) must divide model.num_kv_heads (3) or be a multiple of it" in r.stderr, r.stderr
+        "parallel.tensor_parallel (--set parallel.tensor_parallel=2) = 2 must divide " \
+        "model.num_kv_heads (--set model.num_kv_heads=3) = 3 or be a multiple of it" in r.stderr, r.stderr
     r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.expert_parallel=3"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "moe.num_experts (4) must be divisible by parallel.expert_parallel (3)" in r.stderr
+    assert r.returncode == 1 and " = 4 must be divisible by " \
+        "parallel.expert_parallel (--set parallel.expert_parallel=3) = 3" in r.stderr
     r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "parallel.expert_parallel=2"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "parallel.expert_parallel (2) must divide the data-parallel size (1)" in r.stderr

@@ -129,7 +129,7 @@ def test_resume_of_a_fine_tune_reads_its_saved_config(hf_dir, data, tmp_path):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (["--set", "moe.num_experts=8"], "moe.num_experts = 8 changes the architecture"),
+    (["--set", "moe.num_experts=8"], r"moe.num_experts \(--set moe.num_experts=8\) = 8 changes the architecture"),
     (["--set", "model.hidden_size=64"], "model.hidden_size.*is set by the checkpoint's config.json"),
     (["--set", "optim.freeze=[nothing_matches]"], "optim.freeze matches no parameter"),
 ])

@@ -411,25 +411,26 @@ MLA = dict(attention="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(clip_qkv=-1.0), r"model.clip_qkv must be >= 0, got -1"),
+    (dict(clip_qkv=-1.0), r"clip_qkv \(line 1\): -1.0 is outside \[0, inf\)"),
     (dict(attention="gqa"), r"model.attention must be one of mha, mla, got 'gqa'"),
-    (dict(MLA, kv_lora_rank=0), r"model.kv_lora_rank must be >= 1 with model.attention 'mla', got 0"),
-    (dict(MLA, qk_rope_head_dim=5), r"model.qk_rope_head_dim \(5\) must be even"),
-    (dict(MLA, v_head_dim=0), r"model.v_head_dim must be >= 1 with model.attention 'mla', got 0"),
-    (dict(MLA, num_kv_heads=2), r"model.num_kv_heads \(2\) must be 0 or model.num_heads \(4\)"),
-    (dict(MLA, qk_norm="head"), r"model.qk_norm \('head'\) must be 'none' with model.attention 'mla'"),
-    (dict(MLA, clip_qkv=1.0), r"model.clip_qkv \(1\) must be 0 with model.attention 'mla'"),
-    (dict(attention_scale=-0.5), r"model.attention_scale must be >= 0, got -0.5"),
-    (dict(yarn_mscale=-1.0), r"model.yarn_mscale \(-1\)"),
-    (dict(layer_types=["full"]), r"model.layer_types has 1 entries, model.num_layers is 2"),
+    (dict(MLA, kv_lora_rank=0), r"model.kv_lora_rank \(line 1\) = 0 must be >= 1 with model.attention \(line 1\) = 'mla'"),
+    (dict(MLA, qk_rope_head_dim=5), r"model.qk_rope_head_dim \(line 1\) = 5 must be even"),
+    (dict(MLA, v_head_dim=0), r"model.v_head_dim \(line 1\) = 0 must be >= 1 with model.attention \(line 1\) = 'mla'"),
+    (dict(MLA, num_kv_heads=2), r"model.num_kv_heads \(line 1\) = 2 must be 0 or model.num_heads \(line 1\) = 4"),
+    (dict(MLA, qk_norm="head"),
+     r"model.qk_norm \(line 1\) = 'head' must be 'none' with model.attention \(line 1\) = 'mla'"),
+    (dict(MLA, clip_qkv=1.0), r"model.clip_qkv \(line 1\) = 1 must be 0 with model.attention \(line 1\) = 'mla'"),
+    (dict(attention_scale=-0.5), r"attention_scale \(line 1\): -0.5 is outside \[0, inf\)"),
+    (dict(yarn_mscale=-1.0), r"yarn_mscale \(line 1\): -1.0 is outside \[0, inf\)"),
+    (dict(layer_types=["full"]), r"model.layer_types \(line 1\) has 1 entries, model.num_layers \(line 1\) = 2"),
     (dict(layer_types=["full", "local"], sliding_window=4),
      r"model.layer_types entry must be one of full, sliding, got 'local'"),
-    (dict(layer_types=["full", "sliding"]), r"'sliding' layer but model.sliding_window is 0"),
+    (dict(layer_types=["full", "sliding"]), r"'sliding' layer but model.sliding_window \(default\) = 0"),
     (dict(layer_types="full sliding"), r"layer_types .*expected a list of strings, got 'full sliding'"),
     (dict(moe=dict(num_experts=4, activation="gelu")),
      r"moe.activation must be one of swiglu, clamped_swiglu, got 'gelu'"),
     (dict(moe=dict(num_experts=4, activation="clamped_swiglu", swiglu_limit=0.0)),
-     r"moe.swiglu_limit must be > 0, got 0"),
+     r"moe.swiglu_limit \(line 1\): 0.0 is outside \(0, inf\)"),
 ])
 def test_bad_config_names_the_field(bad, match):
     cfg = dict(BASE)

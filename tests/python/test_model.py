@@ -146,16 +146,16 @@ def test_state_dict_round_trip():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(hidden_size=30), r"num_heads \(4\) must divide model.hidden_size \(30\)"),
-    (dict(num_kv_heads=3), r"num_kv_heads \(3\) must divide model.num_heads \(4\)"),
-    (dict(moe=dict(top_k=5)), r"moe.top_k \(5\) must be in \[1, moe.num_experts=4\]"),
+    (dict(hidden_size=30), r"model.num_heads \(line 1\) = 4 must divide model.hidden_size \(line 1\) = 30"),
+    (dict(num_kv_heads=3), r"model.num_kv_heads \(line 1\) = 3 must divide model.num_heads \(line 1\) = 4"),
+    (dict(moe=dict(top_k=5)), r"moe.top_k \(line 1\) = 5 is outside \[1, moe.num_experts \(line 1\) = 4\]"),
     (dict(moe=dict(score_fn="relu")), "moe.score_fn must be one of"),
     (dict(moe=dict(routing="hash")), "moe.routing must be one of"),
-    (dict(moe=dict(num_groups=3)), r"moe.num_groups \(3\) must divide"),
+    (dict(moe=dict(num_groups=3)), r"moe.num_groups \(line 1\) = 3 must divide moe.num_experts \(line 1\) = 4"),
     (dict(mlp="relu"), "model.mlp must be one of"),
     (dict(num_heads="four"), "num_heads .*expected an integer, got 'four'"),
     (dict(hidden_sizee=32), "hidden_sizee .*unknown key"),
-    (dict(moe=dict(expert_dropout=1.5)), "expert_dropout must be in"),
+    (dict(moe=dict(expert_dropout=1.5)), r"moe.expert_dropout \(line 1\): 1.5 is outside \[0, 1\)"),
 ])
 def test_bad_config_names_the_field(bad, match):
     with pytest.raises(RuntimeError, match=match):

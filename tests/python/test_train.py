@@ -132,16 +132,19 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, shards):
 @pytest.mark.parametrize("override,match", [
     ("optim.lrr=1", r"optim.lrr .*unknown key"),
     ("train.steps=many", r"train.steps .*expected an integer, got 'many'"),
-    ("train.steps=0", r"train.steps .*must be >= 1"),
-    ("moe.top_k=9", r"moe.top_k \(9\) must be in \[1, moe.num_experts=4\]"),
-    ("data.seq_len=64", r"data.seq_len \(64\) exceeds model.max_seq_len \(32\)"),
+    ("train.steps=0", r"train.steps \(--set train.steps=0\): 0 is outside \[1, inf\)"),
+    ("moe.top_k=9", r"moe.top_k \(--set moe.top_k=9\) = 9 is outside \[1, moe.num_experts \(\S+.yaml:3\) = 4\]"),
+    ("data.seq_len=64", r"data.seq_len \(--set data.seq_len=64\) = 64 exceeds model.max_seq_len \(\S+.yaml:2\) = 32"),
     ("optim.freeze=[\".\"]", r"optim.freeze freezes all \d+ parameter tensors; nothing would train"),
-    ("parallel.tensor_parallel=0", r"parallel.tensor_parallel .*must be >= 1"),
-    ("parallel.tensor_parallel=3", r"parallel.tensor_parallel \(3\) must divide model.num_heads \(4\)"),
-    ("parallel.tensor_parallel=8", r"parallel.tensor_parallel \(8\) must divide model.num_heads \(4\)"),
+    ("parallel.tensor_parallel=0", r"parallel.tensor_parallel \(--set parallel.tensor_parallel=0\): 0 is outside \[1, inf\)"),
+    ("parallel.tensor_parallel=3", r"parallel.tensor_parallel \(--set parallel.tensor_parallel=3\) = 3 must divide "
+                                   r"model.num_heads \(\S+.yaml:2\) = 4"),
+    ("parallel.tensor_parallel=8", r"parallel.tensor_parallel \(--set parallel.tensor_parallel=8\) = 8 must divide "
+                                   r"model.num_heads \(\S+.yaml:2\) = 4"),
     ("parallel.tensor_parallel=2", r"parallel.tensor_parallel \(2\) must divide the number of processes "
                                    r"\(WORLD_SIZE 1, from single\)"),
-    ("parallel.expert_parallel=3", r"moe.num_experts \(4\) must be divisible by parallel.expert_parallel \(3\)"),
+    ("parallel.expert_parallel=3", r"moe.num_experts \(\S+.yaml:3\) = 4 must be divisible by "
+                                   r"parallel.expert_parallel \(--set parallel.expert_parallel=3\) = 3"),
 ])
 def test_bad_config(tmp_path, shards, override, match):
     import re

@@ -64,7 +64,11 @@ TEST(Transformer, BadConfigNamesField) {
     tiny("moe:\n  num_experts: 4\n  top_k: 9\n");
     FAIL() << "expected an error";
   } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("moe.top_k (9)"), std::string::npos);
+    EXPECT_NE(
+        std::string(e.what()).find("moe.top_k (line 9) = 9 is outside [1, "
+                                   "moe.num_experts (line 8) = 4]"),
+        std::string::npos)
+        << e.what();
   }
   try {
     ModelConfig::from_yaml_string("hidden_size: 32\nnum_headz: 4\n");
