@@ -97,6 +97,102 @@ def test_unreachable_store_names_the_address():
     assert f"cannot reach the rendezvous store at 127.0.0.1:{port} within 2 s" in r.stderr, r.stderr
 
 
+def listeners(port):
+    """(table, local address in /proc's hex) of the sockets listening on
+    `port`, from /proc/net/tcp and /proc/net/tcp6."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = open(f"/proc/net/{table}").read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                found.add((table, addr))
+    return found
+
+
+def other_local_address():
+    """An IPv4 address of this machine other than loopback, or None."""
+    candidates = []
+    try:
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        pass
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: picks the outgoing interface
+            candidates.append(s.getsockname()[0])
+    except OSError:
+        pass
+    for a in candidates:
+        if not a.startswith("127."):
+            try:
+                with socket.socket() as s:
+                    s.bind((a, 0))  # an address of this machine
+                return a
+            except OSError:
+                continue
+    return None
+
+
+def test_store_listens_on_master_addr_only():
+    """Rank 0 of a direct (Slurm-style) launch serves the store without
+    authentication: with MASTER_ADDR=127.0.0.1 it listens on loopback only,
+    not on every interface; the launch still completes."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([EXE, "dist-check", "--timeout", "30"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(env, SLURM_PROCID="0", SLURM_LOCALID="0"))]
+    try:
+        deadline = time.monotonic() + 30
+        while not listeners(port) and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.1)
+        assert listeners(port) == {("tcp", "0100007F")}  # 127.0.0.1, and no 0.0.0.0 or [::]
+        other = other_local_address()
+        if other is not None:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((other, port), timeout=5).close()
+        procs.append(subprocess.Popen([EXE, "dist-check", "--timeout", "30"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      env=dict(env, SLURM_PROCID="1", SLURM_LOCALID="1")))
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, err[-2000:]
+        assert f"rank {rank}/2 (slurm): all_reduce ok (3)" in out
+
+
+def test_store_that_cannot_listen_names_the_address():
+    """MASTER_ADDR that is not an address of rank 0's machine, or a port in
+    use: rank 0 says where it could not listen, at once."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    base.update(SLURM_PROCID="0", SLURM_NTASKS="2")
+    port = free_port()
+    # 203.0.113.0/24 is reserved for documentation: no machine has it.
+    r = subprocess.run([EXE, "dist-check", "--timeout", "5"], capture_output=True, text=True, timeout=60,
+                       env=dict(base, MASTER_ADDR="203.0.113.7", MASTER_PORT=str(port)))
+    assert r.returncode == 1
+    assert f"rank 0: cannot listen for the rendezvous store on 203.0.113.7:{port} (203.0.113.7: " in r.stderr, \
+        r.stderr
+    assert "MASTER_ADDR must be an address of rank 0's machine" in r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([EXE, "dist-check", "--timeout", "5"], capture_output=True, text=True, timeout=60,
+                           env=dict(base, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+    assert r.returncode == 1
+    assert f"cannot listen for the rendezvous store on 127.0.0.1:{port} (127.0.0.1: Address already in use)" \
+        in r.stderr, r.stderr
+
+
 # ---- data-parallel training -----------------------------------------------------
 
 CONFIG = """
