@@ -309,10 +309,14 @@ int main(int argc, char** argv) {
                 << "\n";
     } else if (*train) {
       auto cfg = moeyard::train::TrainConfig::load(config, overrides);
+      // A requested stop (SIGTERM/SIGINT) returns after every rank saved
+      // and rank 0 verified the checkpoint of the step it stopped at: that
+      // is a success, exit 0, so that torchrun does not restart the workers
+      // and Slurm does not count a failed step. A failed save throws (exit 1).
       run_options.resume = resume;
       auto r = moeyard::train::run_training(cfg, run_options);
       if (moeyard::parallel::LaunchEnv::from_env().rank != 0) {
-        return r.interrupted ? 130 : 0; // rank 0 reports
+        return 0; // rank 0 reports
       }
       std::cout << "done: " << r.steps_done << " steps, final loss "
                 << r.final_loss
@@ -325,7 +329,6 @@ int main(int argc, char** argv) {
                 << (r.interrupted ? " (interrupted; resume with --resume auto)"
                                   : "")
                 << "\n";
-      return r.interrupted ? 130 : 0;
     }
   } catch (const c10::Error& e) {
     std::cerr << "moeyard: " << e.what_without_backtrace() << "\n";

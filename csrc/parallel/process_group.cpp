@@ -5,10 +5,20 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <numeric>
+
+#include "util/log.h"
 
 namespace moeyard::parallel {
 namespace {
@@ -62,6 +72,100 @@ void wait(
       " s: a peer died or hangs (",
       why,
       ")");
+}
+
+// The numeric form of a resolved address ("127.0.0.1", "::1").
+std::string numeric_host(const sockaddr* a, socklen_t len) {
+  char host[NI_MAXHOST] = {0};
+  if (getnameinfo(a, len, host, sizeof(host), nullptr, 0, NI_NUMERICHOST) !=
+      0) {
+    return "?";
+  }
+  return host;
+}
+
+bool is_loopback(const sockaddr* a) {
+  if (a->sa_family == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(a);
+    return (ntohl(in->sin_addr.s_addr) >> 24) == 127;
+  }
+  if (a->sa_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(a);
+    return IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr);
+  }
+  return false;
+}
+
+// A socket listening on the address MASTER_ADDR resolves to and on
+// MASTER_PORT, for rank 0's store server. TCPStore's own server would listen
+// on every interface, and the store has no authentication: bound here, a
+// run with MASTER_ADDR=127.0.0.1 is reachable from this machine only, and a
+// multi-node run from the network of MASTER_ADDR only. The store takes
+// ownership of the descriptor.
+int listen_on_master_addr(const LaunchEnv& env) {
+  const std::string where =
+      env.master_addr + ":" + std::to_string(env.master_port);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const int rc = getaddrinfo(
+      env.master_addr.c_str(),
+      std::to_string(env.master_port).c_str(),
+      &hints,
+      &found);
+  TORCH_CHECK(
+      rc == 0,
+      "rank 0: cannot serve the rendezvous store on ",
+      where,
+      ": MASTER_ADDR does not resolve (",
+      gai_strerror(rc),
+      ")");
+  std::string why;
+  for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    const auto host = numeric_host(a->ai_addr, a->ai_addrlen);
+    const int fd =
+        socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      why += (why.empty() ? "" : "; ") + host + ": " + std::strerror(errno);
+      continue;
+    }
+    const int one = 1;
+    // Rebind at once after a previous run (TIME_WAIT), as TCPStore does;
+    // an IPv6 address serves IPv6 only, like the address it names.
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (a->ai_family == AF_INET6) {
+      ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    }
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) == 0 &&
+        ::listen(fd, SOMAXCONN) == 0) {
+      // A host name that this machine maps to loopback (Debian's
+      // "127.0.1.1 <hostname>" in /etc/hosts) keeps other machines out.
+      if (is_loopback(a->ai_addr) && env.master_addr != "localhost" &&
+          host != env.master_addr) {
+        log::warn(
+            "MASTER_ADDR=" + env.master_addr + " resolves to " + host +
+            " (loopback) on rank 0: the rendezvous store listens there only, "
+            "out of reach of other machines; on a multi-node launch set "
+            "MASTER_ADDR to this machine's network address");
+      }
+      freeaddrinfo(found);
+      return fd;
+    }
+    why += (why.empty() ? "" : "; ") + host + ": " + std::strerror(errno);
+    ::close(fd);
+  }
+  freeaddrinfo(found);
+  TORCH_CHECK(
+      false,
+      "rank 0: cannot listen for the rendezvous store on ",
+      where,
+      " (",
+      why,
+      "); MASTER_ADDR must be an address of rank 0's machine and "
+      "MASTER_PORT a free port");
+  return -1;
 }
 
 } // namespace
@@ -158,6 +262,9 @@ c10::intrusive_ptr<c10d::Store> make_store(
       env.agent_store ? std::nullopt : std::optional<size_t>(env.world_size);
   o.waitWorkers = !env.agent_store;
   o.timeout = timeout;
+  if (o.isServer) {
+    o.masterListenFd = listen_on_master_addr(env);
+  }
   try {
     auto store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
     return c10::make_intrusive<c10d::PrefixStore>(

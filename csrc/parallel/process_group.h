@@ -41,7 +41,9 @@ struct LaunchEnv {
 };
 
 // The rendezvous store: rank 0 serves it (unless torchrun's agent does),
-// every rank connects within `timeout`.
+// listening only on the address MASTER_ADDR resolves to (it has no
+// authentication); every rank connects within `timeout`. Rank 0 names the
+// address and port when it cannot listen there.
 c10::intrusive_ptr<c10d::Store> make_store(
     const LaunchEnv& env, std::chrono::milliseconds timeout);
 

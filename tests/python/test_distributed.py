@@ -97,6 +97,102 @@ def test_unreachable_store_names_the_address():
     assert f"cannot reach the rendezvous store at 127.0.0.1:{port} within 2 s" in r.stderr, r.stderr
 
 
+def listeners(port):
+    """(table, local address in /proc's hex) of the sockets listening on
+    `port`, from /proc/net/tcp and /proc/net/tcp6."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = open(f"/proc/net/{table}").read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                found.add((table, addr))
+    return found
+
+
+def other_local_address():
+    """An IPv4 address of this machine other than loopback, or None."""
+    candidates = []
+    try:
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        pass
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: picks the outgoing interface
+            candidates.append(s.getsockname()[0])
+    except OSError:
+        pass
+    for a in candidates:
+        if not a.startswith("127."):
+            try:
+                with socket.socket() as s:
+                    s.bind((a, 0))  # an address of this machine
+                return a
+            except OSError:
+                continue
+    return None
+
+
+def test_store_listens_on_master_addr_only():
+    """Rank 0 of a direct (Slurm-style) launch serves the store without
+    authentication: with MASTER_ADDR=127.0.0.1 it listens on loopback only,
+    not on every interface; the launch still completes."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([EXE, "dist-check", "--timeout", "30"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(env, SLURM_PROCID="0", SLURM_LOCALID="0"))]
+    try:
+        deadline = time.monotonic() + 30
+        while not listeners(port) and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.1)
+        assert listeners(port) == {("tcp", "0100007F")}  # 127.0.0.1, and no 0.0.0.0 or [::]
+        other = other_local_address()
+        if other is not None:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((other, port), timeout=5).close()
+        procs.append(subprocess.Popen([EXE, "dist-check", "--timeout", "30"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      env=dict(env, SLURM_PROCID="1", SLURM_LOCALID="1")))
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, err[-2000:]
+        assert f"rank {rank}/2 (slurm): all_reduce ok (3)" in out
+
+
+def test_store_that_cannot_listen_names_the_address():
+    """MASTER_ADDR that is not an address of rank 0's machine, or a port in
+    use: rank 0 says where it could not listen, at once."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    base.update(SLURM_PROCID="0", SLURM_NTASKS="2")
+    port = free_port()
+    # 203.0.113.0/24 is reserved for documentation: no machine has it.
+    r = subprocess.run([EXE, "dist-check", "--timeout", "5"], capture_output=True, text=True, timeout=60,
+                       env=dict(base, MASTER_ADDR="203.0.113.7", MASTER_PORT=str(port)))
+    assert r.returncode == 1
+    assert f"rank 0: cannot listen for the rendezvous store on 203.0.113.7:{port} (203.0.113.7: " in r.stderr, \
+        r.stderr
+    assert "MASTER_ADDR must be an address of rank 0's machine" in r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([EXE, "dist-check", "--timeout", "5"], capture_output=True, text=True, timeout=60,
+                           env=dict(base, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+    assert r.returncode == 1
+    assert f"cannot listen for the rendezvous store on 127.0.0.1:{port} (127.0.0.1: Address already in use)" \
+        in r.stderr, r.stderr
+
+
 # ---- data-parallel training -----------------------------------------------------
 
 CONFIG = """
@@ -207,10 +303,118 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, shards)
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [130, 130], [o[1][-1500:] for o in outs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]  # a requested stop succeeds
     latest = (tmp_path / "sig" / "latest").read_text().strip()
     saved = int(latest.split("_")[1])
     assert saved == len(metrics.read_text().splitlines())  # the step both ranks stopped at
+    assert_complete_checkpoint(tmp_path / "sig", saved)
+
+
+def assert_complete_checkpoint(run, step):
+    """`latest` names step_<step>, which is committed (no .tmp left) and whose
+    model and optimizer files load with every SHA-256 verified."""
+    import json
+
+    from moeyard import checkpoint
+
+    assert (run / "latest").read_text().strip() == f"step_{step}"
+    assert not list(run.glob("*.tmp"))
+    manifest = json.loads((run / f"step_{step}" / "manifest.json").read_text())
+    assert manifest["step"] == step
+    for kind in ("model", "optimizer"):
+        assert checkpoint.load(str(run / f"step_{step}"), kind)
+
+
+def moeyard_children(pid):
+    """The pids of `pid`'s child processes that run the moeyard executable."""
+    out = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out |= {int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()}
+        except FileNotFoundError:
+            pass
+
+    def is_moeyard(c):
+        try:
+            return os.readlink(f"/proc/{c}/exe") == os.path.realpath(EXE)
+        except OSError:
+            return False
+
+    return {c for c in out if is_moeyard(c)}
+
+
+def proc_env(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(kv.split("=", 1) for kv in f.read().decode(errors="replace").split("\0") if "=" in kv)
+
+
+def test_requested_stop_under_torchrun_exits_0_without_restarts(tmp_path, shards):
+    """SIGTERM to one worker of `torchrun --max-restarts 2`: both ranks save
+    the same step and exit 0, so torchrun exits 0 and does not start the
+    workers again (a non-zero exit would have made it restart them and train
+    on past the stop)."""
+    import signal
+
+    cfg = dp_config(tmp_path, shards, "elastic", 2)
+    cfg.write_text(cfg.read_text().replace("steps: 6", "steps: 100000").replace("every: 3,", "every: 0,"))
+    log = open(tmp_path / "torchrun.log", "w+")
+    cmd = [TORCHRUN, "--nproc-per-node=2", "--max-restarts=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "--no-python", EXE, "train", "--config", str(cfg)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOGLEVEL="INFO")  # INFO: torchrun logs its restarts
+    agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+                             start_new_session=True)
+    try:
+        metrics = tmp_path / "elastic" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and agent.poll() is None and \
+                (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.2)
+        workers = moeyard_children(agent.pid)
+        assert len(workers) == 2, (workers, open(tmp_path / "torchrun.log").read()[-3000:])
+        rank1 = [w for w in workers if proc_env(w).get("RANK") == "1"]
+        assert len(rank1) == 1 and proc_env(rank1[0])["TORCHELASTIC_RESTART_COUNT"] == "0"
+        os.kill(rank1[0], signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        restarted = set()
+        while agent.poll() is None and time.monotonic() < deadline and not restarted:
+            restarted = moeyard_children(agent.pid) - workers  # workers of a second attempt
+            time.sleep(0.1)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)  # the session this test started
+            agent.wait()
+    log.seek(0)
+    out = log.read()
+    assert not restarted, "torchrun restarted the workers after the requested stop:\n" + out[-3000:]
+    assert agent.returncode == 0, out[-3000:]
+    assert "will restart worker group" not in out and "restart_count=1" not in out
+    assert "(interrupted; resume with --resume auto)" in out  # rank 0's last line
+    lines = metrics.read_text().splitlines()
+    saved = int((tmp_path / "elastic" / "latest").read_text().strip().split("_")[1])
+    assert saved >= 3 and len(lines) == saved  # no step after the saved one, none trained twice
+    assert_complete_checkpoint(tmp_path / "elastic", saved)
+
+
+def test_requested_stop_of_one_process_exits_0(tmp_path, shards):
+    import signal
+
+    cfg = dp_config(tmp_path, shards, "one", 4)
+    cfg.write_text(cfg.read_text().replace("steps: 6", "steps: 100000").replace("every: 3,", "every: 0,"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
+    p = subprocess.Popen([EXE, "train", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=dict(env, OMP_NUM_THREADS="1"))
+    metrics = tmp_path / "one" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None and \
+            (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-2000:]
+    assert "(interrupted; resume with --resume auto)" in out
+    saved = int((tmp_path / "one" / "latest").read_text().strip().split("_")[1])
+    assert saved >= 2 and len(metrics.read_text().splitlines()) == saved
+    assert_complete_checkpoint(tmp_path / "one", saved)
 
 
 def test_layout_must_match_the_launch(tmp_path, shards):

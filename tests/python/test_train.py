@@ -116,7 +116,7 @@ def test_sigterm_saves_and_exits(tmp_path, shards):
     time.sleep(1.0)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 130, out[-2000:]
+    assert p.returncode == 0, out[-2000:]
     step = int((tmp_path / "run" / "latest").read_text().strip().split("_")[1])
     assert step >= 1 and len(metrics(tmp_path / "run")) == step
     assert "interrupted" in out
