@@ -379,10 +379,18 @@ void load_hf_weights(
   // them too.
   const int64_t mtp = cfg.get<int64_t>("num_nextn_predict_layers", 0);
   t.check_all_used([&](const std::string& name) {
+    // The layer number comes from a file: anything but digits (or more
+    // digits than a layer count has) is not an MTP layer, and is reported
+    // as an unused tensor with its file.
     if (mtp <= 0 || name.rfind("model.layers.", 0) != 0) {
       return false;
     }
-    return std::stoll(name.substr(13)) >= c.num_layers;
+    const auto digits = name.substr(13, name.find('.', 13) - 13);
+    if (digits.empty() || digits.size() > 9 ||
+        digits.find_first_not_of("0123456789") != std::string::npos) {
+      return false;
+    }
+    return std::stoll(digits) >= c.num_layers;
   });
 }
 

@@ -1,9 +1,11 @@
 #pragma once
 // safetensors read/write (https://github.com/huggingface/safetensors format:
 // u64 little-endian header length, JSON header, raw little-endian data).
-// The reader memory-maps the file and checks every header field against it:
-// header size cap, dtype, shape x dtype size == byte span, spans inside the
-// data section and not overlapping. Errors name the file and the tensor.
+// The reader memory-maps the file and checks every header field against it
+// before allocating (parse_safetensors, safetensors_format.h): header size
+// cap, JSON types, dtype, shape x dtype size == byte span without overflow,
+// spans inside the data section and not overlapping. Errors name the file
+// and the tensor.
 
 #include <ATen/core/Tensor.h>
 

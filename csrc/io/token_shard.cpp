@@ -7,22 +7,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 
+#include "io/token_shard_format.h"
+
 namespace moeyard::io {
-namespace {
-
-constexpr char kMagic[8] = {'M', 'O', 'E', 'Y', 'T', 'O', 'K', '1'};
-constexpr size_t kHeader = 32;
-
-template <typename T>
-T load(const uint8_t* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
-
-} // namespace
 
 TokenShard::TokenShard(const std::string& path) : path_(path) {
   const int fd = ::open(path.c_str(), O_RDONLY);
@@ -34,57 +24,40 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
       std::strerror(errno),
       ")");
   struct stat st {};
-  ::fstat(fd, &st);
-  bytes_ = static_cast<size_t>(st.st_size);
-  if (bytes_ < kHeader) {
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    TORCH_CHECK(
-        false,
-        "token shard ",
-        path,
-        ": ",
-        bytes_,
-        " bytes is smaller than the 32-byte header");
+    TORCH_CHECK(false, "token shard ", path, ": not a regular file");
   }
-  map_ = ::mmap(nullptr, bytes_, PROT_READ, MAP_PRIVATE, fd, 0);
+  bytes_ = static_cast<size_t>(st.st_size);
+  // A file smaller than the header is not mapped (mmap refuses 0 bytes):
+  // parse_token_shard reports its size without reading it.
+  if (bytes_ >= kTokenShardHeaderBytes) {
+    map_ = ::mmap(nullptr, bytes_, PROT_READ, MAP_PRIVATE, fd, 0);
+  }
+  const int err = errno;
   ::close(fd);
-  TORCH_CHECK(map_ != MAP_FAILED, "token shard ", path, ": mmap failed");
+  TORCH_CHECK(
+      map_ != MAP_FAILED,
+      "token shard ",
+      path,
+      ": mmap failed (",
+      std::strerror(err),
+      ")");
   const auto* p = static_cast<const uint8_t*>(map_);
-  TORCH_CHECK(
-      std::memcmp(p, kMagic, 8) == 0,
-      "token shard ",
-      path,
-      ": bad magic (expected MOEYTOK1); not a moeyard shard");
-  const uint32_t version = load<uint32_t>(p + 8);
-  TORCH_CHECK(
-      version == 1,
-      "token shard ",
-      path,
-      ": version ",
-      version,
-      ", expected 1");
-  width_ = load<uint32_t>(p + 12);
-  TORCH_CHECK(
-      width_ == 2 || width_ == 4,
-      "token shard ",
-      path,
-      ": bytes per token ",
-      width_,
-      ", expected 2 or 4");
-  count_ = static_cast<int64_t>(load<uint64_t>(p + 16));
-  vocab_ = static_cast<int64_t>(load<uint64_t>(p + 24));
-  TORCH_CHECK(
-      count_ >= 0 && bytes_ == kHeader + static_cast<size_t>(count_) * width_,
-      "token shard ",
-      path,
-      ": header says ",
-      count_,
-      " tokens of ",
-      width_,
-      " bytes but the file has ",
-      bytes_ - kHeader,
-      " data bytes (truncated or corrupt)");
-  data_ = p + kHeader;
+  TokenShardHeader h;
+  try {
+    h = parse_token_shard(p, bytes_, path);
+  } catch (const FormatError& e) {
+    if (map_) { // the destructor does not run when the constructor throws
+      ::munmap(map_, bytes_);
+    }
+    TORCH_CHECK(false, e.what());
+  }
+  // count * width < file size and vocab <= 2^32: both fit in int64.
+  header_ = h;
+  count_ = static_cast<int64_t>(h.count);
+  vocab_ = static_cast<int64_t>(h.vocab);
+  data_ = p;
 }
 
 TokenShard::~TokenShard() {
@@ -95,21 +68,20 @@ TokenShard::~TokenShard() {
 
 at::Tensor TokenShard::read(int64_t start, int64_t n, int64_t vocab) const {
   TORCH_CHECK(
-      start >= 0 && n >= 0 && start + n <= count_,
+      start >= 0 && n >= 0 && start <= count_ && n <= count_ - start,
       "token shard ",
       path_,
-      ": read [",
+      ": read of ",
+      n,
+      " tokens from position ",
       start,
-      ", ",
-      start + n,
-      ") outside [0, ",
+      " is outside [0, ",
       count_,
       ")");
   auto out = at::empty({n}, at::kLong);
   int64_t* o = out.mutable_data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
-    const uint8_t* q = data_ + (start + i) * width_;
-    const int64_t v = width_ == 2 ? load<uint16_t>(q) : load<uint32_t>(q);
+    const int64_t v = token_at(data_, header_, start + i);
     TORCH_CHECK(
         v < vocab,
         "token shard ",

@@ -1,12 +1,15 @@
 #pragma once
-// Memory-mapped token shards (format: scripts/prepare_data.py and
-// docs/training.md). Every header field is validated against the file; token
-// ids are checked against the model's vocabulary when a batch is read.
+// Memory-mapped token shards (format: token_shard_format.h,
+// scripts/prepare_data.py, docs/training.md). Every header field is validated
+// against the file by parse_token_shard, overflow-checked; token ids are
+// checked against the model's vocabulary when a batch is read.
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <string>
+
+#include "io/token_shard_format.h"
 
 namespace moeyard::io {
 
@@ -34,8 +37,9 @@ class TokenShard {
   std::string path_;
   void* map_ = nullptr;
   size_t bytes_ = 0;
-  int64_t width_ = 0, count_ = 0, vocab_ = 0;
-  const uint8_t* data_ = nullptr;
+  TokenShardHeader header_;
+  int64_t count_ = 0, vocab_ = 0;
+  const uint8_t* data_ = nullptr; // the whole file
 };
 
 } // namespace moeyard::io

@@ -11,6 +11,48 @@ namespace moeyard {
 
 using namespace text_detail;
 
+namespace {
+
+// Token ids size id_to_token (largest id + 1 entries) and are packed two to a
+// 64-bit merge key (Impl::key). The largest published vocabularies have
+// ~262k tokens; 2^24 leaves room while bounding what a file can allocate.
+constexpr int64_t kMaxTokenId = int64_t(1) << 24;
+
+int64_t token_id(
+    const json& v, const std::string& file, const std::string& field) {
+  const bool ok = v.is_number_unsigned()
+                      ? v.get<uint64_t>() < static_cast<uint64_t>(kMaxTokenId)
+                      : v.is_number_integer() && v.get<int64_t>() >= 0 &&
+                            v.get<int64_t>() < kMaxTokenId;
+  if (!ok) {
+    fail(
+        file,
+        field,
+        "token id " + dump(v) + " is not an integer in [0, " +
+            std::to_string(kMaxTokenId) + ")");
+  }
+  return v.get<int64_t>();
+}
+
+// An optional count (Strip's start/stop): an integer >= 0.
+size_t count_field(
+    const json& j,
+    const char* key,
+    const std::string& file,
+    const std::string& field) {
+  if (!j.contains(key)) {
+    return 0;
+  }
+  const json& v = j.at(key);
+  if (!v.is_number_unsigned() &&
+      !(v.is_number_integer() && v.get<int64_t>() >= 0)) {
+    fail(file, field + "." + key, "expected an integer >= 0, got " + dump(v));
+  }
+  return static_cast<size_t>(v.get<uint64_t>());
+}
+
+} // namespace
+
 void Tokenizer::Impl::parse_normalizer(
     const json& j, const std::string& field) {
   if (j.is_null()) {
@@ -158,8 +200,8 @@ void Tokenizer::Impl::parse_decoder(const json& j, const std::string& field) {
   } else if (type == "Strip") {
     d.kind = Dec::kStrip;
     d.text = j.at("content").get<std::string>();
-    d.start = j.value("start", 0);
-    d.stop = j.value("stop", 0);
+    d.start = count_field(j, "start", file, field);
+    d.stop = count_field(j, "stop", file, field);
   } else {
     fail(
         file,
@@ -200,8 +242,14 @@ void Tokenizer::Impl::parse_post_processor(
             field + ".special_tokens",
             "template token " + dump(name) + " is not defined");
       }
-      for (const auto& id : st.at(name).at("ids")) {
-        (seen_a ? suffix : prefix).push_back(id.get<int64_t>());
+      const auto& ids = st.at(name).at("ids");
+      for (size_t k = 0; k < ids.size(); ++k) {
+        (seen_a ? suffix : prefix)
+            .push_back(token_id(
+                ids[k],
+                file,
+                field + ".special_tokens[" + dump(name) + "].ids[" +
+                    std::to_string(k) + "]"));
       }
     }
   } else {
@@ -245,7 +293,7 @@ void Tokenizer::Impl::parse_model(const json& m) {
     fail(file, "model.merges", "missing (expected a list of merges)");
   }
   for (const auto& [tok, id] : m.at("vocab").items()) {
-    vocab[tok] = id.get<int64_t>();
+    vocab[tok] = token_id(id, file, "model.vocab[" + dump(tok) + "]");
   }
   if (m.contains("unk_token") && !m.at("unk_token").is_null()) {
     unk_token = m.at("unk_token").get<std::string>();
@@ -338,7 +386,8 @@ Tokenizer Tokenizer::from_json_string(
       const auto& a = added[i];
       Impl::Added t;
       t.content = a.at("content").get<std::string>();
-      t.id = a.at("id").get<int64_t>();
+      t.id = token_id(
+          a.at("id"), name, "added_tokens[" + std::to_string(i) + "].id");
       t.special = a.value("special", false);
       t.normalized = a.value("normalized", !t.special);
       t.lstrip = a.value("lstrip", false);
@@ -356,6 +405,9 @@ Tokenizer Tokenizer::from_json_string(
   } catch (const json::exception& e) {
     fail(name, "", std::string("malformed (") + e.what() + ")");
   }
+  // Every id is in [0, kMaxTokenId) (token_id): the size is bounded. Ids
+  // the template adds count too, so that checks of vocab_size() against a
+  // model cover every id encode() can return.
   int64_t size = 0;
   for (const auto& [tok, id] : impl->vocab) {
     size = std::max(size, id + 1);
@@ -363,12 +415,16 @@ Tokenizer Tokenizer::from_json_string(
   for (const auto& a : impl->added) {
     size = std::max(size, a.id + 1);
   }
+  for (const auto id : impl->prefix) {
+    size = std::max(size, id + 1);
+  }
+  for (const auto id : impl->suffix) {
+    size = std::max(size, id + 1);
+  }
   impl->size = size;
   impl->id_to_token.assign(size, std::string());
   for (const auto& [tok, id] : impl->vocab) {
-    if (id >= 0) {
-      impl->id_to_token[id] = tok;
-    }
+    impl->id_to_token[id] = tok;
   }
   // The end-of-sequence token: the template's last appended token, else a
   // special token with a well-known name.
