@@ -157,7 +157,34 @@ bool nfc_invariant(uint32_t c) {
       "tokenizer " + file + ": " + field + (field.empty() ? "" : ": ") + msg);
 }
 
+namespace {
+
+// Whether `v` nests more than `limit` levels, found without recursion (a
+// crafted file may nest a million levels; json::dump recurses per level).
+bool nested_deeper_than(const json& v, size_t limit) {
+  std::vector<std::pair<const json*, size_t>> stack{{&v, 1}};
+  while (!stack.empty()) {
+    const auto [p, depth] = stack.back();
+    stack.pop_back();
+    if (depth > limit) {
+      return true;
+    }
+    if (p->is_structured()) {
+      for (const auto& child : *p) {
+        stack.emplace_back(&child, depth + 1);
+      }
+    }
+  }
+  return false;
+}
+
+} // namespace
+
 std::string dump(const json& v) {
+  if (nested_deeper_than(v, 64)) {
+    return std::string("a JSON ") + v.type_name() +
+        " nested more than 64 levels deep";
+  }
   auto s = v.dump();
   return s.size() > 120 ? s.substr(0, 117) + "..." : s;
 }

@@ -177,6 +177,9 @@ TOKENIZERS = {
                          'post_processor.special_tokens["<s>"].ids[0]: token id 1099511627776'),
     "strip_start_negative": (tokenizer_json(strip_start=-1), "decoder.start: expected an integer >= 0, got -1"),
     "strip_start_float": (tokenizer_json(strip_start=1e30), "decoder.start: expected an integer >= 0, got 1e+30"),
+    # quoting the entry in the message recursed once per level: SIGSEGV
+    "merge_nested_a_million_levels": (tokenizer_json().replace('["a b"]', "[" + DEEP + "]"),
+                                      "a JSON array nested more than 64 levels deep"),
 }
 
 
