@@ -76,7 +76,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=128,
                     help="the training window (data.seq_len): each shard gets at least seq_len + 1 tokens "
                          "(default 128)")
-    ap.add_argument("--max-bytes", type=int, default=0, help="stop reading files after this many input bytes, both shards together (0: all)")
+    ap.add_argument("--max-bytes", type=int, default=0,
+                    help="stop reading files after this many input bytes, both shards together (0: all)")
     a = ap.parse_args(argv)
     inputs = [sysconfig.get_paths()["stdlib"]] if a.builtin else a.inputs
     files = collect(inputs)
