@@ -374,15 +374,22 @@ void load_hf_weights(
       }
     }
   }
-  // DeepSeek-V3's multi-token-prediction layers (model.layers.{L}.. beyond
-  // num_hidden_layers) are not part of the causal LM; transformers skips
-  // them too.
-  const int64_t mtp = cfg.get<int64_t>("num_nextn_predict_layers", 0);
+  // DeepSeek-V3's multi-token-prediction layers (model.layers.{L} ..
+  // {L + num_nextn_predict_layers - 1}, after the num_hidden_layers = L
+  // decoder layers) are not part of the causal LM's forward; transformers
+  // does not load them into it either. The key defaults to 1, as in
+  // DeepseekV3Config; other families have none.
+  const int64_t mtp =
+      fam == Family::kDeepseekV3
+          ? JsonReader{detail::with_class_defaults(hf, fam), file}.get<int64_t>(
+                "num_nextn_predict_layers", 0)
+          : 0;
   t.check_all_used([&](const std::string& name) {
     if (mtp <= 0 || name.rfind("model.layers.", 0) != 0) {
       return false;
     }
-    return std::stoll(name.substr(13)) >= c.num_layers;
+    const int64_t layer = std::stoll(name.substr(13));
+    return layer >= c.num_layers && layer < c.num_layers + mtp;
   });
 }
 
