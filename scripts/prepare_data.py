@@ -4,8 +4,11 @@
     python scripts/prepare_data.py --out data/mycorpus FILE_OR_DIR ... [--tokenizer tokenizer.json]
     python scripts/prepare_data.py --builtin --out data/builtin
 
-Writes <out>/train.bin and <out>/valid.bin (the last --valid-fraction of the
-files). Byte-level by default (vocabulary 256); with --tokenizer, any Hugging
+Writes <out>/train.bin and <out>/valid.bin. The input files are read in
+sorted order and tokenized into one stream; valid.bin is its last
+--valid-fraction of the tokens (at least one window of --seq-len + 1 tokens),
+train.bin the rest, so a single input file works. A corpus too small to give
+both shards a window is an error. Byte-level by default (vocabulary 256); with --tokenizer, any Hugging
 Face tokenizer.json through the `tokenizers` package. --builtin uses the
 Python standard library's own source files, which every machine has.
 
@@ -16,6 +19,7 @@ followed by the tokens.
 """
 
 import argparse
+import math
 import os
 import shutil
 import struct
@@ -39,6 +43,17 @@ def write_shard(path: str, tokens: np.ndarray, vocab: int) -> None:
     os.replace(tmp, path)
 
 
+def split_point(total: int, valid_fraction: float, window: int):
+    """(train tokens, valid tokens) of a stream of `total` tokens: valid is
+    the last valid_fraction of it, rounded up, and at least one window; both
+    must hold a window, else the corpus is too small."""
+    n_valid = max(window, math.ceil(total * valid_fraction))
+    if total - n_valid < window:
+        sys.exit(f"prepare_data: the input has {total:,} tokens, too few for a train and a valid shard of at "
+                 f"least {window:,} tokens each (--seq-len {window - 1} + 1); give more text or a smaller --seq-len")
+    return total - n_valid, n_valid
+
+
 def collect(paths):
     files = []
     for p in paths:
@@ -56,8 +71,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--builtin", action="store_true", help="use the Python standard library sources")
     ap.add_argument("--tokenizer", help="a Hugging Face tokenizer.json, or a checkpoint directory holding one (default: bytes)")
-    ap.add_argument("--valid-fraction", type=float, default=0.05)
-    ap.add_argument("--max-bytes", type=int, default=0, help="stop after this many input bytes (0: all)")
+    ap.add_argument("--valid-fraction", type=float, default=0.05,
+                    help="share of the tokens, taken from the end, that go to valid.bin (default 0.05)")
+    ap.add_argument("--seq-len", type=int, default=128,
+                    help="the training window (data.seq_len): each shard gets at least seq_len + 1 tokens "
+                         "(default 128)")
+    ap.add_argument("--max-bytes", type=int, default=0,
+                    help="stop reading files after this many input bytes, both shards together (0: all)")
     a = ap.parse_args(argv)
     inputs = [sysconfig.get_paths()["stdlib"]] if a.builtin else a.inputs
     files = collect(inputs)
@@ -74,26 +94,30 @@ def main(argv=None) -> None:
     else:
         vocab = 256
         encode = lambda text: np.frombuffer(text.encode("utf-8", "replace"), dtype=np.uint8)  # noqa: E731
-    n_valid = max(1, int(len(files) * a.valid_fraction))
-    splits = {"train": files[:-n_valid], "valid": files[-n_valid:]}
+    if not 0.0 < a.valid_fraction < 1.0:
+        sys.exit(f"prepare_data: --valid-fraction must be in (0, 1), got {a.valid_fraction}")
+    if a.seq_len < 1:
+        sys.exit(f"prepare_data: --seq-len must be >= 1, got {a.seq_len}")
+    parts, total_bytes, used = [], 0, 0
+    for name in files:
+        try:
+            with open(name, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        parts.append(encode(text))
+        total_bytes += len(text)
+        used += 1
+        if a.max_bytes and total_bytes >= a.max_bytes:
+            break
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    del parts
+    n_train, n_valid = split_point(tokens.size, a.valid_fraction, a.seq_len + 1)
     os.makedirs(a.out, exist_ok=True)
-    for split, names in splits.items():
-        parts, total, used = [], 0, 0
-        budget = a.max_bytes if split == "train" else int(a.max_bytes * a.valid_fraction)
-        for name in names:
-            try:
-                with open(name, encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            parts.append(encode(text))
-            total += len(text)
-            used += 1
-            if budget and total >= budget:
-                break
-        tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        write_shard(os.path.join(a.out, f"{split}.bin"), tokens, vocab)
-        print(f"prepare_data: {split}: {used} files, {tokens.size:,} tokens -> {a.out}/{split}.bin")
+    print(f"prepare_data: {used} files, {tokens.size:,} tokens")
+    for split, part in (("train", tokens[:n_train]), ("valid", tokens[n_train:])):
+        write_shard(os.path.join(a.out, f"{split}.bin"), part, vocab)
+        print(f"prepare_data: {split}: {part.size:,} tokens -> {a.out}/{split}.bin")
     if a.tokenizer:  # the trainer copies it into every checkpoint (for generate)
         shutil.copyfile(a.tokenizer, os.path.join(a.out, "tokenizer.json"))
 

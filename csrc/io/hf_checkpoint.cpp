@@ -374,10 +374,16 @@ void load_hf_weights(
       }
     }
   }
-  // DeepSeek-V3's multi-token-prediction layers (model.layers.{L}.. beyond
-  // num_hidden_layers) are not part of the causal LM; transformers skips
-  // them too.
-  const int64_t mtp = cfg.get<int64_t>("num_nextn_predict_layers", 0);
+  // DeepSeek-V3's multi-token-prediction layers (model.layers.{L} ..
+  // {L + num_nextn_predict_layers - 1}, after the num_hidden_layers = L
+  // decoder layers) are not part of the causal LM's forward; transformers
+  // does not load them into it either. The key defaults to 1, as in
+  // DeepseekV3Config; other families have none.
+  const int64_t mtp =
+      fam == Family::kDeepseekV3
+          ? JsonReader{detail::with_class_defaults(hf, fam), file}.get<int64_t>(
+                "num_nextn_predict_layers", 0)
+          : 0;
   t.check_all_used([&](const std::string& name) {
     // The layer number comes from a file: anything but digits (or more
     // digits than a layer count has) is not an MTP layer, and is reported
@@ -390,7 +396,8 @@ void load_hf_weights(
         digits.find_first_not_of("0123456789") != std::string::npos) {
       return false;
     }
-    return std::stoll(digits) >= c.num_layers;
+    const int64_t layer = std::stoll(digits);
+    return layer >= c.num_layers && layer < c.num_layers + mtp;
   });
 }
 

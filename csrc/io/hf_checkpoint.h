@@ -4,10 +4,12 @@
 //
 // Import: config.json's model_type picks the family; every key that changes
 // the math is mapped onto ModelConfig or rejected with an error naming the
-// file, the key and the value (never a silently different model). Weights are
-// read in either on-disk expert layout (per-expert 2-D tensors or fused 3-D
-// tensors) and every tensor of the file must be used: missing, extra and
-// misshapen tensors are errors naming the file and the tensor.
+// file, the key and the value (never a silently different model); a key
+// absent from config.json takes the default of the family's transformers
+// config class, as transformers loads the same file. Weights are read in
+// either on-disk expert layout (per-expert 2-D tensors or fused 3-D tensors)
+// and every tensor of the file must be used: missing, extra and misshapen
+// tensors are errors naming the file and the tensor.
 //
 // Export writes the family's own layout (per-expert 2-D tensors, the names
 // transformers' save_pretrained writes) and a config.json that transformers

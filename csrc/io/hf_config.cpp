@@ -37,23 +37,40 @@ std::string family_list() {
   return s;
 }
 
-// Rotary settings: `rope_parameters` (transformers 5) or the older
-// `rope_theta` + `rope_scaling` pair.
+// Rotary settings, resolved as transformers' PreTrainedConfig does: a
+// non-empty `rope_scaling` (older files) wins over `rope_parameters`
+// (transformers 5); the dict's rope_theta, else the top-level rope_theta,
+// else the class's default_theta (in the class defaults below).
 
 void read_rope(const JsonReader& r, ModelConfig& c) {
+  std::string key = "rope_parameters";
   json params = json::object();
-  if (r.has("rope_parameters")) {
-    params = r.j.at("rope_parameters");
-  } else if (r.has("rope_scaling")) {
-    params = r.j.at("rope_scaling");
+  if (r.has("rope_scaling") &&
+      !(r.j.at("rope_scaling").is_object() && r.j.at("rope_scaling").empty())) {
+    key = "rope_scaling";
+    params = r.j.at(key);
+  } else if (r.has("rope_parameters")) {
+    params = r.j.at(key);
   }
   TORCH_CHECK(
       params.is_object(),
       r.file,
-      ": rope_parameters must be an object, got ",
+      ": ",
+      key,
+      " must be an object, got ",
       params.dump());
-  JsonReader p{params, r.file + " rope_parameters"};
-  c.rope_theta = p.get<double>("rope_theta", r.get<double>("rope_theta", 1e4));
+  for (const auto& [name, value] : params.items()) {
+    TORCH_CHECK(
+        !value.is_object(),
+        r.file,
+        ": ",
+        key,
+        " per layer type ('",
+        name,
+        "') is not supported (one set of rotary settings for every layer)");
+  }
+  JsonReader p{params, r.file + " " + key};
+  c.rope_theta = p.get<double>("rope_theta", r.need<double>("rope_theta"));
   std::string type = p.get<std::string>("rope_type", "");
   if (type.empty()) {
     type = p.get<std::string>("type", "default");
@@ -68,15 +85,14 @@ void read_rope(const JsonReader& r, ModelConfig& c) {
     c.rope_factor = p.need<double>("factor");
   } else if (type == "yarn") {
     c.rope_scaling = "yarn";
-    // transformers falls back to max_position / original when factor is null
-    c.rope_factor =
-        p.has("factor")
-            ? p.get<double>("factor", 1.0)
-            : double(r.get<int64_t>("max_position_embeddings", 2048)) /
-                  double(p.need<int64_t>("original_max_position_embeddings"));
-    c.rope_original_max_position = p.get<int64_t>(
-        "original_max_position_embeddings",
-        r.get<int64_t>("max_position_embeddings", 2048));
+    // transformers: original_max_position_embeddings defaults to
+    // max_position_embeddings, and a null factor is their ratio.
+    const auto max_pos = r.need<int64_t>("max_position_embeddings");
+    c.rope_original_max_position =
+        p.get<int64_t>("original_max_position_embeddings", max_pos);
+    c.rope_factor = p.has("factor") ? p.get<double>("factor", 1.0)
+                                    : double(max_pos) /
+                                          double(c.rope_original_max_position);
     c.yarn_beta_fast = p.get<double>("beta_fast", 32.0);
     c.yarn_beta_slow = p.get<double>("beta_slow", 1.0);
     c.yarn_truncate = p.get<bool>("truncate", true);
@@ -114,12 +130,12 @@ std::vector<int64_t> sparse_step_layers(const JsonReader& r, int64_t layers) {
   return out;
 }
 
-// transformers' config classes: the defaults of the keys read here, and
-// attribute_map aliases. A key absent from config.json takes the class's
-// default; a key present as null is the class's None and is read with the
-// fallback at its use in hf_model_config (e.g. q_lora_rank: null is a plain
-// q_proj, absent is 1536). Only DeepSeek-V3 and GPT-OSS have their tables
-// here so far; the other families require the keys they read.
+// transformers' config classes (transformers 5.23): the defaults of the keys
+// read here and the attribute_map aliases. A key absent from config.json
+// takes its class default, as transformers loads it; rope_theta is the
+// class's default_theta (used when the rotary settings carry none).
+// tests/python/test_hf_defaults.py compares these with the installed
+// transformers, so a drift fails a test.
 struct ClassDefaults {
   json defaults = json::object();
   std::vector<std::pair<std::string, std::string>> aliases; // alias, key
@@ -128,7 +144,97 @@ struct ClassDefaults {
 ClassDefaults class_defaults(Family fam) {
   ClassDefaults d;
   switch (fam) {
-    case Family::kDeepseekV3: // DeepseekV3Config (transformers 5)
+    case Family::kMixtral: // MixtralConfig
+      d.defaults = {
+          {"vocab_size", 32000},
+          {"hidden_size", 4096},
+          {"intermediate_size", 14336},
+          {"num_hidden_layers", 32},
+          {"num_attention_heads", 32},
+          {"num_key_value_heads", 8}, // null: num_attention_heads
+          {"hidden_act", "silu"},
+          {"max_position_embeddings", 4096 * 32},
+          {"rms_norm_eps", 1e-5},
+          {"tie_word_embeddings", false},
+          {"num_experts_per_tok", 2},
+          {"num_local_experts", 8},
+          {"router_aux_loss_coef", 0.001},
+          {"router_jitter_noise", 0.0},
+          {"rope_theta", 1e6},
+      }; // head_dim, sliding_window: None
+      d.aliases = {{"num_experts", "num_local_experts"}};
+      break;
+    case Family::kQwen2Moe: // Qwen2MoeConfig
+      d.defaults = {
+          {"vocab_size", 151936},
+          {"hidden_size", 2048},
+          {"intermediate_size", 5632},
+          {"num_hidden_layers", 24},
+          {"num_attention_heads", 16},
+          {"num_key_value_heads", 16},
+          {"hidden_act", "silu"},
+          {"max_position_embeddings", 32768},
+          {"rms_norm_eps", 1e-6},
+          {"tie_word_embeddings", false},
+          {"use_sliding_window", false},
+          {"decoder_sparse_step", 1},
+          {"moe_intermediate_size", 1408},
+          {"shared_expert_intermediate_size", 5632},
+          {"num_experts_per_tok", 4},
+          {"num_experts", 60},
+          {"norm_topk_prob", false},
+          {"router_aux_loss_coef", 0.001},
+          {"mlp_only_layers", json::array()},
+          {"qkv_bias", true},
+          {"rope_theta", 1e4},
+      }; // no aliases: num_local_experts is not read
+      break;
+    case Family::kQwen3Moe: // Qwen3MoeConfig
+      d.defaults = {
+          {"vocab_size", 151936},
+          {"hidden_size", 2048},
+          {"intermediate_size", 6144},
+          {"num_hidden_layers", 24},
+          {"num_attention_heads", 32},
+          {"num_key_value_heads", 4},
+          {"hidden_act", "silu"},
+          {"max_position_embeddings", 32768},
+          {"rms_norm_eps", 1e-6},
+          {"tie_word_embeddings", false},
+          {"attention_bias", false},
+          {"use_sliding_window", false},
+          {"decoder_sparse_step", 1},
+          {"moe_intermediate_size", 768},
+          {"num_experts_per_tok", 8},
+          {"num_experts", 128},
+          {"norm_topk_prob", false},
+          {"router_aux_loss_coef", 0.001},
+          {"mlp_only_layers", json::array()},
+          {"rope_theta", 1e4},
+      }; // head_dim: hidden_size / num_attention_heads
+      d.aliases = {{"num_local_experts", "num_experts"}};
+      break;
+    case Family::kOlmoe: // OlmoeConfig
+      d.defaults = {
+          {"vocab_size", 50304},
+          {"hidden_size", 2048},
+          {"intermediate_size", 2048},
+          {"num_hidden_layers", 16},
+          {"num_attention_heads", 16},
+          {"hidden_act", "silu"},
+          {"max_position_embeddings", 4096},
+          {"rms_norm_eps", 1e-5},
+          {"tie_word_embeddings", false},
+          {"attention_bias", false},
+          {"num_experts_per_tok", 8},
+          {"num_experts", 64},
+          {"router_aux_loss_coef", 0.01},
+          {"norm_topk_prob", false},
+          {"rope_theta", 1e4},
+      }; // num_key_value_heads: num_attention_heads; clip_qkv: None
+      d.aliases = {{"num_local_experts", "num_experts"}};
+      break;
+    case Family::kDeepseekV3: // DeepseekV3Config
       d.defaults = {
           {"vocab_size", 129280},
           {"hidden_size", 7168},
@@ -156,12 +262,16 @@ ClassDefaults class_defaults(Family fam) {
           {"tie_word_embeddings", false},
           {"rope_interleave", true},
           {"attention_bias", false},
-      };
+          // Multi-token-prediction modules after the last layer: not part of
+          // the causal LM's forward; their tensors are skipped on import.
+          {"num_nextn_predict_layers", 1},
+          {"rope_theta", 1e4},
+      }; // no router_aux_loss_coef: no load-balancing loss
       d.aliases = {
           {"num_local_experts", "n_routed_experts"},
           {"num_mtp_layers", "num_nextn_predict_layers"}};
       break;
-    case Family::kGptOss: // GptOssConfig (transformers 5)
+    case Family::kGptOss: // GptOssConfig
       d.defaults = {
           {"num_hidden_layers", 36},       {"num_local_experts", 128},
           {"vocab_size", 201088},          {"hidden_size", 2880},
@@ -173,45 +283,11 @@ ClassDefaults class_defaults(Family fam) {
           {"swiglu_alpha", 1.702},         {"swiglu_limit", 7.0},
           {"router_aux_loss_coef", 0.001}, {"attention_bias", true},
           {"rope_theta", 150000.0},
-      }; // rope_theta: GptOssConfig.default_theta
+      };
       d.aliases = {{"num_experts", "num_local_experts"}};
-      break;
-    default:
       break;
   }
   return d;
-}
-
-// config.json as transformers' config class sees it: aliases renamed, then
-// the class defaults under the keys that are absent.
-json with_class_defaults(const json& hf, Family fam) {
-  const ClassDefaults d = class_defaults(fam);
-  json out = hf;
-  for (const auto& [alias, key] : d.aliases) {
-    if (out.contains(alias) && !out.contains(key)) {
-      out[key] = out.at(alias);
-    }
-  }
-  for (const auto& [key, value] : d.defaults.items()) {
-    if (!out.contains(key)) {
-      out[key] = value;
-    }
-  }
-  // GptOssConfig's rope_parameters when config.json gives neither
-  // rope_parameters nor the older rope_scaling.
-  if (fam == Family::kGptOss &&
-      (!out.contains("rope_parameters") ||
-       out.at("rope_parameters").is_null()) &&
-      (!out.contains("rope_scaling") || out.at("rope_scaling").is_null())) {
-    out["rope_parameters"] = {
-        {"rope_type", "yarn"},
-        {"factor", 32.0},
-        {"beta_fast", 32.0},
-        {"beta_slow", 1.0},
-        {"truncate", false},
-        {"original_max_position_embeddings", 4096}};
-  }
-  return out;
 }
 
 // Layers that are not MoE take a dense MLP; the layer list is explicit
@@ -246,9 +322,42 @@ Family family_of(const std::string& model_type, const std::string& file) {
   return Family::kMixtral;
 }
 
+std::vector<std::pair<std::string, std::string>> class_aliases(Family fam) {
+  return class_defaults(fam).aliases;
+}
+
+json with_class_defaults(const json& hf, Family fam) {
+  const ClassDefaults d = class_defaults(fam);
+  json out = hf;
+  for (const auto& [alias, key] : d.aliases) {
+    if (out.contains(alias) && !out.contains(key)) {
+      out[key] = out.at(alias);
+    }
+  }
+  for (const auto& [key, value] : d.defaults.items()) {
+    if (!out.contains(key)) {
+      out[key] = value;
+    }
+  }
+  // GptOssConfig's rope_parameters when config.json gives none (or null); a
+  // non-empty rope_scaling still wins over it in read_rope.
+  if (fam == Family::kGptOss && (!out.contains("rope_parameters") ||
+                                 out.at("rope_parameters").is_null())) {
+    out["rope_parameters"] = {
+        {"rope_type", "yarn"},
+        {"factor", 32.0},
+        {"beta_fast", 32.0},
+        {"beta_slow", 1.0},
+        {"truncate", false},
+        {"original_max_position_embeddings", 4096}};
+  }
+  return out;
+}
+
 } // namespace detail
 
 using detail::family_of;
+using detail::with_class_defaults;
 
 std::vector<std::string> hf_families() {
   std::vector<std::string> out;
@@ -292,9 +401,9 @@ ModelConfig hf_model_config(const json& file_json, const std::string& file) {
   c.ffn_size = r.need<int64_t>("intermediate_size");
   c.mlp = "swiglu";
   c.norm = "rmsnorm";
-  c.norm_eps = r.get<double>("rms_norm_eps", 1e-6);
-  c.max_seq_len = r.get<int64_t>("max_position_embeddings", 2048);
-  c.tie_embeddings = r.get<bool>("tie_word_embeddings", false);
+  c.norm_eps = r.need<double>("rms_norm_eps");
+  c.max_seq_len = r.need<int64_t>("max_position_embeddings");
+  c.tie_embeddings = r.need<bool>("tie_word_embeddings");
   c.dtype = "float32";
   r.only<std::string>("hidden_act", "silu", "the experts are SwiGLU");
   read_rope(r, c);
@@ -311,26 +420,24 @@ ModelConfig hf_model_config(const json& file_json, const std::string& file) {
       m.ffn_size = c.ffn_size;
       m.routing.renormalize = true;
       c.sliding_window = r.get<int64_t>("sliding_window", 0);
-      if (r.get<double>("router_jitter_noise", 0.0) > 0) {
+      if (r.need<double>("router_jitter_noise") > 0) {
         m.routing.noise = "jitter";
-        m.routing.noise_eps = r.get<double>("router_jitter_noise", 0.0);
+        m.routing.noise_eps = r.need<double>("router_jitter_noise");
       }
       break;
     case Family::kQwen2Moe:
     case Family::kQwen3Moe:
-      // Qwen3-MoE's files name it num_local_experts (an attribute alias).
-      m.num_experts = r.has("num_experts")
-                          ? r.need<int64_t>("num_experts")
-                          : r.need<int64_t>("num_local_experts");
+      // Qwen3-MoE's files name it num_local_experts (an attribute alias);
+      // Qwen2-MoE has no such alias.
+      m.num_experts = r.need<int64_t>("num_experts");
       m.ffn_size = r.need<int64_t>("moe_intermediate_size");
-      m.routing.renormalize = r.get<bool>("norm_topk_prob", false);
+      m.routing.renormalize = r.need<bool>("norm_topk_prob");
       set_moe_layers(c, sparse_step_layers(r, c.num_layers));
       r.only<bool>(
           "use_sliding_window", false, "per-layer sliding windows of Qwen");
       if (fam == Family::kQwen2Moe) {
-        c.qkv_bias = r.get<bool>("qkv_bias", true);
-        const auto shared =
-            r.get<int64_t>("shared_expert_intermediate_size", 0);
+        c.qkv_bias = r.need<bool>("qkv_bias");
+        const auto shared = r.need<int64_t>("shared_expert_intermediate_size");
         if (shared > 0) {
           m.num_shared_experts = 1;
           m.shared_ffn_size = shared;
@@ -338,15 +445,15 @@ ModelConfig hf_model_config(const json& file_json, const std::string& file) {
         }
       } else {
         c.qk_norm = "head";
-        c.attention_bias = r.get<bool>("attention_bias", false);
+        c.attention_bias = r.need<bool>("attention_bias");
       }
       break;
     case Family::kOlmoe:
       m.num_experts = r.need<int64_t>("num_experts");
       m.ffn_size = c.ffn_size;
-      m.routing.renormalize = r.get<bool>("norm_topk_prob", false);
+      m.routing.renormalize = r.need<bool>("norm_topk_prob");
       c.qk_norm = "projection";
-      c.attention_bias = r.get<bool>("attention_bias", false);
+      c.attention_bias = r.need<bool>("attention_bias");
       c.clip_qkv = r.get<double>("clip_qkv", 0.0);
       break;
     case Family::kDeepseekV3:
@@ -357,8 +464,8 @@ ModelConfig hf_model_config(const json& file_json, const std::string& file) {
       c.qk_nope_head_dim = r.need<int64_t>("qk_nope_head_dim");
       c.qk_rope_head_dim = r.need<int64_t>("qk_rope_head_dim");
       c.v_head_dim = r.need<int64_t>("v_head_dim");
-      c.attention_bias = r.get<bool>("attention_bias", false);
-      c.rope_interleave = r.get<bool>("rope_interleave", true);
+      c.attention_bias = r.need<bool>("attention_bias");
+      c.rope_interleave = r.get<bool>("rope_interleave", false); // null: falsy
       c.num_kv_heads = 0;
       m.num_experts = r.need<int64_t>("n_routed_experts");
       m.ffn_size = r.need<int64_t>("moe_intermediate_size");
@@ -388,9 +495,9 @@ ModelConfig hf_model_config(const json& file_json, const std::string& file) {
       m.router_bias = true;
       m.expert_bias = true;
       m.routing.activation = "clamped_swiglu";
-      m.routing.swiglu_alpha = r.get<double>("swiglu_alpha", 1.702);
-      m.routing.swiglu_limit = r.get<double>("swiglu_limit", 7.0);
-      c.attention_bias = r.get<bool>("attention_bias", true);
+      m.routing.swiglu_alpha = r.need<double>("swiglu_alpha");
+      m.routing.swiglu_limit = r.need<double>("swiglu_limit");
+      c.attention_bias = r.need<bool>("attention_bias");
       c.attention_sinks = true;
       break;
   }

@@ -63,6 +63,11 @@ json hf_config_of(
       {Family::kOlmoe, "OlmoeForCausalLM"},
       {Family::kDeepseekV3, "DeepseekV3ForCausalLM"},
       {Family::kGptOss, "GptOssForCausalLM"}};
+  // An alias left in `base` would be read for its key by transformers (and
+  // by the importer): the keys written below are the only spelling.
+  for (const auto& [alias, key] : detail::class_aliases(fam)) {
+    j.erase(alias);
+  }
   j["model_type"] = family;
   j["architectures"] = json::array({arch.at(fam)});
   j["vocab_size"] = c.vocab_size;
@@ -231,6 +236,9 @@ json hf_config_of(
       j["attention_bias"] = c.attention_bias;
       j["rope_interleave"] = c.rope_interleave;
       j["num_key_value_heads"] = c.num_heads;
+      // The export carries no multi-token-prediction layers (absent, the
+      // key would mean DeepseekV3Config's 1).
+      j["num_nextn_predict_layers"] = 0;
       cannot(c.attention_scale == 0.0, "an explicit model.attention_scale");
       break;
     }

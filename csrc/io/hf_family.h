@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moeyard::io::detail {
@@ -41,6 +42,12 @@ struct JsonReader {
   }
   template <typename T>
   T need(const std::string& key) const {
+    TORCH_CHECK(
+        !j.contains(key) || !j.at(key).is_null(),
+        file,
+        ": key '",
+        key,
+        "' is null, which is not a value it can take");
     TORCH_CHECK(has(key), file, ": required key '", key, "' is missing");
     return get<T>(key, T{});
   }
@@ -75,5 +82,16 @@ enum class Family {
 // The family of a model_type; an error naming the file and the supported
 // families otherwise.
 Family family_of(const std::string& model_type, const std::string& file);
+
+// The attribute_map of the family's transformers config class: (alias, key)
+// pairs, e.g. Mixtral's num_experts for num_local_experts.
+std::vector<std::pair<std::string, std::string>> class_aliases(Family fam);
+
+// config.json as the family's transformers config class sees it: aliases
+// renamed to their keys, then the class default under every key that is
+// absent (hf_config.cpp lists them; tests/python/test_hf_defaults.py checks
+// them against transformers). A key present as null stays null: it is the
+// class's None, read with the fallback at its use.
+nlohmann::json with_class_defaults(const nlohmann::json& hf, Family fam);
 
 } // namespace moeyard::io::detail
