@@ -297,8 +297,8 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
 
 def test_deepseek_multi_token_prediction_layers_are_skipped(saved, tmp_path):
     """DeepSeek-V3 files carry MTP layers past num_hidden_layers, which the
-    causal LM does not use (transformers skips them too); without
-    num_nextn_predict_layers they are unknown tensors."""
+    causal LM does not use (transformers skips them too); with
+    num_nextn_predict_layers = 0 they are unknown tensors."""
     cfg, tensors = base_files(saved["deepseek_v3"][1])
     tensors[f"model.layers.{L}.eh_proj.weight"] = torch.zeros(H, 2 * H)
     cfg["num_nextn_predict_layers"] = 1
