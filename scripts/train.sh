@@ -2,7 +2,7 @@
 # Sets up everything (scripts/setup.sh), prepares the built-in corpus (byte
 # shards of the Python standard library's sources) once, and trains
 # configs/tiny.yaml. Extra arguments go to `moeyard train`, e.g.
-#   scripts/train.sh --set train.steps=50 --resume never
+#   scripts/train.sh --set train.steps=50 --resume never --overwrite
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/setup.sh"
