@@ -348,6 +348,8 @@ json Trainer::manifest_state(int64_t step) const {
   return {
       {"step", step},
       {"run_id", run_id_},
+      // Started with --overwrite and not yet done discarding.
+      {"overwrite", discard_others_},
       {"config", cfg_.text},
       {"resolved_config", cfg_.resolved},
       {"data", data_fingerprint_},
@@ -392,7 +394,8 @@ void Trainer::commit(
       return json::parse(std::ifstream(p / "manifest.json"))
           .value("run_id", std::string("legacy"));
     } catch (const std::exception&) {
-      return std::string(); // unreadable: nobody's, never pruned
+      // unreadable: nobody's, deleted only by a run with --overwrite
+      return std::string();
     }
   };
   const auto drop = run_dir::prune_list(
@@ -402,10 +405,7 @@ void Trainer::commit(
       cfg_.checkpoint.keep_last,
       discard_others_,
       run_of);
-  for (const auto& p : drop) {
-    fs::remove_all(p);
-    run_dir::crash_point("prune:one");
-  }
+  run_dir::remove_checkpoints(dir, drop);
   if (discard_others_ && !drop.empty()) {
     log::info(
         "--overwrite: removed the earlier checkpoints this run replaces (" +

@@ -106,10 +106,30 @@ std::vector<Checkpoint> list_checkpoints(const fs::path& dir) {
   return out;
 }
 
-std::vector<std::string> recover(const fs::path& dir) {
+std::vector<std::string> recover(
+    const fs::path& dir,
+    const std::function<std::string(const fs::path&)>& verify) {
   std::vector<std::string> done;
   if (!fs::is_directory(dir)) {
     return done;
+  }
+  // `latest` is the commit point: a checkpoint it names but that is not in
+  // place yet is completed from step_<N>.tmp, or restored from step_<N>.old.
+  if (const auto name = read_latest(dir); name && !fs::exists(dir / *name)) {
+    const fs::path tmp = dir / (*name + ".tmp"), old = dir / (*name + ".old");
+    if (fs::is_directory(tmp) && verify(tmp).empty()) {
+      fs::rename(tmp, dir / *name);
+      fsync_path(dir);
+      done.push_back(
+          "completed the save of " + (dir / *name).string() +
+          " (interrupted after it was committed)");
+    } else if (fs::is_directory(old)) {
+      fs::rename(old, dir / *name);
+      fsync_path(dir);
+      done.push_back(
+          "restored " + (dir / *name).string() +
+          " (a save that replaced it was interrupted)");
+    }
   }
   std::vector<fs::path> entries;
   for (const auto& e : fs::directory_iterator(dir)) {
@@ -131,9 +151,10 @@ std::vector<std::string> recover(const fs::path& dir) {
       done.push_back(
           "restored " + committed.string() +
           " (a save that replaced it was interrupted)");
-    } else if (kind == ".old" || kind == ".tmp") {
+    } else if (kind == ".old" || kind == ".tmp" || kind == ".deleting") {
       fs::remove_all(p);
-      done.push_back("removed " + p.string() + " (left by an interrupted save)");
+      done.push_back("removed " + p.string() + " (left by an interrupted " +
+                     (kind == ".deleting" ? "deletion)" : "save)"));
     }
   }
   return done;
@@ -163,22 +184,7 @@ Start choose_start(
   }
   const auto all = list_checkpoints(dir);
   const auto latest = read_latest(dir);
-  const auto latest_step = latest ? parse_step_name(*latest) : std::nullopt;
   if (latest && fs::is_directory(dir / *latest)) {
-    // A newer complete checkpoint that `latest` does not name yet: the save
-    // died between publishing it and moving `latest`.
-    for (auto it = all.rbegin(); it != all.rend(); ++it) {
-      if (!latest_step || it->step <= *latest_step) {
-        break;
-      }
-      if (verify(it->path).empty()) {
-        s.from = it->path;
-        s.notes.push_back(
-            "latest names " + *latest + " but " + it->path.string() +
-            " is newer and complete: resuming from it");
-        return s;
-      }
-    }
     s.from = dir / *latest;
     return s;
   }
@@ -232,6 +238,9 @@ void publish(const fs::path& tmp, const fs::path& final_dir) {
   const fs::path aside = final_dir.string() + ".old";
   fsync_path(tmp);
   crash_point("publish:before");
+  // The commit point: from here on, recover() completes this checkpoint.
+  write_durably(parent / "latest", final_dir.filename().string() + "\n");
+  crash_point("publish:latest");
   if (fs::exists(final_dir)) {
     fs::remove_all(aside);
     fs::rename(final_dir, aside);
@@ -241,10 +250,26 @@ void publish(const fs::path& tmp, const fs::path& final_dir) {
   fs::rename(tmp, final_dir);
   fsync_path(parent);
   crash_point("publish:renamed");
-  write_durably(parent / "latest", final_dir.filename().string() + "\n");
-  crash_point("publish:latest");
   if (fs::exists(aside)) {
     fs::remove_all(aside);
+  }
+}
+
+void remove_checkpoints(const fs::path& dir, const std::vector<fs::path>& drop) {
+  if (drop.empty()) {
+    return;
+  }
+  // Renamed first (atomic) so that a deletion cut short leaves no
+  // half-deleted step_<N> behind: recover() finishes it.
+  std::vector<fs::path> renamed;
+  for (const auto& p : drop) {
+    renamed.push_back(p.string() + ".deleting");
+    fs::rename(p, renamed.back());
+  }
+  fsync_path(dir);
+  for (const auto& p : renamed) {
+    fs::remove_all(p);
+    crash_point("prune:one");
   }
 }
 

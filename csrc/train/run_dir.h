@@ -5,10 +5,13 @@
 // docs/training.md ("Checkpoints" and "Resuming") states the rules.
 //
 //   <dir>/step_<N>/        a committed checkpoint (manifest.json last)
-//   <dir>/step_<N>.tmp/    being written; never read
+//   <dir>/step_<N>.tmp/    being written; read only to complete a save
+//                          that `latest` already names
 //   <dir>/step_<N>.old/    a committed step_<N> set aside while a new
 //                          step_<N> replaces it; restored if the swap died
-//   <dir>/latest           the name of the newest committed checkpoint
+//   <dir>/step_<N>.deleting/  being deleted
+//   <dir>/latest           the name of the newest committed checkpoint: the
+//                          commit point of a save
 
 #include <nlohmann/json.hpp>
 
@@ -44,11 +47,15 @@ struct Checkpoint {
 // The committed checkpoints of `dir`, by increasing step.
 std::vector<Checkpoint> list_checkpoints(const fs::path& dir);
 
-// Finishes what a crash interrupted: a step_<N>.old whose step_<N> is
-// missing is renamed back (the replacement never got published), one whose
-// step_<N> exists is deleted; stale step_<N>.tmp directories are deleted.
-// Returns one line per action, for the log.
-std::vector<std::string> recover(const fs::path& dir);
+// Finishes what a crash interrupted. `latest` is the commit point: if the
+// checkpoint it names is missing, it is completed from step_<N>.tmp (when
+// that verifies) or restored from step_<N>.old. Then a step_<N>.old whose
+// step_<N> is missing is renamed back, and other step_<N>.old, .tmp and
+// .deleting directories are deleted. Returns one line per action, for the
+// log. `verify(checkpoint)` returns "" when it is complete and intact.
+std::vector<std::string> recover(
+    const fs::path& dir,
+    const std::function<std::string(const fs::path&)>& verify);
 
 // The checkpoint name (step_<N>) `latest` holds, or nullopt when the file
 // is missing, empty, unreadable or holds anything else.
@@ -65,10 +72,14 @@ Start choose_start(
     const std::string& resume, // "auto", "never" or a checkpoint directory
     const std::function<std::string(const fs::path&)>& verify);
 
-// Publishes the finished checkpoint `tmp` as `final_dir` and names it in
-// `latest`: an existing `final_dir` is first set aside as <final_dir>.old
-// and deleted only after the new one is in place.
+// Publishes the finished checkpoint `tmp` as `final_dir`: `latest` names it
+// first (the commit point), then an existing `final_dir` is set aside as
+// <final_dir>.old, `tmp` is renamed into place and the .old deleted.
 void publish(const fs::path& tmp, const fs::path& final_dir);
+
+// Deletes checkpoints so that a crash midway leaves none half-deleted
+// under its committed name (each is renamed to <name>.deleting first).
+void remove_checkpoints(const fs::path& dir, const std::vector<fs::path>& drop);
 
 // The checkpoints pruning deletes after `committed` was published: of the
 // older checkpoints that belong to `run_id`, all but the newest

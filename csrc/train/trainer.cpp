@@ -232,12 +232,6 @@ int64_t Trainer::start(const RunOptions& options) {
   options_ = options;
   const fs::path dir(cfg_.checkpoint.dir);
   fs::create_directories(dir);
-  if (env_.rank == 0) {
-    for (const auto& line : run_dir::recover(dir)) {
-      log::warn("checkpoint.dir: " + line);
-    }
-  }
-  save_barrier(); // the directory is in order before any rank reads it
   const auto verify = [](const fs::path& p) -> std::string {
     try {
       read_manifest(p);
@@ -248,6 +242,12 @@ int64_t Trainer::start(const RunOptions& options) {
       return e.what();
     }
   };
+  if (env_.rank == 0) {
+    for (const auto& line : run_dir::recover(dir, verify)) {
+      log::warn("checkpoint.dir: " + line);
+    }
+  }
+  save_barrier(); // the directory is in order before any rank reads it
   const auto begin = run_dir::choose_start(dir, options.resume, verify);
   if (env_.rank == 0) {
     for (const auto& note : begin.notes) {
@@ -301,8 +301,13 @@ int64_t Trainer::start(const RunOptions& options) {
       newer.push_back(c.path.filename().string());
     }
   }
+  // A run started with --overwrite that died before it discarded them
+  // still may (its checkpoints say so).
+  const bool overwrite =
+      options.overwrite ||
+      (manifest.is_object() && manifest.value("overwrite", false));
   TORCH_CHECK(
-      newer.empty() || options.overwrite,
+      newer.empty() || overwrite,
       "checkpoint.dir ",
       dir.string(),
       " already holds ",
@@ -315,7 +320,7 @@ int64_t Trainer::start(const RunOptions& options) {
       "--resume auto, choose another checkpoint.dir, or pass --overwrite to "
       "replace them (they are deleted when this run commits its first "
       "checkpoint)");
-  discard_others_ = options.overwrite && !newer.empty();
+  discard_others_ = overwrite && !newer.empty();
   shard_model();
   build_optimizer();
   if (!begin.from.empty()) {
@@ -338,6 +343,14 @@ int64_t Trainer::start(const RunOptions& options) {
         "); every rank must see the same checkpoint directory");
   }
   if (env_.rank == 0) {
+    if (discard_others_ && fs::exists(metrics_path_)) {
+      // The records of the run being replaced stay readable.
+      const auto kept = metrics_path_ + ".before-overwrite";
+      fs::copy_file(
+          metrics_path_, kept, fs::copy_options::overwrite_existing);
+      run_dir::fsync_path(kept);
+      log::info("--overwrite: the earlier metrics are kept in " + kept);
+    }
     truncate_metrics(step);
   }
   return step;
@@ -359,6 +372,9 @@ void Trainer::check_resume_compatible(
               .resolved;
   }
   const auto defines_model = [](const std::string& key) {
+    if (key == "model.init_from") { // its config.json is compared below
+      return false;
+    }
     for (const char* p : {"model.", "moe.", "schedule.top_k.",
                           "schedule.capacity_factor."}) {
       if (key.rfind(p, 0) == 0) {
@@ -529,7 +545,8 @@ nlohmann::json Trainer::routing_stats(
       rec["capacity_factor"] = o.capacity_factor;
     }
     out.push_back(rec);
-    layer_tokens[l] = all[l].narrow(0, 0, E).to(at::kFloat);
+    layer_tokens[l] = // on the model's device, for the selection bias
+        all[l].narrow(0, 0, E).to(sums[l].device(), at::kFloat);
     ++l;
   }
   return out;
@@ -636,19 +653,18 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
   // process), the routing statistics and the gradients.
   const int sig = g_signal;
   out.stop_here = sig != 0;
-  auto v = at::cat(
-               {losses.cpu(),
-                at::tensor({sig != 0 ? 1.0 : 0.0, double(sig)}, at::kDouble)})
-               .contiguous();
+  auto v = losses.cpu().contiguous();
+  auto stop = at::tensor({double(sig)}, at::kDouble); // max over ranks
   if (distributed()) {
     world_->all_reduce_sum(v);
-    v.narrow(0, 0, 3).div_(static_cast<double>(env_.world_size));
+    v.div_(static_cast<double>(env_.world_size));
+    world_->all_reduce_max(stop);
   }
   const double* vp = v.const_data_ptr<double>();
   out.loss = vp[0] / cfg_.train.grad_accum;
   out.ce = vp[1] / cfg_.train.grad_accum;
   out.aux = vp[2] / cfg_.train.grad_accum;
-  out.stop_signal = vp[3] > 0 ? static_cast<int>(std::lround(vp[4] / vp[3])) : 0;
+  out.stop_signal = static_cast<int>(stop.item<double>());
   std::vector<at::Tensor> layer_tokens(sums.size());
   out.moe_layers = routing_stats(sums, layer_tokens);
   if (distributed()) {

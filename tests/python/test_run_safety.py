@@ -180,7 +180,7 @@ def test_a_kill_at_any_instant_of_a_save_loses_nothing(tmp_path, shards, point):
     run = tmp_path / "run"
     # Killed once step_8 is committed: the same schedule as the reference.
     r = train(cfg, "--set", "train.steps=12", "--set", "checkpoint.keep_last=3",
-              env={"MOEYARD_CRASH_AT": "publish:latest#2"}, check=False)
+              env={"MOEYARD_CRASH_AT": "publish:renamed#2"}, check=False)
     assert r.returncode == -signal.SIGKILL and steps_in(run) == [4, 8] and latest(run) == "step_8"
     # Replay from step 4: re-saves step_8 (killed there), then step_12.
     r = train(cfg, "--resume", str(run / "step_4"), "--overwrite", "--set", "train.steps=12",
@@ -194,7 +194,26 @@ def test_a_kill_at_any_instant_of_a_save_loses_nothing(tmp_path, shards, point):
     assert [m["loss"] for m in ms] == [m["loss"] for m in records(tmp_path / "ref")]
     for f in ("model.safetensors", "optimizer.safetensors"):
         assert (run / "step_12" / f).read_bytes() == (tmp_path / "ref" / "step_12" / f).read_bytes()
-    assert not [p for p in run.iterdir() if p.name.endswith((".tmp", ".old"))]
+    assert not [p for p in run.iterdir() if p.name.endswith((".tmp", ".old", ".deleting"))]
+
+
+def test_a_kill_while_overwrite_discards_the_old_run_resumes_the_new_run(tmp_path, shards):
+    cfg = config(tmp_path, shards)
+    run = tmp_path / "run"
+    train(cfg, "--set", "checkpoint.keep_last=4")
+    assert steps_in(run) == [4, 8, 12, 16]
+    # The new run's step_4 is committed; killed while deleting the old run's.
+    r = train(cfg, "--resume", "never", "--overwrite", "--set", "train.steps=8",
+              env={"MOEYARD_CRASH_AT": "prune:one"}, check=False)
+    assert r.returncode == -signal.SIGKILL and latest(run) == "step_4"
+    # --resume auto continues the new run (never the old run's newer
+    # checkpoints) and finishes discarding them without --overwrite.
+    r = train(cfg, "--set", "train.steps=8")
+    assert f"resumed from {run}/step_4 at step 4" in r.stdout + r.stderr
+    assert steps_in(run) == [4, 8] and latest(run) == "step_8"
+    assert not [p for p in run.iterdir() if p.name.endswith((".tmp", ".old", ".deleting"))]
+    assert [m["step"] for m in records(run)] == list(range(1, 9))
+    assert (run / "metrics.jsonl.before-overwrite").exists()
 
 
 def test_every_committed_file_and_directory_is_fsynced_before_it_is_published(tmp_path, shards):
@@ -225,9 +244,10 @@ def test_every_committed_file_and_directory_is_fsynced_before_it_is_published(tm
     dir_synced = [i for i, c in enumerate(calls) if c.startswith("fsync(") and f"<{tmp}>" in c]
     assert dir_synced and dir_synced[-1] < publish  # after its last file was renamed into it
     assert any(c.startswith("fsync(") and f"<{run}>" in c for c in calls[publish:]), "run directory not fsynced"
+    # `latest` (the commit point) is durable before the directory is renamed.
     latest_sync = index(lambda c: c.startswith("fsync(") and f"{run}/latest.tmp>" in c, "fsync of latest.tmp")
     latest_publish = index(lambda c: c.startswith("rename") and f'"{run}/latest.tmp"' in c, "rename of latest")
-    assert publish < latest_sync < latest_publish
+    assert dir_synced[-1] < latest_sync < latest_publish < publish
 
 
 # ---- what may change on resume -----------------------------------------------------------------

@@ -70,20 +70,41 @@ TEST(RunDir, PruneKeepsTheNewestOfThisRunAndNothingElse) {
   EXPECT_EQ(drop, (std::vector<fs::path>{"step_2", "step_20"}));
 }
 
-TEST(RunDir, RecoverRestoresAnInterruptedSwap) {
+TEST(RunDir, RecoverFinishesWhatACrashInterrupted) {
   const auto d = fresh_dir("recover");
+  auto ok = [](const fs::path&) { return std::string(); };
+  // `latest` names step_8, which was set aside and not yet replaced: the
+  // committed step_8.tmp is renamed into place.
+  write(d / "latest", "step_8\n");
   fs::create_directories(d / "step_8.old");
-  write(d / "step_8.old" / "manifest.json", "{}");
   fs::create_directories(d / "step_8.tmp");
+  write(d / "step_8.tmp" / "manifest.json", "new");
   fs::create_directories(d / "step_4");
   fs::create_directories(d / "step_4.old");
-  const auto notes = rd::recover(d);
-  EXPECT_EQ(notes.size(), 3u);
-  EXPECT_TRUE(fs::exists(d / "step_8" / "manifest.json"));
-  EXPECT_FALSE(fs::exists(d / "step_8.old"));
-  EXPECT_FALSE(fs::exists(d / "step_8.tmp"));
-  EXPECT_FALSE(fs::exists(d / "step_4.old"));
+  fs::create_directories(d / "step_12.deleting");
+  fs::create_directories(d / "step_2.old"); // its step_2 never returned
+  auto notes = rd::recover(d, ok);
+  EXPECT_EQ(notes.size(), 5u);
+  std::ifstream in(d / "step_8" / "manifest.json");
+  std::string text;
+  in >> text;
+  EXPECT_EQ(text, "new");
+  for (const char* gone : {"step_8.old", "step_8.tmp", "step_4.old",
+                           "step_12.deleting", "step_2.old"}) {
+    EXPECT_FALSE(fs::exists(d / gone)) << gone;
+  }
   EXPECT_TRUE(fs::exists(d / "step_4"));
+  EXPECT_TRUE(fs::exists(d / "step_2"));
+  // A .tmp that does not verify is not completed: the .old comes back.
+  fs::remove_all(d / "step_8");
+  fs::create_directories(d / "step_8.tmp");
+  fs::create_directories(d / "step_8.old");
+  write(d / "step_8.old" / "manifest.json", "old");
+  notes = rd::recover(d, [](const fs::path&) { return std::string("bad"); });
+  std::ifstream in2(d / "step_8" / "manifest.json");
+  in2 >> text;
+  EXPECT_EQ(text, "old");
+  EXPECT_FALSE(fs::exists(d / "step_8.tmp"));
   fs::remove_all(d);
 }
 
@@ -97,12 +118,11 @@ TEST(RunDir, ChooseStart) {
   fs::create_directories(d / "step_4");
   fs::create_directories(d / "step_8");
   write(d / "latest", "step_4\n");
-  // A newer complete checkpoint than `latest` names wins.
-  EXPECT_EQ(rd::choose_start(d, "auto", ok).from, d / "step_8");
+  // `latest` decides, even with a newer checkpoint beside it.
+  EXPECT_EQ(rd::choose_start(d, "auto", ok).from, d / "step_4");
   auto bad8 = [](const fs::path& p) {
     return p.filename() == "step_8" ? std::string("corrupt") : std::string();
   };
-  EXPECT_EQ(rd::choose_start(d, "auto", bad8).from, d / "step_4");
   // An empty `latest`: the newest that verifies, with the reasons.
   write(d / "latest", "");
   const auto s = rd::choose_start(d, "auto", bad8);
@@ -120,7 +140,7 @@ TEST(RunDir, ChooseStart) {
   fs::remove_all(d);
 }
 
-TEST(RunDir, PublishSwapsAnExistingStep) {
+TEST(RunDir, PublishSwapsAnExistingStepAndDeletions) {
   const auto d = fresh_dir("publish");
   fs::create_directories(d / "step_4");
   write(d / "step_4" / "manifest.json", "old");
@@ -134,6 +154,10 @@ TEST(RunDir, PublishSwapsAnExistingStep) {
   EXPECT_EQ(rd::read_latest(d), "step_4");
   EXPECT_FALSE(fs::exists(d / "step_4.old"));
   EXPECT_FALSE(fs::exists(d / "step_4.tmp"));
+  fs::create_directories(d / "step_2");
+  rd::remove_checkpoints(d, {d / "step_2"});
+  EXPECT_FALSE(fs::exists(d / "step_2"));
+  EXPECT_FALSE(fs::exists(d / "step_2.deleting"));
   fs::remove_all(d);
 }
 
