@@ -409,8 +409,7 @@ void YamlReader::get(const char* key, std::vector<std::string>& out) {
 
 YamlReader YamlReader::child(const char* key) {
   auto n = lookup(key);
-  YamlReader r(
-      n ? *n : YAML::Node(YAML::NodeType::Null), full(key), sources_);
+  YamlReader r(n ? *n : YAML::Node(YAML::NodeType::Null), full(key), sources_);
   r.sink_ = sink_;
   return r;
 }

@@ -183,7 +183,7 @@ bool nested_deeper_than(const json& v, size_t limit) {
 std::string dump(const json& v) {
   if (nested_deeper_than(v, 64)) {
     return std::string("a JSON ") + v.type_name() +
-        " nested more than 64 levels deep";
+           " nested more than 64 levels deep";
   }
   auto s = v.dump();
   return s.size() > 120 ? s.substr(0, 117) + "..." : s;

@@ -370,7 +370,8 @@ void Trainer::commit(
   const fs::path dir(cfg_.checkpoint.dir);
   json manifest = manifest_state(step);
   if (!cfg_.init_from.empty()) { // the architecture, for resume and export
-    run_dir::write_durably(tmp / "hf_config.json", cfg_.hf_config.dump(2) + "\n");
+    run_dir::write_durably(
+        tmp / "hf_config.json", cfg_.hf_config.dump(2) + "\n");
   }
   if (const auto tok = tokenizer_path(); !tok.empty()) { // for generate
     fs::copy_file(tok, tmp / "tokenizer.json");

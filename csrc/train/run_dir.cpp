@@ -43,7 +43,10 @@ void write_durably(const fs::path& p, const std::string& text) {
     out << text;
     out.flush();
     TORCH_CHECK(
-        out.good(), "checkpoint: writing ", tmp.string(), " failed (disk full?)");
+        out.good(),
+        "checkpoint: writing ",
+        tmp.string(),
+        " failed (disk full?)");
   }
   fsync_path(tmp);
   fs::rename(tmp, p);
@@ -153,8 +156,9 @@ std::vector<std::string> recover(
           " (a save that replaced it was interrupted)");
     } else if (kind == ".old" || kind == ".tmp" || kind == ".deleting") {
       fs::remove_all(p);
-      done.push_back("removed " + p.string() + " (left by an interrupted " +
-                     (kind == ".deleting" ? "deletion)" : "save)"));
+      done.push_back(
+          "removed " + p.string() + " (left by an interrupted " +
+          (kind == ".deleting" ? "deletion)" : "save)"));
     }
   }
   return done;
@@ -206,8 +210,8 @@ Start choose_start(
   s.notes.push_back(
       !has_latest_file ? (dir / "latest").string() + " is missing"
       : latest         ? (dir / "latest").string() + " names " + *latest +
-              ", which does not exist"
-                       : (dir / "latest").string() + " is empty or unreadable");
+                     ", which does not exist"
+               : (dir / "latest").string() + " is empty or unreadable");
   for (auto it = all.rbegin(); it != all.rend(); ++it) {
     const auto why = verify(it->path);
     if (why.empty()) {
@@ -255,7 +259,8 @@ void publish(const fs::path& tmp, const fs::path& final_dir) {
   }
 }
 
-void remove_checkpoints(const fs::path& dir, const std::vector<fs::path>& drop) {
+void remove_checkpoints(
+    const fs::path& dir, const std::vector<fs::path>& drop) {
   if (drop.empty()) {
     return;
   }
@@ -322,9 +327,9 @@ nlohmann::json data_fingerprint(const std::string& path) {
   constexpr uint64_t kBlock = 1 << 20;
   std::vector<char> buf(kBlock);
   in.read(buf.data(), std::min<uint64_t>(32, size));
-  const std::string header = hex(
-      reinterpret_cast<const unsigned char*>(buf.data()),
-      static_cast<size_t>(in.gcount()));
+  const std::string header =
+      hex(reinterpret_cast<const unsigned char*>(buf.data()),
+          static_cast<size_t>(in.gcount()));
   EVP_MD_CTX* ctx = EVP_MD_CTX_new();
   EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
   const uint64_t starts[3] = {
@@ -352,7 +357,7 @@ std::string fingerprint_difference(
     const nlohmann::json& was, const nlohmann::json& now) {
   if (was.value("bytes", uint64_t(0)) != now.value("bytes", uint64_t(0))) {
     return std::to_string(was.value("bytes", uint64_t(0))) + " bytes then, " +
-        std::to_string(now.value("bytes", uint64_t(0))) + " bytes now";
+           std::to_string(now.value("bytes", uint64_t(0))) + " bytes now";
   }
   if (was.value("header", "") != now.value("header", "")) {
     return "its header differs";

@@ -42,127 +42,6 @@ std::string fmt_duration(double s) {
 
 } // namespace
 
-void Trainer::build_optimizer() {
-  // Groups: decayed matrices, no-decay (norms, biases, embeddings), router,
-  // then one per optim.groups override (first matching pattern wins).
-  const auto& o = cfg_.optim;
-  const size_t n_groups = 3 + o.groups.size();
-  std::vector<std::vector<at::Tensor>> members(n_groups);
-  std::vector<std::vector<std::string>> member_names(n_groups);
-  std::vector<std::vector<bool>> member_master(n_groups);
-  int64_t frozen = 0, frozen_numel = 0;
-  for (const auto& p : model_->named_parameters()) {
-    const auto& n = p.key();
-    at::Tensor t = p.value();
-    const bool freeze = std::any_of(
-        o.freeze.begin(), o.freeze.end(), [&](const std::string& pat) {
-          return n.find(pat) != std::string::npos;
-        });
-    if (freeze) { // no gradient, not in the optimizer
-      t.requires_grad_(false);
-      ++frozen;
-      frozen_numel += t.numel();
-      continue;
-    }
-    at::Tensor opt_t = t;
-    if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble) {
-      opt_t = t.detach().to(at::kFloat).requires_grad_(true); // fp32 master
-      masters_.push_back(opt_t);
-    } else {
-      masters_.push_back(at::Tensor());
-    }
-    params_.push_back(t);
-    param_names_.push_back(n);
-    size_t g = 0;
-    if (n.find(".router.") != std::string::npos) {
-      g = 2;
-    } else if (
-        n.find("norm") != std::string::npos || ends_with(n, ".bias") ||
-        n.rfind("embed.", 0) == 0) {
-      g = 1;
-    }
-    for (size_t k = 0; k < o.groups.size(); ++k) {
-      if (n.find(o.groups[k].pattern) != std::string::npos) {
-        g = 3 + k;
-        break;
-      }
-    }
-    members[g].push_back(opt_t);
-    member_names[g].push_back(n);
-    member_master[g].push_back(
-        opt_t.unsafeGetTensorImpl() != t.unsafeGetTensorImpl());
-  }
-  auto options = [&](double lr, double wd) {
-    return std::make_unique<torch::optim::AdamWOptions>(
-        torch::optim::AdamWOptions(lr)
-            .betas({o.beta1, o.beta2})
-            .eps(o.eps)
-            .weight_decay(wd));
-  };
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  for (size_t g = 0; g < n_groups; ++g) {
-    double lr = o.lr, wd = g == 0 ? o.weight_decay : 0.0;
-    if (g == 2) {
-      lr = o.lr * o.router_lr_mult;
-    } else if (g >= 3) {
-      lr = o.lr * o.groups[g - 3].lr_mult;
-      wd = o.groups[g - 3].weight_decay;
-    }
-    groups.emplace_back(members[g], options(lr, wd));
-    base_lr_.push_back(lr);
-    names_.insert(names_.end(), member_names[g].begin(), member_names[g].end());
-    opt_is_master_.insert(
-        opt_is_master_.end(), member_master[g].begin(), member_master[g].end());
-  }
-  opt_ = std::make_unique<torch::optim::AdamW>(
-      groups, torch::optim::AdamWOptions(o.lr));
-  if (!o.freeze.empty()) {
-    TORCH_CHECK(
-        frozen > 0,
-        "config: optim.freeze matches no parameter name (see docs/model.md "
-        "for the names)");
-    TORCH_CHECK(
-        !params_.empty(),
-        "config: optim.freeze freezes all ",
-        frozen,
-        " parameter tensors; nothing would train");
-    log::info(log::format(
-        "frozen: %ld tensors, %ld parameters (optim.freeze)",
-        frozen,
-        frozen_numel));
-  }
-}
-
-// Per-expert clipping: expert e's slices of a layer's w_gate_up and w_down
-// are scaled together so that their joint gradient norm is at most `clip`.
-
-void clip_experts(
-    const std::vector<std::string>& names,
-    const std::vector<at::Tensor>& params,
-    double clip) {
-  at::NoGradGuard g;
-  std::map<std::string, std::vector<at::Tensor>> by_layer;
-  for (size_t i = 0; i < names.size(); ++i) {
-    if ((ends_with(names[i], ".moe.w_gate_up") ||
-         ends_with(names[i], ".moe.w_down")) &&
-        params[i].grad().defined()) {
-      by_layer[names[i].substr(0, names[i].rfind('.'))].push_back(
-          params[i].mutable_grad());
-    }
-  }
-  for (auto& [layer, grads] : by_layer) {
-    at::Tensor sq;
-    for (auto& gr : grads) {
-      auto s = gr.to(at::kDouble).square().flatten(1).sum(1); // [E]
-      sq = sq.defined() ? sq + s : s;
-    }
-    const auto scale = (clip / (sq.sqrt() + 1e-6)).clamp_max(1.0);
-    for (auto& gr : grads) {
-      gr.mul_(scale.to(gr.scalar_type()).view({-1, 1, 1}));
-    }
-  }
-}
-
 // Micro-batch `micro` of step `step`: random windows from a generator seeded
 // by (seed, step, micro), so any step can be replayed after a resume.
 
@@ -225,269 +104,6 @@ void Trainer::apply_moe_schedules(int64_t step) {
     if (sc.top_k.enabled) { // values checked against num_experts
       o.top_k = std::llround(sc.top_k.value(step, cfg_.train.steps));
     }
-  }
-}
-
-int64_t Trainer::start(const RunOptions& options) {
-  options_ = options;
-  const fs::path dir(cfg_.checkpoint.dir);
-  fs::create_directories(dir);
-  const auto verify = [](const fs::path& p) -> std::string {
-    try {
-      read_manifest(p);
-      return "";
-    } catch (const c10::Error& e) {
-      return e.what_without_backtrace();
-    } catch (const std::exception& e) {
-      return e.what();
-    }
-  };
-  if (env_.rank == 0) {
-    for (const auto& line : run_dir::recover(dir, verify)) {
-      log::warn("checkpoint.dir: " + line);
-    }
-  }
-  save_barrier(); // the directory is in order before any rank reads it
-  const auto begin = run_dir::choose_start(dir, options.resume, verify);
-  if (env_.rank == 0) {
-    for (const auto& note : begin.notes) {
-      log::warn("resume: " + note);
-    }
-  }
-  data_fingerprint_ = {{"train", run_dir::data_fingerprint(cfg_.data.train)}};
-  if (!cfg_.data.valid.empty()) {
-    data_fingerprint_["valid"] = run_dir::data_fingerprint(cfg_.data.valid);
-  }
-  // The full model first (a checkpoint of any layout, or a fresh init),
-  // then this rank's pieces, then the optimizer over what it holds.
-  int64_t step = 0;
-  json manifest;
-  if (!begin.from.empty()) {
-    manifest = read_manifest(begin.from); // SHA-256 of every file
-    step = manifest.at("step").get<int64_t>();
-    check_resume_compatible(manifest, begin.from);
-    run_id_ = manifest.value("run_id", std::string("legacy"));
-    const auto& st = manifest.value("trainer_state", json::object());
-    bad_in_row_ = st.value("bad_in_row", int64_t(0));
-    for (const auto& l : st.value("recent_losses", json::array())) {
-      recent_losses_.push_back(l.get<double>());
-    }
-    load_model_tensors(*model_, begin.from);
-  } else {
-    run_id_ = [] {
-      std::random_device rd;
-      char buf[17];
-      std::snprintf(
-          buf,
-          sizeof buf,
-          "%08x%08x",
-          static_cast<unsigned>(rd()),
-          static_cast<unsigned>(rd()));
-      return std::string(buf);
-    }();
-    at::manual_seed(cfg_.train.seed);
-    if (cfg_.init_from.empty()) {
-      model_->init_weights();
-    } else {
-      io::load_hf_weights(*model_, cfg_.hf_config, cfg_.init_from);
-      log::info("initialized from " + cfg_.init_from);
-    }
-  }
-  // Checkpoints newer than the start belong to another run, or to the
-  // future of an older step: never mixed with this run's silently.
-  std::vector<std::string> newer;
-  for (const auto& c : run_dir::list_checkpoints(dir)) {
-    if (c.step > step || begin.from.empty()) {
-      newer.push_back(c.path.filename().string());
-    }
-  }
-  // A run started with --overwrite that died before it discarded them
-  // still may (its checkpoints say so).
-  const bool overwrite =
-      options.overwrite ||
-      (manifest.is_object() && manifest.value("overwrite", false));
-  TORCH_CHECK(
-      newer.empty() || overwrite,
-      "checkpoint.dir ",
-      dir.string(),
-      " already holds ",
-      begin.from.empty() ? "checkpoints (" : "checkpoints newer than step " +
-              std::to_string(step) + " (",
-      c10::Join(", ", newer),
-      "; the newest is ",
-      newer.empty() ? "" : newer.back(),
-      ") that this run would overwrite or mix with. Continue them with "
-      "--resume auto, choose another checkpoint.dir, or pass --overwrite to "
-      "replace them (they are deleted when this run commits its first "
-      "checkpoint)");
-  discard_others_ = overwrite && !newer.empty();
-  shard_model();
-  build_optimizer();
-  if (!begin.from.empty()) {
-    load_optimizer_state(begin.from.string());
-    log::info(log::format(
-        "resumed from %s at step %ld", begin.from.string().c_str(), step));
-  } else {
-    seed_stream(0);
-  }
-  if (distributed()) { // every rank resumed the same step
-    save_barrier(); // loading may take the ranks unequal times
-    auto t = at::tensor({double(step), -double(step)}, at::kDouble);
-    world_->all_reduce_max(t);
-    TORCH_CHECK(
-        t[0].item<double>() == -t[1].item<double>(),
-        "resume: the ranks resumed different steps (",
-        -t[1].item<double>(),
-        " to ",
-        t[0].item<double>(),
-        "); every rank must see the same checkpoint directory");
-  }
-  if (env_.rank == 0) {
-    if (discard_others_ && fs::exists(metrics_path_)) {
-      // The records of the run being replaced stay readable.
-      const auto kept = metrics_path_ + ".before-overwrite";
-      fs::copy_file(
-          metrics_path_, kept, fs::copy_options::overwrite_existing);
-      run_dir::fsync_path(kept);
-      log::info("--overwrite: the earlier metrics are kept in " + kept);
-    }
-    truncate_metrics(step);
-  }
-  return step;
-}
-
-void Trainer::check_resume_compatible(
-    const json& manifest, const fs::path& from) {
-  // The checkpoint's resolved config; older manifests carry only the text.
-  std::map<std::string, std::string> was;
-  if (manifest.contains("resolved_config")) {
-    was = manifest.at("resolved_config")
-              .get<std::map<std::string, std::string>>();
-  } else {
-    json hf = nullptr;
-    if (fs::exists(from / "hf_config.json")) {
-      hf = json::parse(std::ifstream(from / "hf_config.json"));
-    }
-    was = TrainConfig::from_text(manifest.at("config").get<std::string>(), hf)
-              .resolved;
-  }
-  const auto defines_model = [](const std::string& key) {
-    if (key == "model.init_from") { // its config.json is compared below
-      return false;
-    }
-    for (const char* p : {"model.", "moe.", "schedule.top_k.",
-                          "schedule.capacity_factor."}) {
-      if (key.rfind(p, 0) == 0) {
-        return true;
-      }
-    }
-    return false;
-  };
-  const auto is_data = [](const std::string& key) {
-    return key == "data.seed" || key == "data.seq_len";
-  };
-  std::string model_diff, data_diff;
-  auto differ = [&](const std::string& key, const std::string& a,
-                    const std::string& b) {
-    return "\n  " + key + ": checkpoint " + (a.empty() ? "(unset)" : a) +
-        ", this config " + (b.empty() ? "(unset)" : b);
-  };
-  std::set<std::string> keys;
-  for (const auto& [k, v] : was) {
-    keys.insert(k);
-  }
-  for (const auto& [k, v] : cfg_.resolved) {
-    keys.insert(k);
-  }
-  for (const auto& k : keys) {
-    const auto a = was.count(k) ? was.at(k) : std::string();
-    const auto b = cfg_.resolved.count(k) ? cfg_.resolved.at(k) : std::string();
-    if (a == b) {
-      continue;
-    }
-    if (defines_model(k)) {
-      model_diff += differ(k, a, b);
-    } else if (is_data(k)) {
-      data_diff += differ(k, a, b);
-    }
-  }
-  if (!cfg_.init_from.empty() && fs::exists(from / "hf_config.json")) {
-    const json hf = json::parse(std::ifstream(from / "hf_config.json"));
-    for (const auto& [k, v] : hf.items()) {
-      const auto now = cfg_.hf_config.value(k, json());
-      if (now != v) {
-        model_diff += differ("config.json " + k, v.dump(), now.dump());
-      }
-    }
-  }
-  TORCH_CHECK(
-      model_diff.empty(),
-      "resume: ",
-      from.string(),
-      " was saved with another model or routing; fields that differ:",
-      model_diff,
-      "\nResume with the checkpoint's values, or start a new run (another "
-      "checkpoint.dir, or --resume never --overwrite). Fields that may change "
-      "on resume are listed in docs/training.md");
-  // The data: the same content (a moved file is fine) and sampling.
-  const auto saved = manifest.value("data", json::object());
-  for (const auto& [split, fp] : data_fingerprint_.items()) {
-    if (!saved.contains(split)) {
-      continue; // a manifest from before data fingerprints
-    }
-    const auto why = run_dir::fingerprint_difference(saved.at(split), fp);
-    if (!why.empty()) {
-      data_diff += "\n  data." + split + ": " +
-          saved.at(split).value("path", std::string()) + " then, " +
-          fp.value("path", std::string()) + " now: " + why;
-    } else if (saved.at(split).value("path", "") != fp.value("path", "")) {
-      log::info(
-          "resume: data." + split + " moved to " + fp.value("path", "") +
-          " (same content)");
-    }
-  }
-  if (!data_diff.empty()) {
-    TORCH_CHECK(
-        options_.allow_data_change,
-        "resume: the training data differs from the checkpoint's (",
-        from.string(),
-        "):",
-        data_diff,
-        "\nThe resumed run would not see the batches the checkpoint's run "
-        "would have. Pass --allow-data-change to resume anyway");
-    log::warn("resume: the data differs (--allow-data-change):" + data_diff);
-  }
-}
-
-void Trainer::truncate_metrics(int64_t step) const {
-  if (!fs::exists(metrics_path_)) {
-    return;
-  }
-  std::ifstream in(metrics_path_);
-  std::string line, kept;
-  int64_t dropped = 0;
-  while (std::getline(in, line)) {
-    json rec;
-    try {
-      rec = json::parse(line);
-    } catch (const std::exception&) {
-      ++dropped; // a record torn by a crash
-      continue;
-    }
-    if (!rec.is_object() || rec.value("step", int64_t(0)) > step) {
-      ++dropped;
-      continue;
-    }
-    kept += line + "\n";
-  }
-  in.close();
-  if (dropped > 0) {
-    run_dir::write_durably(metrics_path_, kept);
-    log::info(log::format(
-        "%s: dropped %ld records past step %ld (those steps run again)",
-        metrics_path_.c_str(),
-        dropped,
-        step));
   }
 }
 
@@ -707,8 +323,7 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
         step + 1,
         out.skipped == "loss spike"
             ? log::format(
-                  "loss above %g x the running median",
-                  cfg_.train.spike_factor)
+                  "loss above %g x the running median", cfg_.train.spike_factor)
                   .c_str()
             : "non-finite loss or gradient norm",
         out.loss,
@@ -802,8 +417,7 @@ RunResult Trainer::run(const RunOptions& options) {
     }
     // The values routing used this step (after clamping to the model).
     if (cfg_.schedule.capacity_factor.enabled && !s.moe_layers.empty()) {
-      rec["capacity_factor"] =
-          s.moe_layers[0].value("capacity_factor", 0.0);
+      rec["capacity_factor"] = s.moe_layers[0].value("capacity_factor", 0.0);
     }
     if (cfg_.schedule.top_k.enabled && !s.moe_layers.empty()) {
       rec["top_k"] = s.moe_layers[0].at("top_k");
@@ -843,20 +457,24 @@ RunResult Trainer::run(const RunOptions& options) {
       logged_from = step;
     }
     if (s.stop_signal != 0) {
-      const auto what = s.stop_signal == SIGINT ? "SIGINT"
-          : s.stop_signal == SIGTERM            ? "SIGTERM"
-                                     : "a signal";
-      const auto msg = s.stop_here
-          ? log::format("%s received", what)
-          : log::format("stop requested by another rank (%s)", what);
+      const auto what = s.stop_signal == SIGINT    ? "SIGINT"
+                        : s.stop_signal == SIGTERM ? "SIGTERM"
+                                                   : "a signal";
+      const auto msg =
+          s.stop_here
+              ? log::format("%s received", what)
+              : log::format("stop requested by another rank (%s)", what);
       if (env_.rank == 0 || s.stop_here) {
-        log::warn(msg + log::format(": saving a checkpoint at step %ld and "
-                                    "stopping", step));
+        log::warn(
+            msg + log::format(
+                      ": saving a checkpoint at step %ld and "
+                      "stopping",
+                      step));
       }
       save(step);
       if (env_.rank == 0) { // the stop is clean only if the save verifies
-        read_manifest(fs::path(cfg_.checkpoint.dir) /
-                      ("step_" + std::to_string(step)));
+        read_manifest(
+            fs::path(cfg_.checkpoint.dir) / ("step_" + std::to_string(step)));
         log::info(log::format(
             "checkpoint step_%ld verified; resume with --resume auto", step));
       }

@@ -36,7 +36,8 @@ struct RunOptions {
 
 // Runs training; a requested stop (SIGINT/SIGTERM) saves, verifies the
 // checkpoint and returns with `interrupted` set.
-RunResult run_training(const TrainConfig& config, const RunOptions& options = {});
+RunResult run_training(
+    const TrainConfig& config, const RunOptions& options = {});
 
 // The model of a checkpoint directory (config from its manifest, weights
 // verified against their SHA-256). Used by `moeyard generate`.

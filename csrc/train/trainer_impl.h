@@ -1,8 +1,9 @@
 #pragma once
 // Internal to csrc/train: the Trainer class, whose members are defined in
-// trainer.cpp (the loop, optimizer, data), checkpoint.cpp (save and load)
-// and trainer_parallel.cpp (process groups, gradient reduction, expert
-// sharding).
+// trainer.cpp (the step and the loop, data, metrics), trainer_resume.cpp
+// (where a run starts), trainer_optimizer.cpp (parameter groups, clipping),
+// checkpoint.cpp (save and load) and trainer_parallel.cpp (process groups,
+// gradient reduction, expert sharding).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -12,8 +13,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <deque>
 #include <csignal>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -57,6 +58,13 @@ io::TensorMap load_checkpoint_tensors(
 // Copies a checkpoint's model tensors into `model`: every name and shape
 // must match, in both directions.
 void load_model_tensors(TransformerImpl& model, const fs::path& dir);
+
+// Scales each expert's slices of a layer's w_gate_up and w_down gradients
+// together so that their joint norm is at most `clip`.
+void clip_experts(
+    const std::vector<std::string>& names,
+    const std::vector<at::Tensor>& params,
+    double clip);
 
 class Trainer {
  public:

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -22,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Byte-level token shards (train.bin, valid.bin) of this repository's
+    Python sources and docs, made once per test session."""
+    d = tmp_path_factory.mktemp("data")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--out", str(d),
+                    os.path.join(ROOT, "python"), os.path.join(ROOT, "docs")], check=True, capture_output=True)
+    return d

@@ -207,14 +207,6 @@ log: {every: 1}
 """
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dpdata")
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--out", str(d),
-                    os.path.join(ROOT, "python"), os.path.join(ROOT, "docs")], check=True, capture_output=True)
-    return d
-
-
 def dp_config(tmp_path, shards, name, micro_batch):
     text = (CONFIG.replace("TRAIN", str(shards / "train.bin")).replace("VALID", str(shards / "valid.bin"))
             .replace("RUN", str(tmp_path / name)).replace("MB", str(micro_batch)))

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -27,14 +26,6 @@ train: {steps: 16, micro_batch: 2, grad_accum: 1, eval_every: 0, threads: 1}
 checkpoint: {dir: RUN, every: 4, keep_last: 2}
 log: {every: 4}
 """
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--out", str(d),
-                    os.path.join(ROOT, "python"), os.path.join(ROOT, "docs")], check=True, capture_output=True)
-    return d
 
 
 def config(tmp_path, shards, run="run", text=CONFIG):

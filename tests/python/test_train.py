@@ -27,14 +27,6 @@ log: {every: 5}
 """
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--out", str(d),
-                    os.path.join(ROOT, "python"), os.path.join(ROOT, "docs")], check=True, capture_output=True)
-    return d
-
-
 def write_config(tmp_path, shards, run="run", **replace):
     text = CONFIG.replace("TRAIN", str(shards / "train.bin")).replace("VALID", str(shards / "valid.bin"))
     text = text.replace("RUN", str(tmp_path / run))

@@ -17,8 +17,9 @@ namespace fs = std::filesystem;
 namespace {
 
 fs::path fresh_dir(const std::string& name) {
-  const auto d = fs::temp_directory_path() /
-      ("moeyard_run_dir_" + name + "_" + std::to_string(std::random_device{}()));
+  const auto d =
+      fs::temp_directory_path() / ("moeyard_run_dir_" + name + "_" +
+                                   std::to_string(std::random_device{}()));
   fs::remove_all(d);
   fs::create_directories(d);
   return d;
@@ -52,8 +53,11 @@ TEST(RunDir, StepNames) {
 TEST(RunDir, PruneKeepsTheNewestOfThisRunAndNothingElse) {
   // run "a" owns 4, 8, 12; "b" owns 2; 20 is newer than the committed 12.
   std::map<std::string, std::string> owner = {
-      {"step_2", "b"}, {"step_4", "a"}, {"step_8", "a"},
-      {"step_12", "a"}, {"step_20", "a"}};
+      {"step_2", "b"},
+      {"step_4", "a"},
+      {"step_8", "a"},
+      {"step_12", "a"},
+      {"step_20", "a"}};
   auto run_of = [&](const fs::path& p) { return owner.at(p.string()); };
   auto all = steps({2, 4, 8, 12, 20});
   auto drop = rd::prune_list(all, 12, "a", 2, false, run_of);
@@ -89,8 +93,12 @@ TEST(RunDir, RecoverFinishesWhatACrashInterrupted) {
   std::string text;
   in >> text;
   EXPECT_EQ(text, "new");
-  for (const char* gone : {"step_8.old", "step_8.tmp", "step_4.old",
-                           "step_12.deleting", "step_2.old"}) {
+  for (const char* gone :
+       {"step_8.old",
+        "step_8.tmp",
+        "step_4.old",
+        "step_12.deleting",
+        "step_2.old"}) {
     EXPECT_FALSE(fs::exists(d / gone)) << gone;
   }
   EXPECT_TRUE(fs::exists(d / "step_4"));

@@ -1,0 +1,129 @@
+// The optimizer: AdamW parameter groups (decay, no-decay, router, user
+// overrides), frozen parameters, fp32 masters, and per-expert clipping.
+
+#include "train/trainer_impl.h"
+
+namespace moeyard::train::detail {
+
+void Trainer::build_optimizer() {
+  // Groups: decayed matrices, no-decay (norms, biases, embeddings), router,
+  // then one per optim.groups override (first matching pattern wins).
+  const auto& o = cfg_.optim;
+  const size_t n_groups = 3 + o.groups.size();
+  std::vector<std::vector<at::Tensor>> members(n_groups);
+  std::vector<std::vector<std::string>> member_names(n_groups);
+  std::vector<std::vector<bool>> member_master(n_groups);
+  int64_t frozen = 0, frozen_numel = 0;
+  for (const auto& p : model_->named_parameters()) {
+    const auto& n = p.key();
+    at::Tensor t = p.value();
+    const bool freeze = std::any_of(
+        o.freeze.begin(), o.freeze.end(), [&](const std::string& pat) {
+          return n.find(pat) != std::string::npos;
+        });
+    if (freeze) { // no gradient, not in the optimizer
+      t.requires_grad_(false);
+      ++frozen;
+      frozen_numel += t.numel();
+      continue;
+    }
+    at::Tensor opt_t = t;
+    if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble) {
+      opt_t = t.detach().to(at::kFloat).requires_grad_(true); // fp32 master
+      masters_.push_back(opt_t);
+    } else {
+      masters_.push_back(at::Tensor());
+    }
+    params_.push_back(t);
+    param_names_.push_back(n);
+    size_t g = 0;
+    if (n.find(".router.") != std::string::npos) {
+      g = 2;
+    } else if (
+        n.find("norm") != std::string::npos || ends_with(n, ".bias") ||
+        n.rfind("embed.", 0) == 0) {
+      g = 1;
+    }
+    for (size_t k = 0; k < o.groups.size(); ++k) {
+      if (n.find(o.groups[k].pattern) != std::string::npos) {
+        g = 3 + k;
+        break;
+      }
+    }
+    members[g].push_back(opt_t);
+    member_names[g].push_back(n);
+    member_master[g].push_back(
+        opt_t.unsafeGetTensorImpl() != t.unsafeGetTensorImpl());
+  }
+  auto options = [&](double lr, double wd) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(lr)
+            .betas({o.beta1, o.beta2})
+            .eps(o.eps)
+            .weight_decay(wd));
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  for (size_t g = 0; g < n_groups; ++g) {
+    double lr = o.lr, wd = g == 0 ? o.weight_decay : 0.0;
+    if (g == 2) {
+      lr = o.lr * o.router_lr_mult;
+    } else if (g >= 3) {
+      lr = o.lr * o.groups[g - 3].lr_mult;
+      wd = o.groups[g - 3].weight_decay;
+    }
+    groups.emplace_back(members[g], options(lr, wd));
+    base_lr_.push_back(lr);
+    names_.insert(names_.end(), member_names[g].begin(), member_names[g].end());
+    opt_is_master_.insert(
+        opt_is_master_.end(), member_master[g].begin(), member_master[g].end());
+  }
+  opt_ = std::make_unique<torch::optim::AdamW>(
+      groups, torch::optim::AdamWOptions(o.lr));
+  if (!o.freeze.empty()) {
+    TORCH_CHECK(
+        frozen > 0,
+        "config: optim.freeze matches no parameter name (see docs/model.md "
+        "for the names)");
+    TORCH_CHECK(
+        !params_.empty(),
+        "config: optim.freeze freezes all ",
+        frozen,
+        " parameter tensors; nothing would train");
+    log::info(log::format(
+        "frozen: %ld tensors, %ld parameters (optim.freeze)",
+        frozen,
+        frozen_numel));
+  }
+}
+
+// Per-expert clipping: expert e's slices of a layer's w_gate_up and w_down
+// are scaled together so that their joint gradient norm is at most `clip`.
+
+void clip_experts(
+    const std::vector<std::string>& names,
+    const std::vector<at::Tensor>& params,
+    double clip) {
+  at::NoGradGuard g;
+  std::map<std::string, std::vector<at::Tensor>> by_layer;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if ((ends_with(names[i], ".moe.w_gate_up") ||
+         ends_with(names[i], ".moe.w_down")) &&
+        params[i].grad().defined()) {
+      by_layer[names[i].substr(0, names[i].rfind('.'))].push_back(
+          params[i].mutable_grad());
+    }
+  }
+  for (auto& [layer, grads] : by_layer) {
+    at::Tensor sq;
+    for (auto& gr : grads) {
+      auto s = gr.to(at::kDouble).square().flatten(1).sum(1); // [E]
+      sq = sq.defined() ? sq + s : s;
+    }
+    const auto scale = (clip / (sq.sqrt() + 1e-6)).clamp_max(1.0);
+    for (auto& gr : grads) {
+      gr.mul_(scale.to(gr.scalar_type()).view({-1, 1, 1}));
+    }
+  }
+}
+
+} // namespace moeyard::train::detail
