@@ -412,8 +412,8 @@ ModelConfig hf_model_config(const json& file_json, const std::string& file) {
   m.routing.top_k = r.need<int64_t>("num_experts_per_tok");
   m.routing.score_fn = "softmax";
   m.routing.capacity_factor = 0.0; // dropless, as transformers runs it
-  m.switch_coeff = 0.0;
-  m.z_coeff = 0.0;
+  m.routing.switch_coeff = 0.0;
+  m.routing.z_coeff = 0.0;
   switch (fam) {
     case Family::kMixtral:
       m.num_experts = r.need<int64_t>("num_local_experts");
@@ -547,9 +547,9 @@ ModelConfig hf_model_config(const json& file_json, const std::string& file) {
   for (int64_t i = 0; i < c.num_layers; ++i) {
     n_moe += c.is_moe_layer(i);
   }
-  m.switch_coeff = r.get<double>("router_aux_loss_coef", 0.0) *
-                   static_cast<double>(m.routing.top_k) /
-                   std::max<int64_t>(n_moe, 1);
+  m.routing.switch_coeff = r.get<double>("router_aux_loss_coef", 0.0) *
+                           static_cast<double>(m.routing.top_k) /
+                           std::max<int64_t>(n_moe, 1);
   c.validate();
   return c;
 }

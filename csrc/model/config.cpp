@@ -1,135 +1,22 @@
 #include "model/config.h"
 
 #include <c10/util/Exception.h>
-#include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 
-#include "config/yaml_reader.h"
+#include "config/range.h"
+#include "model/config_fields.h"
 
 namespace moeyard {
 
 using config::Range;
 
-// Every field of the two sections once: its key, its member and, for
-// numbers, its valid range (docs/model.md lists the same ranges). `field`
-// is called as field(key, member) or field(key, member, range); the YAML
-// readers read with it, validate() checks configs from other sources with
-// it. Ranges that depend on another key are checked in validate().
-template <typename Model, typename F>
-void model_fields(Model& c, F&& field) {
-  field("vocab_size", c.vocab_size, Range::at_least(1));
-  field("hidden_size", c.hidden_size, Range::at_least(1));
-  field("num_layers", c.num_layers, Range::at_least(1));
-  field("num_heads", c.num_heads, Range::at_least(1));
-  field("num_kv_heads", c.num_kv_heads, Range::at_least(0));
-  field("head_dim", c.head_dim, Range::at_least(0));
-  field("ffn_size", c.ffn_size, Range::at_least(1));
-  field("dense_ffn_size", c.dense_ffn_size, Range::at_least(0));
-  field("mlp", c.mlp);
-  field("norm", c.norm);
-  field("norm_eps", c.norm_eps, Range::greater_than(0));
-  field("qk_norm", c.qk_norm);
-  field("qkv_bias", c.qkv_bias);
-  field("attention_bias", c.attention_bias);
-  field("clip_qkv", c.clip_qkv, Range::at_least(0));
-  field("attention", c.attention);
-  field("q_lora_rank", c.q_lora_rank, Range::at_least(0));
-  field("kv_lora_rank", c.kv_lora_rank, Range::at_least(0));
-  field("qk_nope_head_dim", c.qk_nope_head_dim, Range::at_least(0));
-  field("qk_rope_head_dim", c.qk_rope_head_dim, Range::at_least(0));
-  field("v_head_dim", c.v_head_dim, Range::at_least(0));
-  field("attention_scale", c.attention_scale, Range::at_least(0));
-  field("attention_sinks", c.attention_sinks);
-  field("sliding_window", c.sliding_window, Range::at_least(0));
-  field("layer_types", c.layer_types);
-  field("rope_theta", c.rope_theta, Range::greater_than(0));
-  field("rotary_pct", c.rotary_pct, Range::closed(0, 1));
-  field("rope_scaling", c.rope_scaling);
-  field("rope_factor", c.rope_factor, Range::at_least(1));
-  field(
-      "rope_original_max_position",
-      c.rope_original_max_position,
-      Range::at_least(1));
-  field("yarn_beta_fast", c.yarn_beta_fast, Range::greater_than(0));
-  field("yarn_beta_slow", c.yarn_beta_slow, Range::greater_than(0));
-  field("yarn_truncate", c.yarn_truncate);
-  field("yarn_mscale", c.yarn_mscale, Range::at_least(0));
-  field("yarn_mscale_all_dim", c.yarn_mscale_all_dim, Range::at_least(0));
-  field("yarn_attention_factor", c.yarn_attention_factor, Range::at_least(0));
-  field("rope_interleave", c.rope_interleave);
-  field("max_seq_len", c.max_seq_len, Range::at_least(1));
-  field("tie_embeddings", c.tie_embeddings);
-  field("dtype", c.dtype);
-}
-
-template <typename MoE, typename F>
-void moe_fields(MoE& m, F&& field) {
-  field("num_experts", m.num_experts, Range::at_least(0));
-  field("ffn_size", m.ffn_size, Range::at_least(0));
-  field("moe_every_n", m.moe_every_n, Range::at_least(1));
-  field("first_k_dense", m.first_k_dense, Range::at_least(0));
-  field("layers", m.layers, Range::at_least(0)); // < model.num_layers
-  field("num_shared_experts", m.num_shared_experts, Range::at_least(0));
-  field("shared_ffn_size", m.shared_ffn_size, Range::at_least(0));
-  field("shared_gate", m.shared_gate);
-  field("router_bias", m.router_bias);
-  field("selection_bias", m.selection_bias);
-  field("expert_bias", m.expert_bias);
-  field("expert_dropout", m.expert_dropout, Range::closed_open(0, 1));
-  field("switch_coeff", m.switch_coeff, Range::at_least(0));
-  field("switch_per_sequence", m.switch_per_sequence);
-  field("importance_coeff", m.importance_coeff, Range::at_least(0));
-  field("load_coeff", m.load_coeff, Range::at_least(0));
-  field("z_coeff", m.z_coeff, Range::at_least(0));
-  auto& o = m.routing;
-  field("top_k", o.top_k, Range::at_least(1)); // <= moe.num_experts
-  field("score_fn", o.score_fn);
-  field("renormalize", o.renormalize);
-  field("scale", o.scale, Range::greater_than(0));
-  field("num_groups", o.num_groups, Range::at_least(1)); // divides E
-  field("topk_groups", o.topk_groups, Range::at_least(1)); // <= num_groups
-  field("routing", o.routing);
-  field("weight_on_input", o.weight_on_input);
-  field("capacity_factor", o.capacity_factor, Range::at_least(0));
-  field("min_capacity", o.min_capacity, Range::at_least(1));
-  field("drop_policy", o.drop_policy);
-  field("noise", o.noise);
-  field("noise_eps", o.noise_eps, Range::closed_open(0, 1));
-  field("temperature", o.temperature, Range::greater_than(0));
-  field("activation", o.activation);
-  field("swiglu_alpha", o.swiglu_alpha, Range::greater_than(0));
-  field("swiglu_limit", o.swiglu_limit, Range::greater_than(0));
-}
-
-void read_model_fields(config::YamlReader& r, ModelConfig& c) {
-  model_fields(c, [&](const char* key, auto& v, const auto&... range) {
-    r.get(key, v, range...);
-  });
-}
-
-void read_model_field(config::YamlReader& r, ModelConfig& c, const char* key) {
-  model_fields(c, [&](const char* k, auto& v, const auto&... range) {
-    if (std::string(k) == key) {
-      r.get(k, v, range...);
-    }
-  });
-}
-
-void read_moe_config(config::YamlReader r, MoEConfig& m) {
-  moe_fields(m, [&](const char* key, auto& v, const auto&... range) {
-    r.get(key, v, range...);
-  });
-  r.finish();
-}
-
 namespace {
 
-template <typename T>
 void check_one_of(
     const std::string& field,
     const std::string& v,
-    std::initializer_list<T> allowed) {
+    const std::vector<std::string>& allowed) {
   for (const auto& a : allowed) {
     if (v == a) {
       return;
@@ -141,6 +28,13 @@ void check_one_of(
   }
   TORCH_CHECK(
       false, "config: ", field, " must be one of ", list, ", got '", v, "'");
+}
+void check_one_of(
+    const std::string& field,
+    const std::string& v,
+    std::initializer_list<const char*> allowed) {
+  check_one_of(
+      field, v, std::vector<std::string>(allowed.begin(), allowed.end()));
 }
 
 std::string shown(int64_t v) {
@@ -255,12 +149,12 @@ void validate_moe(const ModelConfig& c, const Names& n) {
       " is outside [1, ",
       n.is("moe.num_groups", o.num_groups),
       "]");
-  check_one_of("moe.score_fn", o.score_fn, {"softmax", "sigmoid"});
-  check_one_of("moe.routing", o.routing, {"token_choice", "expert_choice"});
-  check_one_of("moe.drop_policy", o.drop_policy, {"position", "probs"});
-  check_one_of(
-      "moe.noise", o.noise, {"none", "noisy_topk", "gumbel", "jitter"});
-  check_one_of("moe.activation", o.activation, {"swiglu", "clamped_swiglu"});
+  for_each_moe_option(o, [&](const char* key, const auto& v, const auto& a) {
+    if constexpr (std::is_same_v<std::decay_t<decltype(v)>, std::string>) {
+      const auto names = moe_spec::choices_of(a);
+      check_one_of(std::string("moe.") + key, v, names);
+    }
+  });
 }
 
 } // namespace
@@ -358,42 +252,6 @@ void ModelConfig::validate(const KeyNamer& name) const {
   if (moe.num_experts > 0) {
     validate_moe(*this, n);
   }
-}
-
-ModelConfig ModelConfig::from_yaml(
-    const YAML::Node& node, const std::string& path, const std::string& file) {
-  ModelConfig c;
-  config::YamlReader r(node, path, file);
-  read_model_fields(r, c);
-  read_moe_config(r.child("moe"), c.moe);
-  r.finish();
-  // "model.num_heads" is `num_heads` here, "moe.top_k" `moe.top_k`.
-  c.validate([&](const std::string& key) {
-    const bool model = key.rfind("model.", 0) == 0;
-    const std::string loc = r.locate(model ? key.substr(6) : key);
-    return key + (loc.empty() ? " (default)" : loc);
-  });
-  return c;
-}
-
-ModelConfig ModelConfig::from_yaml_string(const std::string& text) {
-  YAML::Node root;
-  try {
-    root = YAML::Load(text);
-  } catch (const YAML::Exception& e) {
-    TORCH_CHECK(false, "config: cannot parse YAML: ", e.what());
-  }
-  return from_yaml(root, "");
-}
-
-ModelConfig ModelConfig::from_yaml_file(const std::string& file) {
-  YAML::Node root;
-  try {
-    root = YAML::LoadFile(file);
-  } catch (const YAML::Exception& e) {
-    TORCH_CHECK(false, "config: cannot read ", file, ": ", e.what());
-  }
-  return from_yaml(root, "", file);
 }
 
 void ModelConfig::check_tensor_parallel(

@@ -1,10 +1,11 @@
 #pragma once
 // The model's configuration: every field has a default, a one-line doc and,
 // if a number, a valid range (docs/model.md lists them; config.cpp declares
-// the ranges once, in model_fields / moe_fields). Built from YAML (a file, a
-// string, or a node of a larger config); unknown keys, wrong types, values
-// outside their range and inconsistent values are errors naming the key
-// path and where it was given.
+// the ranges once: model_fields in config_fields.h, the `moe:` keys in the
+// tables of moe_interface.h and MOEYARD_MOE_STRUCTURE below). Read from YAML
+// by config/model_yaml.h; unknown keys, wrong types, values outside their
+// range and inconsistent values are errors naming the key path and where it
+// was given.
 
 #include <cstdint>
 #include <functional>
@@ -13,35 +14,68 @@
 
 #include "model/moe_forward.h"
 
-namespace YAML {
-class Node;
-}
-namespace moeyard::config {
-class YamlReader;
-}
-
 namespace moeyard {
 
+// The MoE layers' structure, what parameters they have: X(type, name,
+// default, allowed, doc) as in moe_interface.h. With the routing options and
+// the aux-loss coefficients of moe_interface.h these are the `moe:` keys.
+#define MOEYARD_MOE_STRUCTURE(X)                                            \
+  X(int64_t,                                                                \
+    num_experts,                                                            \
+    8,                                                                      \
+    at_least(0),                                                            \
+    "routed experts E; 0 = a dense model")                                  \
+  X(int64_t,                                                                \
+    ffn_size,                                                               \
+    0,                                                                      \
+    at_least(0),                                                            \
+    "routed expert width; 0 = `model.ffn_size`")                            \
+  X(int64_t,                                                                \
+    moe_every_n,                                                            \
+    1,                                                                      \
+    at_least(1),                                                            \
+    "MoE in layer i when `(i + 1) % n == 0` ...")                           \
+  X(int64_t, first_k_dense, 0, at_least(0), "... and `i >= first_k_dense`") \
+  X(std::vector<int64_t>,                                                   \
+    layers,                                                                 \
+    {},                                                                     \
+    at_least(0),                                                            \
+    "explicit MoE layer indices, each in `[0, num_layers)` (overrides the " \
+    "two above)")                                                           \
+  X(int64_t,                                                                \
+    num_shared_experts,                                                     \
+    0,                                                                      \
+    at_least(0),                                                            \
+    "always-on SwiGLU experts (fused, width `num_shared_experts * "         \
+    "shared_ffn_size`)")                                                    \
+  X(int64_t,                                                                \
+    shared_ffn_size,                                                        \
+    0,                                                                      \
+    at_least(0),                                                            \
+    "width of each shared expert; 0 = routed expert width")                 \
+  X(bool,                                                                   \
+    shared_gate,                                                            \
+    false,                                                                  \
+    any(),                                                                  \
+    "shared output times `sigmoid(x w)` (Qwen2-MoE)")                       \
+  X(bool, router_bias, false, any(), "bias on the router linear (GPT-OSS)") \
+  X(bool,                                                                   \
+    selection_bias,                                                         \
+    false,                                                                  \
+    any(),                                                                  \
+    "aux-loss-free balancing buffer `selection_bias [E]` (selection only)") \
+  X(bool,                                                                   \
+    expert_bias,                                                            \
+    false,                                                                  \
+    any(),                                                                  \
+    "per-expert biases `b_gate_up [E, 2F]` (after the gate_up matmul) and " \
+    "`b_down [E, H]` (after the down matmul) (GPT-OSS)")
+
 struct MoEConfig {
-  int64_t num_experts = 8; // routed experts E (0: no MoE layers)
-  int64_t ffn_size = 0; // width of each routed expert (0: model.ffn_size)
-  int64_t moe_every_n = 1; // MoE in layer i when (i + 1) % n == 0
-  int64_t first_k_dense = 0; // the first k layers are dense
-  std::vector<int64_t> layers; // explicit MoE layers (overrides the two above)
-  int64_t num_shared_experts = 0; // always-on experts
-  int64_t shared_ffn_size = 0; // width of each shared expert (0: ffn_size)
-  bool shared_gate = false; // sigmoid gate on the shared output (Qwen2-MoE)
-  bool router_bias = false; // router linear has a bias (GPT-OSS)
-  bool selection_bias = false; // aux-loss-free bias buffer (DeepSeek-V3)
-  bool expert_bias = false; // per-expert biases b_gate_up, b_down (GPT-OSS)
-  double expert_dropout = 0.0; // dropout on expert activations in training
-  // aux loss coefficients (summed into the loss by Transformer::loss)
-  double switch_coeff = 0.01;
-  bool switch_per_sequence = false; // balance per sequence, then average
-  double importance_coeff = 0.0;
-  double load_coeff = 0.0;
-  double z_coeff = 0.001;
-  // top_k, score_fn, capacity, drop policy, noise, expert activation, ...
+#define MOEYARD_DECLARE(type, name, def, allowed, doc) type name = def;
+  MOEYARD_MOE_STRUCTURE(MOEYARD_DECLARE)
+#undef MOEYARD_DECLARE
+  // top_k, score_fn, capacity, noise, activation, aux-loss coefficients, ...
   MoEOptions routing;
 };
 
@@ -120,20 +154,6 @@ struct ModelConfig {
   // Errors unless the model splits over `tp` tensor-parallel ranks: heads,
   // kv heads, vocabulary and dense-MLP width divisible by tp; no MLA.
   void check_tensor_parallel(int64_t tp, const KeyNamer& name = {}) const;
-
-  static ModelConfig from_yaml(
-      const YAML::Node& node,
-      const std::string& path = "model",
-      const std::string& file = "");
-  static ModelConfig from_yaml_string(const std::string& text);
-  static ModelConfig from_yaml_file(const std::string& file);
 };
-
-// Readers of the two sections, for configs that hold them at other paths
-// (the trainer's top-level `model:` and `moe:`). read_model_field reads one
-// key only (e.g. max_seq_len beside model.init_from).
-void read_model_fields(config::YamlReader& r, ModelConfig& c);
-void read_model_field(config::YamlReader& r, ModelConfig& c, const char* key);
-void read_moe_config(config::YamlReader r, MoEConfig& m);
 
 } // namespace moeyard

@@ -1,132 +1,154 @@
 // torch.ops.moeyard.moe_forward: moe_forward (moe_forward.h) as a
 // CompositeImplicitAutograd op, so Python calls the same C++ function and
-// torch.compile traces through to the moeyard ops underneath.
+// torch.compile traces through to the moeyard ops underneath. Its schema,
+// its arguments and its outputs are the rows of moe_interface.h:
+//   moe_forward(Tensor x, <weights>, Tensor? mask=None, *, <options>,
+//               bool training=False) -> (Tensor y, <aux losses>,
+//               <statistics>, Tensor indices)
 
 #include <torch/library.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "model/moe_forward.h"
 
 namespace moeyard {
 namespace {
 
-using Out = std::tuple<
-    at::Tensor,
-    at::Tensor,
-    at::Tensor,
-    at::Tensor,
-    at::Tensor,
-    at::Tensor,
-    at::Tensor,
-    at::Tensor,
-    at::Tensor,
-    at::Tensor>;
+// The op's C++ argument type of each row.
+template <typename T>
+struct OpArg {
+  using arg = T;
+};
+template <>
+struct OpArg<std::string> {
+  using arg = c10::string_view;
+};
+#define MOEYARD_WEIGHT_ARG_required const at::Tensor&
+#define MOEYARD_WEIGHT_ARG_optional const std::optional<at::Tensor>&
 
-at::Tensor opt(const std::optional<at::Tensor>& t) {
+at::Tensor tensor_of(const at::Tensor& t) {
+  return t;
+}
+at::Tensor tensor_of(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }
 
+#define MOEYARD_TENSOR(...) , at::Tensor
+using Out = std::tuple<
+    at::Tensor MOEYARD_MOE_AUX_LOSSES(MOEYARD_TENSOR)
+        MOEYARD_MOE_STATISTICS(MOEYARD_TENSOR),
+    at::Tensor>;
+#undef MOEYARD_TENSOR
+
+#define MOEYARD_WEIGHT_PARAM(name, required, doc) \
+  , MOEYARD_WEIGHT_ARG_##required name
+#define MOEYARD_OPTION_PARAM(type, name, def, allowed, doc) \
+  , OpArg<type>::arg name
 Out moe_forward_op(
-    const at::Tensor& x,
-    const at::Tensor& router_weight,
-    const std::optional<at::Tensor>& router_bias,
-    const at::Tensor& w_gate_up,
-    const at::Tensor& w_down,
-    const std::optional<at::Tensor>& shared_gate_up,
-    const std::optional<at::Tensor>& shared_down,
-    const std::optional<at::Tensor>& shared_gate,
-    const std::optional<at::Tensor>& selection_bias,
-    const std::optional<at::Tensor>& noise_weight,
-    const std::optional<at::Tensor>& mask,
-    int64_t top_k,
-    c10::string_view score_fn,
-    bool renormalize,
-    double scale,
-    int64_t num_groups,
-    int64_t topk_groups,
-    c10::string_view routing,
-    bool weight_on_input,
-    double capacity_factor,
-    int64_t min_capacity,
-    c10::string_view drop_policy,
-    c10::string_view noise,
-    double noise_eps,
-    double temperature,
-    double expert_dropout,
-    int64_t sequence_length,
-    bool training,
-    const std::optional<at::Tensor>& b_gate_up,
-    const std::optional<at::Tensor>& b_down,
-    c10::string_view activation,
-    double swiglu_alpha,
-    double swiglu_limit) {
-  MoEWeights w{
-      router_weight,
-      opt(router_bias),
-      w_gate_up,
-      w_down,
-      opt(shared_gate_up),
-      opt(shared_down),
-      opt(shared_gate),
-      opt(selection_bias),
-      opt(noise_weight),
-      opt(b_gate_up),
-      opt(b_down)};
+    const at::Tensor& x MOEYARD_MOE_WEIGHTS(MOEYARD_WEIGHT_PARAM),
+    const std::optional<at::Tensor>& mask
+        MOEYARD_MOE_OPTIONS(MOEYARD_OPTION_PARAM),
+    bool training) {
+  MoEWeights w;
+#define MOEYARD_SET(name, ...) w.name = tensor_of(name);
+  MOEYARD_MOE_WEIGHTS(MOEYARD_SET)
+#undef MOEYARD_SET
   MoEOptions o;
-  o.top_k = top_k;
-  o.score_fn = std::string(score_fn);
-  o.renormalize = renormalize;
-  o.scale = scale;
-  o.num_groups = num_groups;
-  o.topk_groups = topk_groups;
-  o.routing = std::string(routing);
-  o.weight_on_input = weight_on_input;
-  o.capacity_factor = capacity_factor;
-  o.min_capacity = min_capacity;
-  o.drop_policy = std::string(drop_policy);
-  o.noise = std::string(noise);
-  o.noise_eps = noise_eps;
-  o.temperature = temperature;
-  o.expert_dropout = expert_dropout;
-  o.sequence_length = sequence_length;
+#define MOEYARD_SET(type, name, ...) o.name = type(name);
+  MOEYARD_MOE_OPTIONS(MOEYARD_SET)
+#undef MOEYARD_SET
   o.training = training;
-  o.activation = std::string(activation);
-  o.swiglu_alpha = swiglu_alpha;
-  o.swiglu_limit = swiglu_limit;
-  auto r = moe_forward(x, w, o, opt(mask));
+  const auto r = moe_forward(x, w, o, tensor_of(mask));
+#define MOEYARD_GET(name, ...) , r.name
   return {
-      r.y,
-      r.switch_loss,
-      r.importance_loss,
-      r.load_loss,
-      r.z_loss,
-      r.tokens_per_expert,
-      r.dropped_fraction,
-      r.router_entropy,
-      r.capacity_utilization,
+      r.y MOEYARD_MOE_AUX_LOSSES(MOEYARD_GET)
+          MOEYARD_MOE_STATISTICS(MOEYARD_GET),
       r.indices};
+#undef MOEYARD_GET
+}
+#undef MOEYARD_WEIGHT_PARAM
+#undef MOEYARD_OPTION_PARAM
+
+// A default as the schema parser reads it.
+std::string schema_default(int64_t v) {
+  return std::to_string(v);
+}
+std::string schema_default(bool v) {
+  return v ? "True" : "False";
+}
+std::string schema_default(const std::string& v) {
+  return "\"" + v + "\"";
+}
+std::string schema_default(double v) {
+  // The shortest text that reads back as v, always with a '.' or exponent.
+  char buf[32];
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, v);
+    if (std::strtod(buf, nullptr) == v) {
+      break;
+    }
+  }
+  std::string s = buf;
+  if (s.find_first_of(".e") == std::string::npos) {
+    s += ".0";
+  }
+  return s;
+}
+
+const char* schema_type(int64_t) {
+  return "int";
+}
+const char* schema_type(bool) {
+  return "bool";
+}
+const char* schema_type(const std::string&) {
+  return "str";
+}
+const char* schema_type(double) {
+  return "float";
+}
+
+std::string moe_forward_schema() {
+  std::string s = "moe_forward(Tensor x";
+  // An optional weight takes a default only when no required one follows.
+  std::vector<std::pair<std::string, bool>> weights;
+#define MOEYARD_ROW(name, required, doc) \
+  weights.emplace_back(#name, std::string(#required) == "required");
+  MOEYARD_MOE_WEIGHTS(MOEYARD_ROW)
+#undef MOEYARD_ROW
+  size_t last_required = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (weights[i].second) {
+      last_required = i;
+    }
+  }
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& [name, required] = weights[i];
+    s += required ? ", Tensor " + name : ", Tensor? " + name;
+    s += !required && i > last_required ? "=None" : "";
+  }
+  s += ", Tensor? mask=None, *";
+  const MoEOptions defaults;
+#define MOEYARD_ROW(type, name, ...)                                    \
+  s += std::string(", ") + schema_type(defaults.name) + " " #name "=" + \
+       schema_default(defaults.name);
+  MOEYARD_MOE_OPTIONS(MOEYARD_ROW)
+#undef MOEYARD_ROW
+  s += ", bool training=False) -> (Tensor y";
+#define MOEYARD_ROW(name, ...) s += ", Tensor " #name;
+  MOEYARD_MOE_AUX_LOSSES(MOEYARD_ROW)
+  MOEYARD_MOE_STATISTICS(MOEYARD_ROW)
+#undef MOEYARD_ROW
+  return s + ", Tensor indices)";
 }
 
 } // namespace
 
 TORCH_LIBRARY_FRAGMENT(moeyard, m) {
-  m.def(
-      "moe_forward(Tensor x, Tensor router_weight, Tensor? router_bias, "
-      "Tensor w_gate_up, Tensor w_down, Tensor? shared_gate_up=None, "
-      "Tensor? shared_down=None, Tensor? shared_gate=None, "
-      "Tensor? selection_bias=None, Tensor? noise_weight=None, "
-      "Tensor? mask=None, int top_k=2, str score_fn=\"softmax\", "
-      "bool renormalize=True, float scale=1.0, int num_groups=1, "
-      "int topk_groups=1, str routing=\"token_choice\", "
-      "bool weight_on_input=False, float capacity_factor=0.0, "
-      "int min_capacity=1, str drop_policy=\"position\", "
-      "str noise=\"none\", float noise_eps=0.01, float temperature=1.0, "
-      "float expert_dropout=0.0, int sequence_length=0, "
-      "bool training=False, Tensor? b_gate_up=None, Tensor? b_down=None, "
-      "str activation=\"swiglu\", float swiglu_alpha=1.702, "
-      "float swiglu_limit=7.0) -> (Tensor y, Tensor switch_loss, "
-      "Tensor importance_loss, Tensor load_loss, Tensor z_loss, "
-      "Tensor tokens_per_expert, Tensor dropped_fraction, "
-      "Tensor router_entropy, Tensor capacity_utilization, Tensor indices)");
+  m.def(moe_forward_schema().c_str());
 }
 
 TORCH_LIBRARY_IMPL(moeyard, CompositeImplicitAutograd, m) {

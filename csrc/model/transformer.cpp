@@ -94,7 +94,6 @@ MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
   const auto& m = c.moe;
   const int64_t H = c.hidden_size, E = m.num_experts;
   const int64_t F = m.ffn_size > 0 ? m.ffn_size : c.ffn_size;
-  options.expert_dropout = m.expert_dropout;
   // The router is float32 (float64 in a float64 model), whatever the experts.
   const auto router_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
   router = register_module("router", Linear(H, E, m.router_bias, router_dt));
@@ -147,9 +146,6 @@ MoEOutput MoELayerImpl::forward(
     const at::Tensor& x, const at::Tensor& mask) const {
   MoEOptions o = options;
   o.training = is_training();
-  if (o.sequence_length < 0) {
-    o.sequence_length = x.size(1); // per-sequence switch loss
-  }
   return moe_forward(x, weights(), o, mask);
 }
 
@@ -200,9 +196,6 @@ BlockImpl::BlockImpl(const ModelConfig& c, int64_t index) {
       register_module("mlp_norm", Norm(c.hidden_size, c.norm, c.norm_eps, dt));
   if (c.is_moe_layer(index)) {
     moe = register_module("moe", MoELayer(c));
-    if (c.moe.switch_per_sequence) {
-      moe->options.sequence_length = -1; // set per forward from x
-    }
   } else {
     const bool moe_model = c.moe.num_experts > 0;
     const int64_t F =
@@ -391,12 +384,13 @@ LossOutput TransformerImpl::loss(
     r.ce =
         at::cross_entropy_loss(logits, target, {}, at::Reduction::Mean, -100);
   }
-  const auto& m = config.moe;
+  // Every aux loss of every MoE layer times its coefficient, in table order.
   r.aux = at::zeros({}, logits.options());
   for (const auto& l : r.out.moe_layers) {
-    r.aux = r.aux + m.switch_coeff * l.moe.switch_loss +
-            m.importance_coeff * l.moe.importance_loss +
-            m.load_coeff * l.moe.load_loss + m.z_coeff * l.moe.z_loss;
+    const auto& o = layers[l.layer]->as<BlockImpl>()->moe->options;
+#define MOEYARD_ADD(loss, coeff, def, doc) r.aux = r.aux + o.coeff * l.moe.loss;
+    MOEYARD_MOE_AUX_LOSSES(MOEYARD_ADD)
+#undef MOEYARD_ADD
   }
   r.loss = r.ce + r.aux;
   return r;

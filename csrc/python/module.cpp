@@ -5,40 +5,27 @@
 
 #include <optional>
 
+#include "config/model_yaml.h"
 #include "io/hf_checkpoint.h"
 #include "model/transformer.h"
 #include "parallel/process_group.h"
+#include "python/bindings.h"
 #include "text/tokenizer.h"
 #include "train/trainer.h"
 #include "version.h"
 
 namespace py = pybind11;
-using moeyard::MoEOutput;
+
 using moeyard::TransformerImpl;
 
 namespace {
-
-py::dict moe_stats(const MoEOutput& o) {
-  py::dict d;
-  d["switch_loss"] = o.switch_loss;
-  d["importance_loss"] = o.importance_loss;
-  d["load_loss"] = o.load_loss;
-  d["z_loss"] = o.z_loss;
-  d["tokens_per_expert"] = o.tokens_per_expert;
-  d["dropped_fraction"] = o.dropped_fraction;
-  d["router_entropy"] = o.router_entropy;
-  d["capacity_utilization"] = o.capacity_utilization;
-  d["dead_experts"] = (o.tokens_per_expert == 0).sum();
-  d["indices"] = o.indices;
-  return d;
-}
 
 py::dict output_dict(const moeyard::TransformerOutput& out) {
   py::dict d;
   d["logits"] = out.logits;
   py::list layers;
   for (const auto& l : out.moe_layers) {
-    py::dict s = moe_stats(l.moe);
+    py::dict s = moeyard::python::moe_stats(l.moe);
     s["layer"] = l.layer;
     layers.append(s);
   }
@@ -88,7 +75,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "rotary_tables",
       [](const std::string& yaml) {
-        moeyard::Rotary r(moeyard::ModelConfig::from_yaml_string(yaml));
+        moeyard::Rotary r(moeyard::config::model_config_from_yaml_string(yaml));
         return py::make_tuple(r.cos, r.sin);
       },
       "cos, sin [max_seq_len, rotary dims] of a model config (for tests)");
@@ -97,13 +84,13 @@ PYBIND11_MODULE(_C, m) {
       m, "TransformerImpl")
       .def(py::init([](const std::string& yaml) {
         return std::make_shared<TransformerImpl>(
-            moeyard::ModelConfig::from_yaml_string(yaml));
+            moeyard::config::model_config_from_yaml_string(yaml));
       }))
       .def_static(
           "from_file",
           [](const std::string& path) {
             return std::make_shared<TransformerImpl>(
-                moeyard::ModelConfig::from_yaml_file(path));
+                moeyard::config::model_config_from_yaml_file(path));
           })
       .def(
           "forward",
@@ -224,56 +211,7 @@ PYBIND11_MODULE(_C, m) {
       "writes config.json + safetensors in the family's own layout");
   m.def("hf_families", &moeyard::io::hf_families);
 
-  // Expert parallelism from Python, for multi-process tests under torchrun:
-  // one expert-parallel group over every process of the launch.
-  static std::optional<moeyard::parallel::Group> ep_group;
-  m.def(
-      "_ep_init",
-      [](double timeout_s) {
-        namespace par = moeyard::parallel;
-        const auto env = par::LaunchEnv::from_env();
-        const auto timeout =
-            std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
-        ep_group = par::make_world_group(env, "expert_parallel", timeout);
-        return py::make_tuple(env.rank, env.world_size);
-      },
-      py::arg("timeout_s") = 60.0);
-  m.def(
-      "_moe_forward_ep",
-      [](const at::Tensor& x,
-         const at::Tensor& router_weight,
-         const at::Tensor& w_gate_up,
-         const at::Tensor& w_down,
-         int64_t top_k,
-         double capacity_factor,
-         const std::optional<at::Tensor>& b_gate_up,
-         const std::optional<at::Tensor>& b_down,
-         const std::string& activation) {
-        TORCH_CHECK(
-            ep_group.has_value(), "_moe_forward_ep: call _ep_init first");
-        moeyard::MoEWeights w;
-        w.router_weight = router_weight;
-        w.w_gate_up = w_gate_up;
-        w.w_down = w_down;
-        w.b_gate_up = b_gate_up.value_or(at::Tensor());
-        w.b_down = b_down.value_or(at::Tensor());
-        moeyard::MoEOptions o;
-        o.top_k = top_k;
-        o.capacity_factor = capacity_factor;
-        o.activation = activation;
-        o.expert_group = &*ep_group;
-        auto out = moeyard::moe_forward(x, w, o);
-        return py::make_tuple(out.y, out.indices);
-      },
-      py::arg("x"),
-      py::arg("router_weight"),
-      py::arg("w_gate_up"),
-      py::arg("w_down"),
-      py::arg("top_k") = 2,
-      py::arg("capacity_factor") = 0.0,
-      py::arg("b_gate_up") = py::none(),
-      py::arg("b_down") = py::none(),
-      py::arg("activation") = "swiglu");
+  moeyard::python::bind_moe(m); // csrc/python/bind_moe.cpp
 
   // Hugging Face tokenizer.json (csrc/text/tokenizer.h).
   py::class_<moeyard::Tokenizer>(m, "Tokenizer")

@@ -7,26 +7,22 @@
 #include <filesystem>
 #include <sstream>
 
+#include "config/model_yaml.h"
 #include "config/yaml_reader.h"
 #include "io/hf_checkpoint.h"
 
 namespace moeyard::train {
 
-double Schedule::value(int64_t step, int64_t total) const {
-  const int64_t len = steps > 0 ? steps : std::max<int64_t>(total - begin, 1);
-  const double f =
-      std::clamp(static_cast<double>(step - begin) / len, 0.0, 1.0);
-  if (type == "constant") {
-    return start;
-  }
-  if (type == "linear") {
-    return start + (end - start) * f;
-  }
-  if (type == "cosine") {
-    return end + (start - end) * 0.5 * (1 + std::cos(M_PI * f));
-  }
-  // step: start until the move ends, then end
-  return f < 1.0 ? start : end;
+Schedule OptimConfig::lr_factor() const {
+  Schedule s;
+  s.enabled = true;
+  s.type = lr_schedule;
+  s.start = 1.0;
+  s.end = min_lr_ratio;
+  s.warmup = warmup;
+  s.begin = warmup;
+  s.decay_fraction = wsd_decay_fraction;
+  return s;
 }
 
 namespace {
@@ -74,38 +70,6 @@ void check_same_architecture(
       "weight_on_input",
       was.routing.weight_on_input,
       now.routing.weight_on_input);
-}
-
-// schedule.capacity_factor / schedule.top_k: absent or null is off (the moe:
-// value stays); given, it needs a start, and an end unless constant, both
-// in `values`.
-void read_schedule(config::YamlReader r, Schedule& s, const Range& values) {
-  if (!r.given()) {
-    s = Schedule{};
-    return;
-  }
-  r.get("type", s.type);
-  r.get("start", s.start, values);
-  r.get("end", s.end, values);
-  r.get("steps", s.steps, Range::at_least(0));
-  r.get("begin", s.begin, Range::at_least(0));
-  r.finish();
-  if (s.type != "constant" && s.type != "linear" && s.type != "cosine" &&
-      s.type != "step") {
-    r.fail(
-        "type",
-        "must be constant, linear, cosine or step, got '" + s.type + "'");
-  }
-  if (!r.has("start")) {
-    r.fail("start", "is required (null or no schedule keeps the moe: value)");
-  }
-  if (!r.has("end")) {
-    if (s.type != "constant") {
-      r.fail("end", "is required with type '" + s.type + "'");
-    }
-    s.end = s.start;
-  }
-  s.enabled = true;
 }
 
 // Applies "a.b.c=value" to the YAML tree and records it in `sources`.
@@ -184,7 +148,7 @@ TrainConfig TrainConfig::parse(
     auto r = top.child("model");
     r.get("init_from", c.init_from);
     if (c.init_from.empty()) {
-      read_model_fields(r, c.model);
+      config::read_model_fields(r, c.model);
     } else {
       // The checkpoint's config.json defines the architecture; the YAML may
       // set only the compute dtype and the longest sequence.
@@ -192,8 +156,8 @@ TrainConfig TrainConfig::parse(
       c.model = io::hf_model_config(
           c.hf_config,
           (std::filesystem::path(c.init_from) / "config.json").string());
-      read_model_field(r, c.model, "dtype");
-      read_model_field(r, c.model, "max_seq_len");
+      config::read_model_field(r, c.model, "dtype");
+      config::read_model_field(r, c.model, "max_seq_len");
       const YAML::Node m = root["model"];
       for (const auto& kv : m) {
         const auto k = kv.first.as<std::string>();
@@ -222,7 +186,7 @@ TrainConfig TrainConfig::parse(
   };
   {
     const MoEConfig imported = c.model.moe;
-    read_moe_config(top.child("moe"), c.model.moe);
+    config::read_moe_config(top.child("moe"), c.model.moe);
     if (!c.init_from.empty()) {
       check_same_architecture(imported, c.model.moe, c.init_from, name);
     }
@@ -310,17 +274,29 @@ TrainConfig TrainConfig::parse(
   {
     auto r = top.child("schedule");
     const int64_t experts = c.model.moe.num_experts;
-    read_schedule(
-        r.child("capacity_factor"),
-        c.schedule.capacity_factor,
-        Range::greater_than(0));
-    read_schedule(
-        r.child("top_k"),
-        c.schedule.top_k,
-        Range::closed(1, static_cast<double>(experts))
-            .shown_as(
-                "[1, " + name("moe.num_experts") + " = " +
-                std::to_string(experts) + "]"));
+    const auto top_k_values = Range::closed(1, static_cast<double>(experts))
+                                  .shown_as(
+                                      "[1, " + name("moe.num_experts") + " = " +
+                                      std::to_string(experts) + "]");
+    const MoEOptions options;
+    for_each_moe_option(options, [&](const char* key, auto& v, const auto& a) {
+      using T = std::decay_t<decltype(v)>;
+      if constexpr (std::is_same_v<T, int64_t> || std::is_same_v<T, double>) {
+        Schedule s;
+        // The option's own range, but top_k at most num_experts and a
+        // capacity factor > 0 (a schedule cannot make routing dropless).
+        const std::string k = key;
+        read_schedule(
+            r.child(key),
+            s,
+            k == "top_k"             ? top_k_values
+            : k == "capacity_factor" ? Range::greater_than(0)
+                                     : a.range);
+        if (s.enabled) {
+          c.schedule.options[key] = s;
+        }
+      }
+    });
     r.get("bias_update_rate", c.schedule.bias_update_rate, Range::at_least(0));
     r.finish();
   }

@@ -15,26 +15,13 @@
 #include <nlohmann/json.hpp>
 
 #include "model/config.h"
+#include "train/schedule.h"
 
 namespace moeyard::config {
 struct Sources;
 }
 
 namespace moeyard::train {
-
-// A value that changes over training (DESIGN: one schedule type).
-struct Schedule {
-  // Whether the config gives this schedule; off, the option keeps its fixed
-  // value.
-  bool enabled = false;
-  std::string type = "constant"; // constant | linear | cosine | step
-  double start = 0.0;
-  double end = 0.0;
-  int64_t warmup = 0; // linear ramp from 0 to start (lr)
-  int64_t steps = 0; // length of the start->end move (0: whole run)
-  int64_t begin = 0; // step the move starts at
-  double value(int64_t step, int64_t total_steps) const;
-};
 
 struct DataConfig {
   std::string train = "data/builtin/train.bin"; // token shard
@@ -65,6 +52,10 @@ struct OptimConfig {
   // Parameters whose name contains one of these substrings are frozen
   // (no gradient, not in the optimizer), e.g. ".router.", ".moe.w_".
   std::vector<std::string> freeze;
+
+  // The lr factor over the run (warmup, then lr_schedule from 1 to
+  // min_lr_ratio); the lr of a group is lr * its multiplier * this factor.
+  Schedule lr_factor() const;
 };
 
 struct TrainSection {
@@ -106,10 +97,11 @@ struct ParallelConfig {
 };
 
 struct MoESchedules {
-  // Absent or null: off (keep moe.capacity_factor / moe.top_k). Given: its
-  // values must lie in (0, inf) / [1, moe.num_experts].
-  Schedule capacity_factor;
-  Schedule top_k;
+  // schedule.<option>: a Schedule for any numeric routing option or aux-loss
+  // coefficient (moe_interface.h), by name. Absent or null: off (the moe:
+  // value stays). Values must lie in the option's range (top_k: [1,
+  // moe.num_experts]; integer options take the rounded value).
+  std::map<std::string, Schedule> options;
   double bias_update_rate = 0.0; // aux-loss-free selection bias update
 };
 

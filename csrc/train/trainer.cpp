@@ -9,26 +9,6 @@ void on_signal(int sig) {
   g_signal = sig;
 }
 
-double lr_factor(const OptimConfig& o, int64_t step, int64_t total) {
-  if (step < o.warmup) {
-    return static_cast<double>(step + 1) / o.warmup;
-  }
-  const double lo = o.min_lr_ratio;
-  const double f = static_cast<double>(step - o.warmup) /
-                   std::max<int64_t>(total - o.warmup, 1);
-  if (o.lr_schedule == "constant") {
-    return 1.0;
-  }
-  if (o.lr_schedule == "linear") {
-    return 1.0 - (1.0 - lo) * f;
-  }
-  if (o.lr_schedule == "wsd") { // warmup, stable, decay over the last part
-    const double d = o.wsd_decay_fraction;
-    return f < 1.0 - d ? 1.0 : 1.0 - (1.0 - lo) * (f - (1.0 - d)) / d;
-  }
-  return lo + (1.0 - lo) * 0.5 * (1.0 + std::cos(M_PI * f));
-}
-
 std::string fmt_duration(double s) {
   const int64_t t = static_cast<int64_t>(s);
   char buf[32];
@@ -91,20 +71,47 @@ double Trainer::evaluate() {
 }
 
 void Trainer::apply_moe_schedules(int64_t step) {
-  const auto& sc = cfg_.schedule;
+  const auto& schedules = cfg_.schedule.options;
+  if (schedules.empty()) {
+    return;
+  }
   for (const auto& m : model_->layers->children()) {
     auto block = std::dynamic_pointer_cast<BlockImpl>(m);
     if (!block || !block->moe) {
       continue;
     }
-    auto& o = block->moe->options;
-    if (sc.capacity_factor.enabled) {
-      o.capacity_factor = sc.capacity_factor.value(step, cfg_.train.steps);
-    }
-    if (sc.top_k.enabled) { // values checked against num_experts
-      o.top_k = std::llround(sc.top_k.value(step, cfg_.train.steps));
+    for_each_moe_option(
+        block->moe->options, [&](const char* key, auto& v, const auto&) {
+          using T = std::decay_t<decltype(v)>;
+          const auto it = schedules.find(key);
+          if constexpr (std::is_same_v<T, double>) {
+            if (it != schedules.end()) {
+              v = it->second.value(step, cfg_.train.steps);
+            }
+          } else if constexpr (std::is_same_v<T, int64_t>) {
+            if (it != schedules.end()) { // top_k checked against num_experts
+              v = std::llround(it->second.value(step, cfg_.train.steps));
+            }
+          }
+        });
+  }
+}
+
+nlohmann::json Trainer::scheduled_values() const {
+  json out = json::object();
+  for (const auto& m : model_->layers->children()) {
+    auto block = std::dynamic_pointer_cast<BlockImpl>(m);
+    if (block && block->moe) {
+      for_each_moe_option(
+          block->moe->options, [&](const char* key, auto& v, const auto&) {
+            if (cfg_.schedule.options.count(key)) {
+              out[key] = v;
+            }
+          });
+      break;
     }
   }
+  return out;
 }
 
 nlohmann::json Trainer::routing_stats(
@@ -113,9 +120,7 @@ nlohmann::json Trainer::routing_stats(
   if (sums.empty()) {
     return out;
   }
-  // One row per layer: counts [E], importance [E], then tokens and the
-  // token-weighted sums of z loss, entropy, dropped fraction, capacity
-  // utilization and (per sequence) switch loss.
+  // One row per layer (routing_metrics.h), summed over ranks.
   auto all = at::stack(sums).cpu();
   if (distributed()) {
     dp_->all_reduce_sum(all);
@@ -129,38 +134,7 @@ nlohmann::json Trainer::routing_stats(
     if (!block || !block->moe) {
       continue;
     }
-    const auto& o = block->moe->options;
-    const auto row = all[l].contiguous();
-    const double* v = row.const_data_ptr<double>();
-    const double n = v[2 * E], nz = std::max(n, 1.0);
-    double sw = 0;
-    if (cfg_.model.moe.switch_per_sequence && o.routing == "token_choice") {
-      sw = v[2 * E + 5] / nz;
-    } else {
-      for (int64_t e = 0; e < E; ++e) {
-        sw += v[e] / (nz * o.top_k) * (v[E + e] / nz);
-      }
-      sw *= E;
-    }
-    json rec = {
-        {"layer", layer},
-        {"tokens", n},
-        {"z_loss", v[2 * E + 1] / nz},
-        {"router_entropy", v[2 * E + 2] / nz},
-        {"dropped_fraction", v[2 * E + 3] / nz},
-        {"capacity_utilization", v[2 * E + 4] / nz},
-        {"switch_loss", sw},
-        {"top_k", o.top_k},
-        {"tokens_per_expert", std::vector<double>(v, v + E)}};
-    int64_t dead = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      dead += v[e] == 0;
-    }
-    rec["dead_experts"] = dead;
-    if (o.capacity_factor > 0) {
-      rec["capacity_factor"] = o.capacity_factor;
-    }
-    out.push_back(rec);
+    out.push_back(routing_record(all[l], layer, block->moe->options));
     layer_tokens[l] = // on the model's device, for the selection bias
         all[l].narrow(0, 0, E).to(sums[l].device(), at::kFloat);
     ++l;
@@ -224,7 +198,7 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
   StepOutcome out;
   const int64_t total = cfg_.train.steps;
   apply_moe_schedules(step);
-  const double lr_f = lr_factor(cfg_.optim, step, total);
+  const double lr_f = cfg_.optim.lr_factor().value(step, total);
   out.lr = base_lr_[0] * lr_f;
   auto& groups = opt_->param_groups();
   for (size_t g = 0; g < groups.size(); ++g) {
@@ -245,18 +219,7 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
                        .to(at::kDouble);
     losses = losses.defined() ? losses + l : l;
     for (size_t k = 0; k < r.out.moe_layers.size(); ++k) {
-      const auto& m = r.out.moe_layers[k].moe;
-      const auto n = m.valid_tokens.detach().to(at::kDouble);
-      const auto row = at::cat(
-          {m.tokens_per_expert.detach().to(at::kDouble),
-           m.importance.detach().to(at::kDouble),
-           at::stack(
-               {n,
-                m.z_loss.detach().to(at::kDouble) * n,
-                m.router_entropy.detach().to(at::kDouble) * n,
-                m.dropped_fraction.detach().to(at::kDouble) * n,
-                m.capacity_utilization.detach().to(at::kDouble) * n,
-                m.switch_loss.detach().to(at::kDouble) * n})});
+      const auto row = routing_sums(r.out.moe_layers[k].moe);
       if (sums.size() <= k) {
         sums.push_back(row);
       } else {
@@ -415,13 +378,7 @@ RunResult Trainer::run(const RunOptions& options) {
       rec["skipped"] = true;
       rec["skip_reason"] = s.skipped;
     }
-    // The values routing used this step (after clamping to the model).
-    if (cfg_.schedule.capacity_factor.enabled && !s.moe_layers.empty()) {
-      rec["capacity_factor"] = s.moe_layers[0].value("capacity_factor", 0.0);
-    }
-    if (cfg_.schedule.top_k.enabled && !s.moe_layers.empty()) {
-      rec["top_k"] = s.moe_layers[0].at("top_k");
-    }
+    rec.update(scheduled_values()); // what the schedules gave routing
     const bool eval_now = cfg_.train.eval_every > 0 &&
                           (step % cfg_.train.eval_every == 0 || step == total);
     if (eval_now && valid_) {

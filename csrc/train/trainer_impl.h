@@ -29,6 +29,7 @@
 #include "io/token_shard.h"
 #include "model/transformer.h"
 #include "parallel/process_group.h"
+#include "train/routing_metrics.h"
 #include "util/log.h"
 
 #include "train/run_dir.h"
@@ -207,6 +208,8 @@ class Trainer {
   // Seeds this data-parallel rank's random stream for training at `step`.
   void seed_stream(int64_t step);
   void apply_moe_schedules(int64_t step);
+  // The scheduled options' values this step (first MoE layer), by name.
+  nlohmann::json scheduled_values() const;
 
   TrainConfig cfg_;
   Transformer model_;

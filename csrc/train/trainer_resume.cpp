@@ -154,10 +154,10 @@ void Trainer::check_resume_compatible(
     if (key == "model.init_from") { // its config.json is compared below
       return false;
     }
-    for (const char* p :
-         {"model.", "moe.", "schedule.top_k.", "schedule.capacity_factor."}) {
+    // model:, moe: and the MoE schedules (schedule.<option>.*).
+    for (const char* p : {"model.", "moe.", "schedule."}) {
       if (key.rfind(p, 0) == 0) {
-        return true;
+        return key != "schedule.bias_update_rate";
       }
     }
     return false;

@@ -3,42 +3,42 @@
 The layer's math is the C++ function ``moeyard::moe_forward`` reached through
 the composite op ``torch.ops.moeyard.moe_forward``; this module only owns the
 parameters. The router and its math are float32 whatever the experts' dtype.
+Its routing options, their defaults, checks and docs, and the fields of
+MoEResult are the rows of the C++ table ``csrc/model/moe_interface.h``, read
+here through ``moeyard._C.moe_interface()``.
 """
 
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-_SCORE_FNS = ("softmax", "sigmoid")
-_ROUTINGS = ("token_choice", "expert_choice")
-_DROP_POLICIES = ("position", "probs")
-_NOISES = ("none", "noisy_topk", "gumbel", "jitter")
+from . import _C
+
+_INTERFACE = _C.moe_interface()
+# name -> row: type, default, choices or range, doc.
+_OPTIONS = {row["name"]: row for row in _INTERFACE["options"]}
+_WEIGHTS = [row["name"] for row in _INTERFACE["weights"]]
+_RESULT_FIELDS = [row for row in _INTERFACE["outputs"] if row["name"] != "y"]
 
 
-@dataclass
-class MoEResult:
-    """Aux losses (float32 scalars) and routing statistics of one forward.
-
-    Padding tokens (``mask == 0``) are excluded from all of them.
-    """
-
-    switch_loss: Tensor  # E * sum_e f_e * P_e (Switch Transformer)
-    importance_loss: Tensor  # CV^2 of per-expert summed router probabilities
-    load_loss: Tensor  # CV^2 of per-expert assignment counts (no gradient)
-    z_loss: Tensor  # mean over tokens of logsumexp(logits)^2
-    tokens_per_expert: Tensor  # [E] assignments before capacity drops
-    dropped_fraction: Tensor  # dropped / valid (token, slot) assignments
-    router_entropy: Tensor  # mean entropy of the routing distribution
-    capacity_utilization: Tensor  # filled / allocated expert rows
-    indices: Tensor  # token choice: [T, K] experts (-1 = padding); EC: [E, C] tokens
+def _describe(rows, indent="    "):
+    lines = []
+    for row in rows:
+        allowed = row.get("choices") and "one of " + ", ".join(row["choices"]) or row.get("range") or ""
+        head = f"{row['name']} ({row.get('type', 'Tensor')}" + (f", default {row['default']!r}" if "default" in row else "")
+        lines.append(f"{indent}{head}{', ' + allowed if allowed else ''}): {row['doc']}")
+    return "\n".join(lines)
 
 
-def _check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"MoE: {name} must be one of {', '.join(choices)}, got {value!r}")
+MoEResult = make_dataclass("MoEResult", [(row["name"], Tensor) for row in _RESULT_FIELDS])
+MoEResult.__doc__ = (
+    "Aux losses (float32 scalars) and routing statistics of one forward.\n\n"
+    "Padding tokens (``mask == 0``) are excluded from all of them.\n\n" + _describe(_RESULT_FIELDS)
+)
 
 
 class MoE(nn.Module):
@@ -50,35 +50,20 @@ class MoE(nn.Module):
         num_experts: number of routed experts E.
         top_k: experts per token K (token choice) or the average experts per
             token used to size expert-choice capacity.
-        score_fn: ``"softmax"`` or ``"sigmoid"`` router scores.
-        renormalize: divide the k selected weights by their sum.
-        scale: multiply the weights (DeepSeek's ``routed_scaling_factor``).
-        num_groups, topk_groups: group-limited top-k (DeepSeek-V3).
         selection_bias: keep a float32 buffer ``selection_bias [E]`` added to
             the scores for selection only (aux-loss-free balancing).
         router_bias: the router linear has a bias (GPT-OSS).
-        routing: ``"token_choice"`` or ``"expert_choice"``.
-        weight_on_input: scale each expert's input by the routing weight
-            instead of its output (Llama-4).
-        capacity_factor: ``C = ceil(factor * T * K / E)`` slots per expert;
-            ``<= 0`` is dropless.
-        min_capacity: lower bound on C.
-        drop_policy: ``"position"`` keeps the earliest tokens, ``"probs"``
-            the highest routing weights.
         num_shared_experts, shared_ffn_size: always-on SwiGLU experts, fused
             into one MLP of width ``num_shared_experts * shared_ffn_size``.
         shared_gate: scale the shared output by ``sigmoid(x @ w)`` (Qwen2-MoE).
-        noise: training-only router noise: ``"noisy_topk"`` (learned,
-            Shazeer et al. 2017), ``"gumbel"``, ``"jitter"`` (multiplicative
-            on the router input), or ``"none"``.
-        noise_eps: jitter amplitude. temperature: Gumbel temperature.
-        expert_dropout: dropout on the experts' hidden activations (training).
-        activation: the routed experts' ``"swiglu"``, or GPT-OSS's
-            ``"clamped_swiglu"`` (``swiglu_alpha``, ``swiglu_limit``).
         expert_bias: per-expert biases ``b_gate_up [E, 2F]`` and
             ``b_down [E, H]`` (GPT-OSS).
         dtype, device: of the experts and shared experts (the router is
             float32 always).
+        **options: the routing options below, keyword-only; each is also an
+            attribute that the next forward reads.
+
+    Routing options:
     """
 
     def __init__(
@@ -86,64 +71,30 @@ class MoE(nn.Module):
         hidden_size: int,
         ffn_size: int,
         num_experts: int,
-        top_k: int = 2,
+        top_k: int = _OPTIONS["top_k"]["default"],
         *,
-        score_fn: str = "softmax",
-        renormalize: bool = True,
-        scale: float = 1.0,
-        num_groups: int = 1,
-        topk_groups: int = 1,
         selection_bias: bool = False,
         router_bias: bool = False,
-        routing: str = "token_choice",
-        weight_on_input: bool = False,
-        capacity_factor: float = 0.0,
-        min_capacity: int = 1,
-        drop_policy: str = "position",
         num_shared_experts: int = 0,
         shared_ffn_size: Optional[int] = None,
         shared_gate: bool = False,
-        noise: str = "none",
-        noise_eps: float = 1e-2,
-        temperature: float = 1.0,
-        expert_dropout: float = 0.0,
-        activation: str = "swiglu",
-        swiglu_alpha: float = 1.702,
-        swiglu_limit: float = 7.0,
         expert_bias: bool = False,
         dtype: Optional[torch.dtype] = None,
         device=None,
+        **options,
     ) -> None:
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("ffn_size", ffn_size), ("num_experts", num_experts)):
             if v < 1:
                 raise ValueError(f"MoE: {name} must be >= 1, got {v}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"MoE: top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        _check_choice("score_fn", score_fn, _SCORE_FNS)
-        _check_choice("routing", routing, _ROUTINGS)
-        _check_choice("drop_policy", drop_policy, _DROP_POLICIES)
-        _check_choice("noise", noise, _NOISES)
-        if num_experts % num_groups != 0 or not 1 <= topk_groups <= num_groups:
-            raise ValueError(
-                f"MoE: num_groups ({num_groups}) must divide num_experts ({num_experts}) "
-                f"and topk_groups ({topk_groups}) must be in [1, num_groups]"
-            )
-        self.hidden_size, self.ffn_size = hidden_size, ffn_size
-        self.num_experts, self.top_k = num_experts, top_k
-        self.score_fn, self.renormalize, self.scale = score_fn, renormalize, scale
-        self.num_groups, self.topk_groups = num_groups, topk_groups
-        self.routing, self.weight_on_input = routing, weight_on_input
-        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
-        self.drop_policy = drop_policy
-        self.noise, self.noise_eps, self.temperature = noise, noise_eps, temperature
-        if not 0.0 <= expert_dropout < 1.0:
-            raise ValueError(f"MoE: expert_dropout must be in [0, 1), got {expert_dropout}")
-        self.expert_dropout = expert_dropout
-        _check_choice("activation", activation, ("swiglu", "clamped_swiglu"))
-        if activation == "clamped_swiglu" and not swiglu_limit > 0:
-            raise ValueError(f"MoE: swiglu_limit must be > 0, got {swiglu_limit}")
-        self.activation, self.swiglu_alpha, self.swiglu_limit = activation, swiglu_alpha, swiglu_limit
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise TypeError(f"MoE: unknown option '{unknown[0]}'; options: {', '.join(_OPTIONS)}")
+        options["top_k"] = top_k
+        _C.check_moe_options(num_experts, **options)  # types and values
+        self.hidden_size, self.ffn_size, self.num_experts = hidden_size, ffn_size, num_experts
+        for name, row in _OPTIONS.items():
+            setattr(self, name, options.get(name, row["default"]))
 
         fp32 = dict(device=device, dtype=torch.float32)
         dd = dict(device=device, dtype=dtype)
@@ -159,7 +110,7 @@ class MoE(nn.Module):
         else:
             self.selection_bias = None
         self.noise_weight = (
-            nn.Parameter(torch.zeros(num_experts, hidden_size, **fp32)) if noise == "noisy_topk" else None
+            nn.Parameter(torch.zeros(num_experts, hidden_size, **fp32)) if self.noise == "noisy_topk" else None
         )
         self.shared_gate_up = self.shared_down = self.shared_gate = None
         if num_shared_experts > 0:
@@ -181,42 +132,15 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, MoEResult]:
         """x [..., H]; mask [...] (nonzero = real token). Returns (y, MoEResult)."""
-        out = torch.ops.moeyard.moe_forward(
-            x,
-            self.router.weight,
-            self.router.bias,
-            self.w_gate_up,
-            self.w_down,
-            self.shared_gate_up,
-            self.shared_down,
-            self.shared_gate,
-            self.selection_bias,
-            self.noise_weight,
-            mask,
-            self.top_k,
-            self.score_fn,
-            self.renormalize,
-            self.scale,
-            self.num_groups,
-            self.topk_groups,
-            self.routing,
-            self.weight_on_input,
-            self.capacity_factor,
-            self.min_capacity,
-            self.drop_policy,
-            self.noise,
-            self.noise_eps,
-            self.temperature,
-            self.expert_dropout,
-            0,
-            self.training,
-            self.b_gate_up,
-            self.b_down,
-            self.activation,
-            self.swiglu_alpha,
-            self.swiglu_limit,
-        )
+        weights = {name: self._weight(name) for name in _WEIGHTS}
+        options = {name: getattr(self, name) for name in _OPTIONS}
+        out = torch.ops.moeyard.moe_forward(x, **weights, mask=mask, training=self.training, **options)
         return out[0], MoEResult(*out[1:])
+
+    def _weight(self, name: str) -> Optional[Tensor]:
+        if name.startswith("router_"):
+            return getattr(self.router, name[len("router_"):])
+        return getattr(self, name)
 
     @torch.no_grad()
     def update_selection_bias(self, tokens_per_expert: Tensor, rate: float) -> None:
@@ -232,6 +156,22 @@ class MoE(nn.Module):
             f"top_k={self.top_k}, score_fn={self.score_fn}, routing={self.routing}, "
             f"capacity_factor={self.capacity_factor}"
         )
+
+
+def _signature():
+    """MoE.__init__'s signature with every routing option as a keyword."""
+    sig = inspect.signature(MoE.__init__)
+    params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=row["default"], annotation=kinds[row["type"]])
+        for name, row in _OPTIONS.items() if name != "top_k"
+    ]
+    return sig.replace(parameters=params)
+
+
+MoE.__doc__ = MoE.__doc__.rstrip() + "\n" + _describe(_INTERFACE["options"], indent="        ") + "\n"
+MoE.__init__.__signature__ = _signature()
 
 
 __all__ = ["MoE", "MoEResult"]

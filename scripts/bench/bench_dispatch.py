@@ -53,7 +53,7 @@ def main():
         x = torch.randn(T, H, generator=torch.Generator().manual_seed(10 + rank))
 
         def ours():
-            return _C._moe_forward_ep(x, router, mine_gu, mine_dn, K, 0.0, None, None, "swiglu")[0]
+            return _C._moe_forward_ep(x, router, mine_gu, mine_dn, top_k=K)[0]
 
         def baseline():
             xs = [torch.empty_like(x) for _ in range(world)]

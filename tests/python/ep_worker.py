@@ -43,7 +43,7 @@ def main():
     egu, edn = leaf(w_gu[mine]), leaf(w_dn[mine])
     ebg = leaf(b_gu[mine]) if bias else None
     ebd = leaf(b_dn[mine]) if bias else None
-    y, idx = _C._moe_forward_ep(ex, er, egu, edn, K, capacity, ebg, ebd, act)
+    y, idx = _C._moe_forward_ep(ex, er, egu, edn, ebg, ebd, top_k=K, capacity_factor=capacity, activation=act)
     (y * dy).sum().backward()
 
     def check(name, got, want, tol=1e-5):

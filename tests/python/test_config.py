@@ -154,12 +154,13 @@ def test_optim_groups_numbers_have_ranges(config, group, match):
 
 
 # Every numeric field (the docs list its range): int or float.
+MOE_ROWS = [r for part in ("structure", "options", "coefficients") for r in moeyard._C.moe_interface()[part]]
 INTS = {
     "model": ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size",
               "dense_ffn_size", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
               "v_head_dim", "sliding_window", "rope_original_max_position", "max_seq_len"],
-    "moe": ["num_experts", "ffn_size", "moe_every_n", "first_k_dense", "num_shared_experts", "shared_ffn_size",
-            "num_groups", "min_capacity"],
+    # The `moe:` keys come from the MoE layer's tables (csrc/model/moe_interface.h).
+    "moe": [r["name"] for r in MOE_ROWS if r["type"] == "int" and r["name"] not in ("top_k", "topk_groups")],
     "data": ["seq_len", "seed"],
     "optim": ["warmup"],
     "train": ["steps", "micro_batch", "grad_accum", "seed", "threads", "eval_every", "eval_batches",
@@ -171,8 +172,7 @@ INTS = {
 FLOATS = {
     "model": ["norm_eps", "clip_qkv", "attention_scale", "rope_theta", "rotary_pct", "rope_factor",
               "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_attention_factor"],
-    "moe": ["expert_dropout", "switch_coeff", "importance_coeff", "load_coeff", "z_coeff", "scale",
-            "capacity_factor", "noise_eps", "temperature", "swiglu_alpha", "swiglu_limit"],
+    "moe": [r["name"] for r in MOE_ROWS if r["type"] == "float"],
     "optim": ["lr", "min_lr_ratio", "wsd_decay_fraction", "weight_decay", "beta1", "beta2", "eps",
               "router_lr_mult", "grad_clip", "expert_grad_clip"],
     "checkpoint": ["timeout_s"],
@@ -211,7 +211,7 @@ def test_every_numeric_field_has_a_documented_range():
     docs = documented_ranges()
     for key, _ in numeric_fields():
         assert re.fullmatch(r"[\[(]-?[\d.e-]+, (inf|[\d.]+)[\])]", docs.get(key, "")), (key, docs.get(key))
-    for key in RELATIVE | {"schedule.capacity_factor.start", "schedule.top_k.start"}:
+    for key in RELATIVE | {"schedule.<option>.start"}:
         assert docs.get(key), key
 
 
@@ -266,7 +266,15 @@ def test_defaults_and_documented_lower_bounds_are_accepted(config):
     ("top_k={start: 2, begin: -5}", "schedule.top_k.begin (--set schedule.top_k={start: 2, begin: -5}): "
                                     "-5 is outside [0, inf)"),
     ("top_k={start: 2, type: none}", "schedule.top_k.type (--set schedule.top_k={start: 2, type: none}): "
-                                     "must be constant, linear, cosine or step, got 'none'"),
+                                     "must be constant, linear, cosine, step or wsd, got 'none'"),
+    # every numeric routing option and aux-loss coefficient can be scheduled, within its range
+    ("noise_eps={start: 1}", "schedule.noise_eps.start (--set schedule.noise_eps={start: 1}): 1 is outside [0, 1)"),
+    ("z_coeff={type: linear, start: 0.1, end: -1}",
+     "schedule.z_coeff.end (--set schedule.z_coeff={type: linear, start: 0.1, end: -1}): -1 is outside [0, inf)"),
+    ("expert_dropout={start: 0.1, decay_fraction: 0}",
+     "schedule.expert_dropout.decay_fraction (--set schedule.expert_dropout={start: 0.1, decay_fraction: 0}): "
+     "0 is outside (0, 1]"),
+    ("score_fn={start: 1}", "schedule.score_fn (--set schedule.score_fn={start: 1}): unknown key"),
 ])
 def test_bad_schedules_are_errors(config, schedule, match):
     expected = "config: " + match.replace("X:moe.num_experts", at(config, "moe.num_experts"))
@@ -286,6 +294,8 @@ def test_schedule_error_with_moe_from_set_cites_both(config):
     "schedule.capacity_factor={type: step, start: 2.0, end: 0.5, begin: 1, steps: 1}",
     "schedule.top_k=null",  # explicitly off
     "schedule.capacity_factor=null",
+    "schedule.z_coeff={type: wsd, start: 0.01, end: 0.001, decay_fraction: 0.5}",
+    "schedule.noise_eps={type: cosine, start: 0.1, end: 0, warmup: 1}",
 ])
 def test_valid_schedules_are_accepted(config, schedule):
     assert parse_error(config, schedule) == ""

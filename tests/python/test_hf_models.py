@@ -444,7 +444,7 @@ def test_bad_expert_bias_shape_names_it():
     with pytest.raises(RuntimeError, match=r"b_gate_up must be \[4, 12\], got \[4, 6\]"):
         torch.ops.moeyard.moe_forward(x, torch.randn(4, 8), None, torch.randn(4, 12, 8), torch.randn(4, 8, 6),
                                       b_gate_up=torch.randn(4, 6))
-    with pytest.raises(RuntimeError, match="activation must be 'swiglu' or 'clamped_swiglu', got 'relu'"):
+    with pytest.raises(RuntimeError, match="activation must be one of swiglu, clamped_swiglu, got 'relu'"):
         torch.ops.moeyard.moe_forward(x, torch.randn(4, 8), None, torch.randn(4, 12, 8), torch.randn(4, 8, 6),
                                       activation="relu")
 

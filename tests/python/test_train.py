@@ -87,6 +87,22 @@ def test_loss_falls_metrics_and_checkpoints(tmp_path, shards):
     assert set(manifest["sha256"]) == {"model.safetensors", "optimizer.safetensors", "rng.safetensors"}
 
 
+def test_an_aux_loss_coefficient_follows_its_schedule(tmp_path, shards):
+    """schedule.z_coeff drives the z-loss weight step by step: the metrics log
+    the scheduled value, and with only the z loss weighted, the step's aux
+    loss is that value times the layer's z loss."""
+    cfg = write_config(tmp_path, shards, "run", **{
+        "steps: 20": "steps: 4",
+        "bias_update_rate: 0.001": "z_coeff: {type: linear, start: 0.5, end: 0.0, steps: 4}",
+        "selection_bias: true}": "selection_bias: true, switch_coeff: 0.0}"})
+    train(cfg)
+    ms = metrics(tmp_path / "run")
+    assert [m["z_coeff"] for m in ms] == [0.5, 0.375, 0.25, 0.125]
+    for m in ms:
+        (layer,) = m["moe_layers"]
+        assert m["aux"] == pytest.approx(m["z_coeff"] * layer["z_loss"], rel=1e-5)
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path, shards):
     cfg = write_config(tmp_path, shards, "run", **{"steps: 20": "steps: 10"})
     train(cfg)

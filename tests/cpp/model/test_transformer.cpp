@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <torch/optim/adamw.h>
 
+#include "config/model_yaml.h"
 #include "model/transformer.h"
 
 namespace {
@@ -12,7 +13,7 @@ namespace {
 using namespace moeyard;
 
 ModelConfig tiny(const std::string& extra = "") {
-  return ModelConfig::from_yaml_string(
+  return config::model_config_from_yaml_string(
       "vocab_size: 32\nhidden_size: 32\nnum_layers: 4\nnum_heads: 4\n"
       "ffn_size: 48\nmax_seq_len: 64\n" +
       extra);
@@ -71,7 +72,7 @@ TEST(Transformer, BadConfigNamesField) {
         << e.what();
   }
   try {
-    ModelConfig::from_yaml_string("hidden_size: 32\nnum_headz: 4\n");
+    config::model_config_from_yaml_string("hidden_size: 32\nnum_headz: 4\n");
     FAIL() << "expected an error";
   } catch (const c10::Error& e) {
     EXPECT_NE(

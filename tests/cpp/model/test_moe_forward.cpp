@@ -373,7 +373,7 @@ TEST(MoeForwardOp, MaskExcludesPaddingTokens) {
     // Per-sequence switch loss: mean over sequences of each sequence's loss
     // on its real tokens.
     auto os = o;
-    os.sequence_length = 5;
+    os.switch_per_sequence = true; // sequences: x3's rows of 5 tokens
     const auto per_seq = moeyard::moe_forward(x3, l.w, os, mask);
     const auto ro = ref_options(o, 3, s.E);
     const double s0 = ref_moe(
@@ -635,14 +635,46 @@ TEST(MoeForwardOp, BadOptionsNameField) {
   {
     MoEOptions o;
     o.score_fn = "tanh";
-    MOEYARD_EXPECT_ERROR("router_topk: score_fn", run(o));
+    MOEYARD_EXPECT_ERROR(
+        "moe_forward: score_fn must be one of softmax, sigmoid, got 'tanh'",
+        run(o));
   }
   {
     MoEOptions o;
     o.drop_policy = "newest";
     o.capacity_factor = 1.0;
-    MOEYARD_EXPECT_ERROR("route_plan: drop_policy", run(o));
+    MOEYARD_EXPECT_ERROR(
+        "moe_forward: drop_policy must be one of position, probs, got 'newest'",
+        run(o));
   }
+  // Every option of the table outside its range or list names itself.
+  const MoEOptions defaults;
+  moeyard::for_each_moe_option(
+      defaults, [&](const char* name, const auto& v, const auto& allowed) {
+        using T = std::decay_t<decltype(v)>;
+        MoEOptions o;
+        bool bad = true;
+        moeyard::for_each_moe_option(
+            o, [&](const char* n, auto& field, const auto&) {
+              using F = std::decay_t<decltype(field)>;
+              if constexpr (std::is_same_v<F, T>) {
+                if (std::string(n) != name) {
+                  return;
+                }
+                if constexpr (std::is_same_v<F, std::string>) {
+                  field = "no_such_value";
+                } else if constexpr (std::is_same_v<F, bool>) {
+                  bad = false; // every flag value is valid
+                } else {
+                  field = static_cast<F>(-1000000);
+                }
+              }
+            });
+        if (bad && (std::is_same_v<T, std::string> ||
+                    !allowed.range.contains(-1000000.0))) {
+          MOEYARD_EXPECT_ERROR(std::string("moe_forward: ") + name, run(o));
+        }
+      });
   {
     MoEOptions o;
     MOEYARD_EXPECT_ERROR(

@@ -1,0 +1,110 @@
+// moe_forward's experts: permute the routed rows, run the experts held here
+// (or exchange rows with the expert-parallel group), unpermute with the
+// combine weights, add the shared experts.
+
+#include <ATen/ATen.h>
+
+#include "model/moe_detail.h"
+#include "ops/linear.h"
+#include "ops/ops.h"
+#include "parallel/expert_dispatch.h"
+
+namespace moeyard::detail {
+namespace {
+
+// Expert index of each of the N plan rows: row r belongs to the expert e
+// with offsets[e] <= r < offsets[e + 1]. Rows past offsets[E] (dropless
+// padding rows) are given expert E - 1; nothing reads them.
+at::Tensor expert_of_rows(const at::Tensor& offsets, int64_t N) {
+  const int64_t E = offsets.size(0) - 1;
+  const auto rows = at::arange(N, offsets.options());
+  return at::searchsorted(offsets.narrow(0, 1, E), rows, false, true)
+      .clamp_max(E - 1);
+}
+
+// Adds bias[expert of row] to every row of h [N, D]; bias [E, D].
+at::Tensor add_expert_bias(
+    const at::Tensor& h, const at::Tensor& bias, const at::Tensor& row_expert) {
+  return h + bias.to(h.scalar_type()).index_select(0, row_expert);
+}
+
+// GPT-OSS's clamped SwiGLU on [gate | up] rows.
+at::Tensor clamped_swiglu(const at::Tensor& h, double alpha, double limit) {
+  const int64_t F = h.size(-1) / 2;
+  const auto gate = h.narrow(-1, 0, F).clamp_max(limit);
+  const auto up = h.narrow(-1, F, F).clamp(-limit, limit);
+  return (up + 1) * (gate * at::sigmoid(gate * alpha));
+}
+
+// The experts held here on expert-contiguous rows laid out by `offsets`.
+at::Tensor local_experts(
+    const at::Tensor& rows,
+    const at::Tensor& offsets,
+    const MoEWeights& w,
+    const MoEOptions& o) {
+  at::Tensor row_expert; // [N] expert of each row, for the expert biases
+  if (w.b_gate_up.defined() || w.b_down.defined()) {
+    row_expert = expert_of_rows(offsets, rows.size(0));
+  }
+  auto h = ops::grouped_mm(rows, w.w_gate_up, offsets);
+  if (w.b_gate_up.defined()) {
+    h = add_expert_bias(h, w.b_gate_up, row_expert);
+  }
+  auto act = o.activation == "clamped_swiglu"
+                 ? clamped_swiglu(h, o.swiglu_alpha, o.swiglu_limit)
+                 : ops::swiglu(h);
+  if (o.training && o.expert_dropout > 0) {
+    act = at::dropout(act, o.expert_dropout, /*train=*/true);
+  }
+  auto out = ops::grouped_mm(act, w.w_down, offsets);
+  if (w.b_down.defined()) {
+    out = add_expert_bias(out, w.b_down, row_expert);
+  }
+  return out;
+}
+
+at::Tensor shared_experts(const at::Tensor& x2, const MoEWeights& w) {
+  auto shared = ops::linear(
+      ops::swiglu(ops::linear(x2, w.shared_gate_up)), w.shared_down);
+  if (w.shared_gate.defined()) {
+    shared = shared * at::sigmoid(ops::linear(x2, w.shared_gate));
+  }
+  return shared;
+}
+
+} // namespace
+
+at::Tensor run_experts(
+    const at::Tensor& x2,
+    const Plan& plan,
+    const Router& r,
+    const MoEWeights& w,
+    const MoEOptions& o) {
+  auto rows = ops::permute(x2, plan.row_token);
+  auto combine = plan.weights;
+  if (o.weight_on_input) {
+    // Each row is scaled by the weight of the (token, slot) pair it holds.
+    const int64_t N = rows.size(0);
+    const auto flat_slot = plan.slot.flatten();
+    const auto target = at::where(flat_slot >= 0, flat_slot, N);
+    const auto row_w = at::zeros({N + 1}, combine.options())
+                           .scatter(0, target, combine.flatten())
+                           .narrow(0, 0, N);
+    rows = (rows.to(r.dtype) * row_w.unsqueeze(1)).to(x2.scalar_type());
+    combine = (plan.slot >= 0).to(combine.scalar_type());
+  }
+  auto experts = [&](const at::Tensor& rs, const at::Tensor& offsets) {
+    return local_experts(rs, offsets, w, o);
+  };
+  const auto out_rows = o.expert_group
+                            ? parallel::dispatch_to_experts(
+                                  rows, plan.offsets, *o.expert_group, experts)
+                            : experts(rows, plan.offsets);
+  auto y = ops::unpermute(out_rows, plan.slot, combine);
+  if (w.shared_gate_up.defined()) {
+    y = y + shared_experts(x2, w);
+  }
+  return y;
+}
+
+} // namespace moeyard::detail

@@ -1,0 +1,207 @@
+#pragma once
+// The MoE layer's interface, declared once: its weights, its routing options
+// and its outputs, one row each. From these rows come MoEWeights, MoEOptions
+// and MoEOutput (moe_forward.h), the composite op's schema and unpacking
+// (moe_op.cpp), the `moe:` config keys with their validation
+// (config/model_yaml.cpp), the `schedule.<option>` keys of the trainer, its
+// per-layer metrics, the aux-loss sum of Transformer::loss, and in Python
+// nn.MoE's keyword arguments, docstring and MoEResult (through
+// moeyard._C.moe_interface()). docs/model.md's `moe:` table is generated
+// from them (scripts/gen_docs.py; a test checks it is current).
+//
+// Adding an option is one row in MOEYARD_MOE_OPTIONS plus the code that uses
+// it; adding a statistic one row in MOEYARD_MOE_STATISTICS plus its value.
+
+#include <string>
+#include <vector>
+
+#include "config/range.h"
+
+namespace moeyard::moe_spec {
+
+// The values an option may take: a range for numbers, a list of names for
+// strings (space-separated), nothing for flags.
+struct Allowed {
+  config::Range range = config::Range::any();
+  const char* choices = nullptr;
+};
+inline Allowed at_least(double lo) {
+  return {config::Range::at_least(lo)};
+}
+inline Allowed greater_than(double lo) {
+  return {config::Range::greater_than(lo)};
+}
+inline Allowed closed_open(double lo, double hi) {
+  return {config::Range::closed_open(lo, hi)};
+}
+inline Allowed one_of(const char* names) {
+  return {config::Range::any(), names};
+}
+inline Allowed any() {
+  return {};
+}
+// The names of a one_of list, in order.
+std::vector<std::string> choices_of(const Allowed& a);
+
+} // namespace moeyard::moe_spec
+
+// Weights: X(name, required | optional, doc). Expert tensors are the slices
+// this rank holds under expert parallelism.
+#define MOEYARD_MOE_WEIGHTS(X)                                            \
+  X(router_weight, required, "[E, H] float32 router")                     \
+  X(router_bias, optional, "[E] float32 router bias (GPT-OSS)")           \
+  X(w_gate_up, required, "[E, 2F, H] experts' gate rows, then up rows")   \
+  X(w_down, required, "[E, H, F] experts' down projections")              \
+  X(shared_gate_up, optional, "[2Fs, H] shared experts, fused")           \
+  X(shared_down, optional, "[H, Fs]")                                     \
+  X(shared_gate, optional, "[1, H] sigmoid gate on the shared output")    \
+  X(selection_bias, optional, "[E] float32, added for selection only")    \
+  X(noise_weight, optional, "[E, H] float32 noisy top-k noise scale")     \
+  X(b_gate_up, optional, "[E, 2F] added to each expert's gate_up output") \
+  X(b_down, optional, "[E, H] added to each expert's down output")
+
+// Routing options: X(type, name, default, allowed, doc). Their order is the
+// op's keyword order.
+#define MOEYARD_MOE_OPTIONS(X)                                                 \
+  X(int64_t,                                                                   \
+    top_k,                                                                     \
+    2,                                                                         \
+    at_least(1),                                                               \
+    "experts per token K, at most `num_experts` (expert choice: the average "  \
+    "experts per token that sizes C)")                                         \
+  X(std::string,                                                               \
+    score_fn,                                                                  \
+    "softmax",                                                                 \
+    one_of("softmax sigmoid"),                                                 \
+    "router scores")                                                           \
+  X(bool,                                                                      \
+    renormalize,                                                               \
+    true,                                                                      \
+    any(),                                                                     \
+    "divide the k selected weights by their sum (+1e-20)")                     \
+  X(double,                                                                    \
+    scale,                                                                     \
+    1.0,                                                                       \
+    greater_than(0),                                                           \
+    "multiply the weights by this (`routed_scaling_factor`)")                  \
+  X(int64_t,                                                                   \
+    num_groups,                                                                \
+    1,                                                                         \
+    at_least(1),                                                               \
+    "group-limited top-k (DeepSeek-V3): experts in this many groups; divides " \
+    "`num_experts`")                                                           \
+  X(int64_t,                                                                   \
+    topk_groups,                                                               \
+    1,                                                                         \
+    at_least(1),                                                               \
+    "... of which the best this many are eligible; at most `num_groups`")      \
+  X(std::string,                                                               \
+    routing,                                                                   \
+    "token_choice",                                                            \
+    one_of("token_choice expert_choice"),                                      \
+    "`token_choice`; `expert_choice`: each expert takes its best C tokens")    \
+  X(bool,                                                                      \
+    weight_on_input,                                                           \
+    false,                                                                     \
+    any(),                                                                     \
+    "the routing weight scales the expert input, not its output (Llama-4)")    \
+  X(double,                                                                    \
+    capacity_factor,                                                           \
+    0.0,                                                                       \
+    at_least(0),                                                               \
+    "`C = max(min_capacity, ceil(factor T K / E))` slots per expert; 0 = "     \
+    "dropless")                                                                \
+  X(int64_t, min_capacity, 1, at_least(1), "lower bound on C")                 \
+  X(std::string,                                                               \
+    drop_policy,                                                               \
+    "position",                                                                \
+    one_of("position probs"),                                                  \
+    "over capacity: keep the earliest tokens (`position`) or the highest "     \
+    "weights (`probs`)")                                                       \
+  X(std::string,                                                               \
+    noise,                                                                     \
+    "none",                                                                    \
+    one_of("none noisy_topk gumbel jitter"),                                   \
+    "training-only router noise: `noisy_topk` (learned `noise_weight`), "      \
+    "`gumbel`, `jitter` (on the router input), or `none`")                     \
+  X(double,                                                                    \
+    noise_eps,                                                                 \
+    0.01,                                                                      \
+    closed_open(0, 1),                                                         \
+    "jitter: router input times U(1 - eps, 1 + eps)")                          \
+  X(double,                                                                    \
+    temperature,                                                               \
+    1.0,                                                                       \
+    greater_than(0),                                                           \
+    "gumbel: (logits + G) / temperature")                                      \
+  X(double,                                                                    \
+    expert_dropout,                                                            \
+    0.0,                                                                       \
+    closed_open(0, 1),                                                         \
+    "dropout on the experts' hidden activations, training only")               \
+  X(std::string,                                                               \
+    activation,                                                                \
+    "swiglu",                                                                  \
+    one_of("swiglu clamped_swiglu"),                                           \
+    "routed experts on `[gate | up]`: `swiglu` = `silu(gate) * up`; "          \
+    "`clamped_swiglu` (GPT-OSS) = `gate = min(gate, limit)`, `up = clamp(up, " \
+    "-limit, limit)`, `(up + 1) * gate * sigmoid(alpha * gate)`. Shared "      \
+    "experts are always SwiGLU")                                               \
+  X(double,                                                                    \
+    swiglu_alpha,                                                              \
+    1.702,                                                                     \
+    greater_than(0),                                                           \
+    "`clamped_swiglu`: sigmoid gain alpha")                                    \
+  X(double,                                                                    \
+    swiglu_limit,                                                              \
+    7.0,                                                                       \
+    greater_than(0),                                                           \
+    "`clamped_swiglu`: clamp limit")                                           \
+  X(bool,                                                                      \
+    switch_per_sequence,                                                       \
+    false,                                                                     \
+    any(),                                                                     \
+    "switch loss per sequence (x's second-to-last dimension), averaged "       \
+    "(DeepSeek's sequence-wise aux loss)")
+
+// Aux losses, float32 scalars over the real tokens, each with the option
+// that weighs it in the model's loss: X(name, coefficient, default, doc).
+#define MOEYARD_MOE_AUX_LOSSES(X)                                           \
+  X(switch_loss,                                                            \
+    switch_coeff,                                                           \
+    0.01,                                                                   \
+    "`E * sum_e f_e * P_e`: switch load-balance loss (Switch Transformer)") \
+  X(importance_loss,                                                        \
+    importance_coeff,                                                       \
+    0.0,                                                                    \
+    "CV^2 of the per-expert summed router probabilities (Shazeer et al.)")  \
+  X(load_loss,                                                              \
+    load_coeff,                                                             \
+    0.0,                                                                    \
+    "CV^2 of the per-expert assignment counts (no gradient)")               \
+  X(z_loss, z_coeff, 0.001, "mean over tokens of logsumexp(logits)^2")
+
+// Routing statistics over the real tokens: X(name, combine, doc). combine:
+// how micro-batches and ranks combine, `sum` or `mean` (token-weighted).
+#define MOEYARD_MOE_STATISTICS(X)                                             \
+  X(tokens_per_expert, sum, "[E] float32: assignments before capacity drops") \
+  X(dropped_fraction, mean, "dropped / valid (token, slot) assignments")      \
+  X(router_entropy, mean, "mean entropy of the routing distribution")         \
+  X(capacity_utilization, mean, "filled / allocated expert rows")
+
+namespace moeyard {
+
+// f(name, member, allowed) for every option in table order, then every
+// aux-loss coefficient (allowed: [0, inf)). Options: MoEOptions.
+template <typename Options, typename F>
+void for_each_moe_option(Options& o, F&& f) {
+  using namespace moe_spec;
+#define MOEYARD_VISIT(type, name, def, allowed, doc) f(#name, o.name, allowed);
+  MOEYARD_MOE_OPTIONS(MOEYARD_VISIT)
+#undef MOEYARD_VISIT
+#define MOEYARD_VISIT(loss, coeff, def, doc) f(#coeff, o.coeff, at_least(0));
+  MOEYARD_MOE_AUX_LOSSES(MOEYARD_VISIT)
+#undef MOEYARD_VISIT
+}
+
+} // namespace moeyard

@@ -1,0 +1,153 @@
+// moe_forward's routing plan: router logits (float32), training noise, then
+// top-k token choice or expert choice, in the plan form both share.
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "model/moe_detail.h"
+#include "ops/ops.h"
+
+namespace moeyard::detail {
+namespace {
+
+int64_t capacity_of(
+    double factor, int64_t T, int64_t K, int64_t E, int64_t min_c) {
+  const double c = std::ceil(factor * static_cast<double>(T * K) / E);
+  return std::max<int64_t>(min_c, static_cast<int64_t>(c));
+}
+
+// Logits with the training noise that acts on them (noisy top-k, Gumbel).
+at::Tensor noisy_logits(
+    const Router& r, const MoEWeights& w, const MoEOptions& o) {
+  if (!o.training || o.noise == "none") {
+    return r.logits;
+  }
+  if (o.noise == "noisy_topk") {
+    const auto std_dev =
+        at::softplus(at::linear(r.input, w.noise_weight.to(r.dtype)));
+    return r.logits + at::randn_like(r.logits) * std_dev;
+  }
+  if (o.noise == "gumbel") {
+    const auto u = at::empty_like(r.logits).uniform_(1e-10, 1.0);
+    return (r.logits - at::log(-at::log(u))) / o.temperature;
+  }
+  return r.logits; // jitter acted on the router input
+}
+
+Plan plan_token_choice(
+    const at::Tensor& logits,
+    const at::Tensor& valid,
+    const MoEWeights& w,
+    const MoEOptions& o) {
+  const int64_t T = logits.size(0), E = logits.size(1);
+  std::optional<at::Tensor> bias;
+  if (w.selection_bias.defined()) {
+    bias = w.selection_bias;
+  }
+  auto [weights, indices, scores] = ops::router_topk(
+      logits,
+      o.top_k,
+      o.score_fn,
+      o.renormalize,
+      o.scale,
+      bias,
+      o.num_groups,
+      o.topk_groups);
+  if (valid.defined()) {
+    indices = at::where(valid.unsqueeze(1), indices, -1);
+  }
+  const int64_t C =
+      o.capacity_factor > 0
+          ? capacity_of(o.capacity_factor, T, o.top_k, E, o.min_capacity)
+          : -1;
+  auto [row_token, slot, offsets, counts] =
+      ops::route_plan(indices, weights, E, C, o.drop_policy);
+  auto assigned = at::zeros({E + 1}, logits.options())
+                      .scatter_add_(
+                          0,
+                          (indices + 1).flatten(),
+                          at::ones({indices.numel()}, logits.options()))
+                      .narrow(0, 1, E);
+  return {row_token, slot, offsets, counts, weights, indices, assigned, scores};
+}
+
+// Each expert takes its C best tokens by score; rows stay in token order.
+Plan plan_expert_choice(
+    const at::Tensor& logits, const at::Tensor& valid, const MoEOptions& o) {
+  const int64_t T = logits.size(0), E = logits.size(1);
+  auto scores = o.score_fn == "sigmoid" ? logits.sigmoid() : logits.softmax(-1);
+  const double factor = o.capacity_factor > 0 ? o.capacity_factor : 1.0;
+  const int64_t C =
+      std::min<int64_t>(T, capacity_of(factor, T, o.top_k, E, o.min_capacity));
+  auto opts = logits.options().dtype(at::kLong);
+  auto key = scores.detach();
+  if (valid.defined()) {
+    key = at::where(valid.unsqueeze(1), key, -1.0);
+  }
+  // Stable descending sort: ties go to the earlier token.
+  auto order = std::get<1>(at::sort(key.t(), /*stable=*/true, 1, true));
+  auto chosen = std::get<0>(at::sort(order.narrow(1, 0, C), 1)); // [E, C]
+  auto ok = valid.defined()
+                ? valid.index_select(0, chosen.flatten()).view({E, C})
+                : at::ones({E, C}, opts.dtype(at::kBool));
+  auto rows = at::arange(E * C, opts).view({E, C});
+  auto slot_t =
+      at::full({E, T}, -1, opts).scatter_(1, chosen, at::where(ok, rows, -1));
+  auto slot = slot_t.t().contiguous(); // [T, E]
+  auto row_token = at::where(ok, chosen, -1).flatten();
+  auto counts = ok.sum(1);
+  auto offsets = at::arange(E + 1, opts) * C;
+  auto weights = scores * (slot >= 0).to(scores.scalar_type());
+  return {
+      row_token,
+      slot,
+      offsets,
+      counts,
+      weights,
+      chosen,
+      counts.to(logits.scalar_type()),
+      scores};
+}
+
+} // namespace
+
+Router router_logits(
+    const at::Tensor& x2,
+    const at::Tensor& mask,
+    const MoEWeights& w,
+    const MoEOptions& o) {
+  const int64_t T = x2.size(0);
+  Router r;
+  if (mask.defined()) {
+    TORCH_CHECK(
+        mask.numel() == T,
+        "moe_forward: mask must have one entry per token (",
+        T,
+        "), got shape ",
+        mask.sizes());
+    r.valid = mask.reshape({T}).to(at::kBool);
+  }
+  // Float32, or float64 for a float64 model (never lower).
+  r.dtype = x2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  r.input = x2.to(r.dtype);
+  if (o.training && o.noise == "jitter") {
+    r.input = r.input * at::empty_like(r.input).uniform_(
+                            1.0 - o.noise_eps, 1.0 + o.noise_eps);
+  }
+  std::optional<at::Tensor> bias;
+  if (w.router_bias.defined()) {
+    bias = w.router_bias.to(r.dtype);
+  }
+  r.logits = at::linear(r.input, w.router_weight.to(r.dtype), bias);
+  return r;
+}
+
+Plan routing_plan(const Router& r, const MoEWeights& w, const MoEOptions& o) {
+  const auto logits = noisy_logits(r, w, o);
+  return o.routing == "expert_choice"
+             ? plan_expert_choice(logits, r.valid, o)
+             : plan_token_choice(logits, r.valid, w, o);
+}
+
+} // namespace moeyard::detail

@@ -1,0 +1,92 @@
+// moe_forward's aux losses and routing statistics, in the router's float
+// type over the real (unmasked) tokens only.
+
+#include <ATen/ATen.h>
+
+#include "model/moe_detail.h"
+
+namespace moeyard::detail {
+namespace {
+
+// Squared coefficient of variation.
+at::Tensor cv2(const at::Tensor& v) {
+  return v.var(0, /*unbiased=*/false) / (v.mean().square() + 1e-10);
+}
+
+// Switch loss per sequence of S tokens (f and P over each sequence's real
+// tokens), averaged over the sequences.
+at::Tensor switch_loss_per_sequence(
+    const Plan& plan,
+    const at::Tensor& masked_probs,
+    const at::Tensor& vw,
+    int64_t S,
+    int64_t top_k) {
+  const int64_t T = masked_probs.size(0), E = masked_probs.size(1);
+  const auto fopts = masked_probs.options();
+  const auto one_hot =
+      at::zeros({T, E + 1}, fopts)
+          .scatter_add_(
+              1, plan.indices + 1, at::ones(plan.indices.sizes(), fopts))
+          .narrow(1, 1, E);
+  const auto n_seq = vw.view({-1, S}).sum(1, true).clamp_min(1.0); // [B,1]
+  const auto f_seq = one_hot.view({-1, S, E}).sum(1) / (n_seq * top_k);
+  const auto p_seq = masked_probs.view({-1, S, E}).sum(1) / n_seq;
+  return E * (f_seq * p_seq).sum(1).mean();
+}
+
+} // namespace
+
+void routing_statistics(
+    const Router& r,
+    const Plan& plan,
+    const MoEOptions& o,
+    int64_t tokens_per_sequence,
+    MoEOutput& out) {
+  const auto& logits = r.logits;
+  const int64_t T = logits.size(0), E = logits.size(1);
+  const bool expert_choice = o.routing == "expert_choice";
+  const int64_t K = expert_choice ? E : o.top_k;
+  const auto fopts = logits.options();
+  const auto vw =
+      r.valid.defined() ? r.valid.to(r.dtype) : at::ones({T}, fopts);
+  const auto n_valid = vw.sum().clamp_min(1.0);
+  auto probs = plan.scores;
+  if (o.score_fn == "sigmoid") {
+    probs = plan.scores / (plan.scores.sum(-1, true) + 1e-20);
+  }
+  const auto masked_probs = probs * vw.unsqueeze(1);
+  const auto importance = masked_probs.sum(0); // [E]
+  if (tokens_per_sequence > 0 && !expert_choice) {
+    out.switch_loss = switch_loss_per_sequence(
+        plan, masked_probs, vw, tokens_per_sequence, o.top_k);
+  } else {
+    const auto frac = plan.assigned / (n_valid * o.top_k);
+    out.switch_loss = E * (frac * importance / n_valid).sum();
+  }
+  out.importance_loss = cv2(importance);
+  out.load_loss = cv2(plan.assigned);
+  out.z_loss = (at::logsumexp(logits, -1).square() * vw).sum() / n_valid;
+  out.tokens_per_expert = plan.assigned;
+  const auto kept = plan.counts.sum().to(r.dtype);
+  // With no real token (all padding, or T = 0) nothing was dropped: 0.
+  const auto n_real = vw.sum();
+  out.dropped_fraction =
+      expert_choice
+          // fraction of real tokens no expert took
+          ? (n_real - ((plan.slot >= 0).any(1).to(r.dtype) * vw).sum()) /
+                n_valid
+          : (n_real * K - kept) / (n_valid * K);
+  const auto ent = -(probs * at::log(probs.clamp_min(1e-20))).sum(-1);
+  out.router_entropy = (ent * vw).sum() / n_valid;
+  // Allocated rows: E*C with a capacity; dropless, the real tokens' K slots
+  // (rows of padding tokens are not "allocated"), so dropless reads 1.
+  const bool has_capacity = expert_choice || o.capacity_factor > 0;
+  out.capacity_utilization =
+      has_capacity ? kept / std::max<int64_t>(plan.row_token.size(0), 1)
+                   : kept / (n_valid * K);
+  out.indices = plan.indices;
+  out.importance = importance;
+  out.valid_tokens = n_real;
+}
+
+} // namespace moeyard::detail
