@@ -1,4 +1,7 @@
 #pragma once
+// Argument validation of swiglu and swiglu_backward, shared by the CPU, CUDA
+// and Meta kernels so that every device rejects the same inputs with the same
+// words.
 
 #include "ops/common.h"
 
