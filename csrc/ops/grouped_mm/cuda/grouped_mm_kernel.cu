@@ -1,9 +1,9 @@
 // grouped_mm on CUDA through cuBLAS: one cublasGemmGroupedBatchedEx call for
 // all non-empty experts (fp32 / bf16 / fp16, fp32 accumulation), per-expert
 // GEMMs through ATen for float64. The expert offsets are read on the host
-// (one small device-to-host copy): cuBLAS takes the GEMM sizes from host
-// arrays. In capacity mode the caller may avoid the copy by keeping
-// offsets on the CPU (they are e * C).
+// (one small device-to-host copy, a host sync): cuBLAS takes the GEMM sizes
+// from host arrays. docs/ops.md, "Host synchronization", lists this sync and
+// what removing it would take.
 
 #include <ATen/cuda/CUDABlas.h>
 #include <ATen/ops/empty.h>
