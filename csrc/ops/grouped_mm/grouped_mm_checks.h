@@ -48,16 +48,8 @@ inline void check_grouped_mm_backward_args(
     const at::Tensor& offsets) {
   constexpr const char* op = "grouped_mm_backward";
   check_grouped_mm_args(input, weight, offsets, op);
-  TORCH_CHECK(
-      grad_out.dim() == 2 && grad_out.sym_size(0) == input.sym_size(0) &&
-          grad_out.sym_size(1) == weight.sym_size(1),
-      op,
-      ": grad_out must have shape [",
-      input.sym_size(0),
-      ", ",
-      weight.sym_size(1),
-      "], got ",
-      grad_out.sym_sizes());
+  check_shape_2d(
+      grad_out, input.sym_size(0), weight.sym_size(1), op, "grad_out");
 }
 
 // Host copy of expert_offsets: non-decreasing within [0, N].

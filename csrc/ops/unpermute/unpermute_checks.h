@@ -45,16 +45,7 @@ inline void check_unpermute_backward_args(
   constexpr const char* op = "unpermute_backward";
   check_unpermute_args(rows, slot, weights, op);
   check_float(grad_y, op, "grad_y");
-  TORCH_CHECK(
-      grad_y.dim() == 2 && grad_y.sym_size(0) == slot.sym_size(0) &&
-          grad_y.sym_size(1) == rows.sym_size(1),
-      op,
-      ": grad_y must have shape [",
-      slot.sym_size(0),
-      ", ",
-      rows.sym_size(1),
-      "], got ",
-      grad_y.sym_sizes());
+  check_shape_2d(grad_y, slot.sym_size(0), rows.sym_size(1), op, "grad_y");
 }
 
 } // namespace moeyard::ops::detail
