@@ -159,7 +159,7 @@ Tokenizer Tokenizer::from_json_string(
       const auto& a = added[i];
       Impl::Added t;
       t.content = a.at("content").get<std::string>();
-      t.id = token_id(
+      t.id = Impl::token_id(
           a.at("id"), name, "added_tokens[" + std::to_string(i) + "].id");
       t.special = a.value("special", false);
       t.normalized = a.value("normalized", !t.special);
