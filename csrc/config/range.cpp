@@ -1,3 +1,6 @@
+// Range (the valid values of a number in a config), show_number and
+// check_range: how a number's bounds are written in errors.
+
 #include "config/range.h"
 
 #include <c10/util/Exception.h>

@@ -1,3 +1,7 @@
+// YamlReader (typed, range-checked reads of one YAML mapping, with --set
+// overrides and the file line in every error) and Sources; Range and
+// check_range are in range.cpp.
+
 #include "config/yaml_reader.h"
 
 #include <c10/util/Exception.h>

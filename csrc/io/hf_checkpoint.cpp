@@ -15,6 +15,7 @@
 
 #include "io/hf_family.h"
 #include "io/safetensors.h"
+#include "util/dtype.h"
 
 namespace moeyard::io {
 namespace fs = std::filesystem;

@@ -2,18 +2,17 @@
 
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
-#include <fcntl.h>
 #include <openssl/evp.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "io/mapped_file.h"
 #include "io/safetensors_format.h"
 
 namespace moeyard::io {
@@ -61,16 +60,6 @@ at::ScalarType scalar_type_of(const std::string& s) {
       c10::elementSize(it->second) == safetensors_dtype_size(s));
   return it->second;
 }
-
-struct Mapped {
-  void* p = MAP_FAILED;
-  size_t n = 0;
-  ~Mapped() {
-    if (p != MAP_FAILED) {
-      ::munmap(p, n);
-    }
-  }
-};
 
 } // namespace
 
@@ -120,43 +109,14 @@ void save_safetensors(
 
 TensorMap load_safetensors(
     const std::string& path, std::map<std::string, std::string>* metadata) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  TORCH_CHECK(
-      fd >= 0,
-      "safetensors ",
-      path,
-      ": cannot open (",
-      std::strerror(errno),
-      ")");
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    TORCH_CHECK(false, "safetensors ", path, ": not a regular file");
-  }
-  Mapped m;
-  m.n = static_cast<size_t>(st.st_size);
-  // A file too small for the length field is not mapped (mmap refuses 0
-  // bytes): parse_safetensors reports its size without reading it.
-  if (m.n >= 8) {
-    m.p = ::mmap(nullptr, m.n, PROT_READ, MAP_PRIVATE, fd, 0);
-    const int err = errno;
-    ::close(fd);
-    TORCH_CHECK(
-        m.p != MAP_FAILED,
-        "safetensors ",
-        path,
-        ": mmap failed (",
-        std::strerror(err),
-        ")");
-  } else {
-    ::close(fd);
-  }
-  const auto* base =
-      m.p == MAP_FAILED ? nullptr : static_cast<const uint8_t*>(m.p);
+  // A file too small for the length field is not mapped: parse_safetensors
+  // reports its size without reading it.
+  const MappedFile file(path, "safetensors", 8);
+  const uint8_t* base = file.data();
   // Every field is checked, overflow-safe, before anything is allocated.
   SafetensorsHeader h;
   try {
-    h = parse_safetensors(base, m.n, path);
+    h = parse_safetensors(base, file.size(), path);
   } catch (const FormatError& e) {
     TORCH_CHECK(false, e.what());
   }

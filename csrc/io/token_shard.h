@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "io/mapped_file.h"
 #include "io/token_shard_format.h"
 
 namespace moeyard::io {
@@ -16,9 +17,6 @@ namespace moeyard::io {
 class TokenShard {
  public:
   explicit TokenShard(const std::string& path);
-  ~TokenShard();
-  TokenShard(const TokenShard&) = delete;
-  TokenShard& operator=(const TokenShard&) = delete;
 
   int64_t size() const {
     return count_;
@@ -35,8 +33,7 @@ class TokenShard {
 
  private:
   std::string path_;
-  void* map_ = nullptr;
-  size_t bytes_ = 0;
+  MappedFile file_; // not copyable, so neither is a TokenShard
   TokenShardHeader header_;
   int64_t count_ = 0, vocab_ = 0;
   const uint8_t* data_ = nullptr; // the whole file

@@ -10,6 +10,7 @@
 
 #include "model/transformer.h"
 #include "ops/linear.h"
+#include "util/dtype.h"
 
 namespace moeyard {
 namespace {

@@ -1,5 +1,6 @@
 #include "model/transformer.h"
 #include "ops/linear.h"
+#include "util/dtype.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -8,21 +9,6 @@
 #include <cmath>
 
 namespace moeyard {
-
-at::ScalarType parse_dtype(const std::string& name) {
-  if (name == "float32") {
-    return at::kFloat;
-  }
-  if (name == "bfloat16") {
-    return at::kBFloat16;
-  }
-  TORCH_CHECK(
-      name == "float64",
-      "config: model.dtype must be float32, bfloat16 or float64, got '",
-      name,
-      "'");
-  return at::kDouble;
-}
 
 // ---- Linear, Norm ---------------------------------------------------------
 

@@ -264,6 +264,4 @@ class TransformerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Transformer);
 
-at::ScalarType parse_dtype(const std::string& name);
-
 } // namespace moeyard

@@ -60,6 +60,27 @@ inline void check_dim(
       t.sizes());
 }
 
+// A gradient (or other tensor) whose shape follows from the other arguments:
+// 2-D [rows, cols].
+inline void check_shape_2d(
+    const at::Tensor& t,
+    const c10::SymInt& rows,
+    const c10::SymInt& cols,
+    const char* op,
+    const char* arg) {
+  TORCH_CHECK(
+      t.dim() == 2 && t.sym_size(0) == rows && t.sym_size(1) == cols,
+      op,
+      ": ",
+      arg,
+      " must have shape [",
+      rows,
+      ", ",
+      cols,
+      "], got ",
+      t.sym_sizes());
+}
+
 inline void check_same_device(
     const at::Tensor& a,
     const at::Tensor& b,

@@ -32,6 +32,8 @@ struct AllToAll : public torch::autograd::Function<AllToAll> {
   }
 };
 
+// A host copy: on CUDA this waits for the work queued before it (a host
+// sync, listed in docs/ops.md).
 std::vector<int64_t> to_vector(const at::Tensor& t) {
   const auto c = t.to(at::kCPU, at::kLong).contiguous();
   return {c.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>() + c.numel()};

@@ -4,7 +4,9 @@
 // holds E / ep consecutive experts; rows are exchanged with autograd (the
 // backward is the reverse exchange), counts first, then the variable-size
 // all-to-all, then a local re-permutation so each rank's rows are
-// expert-contiguous.
+// expert-contiguous. On CUDA the forward synchronizes with the host: the
+// split sizes of a variable-size all-to-all are host vectors (docs/ops.md,
+// "Host synchronization", lists each sync and why).
 
 #include <ATen/core/Tensor.h>
 

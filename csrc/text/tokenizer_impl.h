@@ -1,6 +1,7 @@
 #pragma once
 // Internal to csrc/text: the tokenizer pipeline's state (tokenizer.json
-// parsed into it by tokenizer_load.cpp, run by tokenizer.cpp).
+// parsed into it by tokenizer_load*.cpp, run by tokenizer.cpp to encode and
+// tokenizer_decode.cpp to decode).
 
 #include <optional>
 
@@ -77,14 +78,17 @@ struct Tokenizer::Impl {
   bool byte_level = false;
   int64_t size = 0;
 
-  // -- loading (tokenizer_load.cpp) --
+  // -- loading (tokenizer_load.cpp, tokenizer_load_pipeline.cpp) --
+  // A token id read from the file at `field`: an integer in [0, 2^24).
+  static int64_t token_id(
+      const json& v, const std::string& file, const std::string& field);
   void parse_normalizer(const json& j, const std::string& field);
   void parse_pre_tokenizer(const json& j, const std::string& field);
   void parse_decoder(const json& j, const std::string& field);
   void parse_post_processor(const json& j, const std::string& field);
   void parse_model(const json& m);
 
-  // -- running (tokenizer.cpp) --
+  // -- running (tokenizer.cpp: encoding; tokenizer_decode.cpp: decoding) --
   static uint64_t key(int64_t a, int64_t b);
   // -- encoding --
   // Splits pieces at added tokens (only those with the given `normalized`

@@ -176,6 +176,46 @@ def test_bad_input(call, match):
         call()
 
 
+def _bad_backward_calls(device):
+    """Every backward op called with a gradient (or size) of the wrong shape,
+    on `device`; the other arguments are valid."""
+    d = dict(device=device)
+    f = lambda *shape: torch.zeros(*shape, **d)  # noqa: E731
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0]], **d)
+    zeros_long = lambda *shape: torch.zeros(*shape, dtype=torch.long, **d)  # noqa: E731
+    offsets = torch.tensor([0, 3, 6], **d)
+    return [
+        ("router_topk_backward", lambda: ops.router_topk_backward(f(3, 3), f(3, 4), idx, f(3, 4), "softmax", True, 1.0), "grad_weights must have the shape of indices"),
+        ("router_topk_backward", lambda: ops.router_topk_backward(f(3, 2), f(2, 4), idx, f(3, 4), "softmax", True, 1.0), "grad_scores must have the shape of scores"),
+        ("permute_backward", lambda: ops.permute_backward(f(5, 2), zeros_long(6), 3), "grad_rows must have one row per row_token entry"),
+        ("permute_backward", lambda: ops.permute_backward(f(6, 2), zeros_long(6), -1), "num_tokens must be >= 0"),
+        ("unpermute_backward", lambda: ops.unpermute_backward(f(3, 5), f(6, 4), zeros_long(3, 2), f(3, 2)), "grad_y must have shape"),
+        ("unpermute_backward", lambda: ops.unpermute_backward(f(4, 4), f(6, 4), zeros_long(3, 2), f(3, 2)), "grad_y must have shape"),
+        ("grouped_mm_backward", lambda: ops.grouped_mm_backward(f(6, 7), f(6, 4), f(2, 5, 4), offsets), "grad_out must have shape"),
+        ("grouped_mm_backward", lambda: ops.grouped_mm_backward(f(6), f(6, 4), f(2, 5, 4), offsets), "grad_out must have shape"),
+        ("swiglu_backward", lambda: ops.swiglu_backward(f(3, 4), f(3, 10)), "grad must have shape"),
+        ("swiglu_backward", lambda: ops.swiglu_backward(f(2, 5), f(3, 10)), "grad must have shape"),
+    ]
+
+
+def _error_of(call):
+    with pytest.raises(RuntimeError) as e:
+        call()
+    return str(e.value)
+
+
+@pytest.mark.parametrize("i", range(len(_bad_backward_calls("cpu"))))
+def test_backward_rejects_wrong_grad_shape_on_cpu_and_meta_alike(i):
+    """The CPU and Meta (shape) kernels run the same checks: a wrong-shape
+    gradient fails under torch.compile's fake tensors exactly as it fails in
+    eager mode, with the same words."""
+    name, on_cpu, match = _bad_backward_calls("cpu")[i]
+    _, on_meta, _ = _bad_backward_calls("meta")[i]
+    cpu_error, meta_error = _error_of(on_cpu), _error_of(on_meta)
+    assert f"{name}: " in cpu_error and match in cpu_error, cpu_error
+    assert meta_error == cpu_error
+
+
 @pytest.mark.parametrize("K", [13, 64, 1027])
 def test_grouped_mm_streaming_and_blas_paths_match_a_loop(K):
     """Experts with <= 32 rows take the weight-streaming kernel, larger ones

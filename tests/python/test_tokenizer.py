@@ -287,8 +287,12 @@ log: {every: 2}
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("gen")
+    # A fixed corpus, so the tiny model (and what it generates) does not
+    # change whenever a file in the repository does.
+    (d / "text").mkdir()
+    (d / "text" / "corpus.txt").write_text("\n".join(CORPUS * 100), encoding="utf-8")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--out", str(d / "data"),
-                    os.path.join(ROOT, "docs")], check=True, capture_output=True)
+                    str(d / "text")], check=True, capture_output=True)
     cfg = d / "gen.yaml"
     cfg.write_text(GEN_CONFIG.replace("TRAIN", str(d / "data" / "train.bin"))
                    .replace("VALID", str(d / "data" / "valid.bin")).replace("RUN", str(d / "run")))

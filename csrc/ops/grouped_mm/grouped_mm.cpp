@@ -48,8 +48,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_meta(
     const at::Tensor& input,
     const at::Tensor& weight,
     const at::Tensor& expert_offsets) {
-  detail::check_grouped_mm_args(
-      input, weight, expert_offsets, "grouped_mm_backward");
+  detail::check_grouped_mm_backward_args(
+      grad_out, input, weight, expert_offsets);
   return {
       at::empty_like(input, at::MemoryFormat::Contiguous),
       at::empty_like(weight, at::MemoryFormat::Contiguous)};

@@ -1,4 +1,8 @@
 #pragma once
+// Argument validation of grouped_mm and grouped_mm_backward, shared by the
+// CPU, CUDA and Meta kernels so that every device rejects the same inputs
+// with the same words. The offsets' values are checked on a host copy
+// (check_grouped_mm_offsets) by the device kernels, which read them anyway.
 
 #include "ops/common.h"
 
@@ -35,6 +39,17 @@ inline void check_grouped_mm_args(
       ")");
   check_same_device(input, weight, op, "input", "weight");
   check_same_device(input, offsets, op, "input", "expert_offsets");
+}
+
+inline void check_grouped_mm_backward_args(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offsets) {
+  constexpr const char* op = "grouped_mm_backward";
+  check_grouped_mm_args(input, weight, offsets, op);
+  check_shape_2d(
+      grad_out, input.sym_size(0), weight.sym_size(1), op, "grad_out");
 }
 
 // Host copy of expert_offsets: non-decreasing within [0, N].

@@ -38,8 +38,7 @@ at::Tensor permute_backward_meta(
     const at::Tensor& grad_rows,
     const at::Tensor& row_token,
     c10::SymInt num_tokens) {
-  detail::check_permute_args(
-      grad_rows, row_token, "permute_backward", "grad_rows");
+  detail::check_permute_backward_args(grad_rows, row_token, num_tokens);
   return at::empty_symint(
       {std::move(num_tokens), grad_rows.sym_size(1)}, grad_rows.options());
 }

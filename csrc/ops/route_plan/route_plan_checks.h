@@ -1,4 +1,6 @@
 #pragma once
+// Argument validation of route_plan, shared by the CPU, CUDA and Meta
+// kernels so that every device rejects the same inputs with the same words.
 
 #include "ops/common.h"
 

@@ -1,4 +1,7 @@
 #pragma once
+// Argument validation of swiglu and swiglu_backward, shared by the CPU, CUDA
+// and Meta kernels so that every device rejects the same inputs with the same
+// words.
 
 #include "ops/common.h"
 
@@ -19,16 +22,9 @@ inline void check_swiglu_backward_args(
   constexpr const char* op = "swiglu_backward";
   check_swiglu_args(gate_up, op);
   check_float(grad, op, "grad");
-  TORCH_CHECK(
-      grad.dim() == 2 && grad.sym_size(0) == gate_up.sym_size(0) &&
-          grad.sym_size(1) * 2 == gate_up.sym_size(1),
-      op,
-      ": grad must have shape [",
-      gate_up.sym_size(0),
-      ", ",
-      gate_up.sym_size(1) / 2,
-      "], got ",
-      grad.sym_sizes());
+  // gate_up has an even number of columns (checked above).
+  check_shape_2d(
+      grad, gate_up.sym_size(0), gate_up.sym_size(1) / 2, op, "grad");
   check_same_device(grad, gate_up, op, "grad", "gate_up");
 }
 

@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_meta(
     const at::Tensor& rows,
     const at::Tensor& slot,
     const at::Tensor& weights) {
-  detail::check_unpermute_args(rows, slot, weights, "unpermute_backward");
+  detail::check_unpermute_backward_args(grad_y, rows, slot, weights);
   return {
       at::empty_like(rows, at::MemoryFormat::Contiguous),
       at::empty_like(weights, at::MemoryFormat::Contiguous)};

@@ -1,4 +1,8 @@
 #pragma once
+// Argument validation of unpermute and unpermute_backward, shared by the CPU,
+// CUDA and Meta kernels so that every device rejects the same inputs with the
+// same words. Checks that read index values (slot in range) need the data and
+// live in the device kernels.
 
 #include "ops/common.h"
 
@@ -31,6 +35,17 @@ inline void check_unpermute_args(
       weights.scalar_type());
   check_same_device(rows, slot, op, "rows", "slot");
   check_same_device(rows, weights, op, "rows", "weights");
+}
+
+inline void check_unpermute_backward_args(
+    const at::Tensor& grad_y,
+    const at::Tensor& rows,
+    const at::Tensor& slot,
+    const at::Tensor& weights) {
+  constexpr const char* op = "unpermute_backward";
+  check_unpermute_args(rows, slot, weights, op);
+  check_float(grad_y, op, "grad_y");
+  check_shape_2d(grad_y, slot.sym_size(0), rows.sym_size(1), op, "grad_y");
 }
 
 } // namespace moeyard::ops::detail

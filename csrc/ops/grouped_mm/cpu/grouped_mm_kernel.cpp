@@ -223,20 +223,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(
     const at::Tensor& weight_in,
     const at::Tensor& expert_offsets) {
   constexpr const char* op = "grouped_mm_backward";
-  detail::check_grouped_mm_args(input_in, weight_in, expert_offsets, op);
+  detail::check_grouped_mm_backward_args(
+      grad_out_in, input_in, weight_in, expert_offsets);
   const auto input = input_in.contiguous();
   const auto weight = weight_in.contiguous();
-  const int64_t N = input.size(0), E = weight.size(0), Dout = weight.size(1);
-  TORCH_CHECK(
-      grad_out_in.dim() == 2 && grad_out_in.size(0) == N &&
-          grad_out_in.size(1) == Dout,
-      op,
-      ": grad_out must have shape [",
-      N,
-      ", ",
-      Dout,
-      "], got ",
-      grad_out_in.sizes());
+  const int64_t N = input.size(0), E = weight.size(0);
   const auto grad_out = grad_out_in.to(input.scalar_type()).contiguous();
   const auto off = read_offsets(expert_offsets, N, op);
   const bool via_f32 = gemm_in_float32(input.scalar_type(), input.device());

@@ -1,9 +1,9 @@
 // grouped_mm on CUDA through cuBLAS: one cublasGemmGroupedBatchedEx call for
 // all non-empty experts (fp32 / bf16 / fp16, fp32 accumulation), per-expert
 // GEMMs through ATen for float64. The expert offsets are read on the host
-// (one small device-to-host copy): cuBLAS takes the GEMM sizes from host
-// arrays. In capacity mode the caller may avoid the copy by keeping
-// offsets on the CPU (they are e * C).
+// (one small device-to-host copy, a host sync): cuBLAS takes the GEMM sizes
+// from host arrays. docs/ops.md, "Host synchronization", lists this sync and
+// what removing it would take.
 
 #include <ATen/cuda/CUDABlas.h>
 #include <ATen/ops/empty.h>
@@ -162,23 +162,14 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(
     const at::Tensor& weight_in,
     const at::Tensor& expert_offsets) {
   constexpr const char* op = "grouped_mm_backward";
-  detail::check_grouped_mm_args(input_in, weight_in, expert_offsets, op);
+  detail::check_grouped_mm_backward_args(
+      grad_out_in, input_in, weight_in, expert_offsets);
   detail::check_cuda(input_in, op, "input");
   c10::cuda::CUDAGuard guard(input_in.device());
   const auto input = input_in.contiguous();
   const auto weight = weight_in.contiguous();
   const int64_t N = input.size(0), E = weight.size(0);
   const int64_t Dout = weight.size(1), Din = weight.size(2);
-  TORCH_CHECK(
-      grad_out_in.dim() == 2 && grad_out_in.size(0) == N &&
-          grad_out_in.size(1) == Dout,
-      op,
-      ": grad_out must have shape [",
-      N,
-      ", ",
-      Dout,
-      "], got ",
-      grad_out_in.sizes());
   const auto grad_out = grad_out_in.to(input.scalar_type()).contiguous();
   const auto off = host_offsets(expert_offsets, N);
   auto grad_input = at::zeros_like(input, at::MemoryFormat::Contiguous);

@@ -59,17 +59,9 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& row_token_in) {
 
 at::Tensor permute_backward_cpu(
     const at::Tensor& grad_rows_in, const at::Tensor& row_token_in, int64_t T) {
-  detail::check_permute_args(
-      grad_rows_in, row_token_in, "permute_backward", "grad_rows");
-  TORCH_CHECK(T >= 0, "permute_backward: num_tokens must be >= 0, got ", T);
+  detail::check_permute_backward_args(grad_rows_in, row_token_in, T);
   const auto g = grad_rows_in.contiguous();
   const auto row_token = row_token_in.contiguous();
-  TORCH_CHECK(
-      g.size(0) == row_token.size(0),
-      "permute_backward: grad_rows must have one row per row_token entry (",
-      row_token.size(0),
-      "), got ",
-      g.size(0));
   check_row_tokens(row_token, T, "permute_backward");
   const int64_t H = g.size(1), N = row_token.size(0);
   auto grad_x = at::zeros({T, H}, g.options());

@@ -71,16 +71,8 @@ at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& rt_in) {
 
 at::Tensor permute_backward_cuda(
     const at::Tensor& grad_rows_in, const at::Tensor& rt_in, int64_t T) {
-  detail::check_permute_args(
-      grad_rows_in, rt_in, "permute_backward", "grad_rows");
+  detail::check_permute_backward_args(grad_rows_in, rt_in, T);
   detail::check_cuda(grad_rows_in, "permute_backward", "grad_rows");
-  TORCH_CHECK(T >= 0, "permute_backward: num_tokens must be >= 0, got ", T);
-  TORCH_CHECK(
-      grad_rows_in.size(0) == rt_in.size(0),
-      "permute_backward: grad_rows must have one row per row_token entry (",
-      rt_in.size(0),
-      "), got ",
-      grad_rows_in.size(0));
   c10::cuda::CUDAGuard guard(grad_rows_in.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto g = grad_rows_in.contiguous();

@@ -73,19 +73,9 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
     const at::Tensor& slot_in,
     const at::Tensor& weights_in) {
   constexpr const char* op = "unpermute_backward";
-  detail::check_unpermute_args(rows_in, slot_in, weights_in, op);
-  detail::check_float(grad_y_in, op, "grad_y");
+  detail::check_unpermute_backward_args(
+      grad_y_in, rows_in, slot_in, weights_in);
   detail::check_cuda(rows_in, op, "rows");
-  TORCH_CHECK(
-      grad_y_in.dim() == 2 && grad_y_in.size(0) == slot_in.size(0) &&
-          grad_y_in.size(1) == rows_in.size(1),
-      op,
-      ": grad_y must have shape [",
-      slot_in.size(0),
-      ", ",
-      rows_in.size(1),
-      "], got ",
-      grad_y_in.sizes());
   c10::cuda::CUDAGuard guard(rows_in.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto rows = rows_in.contiguous();
