@@ -33,13 +33,15 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
   StepOutcome out;
   apply_moe_schedules(step);
   out.lr = set_learning_rate(step);
+  // Micro-batches: forward, loss, backward of loss / grad_accum.
   auto sums = forward_backward(step);
   // Across ranks: the logged losses and a stop request, the routing
-  // statistics and the gradients.
+  // statistics, then the gradients (and per-expert clipping).
   reduce_losses(sums.losses, out);
   std::vector<at::Tensor> layer_tokens(sums.routing.size());
   out.moe_layers = routing_stats(sums.routing, layer_tokens);
   reduce_gradients();
+  // The global gradient norm decides whether the step is applied.
   std::vector<int> kind;
   const auto params = optimizer_params(kind);
   out.grad_norm = global_grad_norm(params, kind);
@@ -49,6 +51,7 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
     return out;
   }
   note_accepted(out.loss);
+  // Clip, AdamW, then aux-loss-free balancing from this step's loads.
   optimizer_step(params, out.grad_norm);
   update_selection_bias(layer_tokens);
   return out;
