@@ -1,6 +1,7 @@
-// Tensor parallelism of the model (transformer.h, docs/distributed.md):
-// which parameters split over the TP group and how, and the sharding of a
-// fully built model into this rank's pieces. The forward passes place the
+// Tensor and expert parallelism of the model (transformer.h,
+// docs/distributed.md): which parameters split over the TP group and how,
+// which are expert parameters, and the sharding of a fully built model into
+// this rank's pieces. The forward passes place the
 // collectives (csrc/parallel/tensor_parallel.h).
 
 #include <ATen/ATen.h>
@@ -16,6 +17,16 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 } // namespace
+
+bool is_expert_parameter(const std::string& name, bool weights_only) {
+  const size_t n = weights_only ? kExpertWeights : kExpertParameters.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (ends_with(name, std::string(".moe.") + kExpertParameters[i])) {
+      return true;
+    }
+  }
+  return false;
+}
 
 void LinearImpl::shard(
     const parallel::TpSplit& split, int64_t rank, int64_t tp, bool bias_too) {
@@ -149,6 +160,41 @@ void TransformerImpl::shard_tensor_parallel(
   }
   tp = group;
   tp_size = size;
+}
+
+void MoELayerImpl::shard_experts(const parallel::Layout& layout) {
+  const int64_t E = w_gate_up.size(0);
+  const int64_t El = parallel::experts_per_rank(E, layout.ep, "moe");
+  const int64_t first = layout.first_expert(E);
+  // In the order of kExpertParameters.
+  const std::array<at::Tensor*, kExpertParameters.size()> tensors = {
+      &w_gate_up, &w_down, &b_gate_up, &b_down};
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    at::Tensor& t = *tensors[i];
+    if (!t.defined()) {
+      continue;
+    }
+    auto slice = t.detach().narrow(0, first, El).clone();
+    slice.requires_grad_(t.requires_grad());
+    parameters_[kExpertParameters[i]] = slice;
+    t = slice;
+  }
+  options.expert_group = layout.groups.ep ? &*layout.groups.ep : nullptr;
+}
+
+void TransformerImpl::shard(const parallel::Layout& layout) {
+  if (layout.groups.tp) {
+    shard_tensor_parallel(layout.tp_rank, layout.tp, &*layout.groups.tp);
+  }
+  if (!layout.groups.ep) {
+    return;
+  }
+  for (const auto& m : layers->children()) {
+    auto* block = m->as<BlockImpl>();
+    if (block && block->moe) {
+      block->moe->shard_experts(layout);
+    }
+  }
 }
 
 } // namespace moeyard

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "model/moe_detail.h"
+#include "parallel/layout.h"
 #include "parallel/process_group.h"
 
 namespace moeyard {
@@ -113,14 +114,7 @@ void check_weights(
   const int64_t H = x.size(-1);
   const int64_t E = w.router_weight.size(0);
   const int64_t ep = o.expert_group ? o.expert_group->size() : 1;
-  TORCH_CHECK(
-      E % ep == 0,
-      "moe_forward: ",
-      E,
-      " experts do not split over ",
-      ep,
-      " expert-parallel ranks");
-  const int64_t El = E / ep; // experts held here
+  const int64_t El = parallel::experts_per_rank(E, ep, "moe_forward");
   TORCH_CHECK(
       w.router_weight.size(1) == H,
       "moe_forward: router_weight must be [",

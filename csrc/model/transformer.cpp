@@ -135,33 +135,6 @@ MoEOutput MoELayerImpl::forward(
   return moe_forward(x, weights(), o, mask);
 }
 
-void MoELayerImpl::shard_experts(
-    int64_t rank, int64_t ep, const parallel::Group* group) {
-  const int64_t E = w_gate_up.size(0);
-  TORCH_CHECK(
-      ep >= 1 && E % ep == 0 && rank >= 0 && rank < ep,
-      "moe: num_experts (",
-      E,
-      ") must be divisible by expert_parallel (",
-      ep,
-      ")");
-  const int64_t El = E / ep;
-  auto take = [&](const char* name, at::Tensor& t) {
-    if (!t.defined()) {
-      return;
-    }
-    auto slice = t.detach().narrow(0, rank * El, El).clone();
-    slice.requires_grad_(t.requires_grad());
-    parameters_[name] = slice;
-    t = slice;
-  };
-  take("w_gate_up", w_gate_up);
-  take("w_down", w_down);
-  take("b_gate_up", b_gate_up);
-  take("b_down", b_down);
-  options.expert_group = group;
-}
-
 void MoELayerImpl::update_selection_bias(const at::Tensor& load, double rate) {
   TORCH_CHECK(
       selection_bias.defined(),

@@ -16,15 +16,28 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 
+#include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "model/config.h"
 #include "model/moe_forward.h"
+#include "parallel/layout.h"
 #include "parallel/tensor_parallel.h"
 
 namespace moeyard {
+
+// The MoE layer's expert parameters (layers.{i}.moe.<name>): one slice per
+// expert along dim 0, split over the expert-parallel ranks: the expert
+// weight matrices first (kExpertWeights of them), then their biases.
+inline constexpr std::array<const char*, 4> kExpertParameters = {
+    "w_gate_up", "w_down", "b_gate_up", "b_down"};
+inline constexpr size_t kExpertWeights = 2;
+// Whether the model parameter `name` ("layers.1.moe.w_down") is an expert
+// parameter; `weights_only`: an expert weight matrix (not a bias).
+bool is_expert_parameter(const std::string& name, bool weights_only = false);
 
 // y = x W^T (+ b) with W [out, in].
 class LinearImpl : public torch::nn::Module {
@@ -154,10 +167,10 @@ class MoELayerImpl : public torch::nn::Module {
   MoEOutput forward(const at::Tensor& x, const at::Tensor& mask) const;
   // Aux-loss-free balancing: bias += rate * sign(mean_load - load_e).
   void update_selection_bias(const at::Tensor& tokens_per_expert, double rate);
-  // Expert parallelism: keeps experts [rank * E / ep, (rank + 1) * E / ep)
-  // of w_gate_up, w_down, b_gate_up, b_down (same parameter names, sliced)
-  // and routes rows through `group` (not owned).
-  void shard_experts(int64_t rank, int64_t ep, const parallel::Group* group);
+  // Expert parallelism: keeps this rank's experts (layout.first_expert) of
+  // the expert parameters (same names, sliced) and routes rows through the
+  // layout's expert-parallel group (not owned).
+  void shard_experts(const parallel::Layout& layout);
   MoEWeights weights() const;
   Linear router{nullptr};
   at::Tensor w_gate_up, w_down, shared_gate_up, shared_down, shared_gate,
@@ -237,6 +250,9 @@ class TransformerImpl : public torch::nn::Module {
   // Errors name the sizes that do not divide by tp.
   void shard_tensor_parallel(
       int64_t rank, int64_t tp, const parallel::Group* group);
+  // This rank's pieces under `layout`: tensor parallelism, then expert
+  // parallelism (the layout's groups, not owned, must outlive the model).
+  void shard(const parallel::Layout& layout);
   // How parameter `name` splits over the TP group (replicated: dim -1).
   parallel::TpSplit tp_split(const std::string& name) const;
   // A replicated parameter used inside a TP-split computation (per-head q/k

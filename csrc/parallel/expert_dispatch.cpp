@@ -1,4 +1,5 @@
 #include "parallel/expert_dispatch.h"
+#include "parallel/layout.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -59,16 +60,8 @@ at::Tensor dispatch_to_experts(
   const int64_t ep = group.size();
   const auto off = to_vector(offsets);
   const int64_t E = static_cast<int64_t>(off.size()) - 1;
-  TORCH_CHECK(
-      E % ep == 0,
-      "expert parallelism: ",
-      E,
-      " experts do not split over ",
-      ep,
-      " ranks of group '",
-      group.name,
-      "'");
-  const int64_t El = E / ep;
+  const int64_t El = experts_per_rank(
+      E, ep, "expert parallelism (group '" + group.name + "')");
   // 1. Counts: how many rows each rank sends to each of the others' experts.
   std::vector<int64_t> counts(E);
   for (int64_t e = 0; e < E; ++e) {

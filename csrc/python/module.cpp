@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "config/model_yaml.h"
+#include "io/checkpoint.h"
 #include "io/hf_checkpoint.h"
 #include "model/transformer.h"
 #include "parallel/process_group.h"
@@ -210,6 +211,23 @@ PYBIND11_MODULE(_C, m) {
       py::arg("max_shard_bytes") = int64_t(5) << 30,
       "writes config.json + safetensors in the family's own layout");
   m.def("hf_families", &moeyard::io::hf_families);
+
+  // Native checkpoints (csrc/io/checkpoint.h), for moeyard.checkpoint.
+  m.def(
+      "load_checkpoint",
+      [](const std::string& step_dir, const std::string& kind) {
+        moeyard::io::read_manifest(step_dir); // every file's SHA-256
+        py::dict out;
+        for (auto& [name, t] :
+             moeyard::io::load_checkpoint_tensors(step_dir, kind)) {
+          out[py::str(name)] = t;
+        }
+        return out;
+      },
+      py::arg("step_dir"),
+      py::arg("kind") = "model",
+      "the full tensors of a checkpoint's files of `kind` (model or "
+      "optimizer), whatever the layout it was saved at");
 
   moeyard::python::bind_moe(m); // csrc/python/bind_moe.cpp
 

@@ -313,25 +313,10 @@ TrainConfig TrainConfig::parse(
   top.finish();
   c.model.validate(name);
   c.model.check_tensor_parallel(c.parallel.tensor_parallel, name);
+  parallel::check_layout_sizes(c.layout_sizes(), name);
   auto is = [&](const std::string& key, int64_t v) {
     return name(key) + " = " + std::to_string(v);
   };
-  if (c.parallel.expert_parallel > 1) {
-    TORCH_CHECK(
-        c.model.moe.num_experts % c.parallel.expert_parallel == 0,
-        "config: ",
-        is("moe.num_experts", c.model.moe.num_experts),
-        " must be divisible by ",
-        is("parallel.expert_parallel", c.parallel.expert_parallel));
-    TORCH_CHECK(
-        c.parallel.data_parallel == 0 ||
-            c.parallel.data_parallel % c.parallel.expert_parallel == 0,
-        "config: ",
-        is("parallel.data_parallel", c.parallel.data_parallel),
-        " must be divisible by ",
-        is("parallel.expert_parallel", c.parallel.expert_parallel),
-        ": experts are sharded inside each data-parallel group");
-  }
   TORCH_CHECK(
       c.data.seq_len <= c.model.max_seq_len,
       "config: ",
@@ -343,6 +328,14 @@ TrainConfig TrainConfig::parse(
   c.text = out.c_str();
   c.resolved = *resolved;
   return c;
+}
+
+parallel::LayoutSizes TrainConfig::layout_sizes() const {
+  return {
+      parallel.data_parallel,
+      parallel.tensor_parallel,
+      parallel.expert_parallel,
+      model.moe.num_experts};
 }
 
 } // namespace moeyard::train

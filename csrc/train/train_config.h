@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/config.h"
+#include "parallel/layout.h"
 #include "train/schedule.h"
 
 namespace moeyard::config {
@@ -122,6 +123,10 @@ struct TrainConfig {
   // defines the model and whose weights initialize it (fine-tuning).
   std::string init_from;
   nlohmann::json hf_config; // that config.json (null without init_from)
+
+  // The sizes the parallel layout is built from (parallel.*,
+  // moe.num_experts).
+  parallel::LayoutSizes layout_sizes() const;
 
   // overrides: "a.b=value" applied before parsing (errors about them cite
   // the argument: "optim.lr (--set optim.lr=inf)").

@@ -1,9 +1,10 @@
 #pragma once
 // Internal to csrc/train: the Trainer class, whose members are defined in
-// trainer.cpp (the step and the loop, data, metrics), trainer_resume.cpp
-// (where a run starts), trainer_optimizer.cpp (parameter groups, clipping),
-// checkpoint.cpp (save and load) and trainer_parallel.cpp (process groups,
-// gradient reduction, expert sharding).
+// trainer.cpp (the loop, data, evaluation, metrics), trainer_step.cpp (one
+// optimizer step), trainer_resume.cpp (where a run starts),
+// trainer_optimizer.cpp (parameter groups, clipping), checkpoint.cpp (what
+// a run saves and restores; the file format is csrc/io/checkpoint.h) and
+// trainer_parallel.cpp (the parallel layout, gradient reduction).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,10 +25,12 @@
 #include <random>
 #include <set>
 
+#include "io/checkpoint.h"
 #include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
 #include "io/token_shard.h"
 #include "model/transformer.h"
+#include "parallel/layout.h"
 #include "parallel/process_group.h"
 #include "train/routing_metrics.h"
 #include "util/log.h"
@@ -45,20 +48,9 @@ inline bool ends_with(const std::string& s, const std::string& suffix) {
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// Learning-rate multiplier at `step` (0-based) of `total`.
-
-// Verifies every file's SHA-256 against a checkpoint's manifest.json and
-// returns the manifest.
-json read_manifest(const fs::path& dir);
-
-// The full tensors of a checkpoint's files of one kind ("model",
-// "optimizer"): whole tensors and the pieces ranks wrote, joined.
-io::TensorMap load_checkpoint_tensors(
-    const fs::path& dir, const std::string& kind);
-
-// Copies a checkpoint's model tensors into `model`: every name and shape
-// must match, in both directions.
-void load_model_tensors(TransformerImpl& model, const fs::path& dir);
+// The signal (SIGINT, SIGTERM) received since the run installed its
+// handlers; 0: none.
+int received_signal();
 
 // Scales each expert's slices of a layer's w_gate_up and w_down gradients
 // together so that their joint norm is at most `clip`.
@@ -108,6 +100,62 @@ class Trainer {
     bool stop_here = false; // this rank received the signal
     nlohmann::json moe_layers = nlohmann::json::array();
   };
+  // What the micro-batches of a step leave on the device.
+  struct MicroBatchSums {
+    at::Tensor losses; // [loss, ce, aux] summed over micro-batches
+    std::vector<at::Tensor> routing; // per MoE layer, see routing_stats
+  };
+  // Timing of the progress lines.
+  struct Progress {
+    std::chrono::steady_clock::time_point start, last;
+    int64_t first_step = 0, logged_from = 0;
+  };
+
+  // ---- The loop (trainer.cpp) ----
+  // The metrics record of a finished step (skipped ones included).
+  json step_record(int64_t step, const StepOutcome& s) const;
+  bool eval_due(int64_t step) const;
+  bool checkpoint_due(int64_t step) const;
+  // The validation loss into `rec`, the result and the log.
+  void evaluate_into(int64_t step, json& rec, RunResult& result);
+  // Every log.every steps and at the end: loss, lr, throughput, ETA.
+  void log_progress(int64_t step, const StepOutcome& s, Progress& p) const;
+  // A stop requested by a signal: saves `step`, verifies it (rank 0), waits
+  // for every rank.
+  void stop_at(int64_t step, const StepOutcome& s);
+
+  // ---- One step (trainer_step.cpp), in the order it runs ----
+  StepOutcome train_step(int64_t step);
+  // Sets each parameter group's learning rate for `step`; the first's.
+  double set_learning_rate(int64_t step);
+  // The micro-batch loop: gradients of the mean loss accumulate; losses
+  // and routing sums stay on the device until the step's one host copy.
+  MicroBatchSums forward_backward(int64_t step);
+  // Adds one micro-batch's routing statistics to `sums` (one row per MoE
+  // layer, see routing_stats).
+  static void add_routing_sums(
+      const TransformerOutput& out, std::vector<at::Tensor>& sums);
+  // The logged losses (mean over every process) and a stop request (max
+  // over every process) into `out`.
+  void reduce_losses(const at::Tensor& losses, StepOutcome& out);
+  // Gradients over the ranks, per-expert clipping, fp32 masters' gradients.
+  void reduce_gradients();
+  // The optimizer's parameters that have a gradient, and how each is
+  // counted in the global norm (`kind`).
+  std::vector<at::Tensor> optimizer_params(std::vector<int>& kind) const;
+  double global_grad_norm(
+      const std::vector<at::Tensor>& params, const std::vector<int>& kind);
+  // Why this step must be skipped ("" : it must not).
+  std::string skip_reason(double loss, double grad_norm) const;
+  // Counts and logs a skipped step; aborts after train.max_bad_steps.
+  void note_skipped(int64_t step, const StepOutcome& out);
+  // An accepted step's loss joins the spike guard's window.
+  void note_accepted(double loss);
+  // Clipping to optim.grad_clip, AdamW, fp32 masters back into the model.
+  void optimizer_step(const std::vector<at::Tensor>& params, double grad_norm);
+  // Aux-loss-free balancing from the step's global expert loads.
+  void update_selection_bias(const std::vector<at::Tensor>& layer_tokens);
+
   // Chooses the checkpoint to start from (or none), checks that it fits
   // this config and data, loads the model and optimizer; the first step.
   int64_t start(const RunOptions& options);
@@ -116,15 +164,10 @@ class Trainer {
   void check_resume_compatible(const json& manifest, const fs::path& from);
   // Drops metrics records past `step` (their steps will be run again).
   void truncate_metrics(int64_t step) const;
-  StepOutcome train_step(int64_t step);
   // Per MoE layer, the routing statistics of the whole step: every
   // micro-batch on every data-parallel rank (one collective).
   nlohmann::json routing_stats(
       std::vector<at::Tensor>& sums, std::vector<at::Tensor>& layer_tokens);
-  double global_grad_norm(
-      const std::vector<at::Tensor>& params, const std::vector<int>& kind);
-  // Why this step must be skipped ("" : it must not).
-  std::string skip_reason(double loss, double grad_norm) const;
   // rank 0: the manifest fields that describe the run, not the files.
   json manifest_state(int64_t step) const;
   void check_shard(const io::TokenShard& s, const char* field) {
@@ -164,32 +207,34 @@ class Trainer {
     }
     return "";
   }
-  // The process groups of the layout (docs/distributed.md): rank = (dp index)
-  // x tp + tp rank; expert-parallel groups inside the data-parallel ones.
+
+  // ---- The parallel layout (trainer_parallel.cpp) ----
+  // Builds layout_ from the config and the launch and connects its groups
+  // (a multi-process GPU run: device_ becomes cuda:LOCAL_RANK).
   void setup_parallel();
   bool distributed() const {
-    return world_.has_value();
+    return layout_.distributed();
+  }
+  // How `name` (a model parameter) is spread over the ranks.
+  parallel::Placement placement(const std::string& name) const {
+    if (layout_.tp > 1 && model_->tp_split(name).sharded()) {
+      return parallel::Placement::kTensorParallel;
+    }
+    if (layout_.ep > 1 && is_expert_parameter(name)) {
+      return parallel::Placement::kExpert;
+    }
+    return parallel::Placement::kReplicated;
+  }
+  bool is_expert(const std::string& name) const {
+    return placement(name) == parallel::Placement::kExpert;
   }
   // Mean over the data-parallel ranks (identity in one process).
   double dp_mean(double v) const;
   // Averages the gradients of params_ over the data-parallel ranks (expert
   // slices over the expert-data-parallel ranks), in float32 buffers.
   void all_reduce_grads();
-  // Tensor parallelism (this rank's heads, hidden units, vocabulary rows),
-  // then expert parallelism (this rank's experts of every MoE layer).
-  void shard_model();
   // This rank's piece of a full tensor read from a checkpoint.
   at::Tensor local_piece(const std::string& name, const at::Tensor& t) const;
-  at::Tensor expert_slice(const std::string& name, const at::Tensor& t) const;
-  bool is_tp_sharded(const std::string& name) const {
-    return tp_.has_value() && model_->tp_split(name).sharded();
-  }
-  bool is_expert(const std::string& name) const {
-    return ep_.has_value() && (ends_with(name, ".moe.w_gate_up") ||
-                               ends_with(name, ".moe.w_down") ||
-                               ends_with(name, ".moe.b_gate_up") ||
-                               ends_with(name, ".moe.b_down"));
-  }
   int64_t load_optimizer_state(const std::string& dir);
   void build_optimizer();
   at::Tensor batch(
@@ -198,9 +243,8 @@ class Trainer {
   void save(int64_t step);
   // Rank 0: manifest (SHA-256 of every file), rename, `latest`, pruning.
   void commit(int64_t step, const fs::path& tmp, const fs::path& final_dir);
-  // Whether this rank writes `name` (one copy of each tensor or piece) and
-  // the piece metadata it writes with it ("" for whole tensors).
-  bool writes(const std::string& name) const;
+  // The piece metadata this rank writes with `name` ("" for whole
+  // tensors).
   std::string piece_of(const std::string& name) const;
   std::string rng_file(int64_t dp_rank) const;
   // Every rank, with checkpoint.timeout_s (a save outlasts collectives).
@@ -229,11 +273,11 @@ class Trainer {
   std::vector<std::string> param_names_; // parallel to params_
   std::vector<bool> opt_is_master_; // parallel to names_
   c10::Device device_{c10::kCPU};
-  parallel::LaunchEnv env_;
-  // Every process; data, expert, expert-data and tensor parallel groups.
-  std::optional<parallel::Group> world_, dp_, ep_, edp_, tp_;
-  int64_t dp_size_ = 1, dp_rank_ = 0, ep_size_ = 1, ep_rank_ = 0;
-  int64_t tp_size_ = 1, tp_rank_ = 0;
+  parallel::Layout layout_;
+  // layout_'s groups (null when absent): every process; data, expert,
+  // expert-data and tensor parallel.
+  const parallel::Group *world_ = nullptr, *dp_ = nullptr, *ep_ = nullptr,
+                        *edp_ = nullptr, *tp_ = nullptr;
 };
 
 } // namespace moeyard::train::detail

@@ -96,8 +96,9 @@ void Trainer::build_optimizer() {
   }
 }
 
-// Per-expert clipping: expert e's slices of a layer's w_gate_up and w_down
-// are scaled together so that their joint gradient norm is at most `clip`.
+// Per-expert clipping: expert e's slices of a layer's expert weights
+// (w_gate_up, w_down) are scaled together so that their joint gradient norm
+// is at most `clip`.
 
 void clip_experts(
     const std::vector<std::string>& names,
@@ -106,8 +107,7 @@ void clip_experts(
   at::NoGradGuard g;
   std::map<std::string, std::vector<at::Tensor>> by_layer;
   for (size_t i = 0; i < names.size(); ++i) {
-    if ((ends_with(names[i], ".moe.w_gate_up") ||
-         ends_with(names[i], ".moe.w_down")) &&
+    if (is_expert_parameter(names[i], /*weights_only=*/true) &&
         params[i].grad().defined()) {
       by_layer[names[i].substr(0, names[i].rfind('.'))].push_back(
           params[i].mutable_grad());

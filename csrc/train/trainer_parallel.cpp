@@ -1,6 +1,7 @@
-// Multi-process training: process groups from the launch, gradient
-// reduction over data-, expert-data- and tensor-parallel groups, model
-// sharding and gathering; docs/distributed.md.
+// Multi-process training: the parallel layout and its groups from the
+// config and the launch, gradient reduction over data-, expert-data- and
+// tensor-parallel groups, this rank's piece of a checkpoint's tensor;
+// docs/distributed.md.
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
@@ -9,48 +10,20 @@
 namespace moeyard::train::detail {
 
 void Trainer::setup_parallel() {
-  env_ = parallel::LaunchEnv::from_env();
-  log::set_rank(static_cast<int>(env_.rank));
-  const auto& p = cfg_.parallel;
-  tp_size_ = p.tensor_parallel;
-  TORCH_CHECK(
-      env_.world_size % tp_size_ == 0 || p.data_parallel > 0,
-      "config: parallel.tensor_parallel (",
-      tp_size_,
-      ") must divide the number of processes (WORLD_SIZE ",
-      env_.world_size,
-      ", from ",
-      env_.source,
-      ")");
-  dp_size_ = p.data_parallel > 0 ? p.data_parallel : env_.world_size / tp_size_;
-  TORCH_CHECK(
-      dp_size_ * tp_size_ == env_.world_size,
-      "config: parallel.data_parallel (",
-      dp_size_,
-      ") x parallel.tensor_parallel (",
-      tp_size_,
-      ") must equal the number of processes (WORLD_SIZE ",
-      env_.world_size,
-      ", from ",
-      env_.source,
-      ")");
-  TORCH_CHECK(
-      dp_size_ % p.expert_parallel == 0,
-      "config: parallel.expert_parallel (",
-      p.expert_parallel,
-      ") must divide the data-parallel size (",
-      dp_size_,
-      ")");
-  if (env_.world_size == 1) {
+  const auto env = parallel::LaunchEnv::from_env();
+  log::set_rank(static_cast<int>(env.rank));
+  layout_ = parallel::Layout::build(
+      cfg_.layout_sizes(), env.world_size, env.rank, env.source);
+  if (!layout_.distributed()) {
     return;
   }
   const bool gpu = device_.is_cuda();
   TORCH_CHECK(
-      !gpu || !device_.has_index() || env_.world_size == 1,
+      !gpu || !device_.has_index(),
       "config: train.device '",
       cfg_.train.device,
       "' names one GPU for ",
-      env_.world_size,
+      env.world_size,
       " processes; use train.device: cuda (each process takes GPU "
       "LOCAL_RANK)");
   if (gpu) {
@@ -62,127 +35,71 @@ void Trainer::setup_parallel() {
         "moeyard has no CUDA");
     // One GPU per process: LOCAL_RANK's.
     device_ =
-        c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(env_.local_rank));
+        c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
     c10::impl::getDeviceGuardImpl(c10::kCUDA)->setDevice(device_);
   }
-  const auto timeout = std::chrono::milliseconds(
-      static_cast<int64_t>(cfg_.parallel.timeout_s * 1000));
-  auto store = parallel::make_store(env_, timeout);
-  // Tensor traffic over NCCL on GPUs, Gloo on CPUs; the world group (stop
-  // requests, step checks, checkpoint barriers) is always Gloo.
-  auto group = [&](const std::string& name, const std::vector<int64_t>& r) {
-    return gpu && name != "world"
-               ? parallel::make_nccl_group(
-                     store, env_, name, r, timeout, device_)
-               : parallel::make_gloo_group(store, env_, name, r, timeout);
+  layout_.connect(
+      env,
+      device_,
+      std::chrono::milliseconds(
+          static_cast<int64_t>(cfg_.parallel.timeout_s * 1000)));
+  const auto ptr = [](const std::optional<parallel::Group>& g) {
+    return g ? &*g : nullptr;
   };
-  // Rank order (DESIGN): tensor-parallel ranks are consecutive; then
-  // expert-parallel ranks (consecutive data-parallel indices), then
-  // expert-data-parallel ranks (data-parallel indices strided by ep).
-  tp_rank_ = env_.rank % tp_size_;
-  const int64_t dp_index = env_.rank / tp_size_;
-  auto global = [&](int64_t dp_i) { return dp_i * tp_size_ + tp_rank_; };
-  std::vector<int64_t> all(env_.world_size), dp_ranks, tp_ranks;
-  std::iota(all.begin(), all.end(), 0);
-  for (int64_t d = 0; d < dp_size_; ++d) {
-    dp_ranks.push_back(global(d));
-  }
-  for (int64_t t = 0; t < tp_size_; ++t) {
-    tp_ranks.push_back(dp_index * tp_size_ + t);
-  }
-  world_ = group("world", all);
-  dp_ = group("data_parallel_" + std::to_string(tp_rank_), dp_ranks);
-  dp_rank_ = dp_->rank;
-  if (tp_size_ > 1) {
-    tp_ = group("tensor_parallel_" + std::to_string(dp_index), tp_ranks);
-  }
-  ep_size_ = p.expert_parallel;
-  if (ep_size_ > 1) {
-    ep_rank_ = dp_index % ep_size_;
-    const int64_t edp_index = dp_index / ep_size_;
-    std::vector<int64_t> ep_ranks, edp_ranks;
-    for (int64_t i = 0; i < ep_size_; ++i) {
-      ep_ranks.push_back(global(edp_index * ep_size_ + i));
-    }
-    for (int64_t j = 0; j < dp_size_ / ep_size_; ++j) {
-      edp_ranks.push_back(global(j * ep_size_ + ep_rank_));
-    }
-    const auto tag = std::to_string(tp_rank_) + "_" + std::to_string(edp_index);
-    ep_ = group("expert_parallel_" + tag, ep_ranks);
-    edp_ = group(
-        "expert_data_parallel_" + std::to_string(tp_rank_) + "_" +
-            std::to_string(ep_rank_),
-        edp_ranks);
-  }
+  world_ = ptr(layout_.groups.world);
+  dp_ = ptr(layout_.groups.dp);
+  tp_ = ptr(layout_.groups.tp);
+  ep_ = ptr(layout_.groups.ep);
+  edp_ = ptr(layout_.groups.edp);
   log::info(log::format(
       "data parallel: %ld processes (%s), expert parallel %ld, tensor "
       "parallel %ld%s",
-      dp_size_,
-      env_.source.c_str(),
-      ep_size_,
-      tp_size_,
+      layout_.dp,
+      layout_.source.c_str(),
+      layout_.ep,
+      layout_.tp,
       gpu ? ", NCCL" : ""));
-}
-
-void Trainer::shard_model() {
-  if (tp_) {
-    model_->shard_tensor_parallel(tp_rank_, tp_size_, &*tp_);
-  }
-  if (!ep_) {
-    return;
-  }
-  for (const auto& m : model_->layers->children()) {
-    auto block = std::dynamic_pointer_cast<BlockImpl>(m);
-    if (block && block->moe) {
-      block->moe->shard_experts(ep_rank_, ep_size_, &*ep_);
-    }
-  }
 }
 
 at::Tensor Trainer::local_piece(
     const std::string& name, const at::Tensor& t) const {
-  if (is_tp_sharded(name)) {
-    const auto split = model_->tp_split(name);
-    TORCH_CHECK(
-        split.dim < t.dim() &&
-            t.size(split.dim) % (split.parts * tp_size_) == 0,
-        "checkpoint: tensor '",
-        name,
-        "' of shape ",
-        t.sizes(),
-        " does not split over tensor_parallel ",
-        tp_size_,
-        " along dim ",
-        split.dim);
-    return parallel::tp_slice(t, split, tp_rank_, tp_size_);
+  switch (placement(name)) {
+    case parallel::Placement::kTensorParallel: {
+      const auto split = model_->tp_split(name);
+      TORCH_CHECK(
+          split.dim < t.dim() &&
+              t.size(split.dim) % (split.parts * layout_.tp) == 0,
+          "checkpoint: tensor '",
+          name,
+          "' of shape ",
+          t.sizes(),
+          " does not split over tensor_parallel ",
+          layout_.tp,
+          " along dim ",
+          split.dim);
+      return parallel::tp_slice(t, split, layout_.tp_rank, layout_.tp);
+    }
+    case parallel::Placement::kExpert: {
+      if (t.dim() == 0) {
+        return t;
+      }
+      const int64_t El = parallel::experts_per_rank(
+          t.size(0), layout_.ep, "checkpoint: expert tensor '" + name + "'");
+      return t.narrow(0, layout_.first_expert(t.size(0)), El);
+    }
+    case parallel::Placement::kReplicated:
+      break;
   }
-  return expert_slice(name, t);
-}
-
-at::Tensor Trainer::expert_slice(
-    const std::string& name, const at::Tensor& t) const {
-  if (!is_expert(name) || t.dim() == 0) {
-    return t;
-  }
-  TORCH_CHECK(
-      t.size(0) % ep_size_ == 0,
-      "checkpoint: expert tensor '",
-      name,
-      "' has ",
-      t.size(0),
-      " experts, not divisible by expert_parallel ",
-      ep_size_);
-  const int64_t El = t.size(0) / ep_size_;
-  return t.narrow(0, ep_rank_ * El, El);
+  return t;
 }
 
 double Trainer::dp_mean(double v) const {
-  if (!distributed() || dp_size_ == 1) {
+  if (!distributed() || layout_.dp == 1) {
     return v;
   }
   auto t = at::full({1}, v, at::kDouble);
   dp_->all_reduce_sum(t);
-  return t.item<double>() / static_cast<double>(dp_size_);
+  return t.item<double>() / static_cast<double>(layout_.dp);
 }
 
 void Trainer::all_reduce_grads() {
@@ -242,7 +159,7 @@ void Trainer::all_reduce_grads() {
         }
       }
     }
-    buf.div_(static_cast<double>(dp_size_));
+    buf.div_(static_cast<double>(layout_.dp));
     int64_t off = 0;
     for (auto* d : dst) {
       const int64_t n = d->numel();

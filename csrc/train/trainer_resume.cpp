@@ -13,7 +13,7 @@ int64_t Trainer::start(const RunOptions& options) {
   fs::create_directories(dir);
   const auto verify = [](const fs::path& p) -> std::string {
     try {
-      read_manifest(p);
+      io::read_manifest(p);
       return "";
     } catch (const c10::Error& e) {
       return e.what_without_backtrace();
@@ -21,14 +21,14 @@ int64_t Trainer::start(const RunOptions& options) {
       return e.what();
     }
   };
-  if (env_.rank == 0) {
+  if (layout_.rank == 0) {
     for (const auto& line : run_dir::recover(dir, verify)) {
       log::warn("checkpoint.dir: " + line);
     }
   }
   save_barrier(); // the directory is in order before any rank reads it
   const auto begin = run_dir::choose_start(dir, options.resume, verify);
-  if (env_.rank == 0) {
+  if (layout_.rank == 0) {
     for (const auto& note : begin.notes) {
       log::warn("resume: " + note);
     }
@@ -42,7 +42,7 @@ int64_t Trainer::start(const RunOptions& options) {
   int64_t step = 0;
   json manifest;
   if (!begin.from.empty()) {
-    manifest = read_manifest(begin.from); // SHA-256 of every file
+    manifest = io::read_manifest(begin.from); // SHA-256 of every file
     step = manifest.at("step").get<int64_t>();
     check_resume_compatible(manifest, begin.from);
     run_id_ = manifest.value("run_id", std::string("legacy"));
@@ -51,7 +51,7 @@ int64_t Trainer::start(const RunOptions& options) {
     for (const auto& l : st.value("recent_losses", json::array())) {
       recent_losses_.push_back(l.get<double>());
     }
-    load_model_tensors(*model_, begin.from);
+    io::load_model_tensors(*model_, begin.from);
   } else {
     run_id_ = [] {
       std::random_device rd;
@@ -101,7 +101,7 @@ int64_t Trainer::start(const RunOptions& options) {
       "replace them (they are deleted when this run commits its first "
       "checkpoint)");
   discard_others_ = overwrite && !newer.empty();
-  shard_model();
+  model_->shard(layout_);
   build_optimizer();
   if (!begin.from.empty()) {
     load_optimizer_state(begin.from.string());
@@ -122,7 +122,7 @@ int64_t Trainer::start(const RunOptions& options) {
         t[0].item<double>(),
         "); every rank must see the same checkpoint directory");
   }
-  if (env_.rank == 0) {
+  if (layout_.rank == 0) {
     if (discard_others_ && fs::exists(metrics_path_)) {
       // The records of the run being replaced stay readable.
       const auto kept = metrics_path_ + ".before-overwrite";

@@ -1,0 +1,251 @@
+// One optimizer step, top to bottom: learning rate, micro-batches (loss,
+// backward), reduction over the ranks, clipping, the skip guard, AdamW and
+// the selection-bias update (docs/training.md).
+
+#include "train/trainer_impl.h"
+
+namespace moeyard::train::detail {
+
+Trainer::StepOutcome Trainer::train_step(int64_t step) {
+  StepOutcome out;
+  apply_moe_schedules(step);
+  out.lr = set_learning_rate(step);
+  // Micro-batches: forward, loss, backward of loss / grad_accum.
+  auto sums = forward_backward(step);
+  // Across ranks: the logged losses and a stop request, the routing
+  // statistics, then the gradients (and per-expert clipping).
+  reduce_losses(sums.losses, out);
+  std::vector<at::Tensor> layer_tokens(sums.routing.size());
+  out.moe_layers = routing_stats(sums.routing, layer_tokens);
+  reduce_gradients();
+  // The global gradient norm decides whether the step is applied.
+  std::vector<int> kind;
+  const auto params = optimizer_params(kind);
+  out.grad_norm = global_grad_norm(params, kind);
+  out.skipped = skip_reason(out.loss, out.grad_norm);
+  if (!out.skipped.empty()) {
+    note_skipped(step, out);
+    return out;
+  }
+  note_accepted(out.loss);
+  // Clip, AdamW, then aux-loss-free balancing from this step's loads.
+  optimizer_step(params, out.grad_norm);
+  update_selection_bias(layer_tokens);
+  return out;
+}
+
+double Trainer::set_learning_rate(int64_t step) {
+  const double lr_f = cfg_.optim.lr_factor().value(step, cfg_.train.steps);
+  auto& groups = opt_->param_groups();
+  for (size_t g = 0; g < groups.size(); ++g) {
+    static_cast<torch::optim::AdamWOptions&>(groups[g].options())
+        .lr(base_lr_[g] * lr_f);
+  }
+  return base_lr_[0] * lr_f;
+}
+
+Trainer::MicroBatchSums Trainer::forward_backward(int64_t step) {
+  for (auto& p : params_) {
+    p.mutable_grad() = at::Tensor();
+  }
+  MicroBatchSums sums;
+  for (int64_t micro = 0; micro < cfg_.train.grad_accum; ++micro) {
+    auto r = model_->loss(batch(*train_, step, micro, true));
+    (r.loss / cfg_.train.grad_accum).backward();
+    const auto l = at::stack({r.loss.detach(), r.ce.detach(), r.aux.detach()})
+                       .to(at::kDouble);
+    sums.losses = sums.losses.defined() ? sums.losses + l : l;
+    add_routing_sums(r.out, sums.routing);
+  }
+  return sums;
+}
+
+void Trainer::add_routing_sums(
+    const TransformerOutput& out, std::vector<at::Tensor>& sums) {
+  for (size_t k = 0; k < out.moe_layers.size(); ++k) {
+    const auto row = routing_sums(out.moe_layers[k].moe);
+    if (sums.size() <= k) {
+      sums.push_back(row);
+    } else {
+      sums[k] += row;
+    }
+  }
+}
+
+void Trainer::reduce_losses(const at::Tensor& losses, StepOutcome& out) {
+  // Tensor-parallel ranks hold the same values, so over every process.
+  const int sig = received_signal();
+  out.stop_here = sig != 0;
+  auto v = losses.cpu().contiguous();
+  auto stop = at::tensor({double(sig)}, at::kDouble); // max over ranks
+  if (distributed()) {
+    world_->all_reduce_sum(v);
+    v.div_(static_cast<double>(layout_.world));
+    world_->all_reduce_max(stop);
+  }
+  const double* vp = v.const_data_ptr<double>();
+  out.loss = vp[0] / cfg_.train.grad_accum;
+  out.ce = vp[1] / cfg_.train.grad_accum;
+  out.aux = vp[2] / cfg_.train.grad_accum;
+  out.stop_signal = static_cast<int>(stop.item<double>());
+}
+
+void Trainer::reduce_gradients() {
+  if (distributed()) {
+    all_reduce_grads();
+  }
+  if (cfg_.optim.expert_grad_clip > 0) {
+    clip_experts(param_names_, params_, cfg_.optim.expert_grad_clip);
+  }
+  // fp32 masters take the gradients of their low-precision parameters.
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (masters_[i].defined() && params_[i].grad().defined()) {
+      masters_[i].mutable_grad() = params_[i].grad().to(at::kFloat);
+    }
+  }
+}
+
+std::vector<at::Tensor> Trainer::optimizer_params(
+    std::vector<int>& kind) const {
+  // 1: an expert slice (counted over EP ranks), 2: a tensor-parallel
+  // piece (counted over TP ranks), 0: replicated.
+  std::vector<at::Tensor> params;
+  size_t k = 0;
+  for (auto& g : opt_->param_groups()) {
+    for (auto& p : g.params()) {
+      if (p.grad().defined()) {
+        params.push_back(p);
+        const auto where = placement(names_[k]);
+        kind.push_back(
+            where == parallel::Placement::kExpert           ? 1
+            : where == parallel::Placement::kTensorParallel ? 2
+                                                            : 0);
+      }
+      ++k;
+    }
+  }
+  return params;
+}
+
+double Trainer::global_grad_norm(
+    const std::vector<at::Tensor>& params, const std::vector<int>& kind) {
+  at::NoGradGuard g;
+  // Per-tensor norms in the gradients' own dtype (no float64 copies of
+  // every gradient), combined in float64. Every parameter is counted once:
+  // replicated ones here, expert slices summed over the expert-parallel
+  // group, tensor-parallel pieces over the tensor-parallel group.
+  std::vector<at::Tensor> grads;
+  grads.reserve(params.size());
+  for (const auto& p : params) {
+    grads.push_back(p.grad());
+  }
+  // One host copy of the squared norms (one device sync on GPUs).
+  const auto sq = grads.empty() ? at::zeros({0}, at::kDouble)
+                                : at::stack(at::_foreach_norm(grads))
+                                      .to(at::kDouble)
+                                      .square()
+                                      .cpu()
+                                      .contiguous();
+  const double* sqp = sq.const_data_ptr<double>();
+  double sums[3] = {0, 0, 0}; // replicated, expert, TP piece
+  for (size_t k = 0; k < params.size(); ++k) {
+    sums[kind[k]] += sqp[k];
+  }
+  auto expert = at::full({1}, sums[1], at::kDouble);
+  auto split = at::full({1}, sums[2], at::kDouble);
+  if (ep_) {
+    ep_->all_reduce_sum(expert);
+  }
+  if (tp_) {
+    tp_->all_reduce_sum(split);
+  }
+  return std::sqrt(sums[0] + expert.item<double>() + split.item<double>());
+}
+
+std::string Trainer::skip_reason(double loss, double grad_norm) const {
+  if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+    return "non-finite";
+  }
+  // The spike guard needs a few accepted steps for a meaningful median.
+  const double f = cfg_.train.spike_factor;
+  if (f > 0 && recent_losses_.size() >= 5) {
+    std::vector<double> v(recent_losses_.begin(), recent_losses_.end());
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    const double median = v[v.size() / 2];
+    if (loss > f * median) {
+      return "loss spike";
+    }
+  }
+  return "";
+}
+
+void Trainer::note_skipped(int64_t step, const StepOutcome& out) {
+  ++bad_in_row_;
+  log::warn(log::format(
+      "step %ld: %s (loss %g, grad norm %g); step skipped (%ld in a row)",
+      step + 1,
+      out.skipped == "loss spike"
+          ? log::format(
+                "loss above %g x the running median", cfg_.train.spike_factor)
+                .c_str()
+          : "non-finite loss or gradient norm",
+      out.loss,
+      out.grad_norm,
+      bad_in_row_));
+  TORCH_CHECK(
+      bad_in_row_ < cfg_.train.max_bad_steps,
+      "training aborted: ",
+      bad_in_row_,
+      " skipped steps in a row (last: ",
+      out.skipped,
+      "; train.max_bad_steps = ",
+      cfg_.train.max_bad_steps,
+      ")");
+}
+
+void Trainer::note_accepted(double loss) {
+  bad_in_row_ = 0;
+  recent_losses_.push_back(loss);
+  while (static_cast<int64_t>(recent_losses_.size()) >
+         cfg_.train.spike_window) {
+    recent_losses_.pop_front();
+  }
+}
+
+void Trainer::optimizer_step(
+    const std::vector<at::Tensor>& params, double grad_norm) {
+  if (cfg_.optim.grad_clip > 0 && grad_norm > cfg_.optim.grad_clip) {
+    at::NoGradGuard g;
+    const double s = cfg_.optim.grad_clip / (grad_norm + 1e-6);
+    for (auto p : params) {
+      p.mutable_grad().mul_(s);
+    }
+  }
+  opt_->step();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (masters_[i].defined()) {
+      at::NoGradGuard g;
+      params_[i].copy_(masters_[i]);
+    }
+  }
+}
+
+void Trainer::update_selection_bias(
+    const std::vector<at::Tensor>& layer_tokens) {
+  if (cfg_.schedule.bias_update_rate <= 0) {
+    return;
+  }
+  size_t l = 0;
+  for (const auto& m : model_->layers->children()) {
+    auto block = std::dynamic_pointer_cast<BlockImpl>(m);
+    if (block && block->moe) {
+      if (block->moe->selection_bias.defined()) {
+        block->moe->update_selection_bias(
+            layer_tokens[l], cfg_.schedule.bias_update_rate);
+      }
+      ++l;
+    }
+  }
+}
+
+} // namespace moeyard::train::detail
