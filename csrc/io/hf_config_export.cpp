@@ -14,19 +14,24 @@ std::string str(bool b) {
   return std::to_string(b);
 }
 
-// What the family fixes must be what the model has.
+// What the family fixes must be what the model has (the q/k norm is
+// checked last).
 void check_traits(
     const hf::HfTraits& t, const ModelConfig& c, const hf::Cannot& cannot) {
   const auto& m = c.moe;
   const auto& r = m.routing;
   cannot(r.score_fn == t.score_fn, "moe.score_fn = " + r.score_fn);
-  cannot(r.activation == t.activation, "moe.activation = " + r.activation);
+  if (!t.group_routing_keys) {
+    cannot(r.scale == 1.0, "moe.scale != 1");
+    cannot(r.num_groups == 1, "group-limited top-k (moe.num_groups > 1)");
+  }
   cannot(
       m.router_bias == t.router_bias,
       "moe.router_bias = " + str(m.router_bias));
   cannot(
       m.expert_bias == t.expert_bias,
       "moe.expert_bias = " + str(m.expert_bias));
+  cannot(r.activation == t.activation, "moe.activation = " + r.activation);
   cannot(
       m.selection_bias == t.selection_bias,
       "moe.selection_bias = " + str(m.selection_bias));
@@ -34,11 +39,6 @@ void check_traits(
       c.attention_sinks == t.attention_sinks,
       "model.attention_sinks = " + str(c.attention_sinks));
   cannot(c.attention == t.attention, "model.attention = " + c.attention);
-  cannot(c.qk_norm == t.qk_norm, "model.qk_norm = " + c.qk_norm);
-  if (!t.group_routing_keys) {
-    cannot(r.scale == 1.0, "moe.scale != 1");
-    cannot(r.num_groups == 1, "group-limited top-k (moe.num_groups > 1)");
-  }
 }
 
 // The settings config.json has a key for, or moeyard's default without one.
@@ -121,10 +121,10 @@ json hf_config_of(
   const auto& r = c.moe.routing;
   cannot(c.mlp == "swiglu", "model.mlp = " + c.mlp);
   cannot(c.norm == "rmsnorm", "model.norm = " + c.norm);
+  check_traits(fam.traits, c, cannot);
   cannot(r.routing == "token_choice", "moe.routing = " + r.routing);
   cannot(!r.weight_on_input, "moe.weight_on_input");
   cannot(c.rotary_pct == 1.0, "partial rotary (model.rotary_pct < 1)");
-  check_traits(fam.traits, c, cannot);
 
   json j = base.is_object() ? base : json::object();
   // An alias left in `base` would be read for its key by transformers (and
@@ -151,6 +151,7 @@ json hf_config_of(
   j["rope_parameters"] = rope_parameters(c);
   write_trait_keys(fam.traits, c, j, cannot);
   fam.write(c, j, cannot);
+  cannot(c.qk_norm == fam.traits.qk_norm, "model.qk_norm = " + c.qk_norm);
   return j;
 }
 
