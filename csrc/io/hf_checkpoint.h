@@ -13,7 +13,9 @@
 //
 // Export writes the family's own layout (per-expert 2-D tensors, the names
 // transformers' save_pretrained writes) and a config.json that transformers
-// loads. docs/checkpoints.md lists the families and the keys honoured.
+// loads. Each family is one file under csrc/io/hf/ (the list is
+// csrc/io/hf/registry.cpp); docs/checkpoints.md lists the families and the
+// keys honoured.
 
 #include <nlohmann/json.hpp>
 

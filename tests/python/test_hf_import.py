@@ -143,17 +143,22 @@ def test_selected_experts_match(saved, family):
         assert torch.equal(got, want), f"layer {stats['layer']}"
 
 
-def to_moeyard_layout(family, name, grad):
-    """transformers' in-memory expert tensors in moeyard's layout."""
-    if family == "gpt_oss" and name.endswith("gate_up_proj"):
-        return torch.cat([grad[..., 0::2], grad[..., 1::2]], -1).transpose(1, 2)
-    if family == "gpt_oss" and name.endswith("down_proj"):
-        return grad.transpose(1, 2)
-    return grad
+def grads_as_moeyard_parameters(hf, directory):
+    """transformers' gradients in moeyard's names and layouts, laid out by
+    the C++ importer: a copy of the model whose weights are its gradients,
+    saved with save_pretrained and imported."""
+    model = transformers.AutoModelForCausalLM.from_config(hf.config)
+    theirs = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, q in model.named_parameters():
+            g = theirs[name].grad
+            q.copy_(g if g is not None else torch.zeros_like(q))
+    model.save_pretrained(directory)
+    return dict(moeyard.Transformer.from_hf(directory).named_parameters())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_loss_and_gradients_match(saved, family):
+def test_loss_and_gradients_match(saved, family, tmp_path):
     hf, path = saved[family]
     ours = moeyard.Transformer.from_hf(path).train()
     hf = hf.train()
@@ -180,10 +185,11 @@ def test_loss_and_gradients_match(saved, family):
                       (f"layers.{i}.moe.router.weight", f"model.layers.{i}.mlp.{router}.weight")]
     if family == "gpt_oss":
         pairs.append(("layers.1.attn.sinks", "model.layers.1.self_attn.sinks"))
+    want = grads_as_moeyard_parameters(hf, tmp_path / "grads")
     for mine, theirs in pairs:
         g, r = grads[mine].grad, hfp[theirs].grad
         assert g is not None and r is not None, mine
-        assert (g - to_moeyard_layout(family, theirs, r)).abs().max().item() < 1e-4, mine
+        assert (g - want[mine]).abs().max().item() < 1e-4, mine
 
 
 def test_fused_and_sharded_layouts_load(saved, tmp_path):
@@ -285,6 +291,36 @@ def test_qwen_sliding_window_is_refused(saved, tmp_path):
     d = write_dir(tmp_path / "sw", cfg, tensors)
     with pytest.raises(RuntimeError, match="use_sliding_window"):
         moeyard.Transformer.from_hf(d)
+
+
+@pytest.mark.parametrize("falsy", [None, False, 0, "", [], {}])
+def test_falsy_rope_scaling_gives_way_to_rope_parameters(saved, tmp_path, falsy):
+    """transformers reads rope_scaling only when Python counts it as true;
+    otherwise rope_parameters (here YaRN-free with rope_theta 500)."""
+    hf, path = saved["mixtral"]
+    cfg, tensors = base_files(path)
+    cfg["rope_scaling"] = falsy
+    d = write_dir(tmp_path / "falsy", cfg, tensors)
+    assert transformers.AutoConfig.from_pretrained(d).rope_parameters == hf.config.rope_parameters
+    tokens, _ = tokens_and_mask(seed=14)
+    got = moeyard.Transformer.from_hf(d).eval()(tokens)["logits"]
+    assert (got - hf_logits(hf, tokens)).abs().max().item() < 1e-4
+
+
+def test_rope_scaling_wins_over_rope_parameters(saved, tmp_path):
+    """A set rope_scaling (older files) wins, and its rope_theta falls back to
+    the top-level key, else the class default, not rope_parameters'."""
+    cfg, tensors = base_files(saved["mixtral"][1])
+    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    d = write_dir(tmp_path / "scaling", cfg, tensors)
+    back = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    assert back.config.rope_parameters["rope_type"] == "linear"
+    assert back.config.rope_parameters["rope_theta"] == 1e6
+    tokens, _ = tokens_and_mask(seed=15)
+    want = hf_logits(back, tokens)
+    got = moeyard.Transformer.from_hf(d).eval()(tokens)["logits"]
+    assert (got - want).abs().max().item() < 1e-4
+    assert (want - hf_logits(saved["mixtral"][0], tokens)).abs().max().item() > 1e-3  # it did change
 
 
 def test_export_refuses_what_the_family_cannot_express(tmp_path):

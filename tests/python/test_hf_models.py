@@ -1,10 +1,9 @@
 """The model expresses OLMoE, DeepSeek-V3 and GPT-OSS exactly.
 
 For each family a tiny random ``transformers`` model is built from the
-family's own config class, its state_dict is mapped into a
-``moeyard.Transformer`` by a small function per family (the C++ importer will
-replace these), and the logits (with and without left/right padding) and the
-experts each MoE layer selects must agree. The features under test:
+family's own config class, saved with ``save_pretrained`` and read back by
+moeyard's C++ importer, and the logits (with and without left/right padding)
+and the experts each MoE layer selects must agree. The features under test:
 ``clip_qkv`` (OLMoE); multi-head latent attention with and without the q
 low-rank path, interleaved rotary pairs, YaRN mscale in the softmax scale,
 dense first layers and group-limited sigmoid routing (DeepSeek-V3);
@@ -12,6 +11,7 @@ attention biases and sinks, alternating sliding/full layers, YaRN without
 truncation, router bias, expert biases and the clamped SwiGLU (GPT-OSS).
 """
 
+import json
 import math
 
 import pytest
@@ -20,6 +20,7 @@ import torch
 import moeyard
 
 transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 V, H, B, S = 61, 64, 3, 12
 TOL = 1e-4
@@ -105,6 +106,28 @@ def assert_cache_matches_recompute(ours):
     assert sampled == ours.generate(prompt, 14, temperature=1.0, seed=3, use_cache=False)
 
 
+def import_hf(hf, directory):
+    """moeyard's model of the directory transformers' save_pretrained writes."""
+    hf.save_pretrained(directory)
+    return moeyard.Transformer.from_hf(directory).eval()
+
+
+def reimport(directory, out, edit_config=None, edit_tensor=None):
+    """The checkpoint in `directory` with config.json edited in place by
+    `edit_config(cfg)` and each tensor replaced by `edit_tensor(name, t)`,
+    written to `out` and imported."""
+    out.mkdir()
+    cfg = json.loads((directory / "config.json").read_text())
+    if edit_config is not None:
+        edit_config(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(directory / "model.safetensors"))
+    if edit_tensor is not None:
+        tensors = {k: edit_tensor(k, v) for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"))
+    return moeyard.Transformer.from_hf(out).eval()
+
+
 def load(config, state):
     ours = moeyard.Transformer(config).eval()
     ours.load_state_dict(state)
@@ -119,37 +142,13 @@ def olmoe_model(clip_qkv=0.6):
                  num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=clip_qkv)
 
 
-def olmoe_to_moeyard(hf):
-    c = hf.config
-    config = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
-                  num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-                  ffn_size=c.intermediate_size, norm_eps=c.rms_norm_eps, qk_norm="projection",
-                  clip_qkv=c.clip_qkv or 0.0, rope_theta=c.rope_parameters["rope_theta"], max_seq_len=64,
-                  tie_embeddings=False,
-                  moe=dict(num_experts=c.num_experts, top_k=c.num_experts_per_tok, renormalize=c.norm_topk_prob))
-    sd = hf.state_dict()
-    state = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-             "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(c.num_hidden_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
-            state[q + f"attn.{n}.weight"] = sd[p + f"self_attn.{n}.weight"]
-        state[q + "attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-        state[q + "mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        state[q + "moe.router.weight"] = sd[p + "mlp.gate.weight"]
-        state[q + "moe.w_gate_up"] = sd[p + "mlp.experts.gate_up_proj"]
-        state[q + "moe.w_down"] = sd[p + "mlp.experts.down_proj"]
-    return config, state
-
-
-def test_olmoe_parity_with_clip_qkv():
+def test_olmoe_parity_with_clip_qkv(tmp_path):
     hf = olmoe_model()
-    config, state = olmoe_to_moeyard(hf)
-    ours = load(config, state)
+    ours = import_hf(hf, tmp_path / "olmoe")
     err = assert_parity(hf, ours, "gate", k=2)
     print(f"olmoe max abs logit error {err:.2e}")
     # the clip matters here: without it the logits move
-    unclipped = load(dict(config, clip_qkv=0.0), state)
+    unclipped = reimport(tmp_path / "olmoe", tmp_path / "unclipped", lambda c: c.update(clip_qkv=None))
     tokens, _ = tokens_and_mask()
     with torch.no_grad():
         assert (unclipped(tokens)["logits"] - ours(tokens)["logits"]).abs().max() > 1e-2
@@ -170,55 +169,6 @@ def deepseek_model(q_lora_rank, rope_parameters, rope_interleave):
                  v_head_dim=12, rope_parameters=dict(rope_parameters), rope_interleave=rope_interleave)
 
 
-def deepseek_to_moeyard(hf):
-    c = hf.config
-    rp = c.rope_parameters
-    config = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
-                  num_heads=c.num_attention_heads, ffn_size=c.intermediate_size,
-                  dense_ffn_size=c.intermediate_size, norm_eps=c.rms_norm_eps, attention="mla",
-                  q_lora_rank=c.q_lora_rank or 0, kv_lora_rank=c.kv_lora_rank,
-                  qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
-                  v_head_dim=c.v_head_dim, attention_bias=c.attention_bias, rope_theta=rp["rope_theta"],
-                  rope_interleave=bool(c.rope_interleave), max_seq_len=64, tie_embeddings=False,
-                  moe=dict(num_experts=c.n_routed_experts, top_k=c.num_experts_per_tok,
-                           ffn_size=c.moe_intermediate_size, first_k_dense=c.first_k_dense_replace,
-                           score_fn="sigmoid", selection_bias=True, renormalize=c.norm_topk_prob,
-                           scale=c.routed_scaling_factor, num_groups=c.n_group, topk_groups=c.topk_group,
-                           num_shared_experts=c.n_shared_experts, shared_ffn_size=c.moe_intermediate_size))
-    if rp["rope_type"] == "yarn":
-        config.update(rope_scaling="yarn", rope_factor=rp["factor"],
-                      rope_original_max_position=rp["original_max_position_embeddings"],
-                      yarn_beta_fast=rp.get("beta_fast", 32.0), yarn_beta_slow=rp.get("beta_slow", 1.0),
-                      yarn_truncate=rp.get("truncate", True), yarn_mscale=rp.get("mscale") or 0.0,
-                      yarn_mscale_all_dim=rp.get("mscale_all_dim") or 0.0)
-    sd = hf.state_dict()
-    state = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-             "lm_head.weight": sd["lm_head.weight"]}
-    names = {"q_proj": "q_proj", "q_a_proj": "q_a_proj", "q_a_layernorm": "q_a_norm", "q_b_proj": "q_b_proj",
-             "kv_a_proj_with_mqa": "kv_a_proj", "kv_a_layernorm": "kv_a_norm", "kv_b_proj": "kv_b_proj",
-             "o_proj": "o_proj"}
-    for i in range(c.num_hidden_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        for theirs, mine in names.items():
-            if p + f"self_attn.{theirs}.weight" in sd:
-                state[q + f"attn.{mine}.weight"] = sd[p + f"self_attn.{theirs}.weight"]
-        state[q + "attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-        state[q + "mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        if i < c.first_k_dense_replace:
-            state[q + "mlp.gate_up.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"],
-                                                         sd[p + "mlp.up_proj.weight"]])
-            state[q + "mlp.down.weight"] = sd[p + "mlp.down_proj.weight"]
-        else:
-            state[q + "moe.router.weight"] = sd[p + "mlp.gate.weight"]
-            state[q + "moe.selection_bias"] = sd[p + "mlp.gate.e_score_correction_bias"]
-            state[q + "moe.w_gate_up"] = sd[p + "mlp.experts.gate_up_proj"]
-            state[q + "moe.w_down"] = sd[p + "mlp.experts.down_proj"]
-            state[q + "moe.shared_gate_up"] = torch.cat([sd[p + "mlp.shared_experts.gate_proj.weight"],
-                                                         sd[p + "mlp.shared_experts.up_proj.weight"]])
-            state[q + "moe.shared_down"] = sd[p + "mlp.shared_experts.down_proj.weight"]
-    return config, state
-
-
 DEEPSEEK_VARIANTS = {
     "q_lora+yarn+interleave": (32, DSV3_YARN, True),
     "q_proj+default_rope": (None, {"rope_type": "default", "rope_theta": 500.0}, False),
@@ -226,13 +176,12 @@ DEEPSEEK_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(DEEPSEEK_VARIANTS))
-def test_deepseek_v3_parity(variant):
+def test_deepseek_v3_parity(variant, tmp_path):
     hf = deepseek_model(*DEEPSEEK_VARIANTS[variant])
     with torch.no_grad():  # the selection bias must matter
         for layer in hf.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.5)
-    config, state = deepseek_to_moeyard(hf)
-    ours = load(config, state)
+    ours = import_hf(hf, tmp_path / "deepseek")
     names = {n for n, _ in ours.named_parameters()}
     assert ("layers.1.attn.q_a_proj.weight" in names) == (variant.startswith("q_lora"))
     assert ("layers.1.attn.q_proj.weight" in names) != (variant.startswith("q_lora"))
@@ -242,14 +191,29 @@ def test_deepseek_v3_parity(variant):
     assert_cache_matches_recompute(ours)
 
 
-def test_deepseek_v3_mscale_scales_the_softmax():
+# deepseek_model(32, DSV3_YARN, True) in moeyard's own config keys.
+DSV3_CONFIG = dict(vocab_size=V, hidden_size=H, num_layers=3, num_heads=4, ffn_size=96, norm_eps=1e-6,
+                   attention="mla", q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                   v_head_dim=12, rope_theta=500.0, rope_interleave=True, rope_scaling="yarn", rope_factor=4.0,
+                   rope_original_max_position=16, yarn_mscale=1.0, yarn_mscale_all_dim=0.8, max_seq_len=64,
+                   tie_embeddings=False,
+                   moe=dict(num_experts=8, top_k=2, ffn_size=24, first_k_dense=1, score_fn="sigmoid",
+                            selection_bias=True, renormalize=True, scale=2.5, num_groups=4, topk_groups=2,
+                            num_shared_experts=1, shared_ffn_size=24))
+
+
+def test_deepseek_v3_mscale_scales_the_softmax(tmp_path):
     """yarn_mscale_all_dim enters MLA's softmax scale (as transformers does):
-    dropping it moves the logits, and attention_scale can override it."""
+    dropping it moves the logits, and attention_scale can override it. The
+    weights are the importer's; the config is the imported one, in moeyard's
+    keys (the same logits as the import)."""
     hf = deepseek_model(32, DSV3_YARN, True)
-    config, state = deepseek_to_moeyard(hf)
+    imported = import_hf(hf, tmp_path / "deepseek")
+    config, state = DSV3_CONFIG, imported.state_dict()
     tokens, _ = tokens_and_mask()
     with torch.no_grad():
         base = load(config, state)(tokens)["logits"]
+        torch.testing.assert_close(base, imported(tokens)["logits"], atol=0, rtol=0)
         m = 0.1 * 0.8 * math.log(4.0) + 1.0
         explicit = load(dict(config, attention_scale=24 ** -0.5 * m * m), state)(tokens)["logits"]
         torch.testing.assert_close(explicit, base, atol=1e-6, rtol=1e-6)
@@ -271,72 +235,37 @@ def gpt_oss_model():
                  rope_parameters=dict(GPT_OSS_YARN))
 
 
-def gpt_oss_to_moeyard(hf):
-    c = hf.config
-    rp = c.rope_parameters
-    kinds = {"sliding_attention": "sliding", "full_attention": "full"}
-    config = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
-                  num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
-                  ffn_size=c.intermediate_size, norm_eps=c.rms_norm_eps, attention_bias=c.attention_bias,
-                  attention_sinks=True, sliding_window=c.sliding_window,
-                  layer_types=[kinds[t] for t in c.layer_types], rope_theta=rp["rope_theta"],
-                  rope_scaling="yarn", rope_factor=rp["factor"],
-                  rope_original_max_position=rp["original_max_position_embeddings"],
-                  yarn_beta_fast=rp["beta_fast"], yarn_beta_slow=rp["beta_slow"],
-                  yarn_truncate=rp.get("truncate", True), max_seq_len=64, tie_embeddings=False,
-                  moe=dict(num_experts=c.num_local_experts, top_k=c.num_experts_per_tok, router_bias=True,
-                           expert_bias=True, activation="clamped_swiglu", swiglu_alpha=c.swiglu_alpha,
-                           swiglu_limit=c.swiglu_limit))
-    sd = hf.state_dict()
-    state = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-             "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(c.num_hidden_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            state[q + f"attn.{n}.weight"] = sd[p + f"self_attn.{n}.weight"]
-            state[q + f"attn.{n}.bias"] = sd[p + f"self_attn.{n}.bias"]
-        state[q + "attn.sinks"] = sd[p + "self_attn.sinks"]
-        state[q + "attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-        state[q + "mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        state[q + "moe.router.weight"] = sd[p + "mlp.router.weight"]
-        state[q + "moe.router.bias"] = sd[p + "mlp.router.bias"]
-        # [E, H, 2F] with gate/up interleaved in columns -> [E, 2F, H] gate rows then up rows
-        gu, gub = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.gate_up_proj_bias"]
-        state[q + "moe.w_gate_up"] = torch.cat([gu[..., 0::2], gu[..., 1::2]], -1).transpose(1, 2).contiguous()
-        state[q + "moe.b_gate_up"] = torch.cat([gub[..., 0::2], gub[..., 1::2]], -1)
-        state[q + "moe.w_down"] = sd[p + "mlp.experts.down_proj"].transpose(1, 2).contiguous()
-        state[q + "moe.b_down"] = sd[p + "mlp.experts.down_proj_bias"]
-    return config, state
-
-
-def test_gpt_oss_parity():
+def test_gpt_oss_parity(tmp_path):
     hf = gpt_oss_model()
-    config, state = gpt_oss_to_moeyard(hf)
-    ours = load(config, state)
+    ours = import_hf(hf, tmp_path / "gpt_oss")
     err = assert_parity(hf, ours, "router", k=2)
     print(f"gpt-oss max abs logit error {err:.2e}")
     assert_cache_matches_recompute(ours)  # 21 positions > sliding window 4
 
 
-def test_gpt_oss_features_matter():
+def test_gpt_oss_features_matter(tmp_path):
     """Each GPT-OSS feature changes the logits of this tiny model, so the
-    parity test above does test it."""
+    parity test above does test it. Each variant is the checkpoint with one
+    feature turned off in its files: sinks of -1e4 (no weight in the
+    softmax), every layer full, YaRN truncated, no clamp, zero expert biases."""
     hf = gpt_oss_model()
-    config, state = gpt_oss_to_moeyard(hf)
+    d = tmp_path / "gpt_oss"
     tokens, _ = tokens_and_mask()
+
+    def rope(**kw):
+        return lambda c: c.update(rope_parameters=dict(c["rope_parameters"], **kw))
+
+    variants = {
+        "sinks": (None, lambda k, t: t.fill_(-1e4) if k.endswith("sinks") else t),
+        "layer_types": (lambda c: c.update(layer_types=["full_attention"] * 3), None),
+        "truncate": (rope(truncate=True), None),
+        "clamp": (lambda c: c.update(swiglu_limit=100.0), None),
+        "expert_bias": (None, lambda k, t: t.zero_() if k.endswith("_proj_bias") else t),
+    }
     with torch.no_grad():
-        base = load(config, state)(tokens)["logits"]
-        variants = {
-            "sinks": (dict(config, attention_sinks=False), lambda k: not k.endswith("sinks")),
-            "layer_types": (dict(config, layer_types=["full"] * 3), None),
-            "truncate": (dict(config, yarn_truncate=True), None),
-            "clamp": (dict(config, moe=dict(config["moe"], swiglu_limit=100.0)), None),
-            "expert_bias": (dict(config, moe=dict(config["moe"], expert_bias=False)),
-                            lambda k: ".b_" not in k),
-        }
-        for name, (cfg, keep) in variants.items():
-            st = {k: v for k, v in state.items() if keep is None or keep(k)}
-            out = load(cfg, st)(tokens)["logits"]
+        base = import_hf(hf, d)(tokens)["logits"]
+        for name, (edit_config, edit_tensor) in variants.items():
+            out = reimport(d, tmp_path / name, edit_config, edit_tensor)(tokens)["logits"]
             assert (out - base).abs().max() > 1e-3, name
 
 

@@ -1,18 +1,14 @@
 #pragma once
-// Internal to csrc/io/hf_*.cpp: the checkpoint families and a config.json
-// reader whose errors name the file, the key and the value.
+// Internal to the Hugging Face import: a config.json reader whose errors
+// name the file, the key and the value.
 
 #include <c10/util/Exception.h>
 
 #include <nlohmann/json.hpp>
 
 #include <string>
-#include <utility>
-#include <vector>
 
-namespace moeyard::io::detail {
-
-// ---- config.json reading with errors naming file, key and value -----------
+namespace moeyard::io::hf {
 
 struct JsonReader {
   const nlohmann::json& j;
@@ -70,28 +66,4 @@ struct JsonReader {
   }
 };
 
-enum class Family {
-  kMixtral,
-  kQwen2Moe,
-  kQwen3Moe,
-  kOlmoe,
-  kDeepseekV3,
-  kGptOss
-};
-
-// The family of a model_type; an error naming the file and the supported
-// families otherwise.
-Family family_of(const std::string& model_type, const std::string& file);
-
-// The attribute_map of the family's transformers config class: (alias, key)
-// pairs, e.g. Mixtral's num_experts for num_local_experts.
-std::vector<std::pair<std::string, std::string>> class_aliases(Family fam);
-
-// config.json as the family's transformers config class sees it: aliases
-// renamed to their keys, then the class default under every key that is
-// absent (hf_config.cpp lists them; tests/python/test_hf_defaults.py checks
-// them against transformers). A key present as null stays null: it is the
-// class's None, read with the fallback at its use.
-nlohmann::json with_class_defaults(const nlohmann::json& hf, Family fam);
-
-} // namespace moeyard::io::detail
+} // namespace moeyard::io::hf
