@@ -171,8 +171,8 @@ void read_aux_coefficient(const JsonReader& r, ModelConfig& c) {
     n_moe += c.is_moe_layer(i);
   }
   c.moe.routing.switch_coeff = r.get<double>("router_aux_loss_coef", 0.0) *
-                       static_cast<double>(c.moe.routing.top_k) /
-                       std::max<int64_t>(n_moe, 1);
+                               static_cast<double>(c.moe.routing.top_k) /
+                               std::max<int64_t>(n_moe, 1);
 }
 
 } // namespace
