@@ -6,6 +6,7 @@
 
 #include "config/range.h"
 #include "model/config_fields.h"
+#include "util/dtype.h"
 
 namespace moeyard {
 
@@ -225,7 +226,7 @@ void ModelConfig::validate(const KeyNamer& name) const {
   check_one_of("model.norm", norm, {"rmsnorm", "layernorm"});
   check_one_of("model.qk_norm", qk_norm, {"none", "head", "projection"});
   check_one_of("model.rope_scaling", rope_scaling, {"none", "linear", "yarn"});
-  check_one_of("model.dtype", dtype, {"float32", "bfloat16", "float64"});
+  check_one_of("model.dtype", dtype, dtype_names());
   check_one_of("model.attention", attention, {"mha", "mla"});
   if (is_mla()) {
     validate_mla(*this, n);

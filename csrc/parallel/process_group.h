@@ -1,5 +1,5 @@
 #pragma once
-// Process groups for multi-process runs (issue 7, first part): the launch
+// Process groups for multi-process runs: the launch
 // environment torchrun or Slurm sets, a c10d TCPStore, and Gloo process groups
 // (CPU) whose collectives fail with an error naming the group and the
 // collective when a peer dies or hangs, instead of waiting forever.

@@ -7,8 +7,16 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <vector>
 
 namespace moeyard {
+
+// The accepted names, as model.dtype's check lists them.
+inline const std::vector<std::string>& dtype_names() {
+  static const std::vector<std::string> names = {
+      "float32", "bfloat16", "float64"};
+  return names;
+}
 
 // "float32" -> kFloat, "bfloat16" -> kBFloat16, "float64" -> kDouble;
 // any other name is an error.
