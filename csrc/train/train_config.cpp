@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <set>
 #include <sstream>
 
 #include "config/model_yaml.h"
@@ -70,6 +71,47 @@ void check_same_architecture(
       "weight_on_input",
       was.routing.weight_on_input,
       now.routing.weight_on_input);
+}
+
+// An integer option takes each step's rounded value: no warmup ramp from 0,
+// and every value the run will use must suit the model (e.g. num_groups
+// dividing num_experts), checked against the other options' moe: values.
+void check_integer_schedules(const TrainConfig& c, const KeyNamer& name) {
+  if (c.model.moe.num_experts == 0) {
+    return;
+  }
+  MoEOptions o = c.model.moe.routing;
+  for_each_moe_option(o, [&](const char* key, auto& v, const auto&) {
+    using T = std::decay_t<decltype(v)>;
+    const auto it = c.schedule.options.find(key);
+    if constexpr (std::is_same_v<T, int64_t>) {
+      if (it == c.schedule.options.end()) {
+        return;
+      }
+      const Schedule& sched = it->second;
+      const std::string where = name(std::string("schedule.") + key);
+      TORCH_CHECK(
+          sched.warmup == 0,
+          "config: ",
+          where,
+          ".warmup: an integer option has no warmup (",
+          key,
+          " would start at 0)");
+      std::set<int64_t> values;
+      for (int64_t step = 0; step < c.train.steps; ++step) {
+        values.insert(std::llround(sched.value(step, c.train.steps)));
+      }
+      const T was = v;
+      for (const int64_t x : values) {
+        v = x;
+        check_moe_options(
+            o,
+            c.model.moe.num_experts,
+            "config: " + where + " gives " + key + " = " + std::to_string(x));
+      }
+      v = was;
+    }
+  });
 }
 
 // Applies "a.b.c=value" to the YAML tree and records it in `sources`.
@@ -299,6 +341,7 @@ TrainConfig TrainConfig::parse(
     });
     r.get("bias_update_rate", c.schedule.bias_update_rate, Range::at_least(0));
     r.finish();
+    check_integer_schedules(c, name);
   }
   {
     auto r = top.child("parallel");

@@ -275,6 +275,12 @@ def test_defaults_and_documented_lower_bounds_are_accepted(config):
      "schedule.expert_dropout.decay_fraction (--set schedule.expert_dropout={start: 0.1, decay_fraction: 0}): "
      "0 is outside (0, 1]"),
     ("score_fn={start: 1}", "schedule.score_fn (--set schedule.score_fn={start: 1}): unknown key"),
+    # integer options: no warmup from 0, and every value the run uses must suit the model
+    ("top_k={start: 2, warmup: 3}", "schedule.top_k (--set schedule.top_k={start: 2, warmup: 3}).warmup: "
+                                    "an integer option has no warmup"),
+    ("num_groups={type: linear, start: 1, end: 4}",
+     "schedule.num_groups (--set schedule.num_groups={type: linear, start: 1, end: 4}) gives num_groups = 3: "
+     "num_groups must be >= 1 and divide num_experts=4, got 3"),
 ])
 def test_bad_schedules_are_errors(config, schedule, match):
     expected = "config: " + match.replace("X:moe.num_experts", at(config, "moe.num_experts"))
