@@ -82,6 +82,22 @@ std::string piece_metadata(
       .dump();
 }
 
+std::string flat_piece_metadata(
+    const std::vector<int64_t>& shape,
+    int64_t begin,
+    const parallel::TpSplit& s,
+    int64_t index,
+    int64_t count) {
+  return json{
+      {"dim", s.dim},
+      {"parts", s.parts},
+      {"index", index},
+      {"count", count},
+      {"flat_shape", shape},
+      {"flat_begin", begin}}
+      .dump();
+}
+
 json hash_files(const fs::path& dir) {
   std::vector<std::string> files;
   for (const auto& e : fs::directory_iterator(dir)) {
@@ -105,6 +121,13 @@ TensorMap load_checkpoint_tensors(
     std::map<int64_t, at::Tensor> by_index;
   };
   std::map<std::string, Pieces> pieces;
+  // Flat pieces by (name, piece index): element offset -> elements.
+  struct Flat {
+    std::vector<int64_t> shape;
+    std::map<int64_t, at::Tensor> by_begin;
+    std::string file; // one of them, for errors
+  };
+  std::map<std::pair<std::string, int64_t>, Flat> flats;
   int64_t files = 0;
   for (const auto& [file, sum] : manifest.at("sha256").items()) {
     (void)sum;
@@ -141,10 +164,49 @@ TensorMap load_checkpoint_tensors(
             "'");
       }
       auto& p = pieces[name];
-      const parallel::TpSplit s{
-          j.at("dim").get<int64_t>(), j.at("parts").get<int64_t>()};
-      const int64_t index = j.at("index").get<int64_t>(),
-                    count = j.at("count").get<int64_t>();
+      parallel::TpSplit s;
+      int64_t index = 0, count = 0;
+      try {
+        s = {j.at("dim").get<int64_t>(), j.at("parts").get<int64_t>()};
+        index = j.at("index").get<int64_t>();
+        count = j.at("count").get<int64_t>();
+        if (j.contains("flat_begin")) {
+          auto& f = flats[{name, index}];
+          const auto shape = j.at("flat_shape").get<std::vector<int64_t>>();
+          const int64_t begin = j.at("flat_begin").get<int64_t>();
+          TORCH_CHECK(
+              t.dim() == 1 && begin >= 0 && s.dim >= 0 &&
+                  s.dim < static_cast<int64_t>(shape.size()) && s.parts >= 1 &&
+                  count >= 1 && index >= 0 && index < count &&
+                  (p.count == 0 || p.count == count) &&
+                  (f.by_begin.empty() || f.shape == shape) &&
+                  !f.by_begin.count(begin),
+              "checkpoint ",
+              path,
+              ": flat piece of tensor '",
+              name,
+              "' at element ",
+              begin,
+              " does not fit the other pieces");
+          f.shape = shape;
+          f.file = path;
+          f.by_begin[begin] = t;
+          t = at::Tensor(); // joined below
+        }
+      } catch (const json::exception&) {
+        TORCH_CHECK(
+            false,
+            "checkpoint ",
+            path,
+            ": bad piece metadata for '",
+            name,
+            "'");
+      }
+      if (!t.defined()) {
+        p.split = s;
+        p.count = count;
+        continue;
+      }
       TORCH_CHECK(
           !whole.count(name) && s.dim >= 0 && s.dim < t.dim() && s.parts >= 1 &&
               count >= 1 && index >= 0 && index < count &&
@@ -177,6 +239,59 @@ TensorMap load_checkpoint_tensors(
       ".safetensors or ",
       kind,
       "-rank<r>.safetensors) in the manifest");
+  for (auto& [key, f] : flats) {
+    const auto& [name, index] = key;
+    int64_t numel = 1, at_ = 0;
+    for (auto d : f.shape) {
+      TORCH_CHECK(
+          d >= 0 && (d == 0 || numel <= (int64_t(1) << 50) / d),
+          "checkpoint ",
+          f.file,
+          ": flat piece of tensor '",
+          name,
+          "' has a bad shape");
+      numel *= d;
+    }
+    std::vector<at::Tensor> parts;
+    for (auto& [begin, t] : f.by_begin) {
+      TORCH_CHECK(
+          begin == at_,
+          "checkpoint ",
+          dir.string(),
+          ": tensor '",
+          name,
+          "' lacks elements [",
+          at_,
+          ", ",
+          begin,
+          ") of its flat pieces: a rank's file is missing");
+      parts.push_back(t);
+      at_ += t.numel();
+    }
+    TORCH_CHECK(
+        at_ == numel,
+        "checkpoint ",
+        dir.string(),
+        ": tensor '",
+        name,
+        "' has ",
+        at_,
+        " of its ",
+        numel,
+        " elements in flat pieces: a rank's file is missing");
+    auto& p = pieces[name];
+    TORCH_CHECK(
+        !whole.count(name) && !p.by_index.count(index) && index >= 0 &&
+            index < p.count,
+        "checkpoint ",
+        f.file,
+        ": tensor '",
+        name,
+        "' piece ",
+        index,
+        " appears twice");
+    p.by_index[index] = at::cat(parts).view(f.shape);
+  }
   for (auto& [name, p] : pieces) {
     TORCH_CHECK(
         static_cast<int64_t>(p.by_index.size()) == p.count,

@@ -34,6 +34,17 @@ bool is_checkpoint_file(const std::string& file, const std::string& kind);
 std::string piece_metadata(
     const parallel::TpSplit& s, int64_t index, int64_t count);
 
+// The metadata of a flat piece: the elements from `begin` on of the
+// flattened tensor of `shape`, which is itself piece `index` of `count`
+// along split `s` (index 0 of 1: the whole tensor). The sharded optimizer
+// writes its state so.
+std::string flat_piece_metadata(
+    const std::vector<int64_t>& shape,
+    int64_t begin,
+    const parallel::TpSplit& s,
+    int64_t index,
+    int64_t count);
+
 // The SHA-256 of every file in `dir`, by file name: the manifest's
 // "sha256" entry.
 nlohmann::json hash_files(const std::filesystem::path& dir);
@@ -43,8 +54,9 @@ nlohmann::json hash_files(const std::filesystem::path& dir);
 nlohmann::json read_manifest(const std::filesystem::path& dir);
 
 // The full tensors of a checkpoint's files of one kind ("model",
-// "optimizer"): whole tensors and the pieces ranks wrote, joined. Errors
-// name a missing piece, a piece that does not fit, a tensor in two files.
+// "optimizer"): whole tensors and the pieces ranks wrote (flat pieces
+// first joined into theirs), joined. Errors name a missing piece, a piece
+// that does not fit, a tensor in two files.
 TensorMap load_checkpoint_tensors(
     const std::filesystem::path& dir, const std::string& kind);
 

@@ -110,6 +110,13 @@ struct Layout {
   // tensor-parallel pieces, the TP-rank-0 ranks of expert-data-parallel
   // replica 0 their expert slices.
   bool writes(Placement placement) const;
+  // Whether this rank writes its data-parallel shard of a tensor of
+  // `placement` (the sharded optimizer's state): every data-parallel rank
+  // holds a different shard, tensor-parallel ranks the same one unless the
+  // tensor is split over them.
+  bool writes_dp_shard(Placement placement) const {
+    return placement == Placement::kTensorParallel || tp_rank == 0;
+  }
   // Whether this rank writes the random stream of its data-parallel rank
   // (tensor-parallel ranks share theirs).
   bool writes_rng() const {

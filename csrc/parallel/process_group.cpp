@@ -209,6 +209,41 @@ at::Tensor Group::all_gather(const at::Tensor& t, int64_t dim) const {
   return at::cat(out[0], dim);
 }
 
+void Group::all_gather_into(at::Tensor& out, const at::Tensor& in) const {
+  TORCH_CHECK(
+      out.numel() == in.numel() * size() && out.is_contiguous(),
+      "process group '",
+      name,
+      "': all_gather_into needs a contiguous output of ",
+      in.numel() * size(),
+      " elements, got ",
+      out.numel());
+  auto d_out = on_device(*this, out);
+  auto d_in = on_device(*this, in).contiguous();
+  wait(backend->all_gather_single(d_out, d_in), *this, "all_gather");
+  write_back(out, d_out);
+}
+
+void Group::reduce_scatter_sum(at::Tensor& out, const at::Tensor& in) const {
+  TORCH_CHECK(
+      in.numel() == out.numel() * size() && out.is_contiguous(),
+      "process group '",
+      name,
+      "': reduce_scatter_sum needs an input of ",
+      out.numel() * size(),
+      " elements, got ",
+      in.numel());
+  auto d_out = on_device(*this, out);
+  auto d_in = on_device(*this, in).contiguous();
+  c10d::ReduceScatterOptions opts;
+  opts.reduceOp = c10d::ReduceOp::SUM;
+  wait(
+      backend->reduce_scatter_single(d_out, d_in, opts),
+      *this,
+      "reduce_scatter");
+  write_back(out, d_out);
+}
+
 void Group::barrier() const {
   wait(backend->barrier(), *this, "barrier");
 }

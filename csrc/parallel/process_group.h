@@ -68,6 +68,11 @@ struct Group {
   // The members' tensors (same shape) concatenated along `dim`, in rank
   // order.
   at::Tensor all_gather(const at::Tensor& t, int64_t dim) const;
+  // Flat collectives of a sharded buffer: `out` (size() * n elements) gets
+  // every member's `in` (n elements) in rank order; `out` (n elements) gets
+  // the sum over the group of the members' `in` elements [rank * n, ...).
+  void all_gather_into(at::Tensor& out, const at::Tensor& in) const;
+  void reduce_scatter_sum(at::Tensor& out, const at::Tensor& in) const;
   // Splits of dim 0 sent to / received from each member (element counts
   // of dim 0; empty: equal splits).
   at::Tensor all_to_all(

@@ -74,26 +74,10 @@ void Trainer::save(int64_t step) {
     }
   }
   // Optimizer state by parameter name.
-  auto& state = opt_->state();
-  size_t i = 0;
-  for (auto& group : opt_->param_groups()) {
-    for (auto& p : group.params()) {
-      auto it = state.find(p.unsafeGetTensorImpl());
-      const auto& n = names_[i];
-      if (it != state.end() && layout_.writes(placement(n))) {
-        auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
-        keep(opt_t, opt_meta, n, n + ".exp_avg", s.exp_avg());
-        keep(opt_t, opt_meta, n, n + ".exp_avg_sq", s.exp_avg_sq());
-        // The step count is whole: written with the first piece only.
-        if (layout_.piece(placement(n)).index == 0) {
-          opt_t[n + ".step"] = at::full({}, s.step(), at::kLong);
-        }
-        if (opt_is_master_[i]) {
-          keep(opt_t, opt_meta, n, n + ".master", p);
-        }
-      }
-      ++i;
-    }
+  if (cfg_.optim.sharded()) {
+    save_sharded_state(opt_t, opt_meta);
+  } else {
+    save_optimizer_state(opt_t, opt_meta);
   }
   const auto suffix = layout_.file_suffix();
   if (!model_t.empty()) {
@@ -119,6 +103,38 @@ void Trainer::save(int64_t step) {
     commit(step, tmp, final_dir);
   }
   save_barrier();
+}
+
+void Trainer::save_optimizer_state(
+    io::TensorMap& t, std::map<std::string, std::string>& meta) const {
+  auto keep =
+      [&](const std::string& n, const std::string& key, const at::Tensor& v) {
+        t[key] = v.detach();
+        if (const auto piece = piece_of(n); !piece.empty()) {
+          meta[key] = piece;
+        }
+      };
+  auto& state = opt_->state();
+  size_t i = 0;
+  for (auto& group : opt_->param_groups()) {
+    for (auto& p : group.params()) {
+      auto it = state.find(p.unsafeGetTensorImpl());
+      const auto& n = names_[i];
+      if (it != state.end() && layout_.writes(placement(n))) {
+        auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
+        keep(n, n + ".exp_avg", s.exp_avg());
+        keep(n, n + ".exp_avg_sq", s.exp_avg_sq());
+        // The step count is whole: written with the first piece only.
+        if (layout_.piece(placement(n)).index == 0) {
+          t[n + ".step"] = at::full({}, s.step(), at::kLong);
+        }
+        if (opt_is_master_[i]) {
+          keep(n, n + ".master", p);
+        }
+      }
+      ++i;
+    }
+  }
 }
 
 std::string Trainer::rng_file(int64_t dp_rank) const {
@@ -195,10 +211,8 @@ void Trainer::commit(
   log::info("checkpoint saved: " + final_dir.string());
 }
 
-int64_t Trainer::load_optimizer_state(const std::string& dir_in) {
-  const fs::path dir(dir_in);
-  const json manifest = json::parse(std::ifstream(dir / "manifest.json"));
-  const auto opt_t = io::load_checkpoint_tensors(dir, "optimizer");
+void Trainer::load_unsharded_state(
+    const io::TensorMap& opt_t, const std::string& dir) {
   size_t i = 0;
   for (auto& group : opt_->param_groups()) {
     for (auto& p : group.params()) {
@@ -209,7 +223,7 @@ int64_t Trainer::load_optimizer_state(const std::string& dir_in) {
           TORCH_CHECK(
               t.sizes() == p.sizes(),
               "checkpoint ",
-              dir.string(),
+              dir,
               ": optimizer tensor '",
               key,
               "' gives this rank shape ",
@@ -229,6 +243,17 @@ int64_t Trainer::load_optimizer_state(const std::string& dir_in) {
       }
       ++i;
     }
+  }
+}
+
+int64_t Trainer::load_optimizer_state(const std::string& dir_in) {
+  const fs::path dir(dir_in);
+  const json manifest = json::parse(std::ifstream(dir / "manifest.json"));
+  const auto opt_t = io::load_checkpoint_tensors(dir, "optimizer");
+  if (cfg_.optim.sharded()) {
+    load_sharded_state(opt_t, dir.string());
+  } else {
+    load_unsharded_state(opt_t, dir.string());
   }
   const int64_t step = manifest.at("step").get<int64_t>();
   // The random stream of this data-parallel rank continues where it was

@@ -257,6 +257,7 @@ TrainConfig TrainConfig::parse(
     r.get("grad_clip", o.grad_clip, Range::at_least(0));
     r.get("expert_grad_clip", o.expert_grad_clip, Range::at_least(0));
     r.get("freeze", o.freeze);
+    r.get("shard", o.shard);
     for (auto& g : r.child_list("groups")) {
       OptimConfig::Group grp;
       g.get("pattern", grp.pattern);
@@ -275,6 +276,12 @@ TrainConfig TrainConfig::parse(
           "lr_schedule",
           "must be cosine, linear, constant or wsd, got '" + o.lr_schedule +
               "'");
+    }
+    if (o.shard != "none" && o.shard != "optimizer" &&
+        o.shard != "optimizer+grads") {
+      r.fail(
+          "shard",
+          "must be none, optimizer or optimizer+grads, got '" + o.shard + "'");
     }
   }
   {

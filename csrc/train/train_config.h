@@ -53,6 +53,13 @@ struct OptimConfig {
   // Parameters whose name contains one of these substrings are frozen
   // (no gradient, not in the optimizer), e.g. ".router.", ".moe.w_".
   std::vector<std::string> freeze;
+  // Sharding over the data-parallel ranks (ZeRO): none | optimizer (fp32
+  // masters and AdamW moments split) | optimizer+grads (gradients
+  // reduce-scattered too).
+  std::string shard = "none";
+  bool sharded() const {
+    return shard != "none";
+  }
 
   // The lr factor over the run (warmup, then lr_schedule from 1 to
   // min_lr_ratio); the lr of a group is lr * its multiplier * this factor.

@@ -59,6 +59,42 @@ void clip_experts(
     const std::vector<at::Tensor>& params,
     double clip);
 
+// The sharded optimizer (optim.shard, docs/training.md): the parameters of
+// one optimizer group that are reduced over the same ranks, counted alike in
+// the gradient norm and stored in the same dtype, flattened into one buffer
+// padded to a multiple of the group's size. Rank r of the group owns
+// elements [r * shard, (r + 1) * shard): their fp32 master, gradient and
+// AdamW moments.
+struct ShardBucket {
+  size_t opt_group = 0;
+  int kind = 0; // as in the gradient norm: 0 replicated, 1 expert, 2 TP piece
+  at::ScalarType dtype = at::kFloat; // the members'
+  const parallel::Group* group = nullptr; // dp or edp; null: not split
+  std::vector<size_t> members; // indices into the trainer's params_
+  std::vector<int64_t> offsets; // each member's first element in the buffer
+  int64_t numel = 0; // elements of the members together
+  int64_t shard = 0; // elements per rank (the last rank's padded with zeros)
+  int64_t begin = 0; // this rank's first element
+  at::Tensor master; // float32 [shard]: this rank's elements, in the optimizer
+
+  int64_t ranks() const {
+    return group ? group->size() : 1;
+  }
+  // Calls f(member, first element in the member, first element in the
+  // shard, elements) for each member that overlaps this rank's shard.
+  template <typename F>
+  void for_each_overlap(F&& f) const {
+    for (size_t m = 0; m < members.size(); ++m) {
+      const int64_t lo = offsets[m],
+                    hi = m + 1 < members.size() ? offsets[m + 1] : numel;
+      const int64_t a = std::max(lo, begin), b = std::min(hi, begin + shard);
+      if (a < b) {
+        f(m, a - lo, a - begin, b - a);
+      }
+    }
+  }
+};
+
 class Trainer {
  public:
   Trainer(const TrainConfig& c) : cfg_(c), model_(c.model) {
@@ -151,6 +187,33 @@ class Trainer {
   void note_skipped(int64_t step, const StepOutcome& out);
   // An accepted step's loss joins the spike guard's window.
   void note_accepted(double loss);
+  // ---- The sharded optimizer (trainer_shard.cpp) ----
+  // buckets_ from params_ and param_group_ (`n_groups` optimizer groups).
+  void build_buckets(size_t n_groups);
+  // Each bucket's gradient shard: reduced (optim.shard: optimizer) or
+  // reduce-scattered (optimizer+grads) over its group, TP-partial
+  // gradients summed over TP, divided by the replicas; the parameters'
+  // full gradients are released.
+  void reduce_sharded_gradients();
+  // Per-expert clipping (optim.expert_grad_clip) of the expert shards.
+  void clip_sharded_experts();
+  // The global gradient norm from every rank's shards.
+  double sharded_grad_norm();
+  // Every bucket's updated shard, gathered into the model's parameters.
+  void gather_sharded_params();
+  // The unsharded optimizer's state in a checkpoint, by parameter name,
+  // and back.
+  void save_optimizer_state(
+      io::TensorMap& t, std::map<std::string, std::string>& meta) const;
+  void load_unsharded_state(const io::TensorMap& t, const std::string& dir);
+  // This rank's optimizer state in a checkpoint: each parameter's part
+  // of the shard under the parameter's name (flat pieces, any layout
+  // loads them).
+  void save_sharded_state(
+      io::TensorMap& t, std::map<std::string, std::string>& meta) const;
+  // The shards from a checkpoint's full optimizer tensors.
+  void load_sharded_state(const io::TensorMap& t, const std::string& dir);
+
   // Clipping to optim.grad_clip, AdamW, fp32 masters back into the model.
   void optimizer_step(const std::vector<at::Tensor>& params, double grad_norm);
   // Aux-loss-free balancing from the step's global expert loads.
@@ -272,6 +335,8 @@ class Trainer {
   std::string metrics_path_;
   std::vector<std::string> param_names_; // parallel to params_
   std::vector<bool> opt_is_master_; // parallel to names_
+  std::vector<size_t> param_group_; // optimizer group, parallel to params_
+  std::vector<ShardBucket> buckets_; // optim.shard != none
   c10::Device device_{c10::kCPU};
   parallel::Layout layout_;
   // layout_'s groups (null when absent): every process; data, expert,

@@ -27,9 +27,12 @@ void Trainer::build_optimizer() {
       frozen_numel += t.numel();
       continue;
     }
+    // fp32 masters of low-precision parameters (the sharded optimizer
+    // keeps its own, one shard per rank).
     at::Tensor opt_t = t;
-    if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble) {
-      opt_t = t.detach().to(at::kFloat).requires_grad_(true); // fp32 master
+    if (!o.sharded() && t.scalar_type() != at::kFloat &&
+        t.scalar_type() != at::kDouble) {
+      opt_t = t.detach().to(at::kFloat).requires_grad_(true);
       masters_.push_back(opt_t);
     } else {
       masters_.push_back(at::Tensor());
@@ -50,6 +53,10 @@ void Trainer::build_optimizer() {
         break;
       }
     }
+    param_group_.push_back(g);
+    if (o.sharded()) {
+      continue; // the group's members are its buckets' shards (below)
+    }
     members[g].push_back(opt_t);
     member_names[g].push_back(n);
     member_master[g].push_back(
@@ -62,6 +69,12 @@ void Trainer::build_optimizer() {
             .eps(o.eps)
             .weight_decay(wd));
   };
+  if (o.sharded()) {
+    build_buckets(n_groups);
+    for (const auto& b : buckets_) {
+      members[b.opt_group].push_back(b.master);
+    }
+  }
   std::vector<torch::optim::OptimizerParamGroup> groups;
   for (size_t g = 0; g < n_groups; ++g) {
     double lr = o.lr, wd = g == 0 ? o.weight_decay : 0.0;

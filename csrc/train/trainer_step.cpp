@@ -91,6 +91,10 @@ void Trainer::reduce_losses(const at::Tensor& losses, StepOutcome& out) {
 }
 
 void Trainer::reduce_gradients() {
+  if (cfg_.optim.sharded()) {
+    reduce_sharded_gradients();
+    return;
+  }
   if (distributed()) {
     all_reduce_grads();
   }
@@ -110,6 +114,13 @@ std::vector<at::Tensor> Trainer::optimizer_params(
   // 1: an expert slice (counted over EP ranks), 2: a tensor-parallel
   // piece (counted over TP ranks), 0: replicated.
   std::vector<at::Tensor> params;
+  if (cfg_.optim.sharded()) {
+    for (const auto& b : buckets_) {
+      params.push_back(b.master);
+      kind.push_back(b.kind);
+    }
+    return params;
+  }
   size_t k = 0;
   for (auto& g : opt_->param_groups()) {
     for (auto& p : g.params()) {
@@ -129,6 +140,9 @@ std::vector<at::Tensor> Trainer::optimizer_params(
 
 double Trainer::global_grad_norm(
     const std::vector<at::Tensor>& params, const std::vector<int>& kind) {
+  if (cfg_.optim.sharded()) {
+    return sharded_grad_norm();
+  }
   at::NoGradGuard g;
   // Per-tensor norms in the gradients' own dtype (no float64 copies of
   // every gradient), combined in float64. Every parameter is counted once:
@@ -222,6 +236,10 @@ void Trainer::optimizer_step(
     }
   }
   opt_->step();
+  if (cfg_.optim.sharded()) {
+    gather_sharded_params();
+    return;
+  }
   for (size_t i = 0; i < params_.size(); ++i) {
     if (masters_[i].defined()) {
       at::NoGradGuard g;

@@ -407,3 +407,14 @@ def test_shipped_configs_still_parse(tmp_path):
         assert parse_error(os.path.join(ROOT, "configs", name), "data.train=/nonexistent.bin",
                            f"checkpoint.dir={tmp_path / name}", *extra) == "", name
     moeyard.Transformer(os.path.join(ROOT, "configs", "model_tiny.yaml"))
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("optim.lr_schedule", "exp", "must be cosine, linear, constant or wsd, got 'exp'"),
+    ("optim.shard", "zero3", "must be none, optimizer or optimizer+grads, got 'zero3'"),
+])
+def test_bad_choice_names_key_value_and_choices(config, key, value, allowed):
+    kv = f"{key}={value}"
+    assert parse_error(config, kv) == f"config: {key} (--set {kv}): {allowed}"
+    for good in {"optim.shard": ["none", "optimizer", "optimizer+grads"]}.get(key, []):
+        assert parse_error(config, f"{key}={good}") == ""
