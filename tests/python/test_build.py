@@ -45,3 +45,20 @@ def test_cuda_kernels_registered_and_sass_for_sm80_sm90():
     ptx = subprocess.run([exe, "--list-ptx", LIB], capture_output=True, text=True, check=True).stdout
     assert "sm_80" in elf and "sm_90" in elf, elf
     assert "sm_90" in ptx, ptx
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
+    """scripts/gpu_check.sh is valid bash and, where no GPU is visible,
+    names the reason and succeeds without building or running anything."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    # An nvidia-smi that fails first on PATH: the no-GPU branch.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", GPU_CHECK_OUT=str(tmp_path / "out"))
+    r = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "no GPU found" in r.stdout
+    assert not (tmp_path / "out").exists()
