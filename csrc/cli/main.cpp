@@ -16,6 +16,7 @@
 #include "io/hf_checkpoint.h"
 #include "parallel/process_group.h"
 #include "text/tokenizer.h"
+#include "train/plan.h"
 #include "train/trainer.h"
 #include "version.h"
 
@@ -90,6 +91,21 @@ int main(int argc, char** argv) {
       "model_type to write (default: that of model.init_from)");
   conv->add_option(
       "--max-shard-mb", shard_mb, "largest safetensors file (default 5000)");
+  auto* plan = app.add_subcommand(
+      "plan",
+      "print what each rank of a launch holds and sends: parameters, "
+      "gradients, optimizer state, activations, load peak, communication "
+      "(docs/scaling.md)");
+  std::string plan_config;
+  std::vector<std::string> plan_overrides;
+  int64_t plan_world = 1;
+  plan->add_option("--config,-c", plan_config, "YAML config")
+      ->required()
+      ->check(CLI::ExistingFile);
+  plan->add_option("--world,-n", plan_world, "processes (default 1)")
+      ->check(CLI::PositiveNumber);
+  plan->add_option(
+      "--set", plan_overrides, "override a key, as for train (repeatable)");
   auto* dist = app.add_subcommand(
       "dist-check",
       "check a multi-process launch (torchrun or srun): rendezvous, "
@@ -307,6 +323,11 @@ int main(int argc, char** argv) {
       }
       std::cout << "wrote " << conv_family << " checkpoint to " << conv_out
                 << "\n";
+    } else if (*plan) {
+      const auto cfg =
+          moeyard::train::TrainConfig::load(plan_config, plan_overrides);
+      std::cout << moeyard::train::format_plan(
+          moeyard::train::make_plan(cfg, plan_world), cfg);
     } else if (*train) {
       auto cfg = moeyard::train::TrainConfig::load(config, overrides);
       // A requested stop (SIGTERM/SIGINT) returns after every rank saved

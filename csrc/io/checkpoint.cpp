@@ -4,10 +4,14 @@
 #include "io/checkpoint.h"
 
 #include <algorithm>
+#include <chrono>
 #include <fstream>
 #include <map>
+#include <memory>
+#include <set>
 
 #include "model/transformer.h"
+#include "util/log.h"
 
 namespace moeyard::io {
 
@@ -311,47 +315,6 @@ TensorMap load_checkpoint_tensors(
     whole[name] = parallel::tp_join(ordered, p.split);
   }
   return whole;
-}
-
-void load_model_tensors(TransformerImpl& model, const fs::path& dir) {
-  auto model_t = load_checkpoint_tensors(dir, "model");
-  at::NoGradGuard g;
-  size_t used = 0;
-  auto take = [&](const std::string& n, at::Tensor& dst) {
-    auto it = model_t.find(n);
-    TORCH_CHECK(
-        it != model_t.end(),
-        "checkpoint ",
-        dir.string(),
-        ": tensor '",
-        n,
-        "' is missing");
-    TORCH_CHECK(
-        it->second.sizes() == dst.sizes(),
-        "checkpoint ",
-        dir.string(),
-        ": tensor '",
-        n,
-        "' has shape ",
-        it->second.sizes(),
-        ", the model expects ",
-        dst.sizes());
-    dst.copy_(it->second);
-    ++used;
-  };
-  for (auto& p : model.named_parameters()) {
-    take(p.key(), p.value());
-  }
-  for (auto& b : model.named_buffers()) {
-    take(b.key(), b.value());
-  }
-  TORCH_CHECK(
-      used == model_t.size(),
-      "checkpoint ",
-      dir.string(),
-      ": has ",
-      model_t.size() - used,
-      " tensors the model does not have");
 }
 
 } // namespace moeyard::io

@@ -12,9 +12,13 @@
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
+#include <functional>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "io/safetensors.h"
+#include "parallel/piece.h"
 #include "parallel/tensor_parallel.h"
 
 namespace moeyard {
@@ -60,9 +64,46 @@ nlohmann::json read_manifest(const std::filesystem::path& dir);
 TensorMap load_checkpoint_tensors(
     const std::filesystem::path& dir, const std::string& kind);
 
-// Copies a checkpoint's model tensors into `model`: every name and shape
-// must match, in both directions.
+// A checkpoint's files of one kind ("model", "optimizer"), memory-mapped
+// and read piece by piece: a rank reads only the stored rows that overlap
+// what it owns, converted to its dtype slice by slice.
+class CheckpointReader {
+ public:
+  CheckpointReader(const std::filesystem::path& dir, const std::string& kind);
+  ~CheckpointReader();
+
+  bool has(const std::string& name) const;
+  // Stored tensor names.
+  std::vector<std::string> names() const;
+  // Fills `dst`, piece `want` of tensor `name`, from its stored copies
+  // (whole tensors, pieces, flat pieces). Errors name the tensor: missing,
+  // a stored shape that does not fit, rows no stored piece holds.
+  void read(
+      const std::string& name,
+      at::Tensor& dst,
+      const parallel::Piece& want) const;
+  // A tensor stored whole (a step count).
+  at::Tensor read_whole(const std::string& name) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Where each of the model's tensors sits in its full tensor (whole when
+// empty or for names it does not split).
+using PieceOfName = std::function<parallel::Piece(const std::string& name)>;
+
+// Copies a checkpoint's model tensors into `model`, each of whose tensors
+// is piece `piece_of(name)` of the full tensor: from the memory-mapped
+// files, only the rows of stored pieces (whole tensors included) that
+// overlap it are read, converted to the model's dtype slice by slice; long
+// loads log their progress (bytes, rate). Every name must match in both
+// directions; a shape that does not fit or rows no stored piece holds are
+// errors naming the tensor.
 void load_model_tensors(
-    TransformerImpl& model, const std::filesystem::path& dir);
+    TransformerImpl& model,
+    const std::filesystem::path& dir,
+    const PieceOfName& piece_of = {});
 
 } // namespace moeyard::io

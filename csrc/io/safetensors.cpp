@@ -1,6 +1,7 @@
 #include "io/safetensors.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 #include <openssl/evp.h>
 #include <unistd.h>
@@ -137,6 +138,57 @@ TensorMap load_safetensors(
     }
   }
   return out;
+}
+
+struct SafetensorsFile::Impl {
+  explicit Impl(const std::string& path) : file(path, "safetensors", 8) {
+    try {
+      header = parse_safetensors(file.data(), file.size(), path);
+    } catch (const FormatError& e) {
+      TORCH_CHECK(false, e.what());
+    }
+    for (size_t i = 0; i < header.tensors.size(); ++i) {
+      index.emplace(header.tensors[i].name, i);
+    }
+  }
+  MappedFile file;
+  SafetensorsHeader header;
+  std::map<std::string, size_t> index;
+};
+
+SafetensorsFile::SafetensorsFile(const std::string& path)
+    : impl_(std::make_shared<const Impl>(path)), path_(path) {}
+
+const std::map<std::string, std::string>& SafetensorsFile::metadata() const {
+  return impl_->header.metadata;
+}
+
+std::vector<std::string> SafetensorsFile::names() const {
+  std::vector<std::string> n;
+  for (const auto& t : impl_->header.tensors) {
+    n.push_back(t.name);
+  }
+  return n;
+}
+
+bool SafetensorsFile::has(const std::string& name) const {
+  return impl_->index.count(name) > 0;
+}
+
+at::Tensor SafetensorsFile::view(const std::string& name) const {
+  const auto it = impl_->index.find(name);
+  TORCH_CHECK(it != impl_->index.end(), path_, ": no tensor '", name, "'");
+  const auto& t = impl_->header.tensors[it->second];
+  const auto dtype = at::dtype(scalar_type_of(t.dtype));
+  if (t.end == t.begin) {
+    return at::empty(t.shape, dtype);
+  }
+  // The bytes stay mapped while any view lives.
+  auto keep = impl_;
+  void* data = const_cast<uint8_t*>(
+      impl_->file.data() + impl_->header.data_start + t.begin);
+  return at::from_blob(
+      data, t.shape, [keep](void*) {}, dtype);
 }
 
 std::string sha256_file(const std::string& path) {

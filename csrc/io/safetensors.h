@@ -10,7 +10,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <map>
+#include <memory>
 #include <string>
+#include <vector>
 
 namespace moeyard::io {
 
@@ -27,6 +29,30 @@ void save_safetensors(
 TensorMap load_safetensors(
     const std::string& path,
     std::map<std::string, std::string>* metadata = nullptr);
+
+// A safetensors file memory-mapped and checked as load_safetensors checks
+// it, whose tensors are read on demand: view() is a CPU tensor over the
+// mapped bytes (no copy; it keeps the mapping alive), so copying a slice of
+// it reads only that slice from disk.
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::string& path);
+
+  const std::string& path() const {
+    return path_;
+  }
+  const std::map<std::string, std::string>& metadata() const;
+  // Tensor names, in name order.
+  std::vector<std::string> names() const;
+  bool has(const std::string& name) const;
+  // The tensor `name` over the mapped bytes. Read-only: never write to it.
+  at::Tensor view(const std::string& name) const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+  std::string path_;
+};
 
 // Hex SHA-256 of a file's bytes.
 std::string sha256_file(const std::string& path);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 
+#include "model/init.h"
 #include "model/transformer.h"
 #include "ops/linear.h"
 #include "util/dtype.h"
@@ -169,7 +170,7 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, int64_t layer)
         "k_norm", Norm(kv_heads * head_dim, "rmsnorm", c.norm_eps, dt));
   }
   if (c.attention_sinks) {
-    sinks = register_parameter("sinks", at::zeros({heads}, at::dtype(dt)));
+    sinks = register_parameter("sinks", at::zeros({heads}, param_options(dt)));
   }
   if (c.attention_scale > 0) {
     scale = c.attention_scale;

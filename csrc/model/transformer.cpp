@@ -1,4 +1,5 @@
 #include "model/transformer.h"
+#include "model/init.h"
 #include "ops/linear.h"
 #include "util/dtype.h"
 
@@ -13,9 +14,10 @@ namespace moeyard {
 
 LinearImpl::LinearImpl(
     int64_t in, int64_t out, bool has_bias, at::ScalarType dt) {
-  weight = register_parameter("weight", at::empty({out, in}, at::dtype(dt)));
+  weight =
+      register_parameter("weight", at::empty({out, in}, param_options(dt)));
   if (has_bias) {
-    bias = register_parameter("bias", at::zeros({out}, at::dtype(dt)));
+    bias = register_parameter("bias", at::zeros({out}, param_options(dt)));
   }
 }
 
@@ -27,9 +29,9 @@ at::Tensor LinearImpl::forward(const at::Tensor& x) const {
 NormImpl::NormImpl(
     int64_t dim, const std::string& kind, double e, at::ScalarType dt)
     : layernorm(kind == "layernorm"), eps(e) {
-  weight = register_parameter("weight", at::ones({dim}, at::dtype(dt)));
+  weight = register_parameter("weight", at::ones({dim}, param_options(dt)));
   if (layernorm) {
-    bias = register_parameter("bias", at::zeros({dim}, at::dtype(dt)));
+    bias = register_parameter("bias", at::zeros({dim}, param_options(dt)));
   }
 }
 
@@ -82,25 +84,26 @@ MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
   // The router is float32 (float64 in a float64 model), whatever the experts.
   const auto router_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
   router = register_module("router", Linear(H, E, m.router_bias, router_dt));
-  w_gate_up =
-      register_parameter("w_gate_up", at::empty({E, 2 * F, H}, at::dtype(dt)));
-  w_down = register_parameter("w_down", at::empty({E, H, F}, at::dtype(dt)));
+  w_gate_up = register_parameter(
+      "w_gate_up", at::empty({E, 2 * F, H}, param_options(dt)));
+  w_down =
+      register_parameter("w_down", at::empty({E, H, F}, param_options(dt)));
   if (m.num_shared_experts > 0) {
     const int64_t Fs =
         m.num_shared_experts * (m.shared_ffn_size > 0 ? m.shared_ffn_size : F);
     shared_gate_up = register_parameter(
-        "shared_gate_up", at::empty({2 * Fs, H}, at::dtype(dt)));
-    shared_down =
-        register_parameter("shared_down", at::empty({H, Fs}, at::dtype(dt)));
+        "shared_gate_up", at::empty({2 * Fs, H}, param_options(dt)));
+    shared_down = register_parameter(
+        "shared_down", at::empty({H, Fs}, param_options(dt)));
     if (m.shared_gate) {
-      shared_gate =
-          register_parameter("shared_gate", at::empty({1, H}, at::dtype(dt)));
+      shared_gate = register_parameter(
+          "shared_gate", at::empty({1, H}, param_options(dt)));
     }
   }
   if (m.expert_bias) {
-    b_gate_up =
-        register_parameter("b_gate_up", at::zeros({E, 2 * F}, at::dtype(dt)));
-    b_down = register_parameter("b_down", at::zeros({E, H}, at::dtype(dt)));
+    b_gate_up = register_parameter(
+        "b_gate_up", at::zeros({E, 2 * F}, param_options(dt)));
+    b_down = register_parameter("b_down", at::zeros({E, H}, param_options(dt)));
   }
   if (m.selection_bias) {
     selection_bias =
@@ -108,7 +111,7 @@ MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
   }
   if (options.noise == "noisy_topk") {
     noise_weight = register_parameter(
-        "noise_weight", at::zeros({E, H}, at::dtype(router_dt)));
+        "noise_weight", at::zeros({E, H}, param_options(router_dt)));
   }
 }
 
@@ -206,25 +209,7 @@ TransformerImpl::TransformerImpl(ModelConfig c)
 }
 
 void TransformerImpl::init_weights(double std) {
-  at::NoGradGuard g;
-  for (auto& p : named_parameters()) {
-    const auto& name = p.key();
-    auto& t = p.value();
-    const bool is_norm = name.find("norm") != std::string::npos;
-    if (is_norm) {
-      name.size() > 5 && name.substr(name.size() - 4) == "bias" ? t.zero_()
-                                                                : t.fill_(1.0);
-    } else if (name.size() > 4 && name.substr(name.size() - 4) == "bias") {
-      t.zero_();
-    } else if (
-        name.find("noise_weight") != std::string::npos ||
-        name.find(".b_gate_up") != std::string::npos ||
-        name.find(".b_down") != std::string::npos) {
-      t.zero_();
-    } else {
-      t.normal_(0.0, std);
-    }
-  }
+  init_parameters(*this, std, init_key_from_default_generator());
 }
 
 namespace {

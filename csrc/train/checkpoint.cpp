@@ -211,34 +211,27 @@ void Trainer::commit(
   log::info("checkpoint saved: " + final_dir.string());
 }
 
-void Trainer::load_unsharded_state(
-    const io::TensorMap& opt_t, const std::string& dir) {
+void Trainer::load_unsharded_state(const io::CheckpointReader& reader) {
+  at::NoGradGuard g;
   size_t i = 0;
   for (auto& group : opt_->param_groups()) {
     for (auto& p : group.params()) {
       const auto& n = names_[i];
-      if (opt_t.count(n + ".exp_avg")) {
-        auto piece = [&](const std::string& key) {
-          auto t = local_piece(n, opt_t.at(key));
-          TORCH_CHECK(
-              t.sizes() == p.sizes(),
-              "checkpoint ",
-              dir,
-              ": optimizer tensor '",
-              key,
-              "' gives this rank shape ",
-              t.sizes(),
-              ", the parameter has ",
-              p.sizes());
+      if (reader.has(n + ".exp_avg")) {
+        const auto want = piece(n);
+        auto read = [&](const std::string& key) {
+          auto t = at::empty_like(p);
+          reader.read(key, t, want);
           return t;
         };
         auto s = std::make_unique<torch::optim::AdamWParamState>();
-        s->exp_avg(piece(n + ".exp_avg").clone());
-        s->exp_avg_sq(piece(n + ".exp_avg_sq").clone());
-        s->step(opt_t.at(n + ".step").item<int64_t>());
+        s->exp_avg(read(n + ".exp_avg"));
+        s->exp_avg_sq(read(n + ".exp_avg_sq"));
+        s->step(reader.read_whole(n + ".step").item<int64_t>());
         opt_->state()[p.unsafeGetTensorImpl()] = std::move(s);
         if (opt_is_master_[i]) {
-          p.detach().copy_(piece(n + ".master"));
+          auto master = p.detach();
+          reader.read(n + ".master", master, want);
         }
       }
       ++i;
@@ -249,11 +242,11 @@ void Trainer::load_unsharded_state(
 int64_t Trainer::load_optimizer_state(const std::string& dir_in) {
   const fs::path dir(dir_in);
   const json manifest = json::parse(std::ifstream(dir / "manifest.json"));
-  const auto opt_t = io::load_checkpoint_tensors(dir, "optimizer");
+  const io::CheckpointReader reader(dir, "optimizer");
   if (cfg_.optim.sharded()) {
-    load_sharded_state(opt_t, dir.string());
+    load_sharded_state(reader);
   } else {
-    load_unsharded_state(opt_t, dir.string());
+    load_unsharded_state(reader);
   }
   const int64_t step = manifest.at("step").get<int64_t>();
   // The random stream of this data-parallel rank continues where it was

@@ -211,7 +211,8 @@ RunResult Trainer::run(const RunOptions& options) {
       save(step);
     }
   }
-  if (!result.interrupted) {
+  // A run resumed at its last step has nothing new to save.
+  if (!result.interrupted && step > progress.first_step) {
     save(step);
   }
   result.steps_done = step;

@@ -29,11 +29,13 @@
 #include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
 #include "io/token_shard.h"
+#include "model/init.h"
 #include "model/transformer.h"
 #include "parallel/layout.h"
 #include "parallel/process_group.h"
 #include "train/routing_metrics.h"
 #include "util/log.h"
+#include "util/memory.h"
 
 #include "train/run_dir.h"
 #include "train/trainer.h"
@@ -97,7 +99,9 @@ struct ShardBucket {
 
 class Trainer {
  public:
-  Trainer(const TrainConfig& c) : cfg_(c), model_(c.model) {
+  // The model is built with shapes only (meta): start() gives this rank's
+  // pieces memory.
+  Trainer(const TrainConfig& c) : cfg_(c), model_(shapes_only(c.model)) {
     if (cfg_.train.threads > 0) {
       at::set_num_threads(cfg_.train.threads);
     }
@@ -112,7 +116,6 @@ class Trainer {
     }
     setup_parallel(); // a multi-process GPU run: device_ becomes
                       // cuda:LOCAL_RANK
-    model_->to(device_);
     train_ = std::make_unique<io::TokenShard>(cfg_.data.train);
     check_shard(*train_, "data.train");
     if (!cfg_.data.valid.empty()) {
@@ -128,6 +131,10 @@ class Trainer {
   RunResult run(const RunOptions& options);
 
  private:
+  static Transformer shapes_only(const ModelConfig& m) {
+    ParamDeviceGuard meta(c10::kMeta);
+    return Transformer(m);
+  }
   // What one optimizer step did, for the metrics and the loop.
   struct StepOutcome {
     double loss = 0, ce = 0, aux = 0, grad_norm = 0, lr = 0;
@@ -205,14 +212,15 @@ class Trainer {
   // and back.
   void save_optimizer_state(
       io::TensorMap& t, std::map<std::string, std::string>& meta) const;
-  void load_unsharded_state(const io::TensorMap& t, const std::string& dir);
+  void load_unsharded_state(const io::CheckpointReader& reader);
   // This rank's optimizer state in a checkpoint: each parameter's part
   // of the shard under the parameter's name (flat pieces, any layout
   // loads them).
   void save_sharded_state(
       io::TensorMap& t, std::map<std::string, std::string>& meta) const;
-  // The shards from a checkpoint's full optimizer tensors.
-  void load_sharded_state(const io::TensorMap& t, const std::string& dir);
+  // The shards from a checkpoint's optimizer files (one parameter's piece
+  // at a time).
+  void load_sharded_state(const io::CheckpointReader& reader);
 
   // Clipping to optim.grad_clip, AdamW, fp32 masters back into the model.
   void optimizer_step(const std::vector<at::Tensor>& params, double grad_norm);
@@ -222,6 +230,14 @@ class Trainer {
   // Chooses the checkpoint to start from (or none), checks that it fits
   // this config and data, loads the model and optimizer; the first step.
   int64_t start(const RunOptions& options);
+  // The model's weights on this rank: from the checkpoint `from` (reading
+  // only this rank's pieces), else init_from's Hugging Face checkpoint,
+  // else the init (train.seed); this rank's pieces only, on device_.
+  void load_weights(const fs::path& from);
+  // What this rank holds after loading, and its resident memory.
+  void log_memory() const;
+  // Where parameter `name` of this rank sits in the full tensor.
+  parallel::Piece piece(const std::string& name) const;
   // Errors naming every field that defines the model or routing and
   // differs from the checkpoint's; the data fingerprint likewise.
   void check_resume_compatible(const json& manifest, const fs::path& from);
@@ -296,8 +312,6 @@ class Trainer {
   // Averages the gradients of params_ over the data-parallel ranks (expert
   // slices over the expert-data-parallel ranks), in float32 buffers.
   void all_reduce_grads();
-  // This rank's piece of a full tensor read from a checkpoint.
-  at::Tensor local_piece(const std::string& name, const at::Tensor& t) const;
   int64_t load_optimizer_state(const std::string& dir);
   void build_optimizer();
   at::Tensor batch(

@@ -61,38 +61,6 @@ void Trainer::setup_parallel() {
       gpu ? ", NCCL" : ""));
 }
 
-at::Tensor Trainer::local_piece(
-    const std::string& name, const at::Tensor& t) const {
-  switch (placement(name)) {
-    case parallel::Placement::kTensorParallel: {
-      const auto split = model_->tp_split(name);
-      TORCH_CHECK(
-          split.dim < t.dim() &&
-              t.size(split.dim) % (split.parts * layout_.tp) == 0,
-          "checkpoint: tensor '",
-          name,
-          "' of shape ",
-          t.sizes(),
-          " does not split over tensor_parallel ",
-          layout_.tp,
-          " along dim ",
-          split.dim);
-      return parallel::tp_slice(t, split, layout_.tp_rank, layout_.tp);
-    }
-    case parallel::Placement::kExpert: {
-      if (t.dim() == 0) {
-        return t;
-      }
-      const int64_t El = parallel::experts_per_rank(
-          t.size(0), layout_.ep, "checkpoint: expert tensor '" + name + "'");
-      return t.narrow(0, layout_.first_expert(t.size(0)), El);
-    }
-    case parallel::Placement::kReplicated:
-      break;
-  }
-  return t;
-}
-
 double Trainer::dp_mean(double v) const {
   if (!distributed() || layout_.dp == 1) {
     return v;

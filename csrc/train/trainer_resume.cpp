@@ -37,8 +37,8 @@ int64_t Trainer::start(const RunOptions& options) {
   if (!cfg_.data.valid.empty()) {
     data_fingerprint_["valid"] = run_dir::data_fingerprint(cfg_.data.valid);
   }
-  // The full model first (a checkpoint of any layout, or a fresh init),
-  // then this rank's pieces, then the optimizer over what it holds.
+  // Where the weights come from: a checkpoint of any layout, a Hugging
+  // Face checkpoint or a fresh init (load_weights, after the checks).
   int64_t step = 0;
   json manifest;
   if (!begin.from.empty()) {
@@ -51,7 +51,6 @@ int64_t Trainer::start(const RunOptions& options) {
     for (const auto& l : st.value("recent_losses", json::array())) {
       recent_losses_.push_back(l.get<double>());
     }
-    io::load_model_tensors(*model_, begin.from);
   } else {
     run_id_ = [] {
       std::random_device rd;
@@ -64,13 +63,6 @@ int64_t Trainer::start(const RunOptions& options) {
           static_cast<unsigned>(rd()));
       return std::string(buf);
     }();
-    at::manual_seed(cfg_.train.seed);
-    if (cfg_.init_from.empty()) {
-      model_->init_weights();
-    } else {
-      io::load_hf_weights(*model_, cfg_.hf_config, cfg_.init_from);
-      log::info("initialized from " + cfg_.init_from);
-    }
   }
   // Checkpoints newer than the start belong to another run, or to the
   // future of an older step: never mixed with this run's silently.
@@ -101,7 +93,7 @@ int64_t Trainer::start(const RunOptions& options) {
       "replace them (they are deleted when this run commits its first "
       "checkpoint)");
   discard_others_ = overwrite && !newer.empty();
-  model_->shard(layout_);
+  load_weights(begin.from);
   build_optimizer();
   if (!begin.from.empty()) {
     load_optimizer_state(begin.from.string());
@@ -110,6 +102,7 @@ int64_t Trainer::start(const RunOptions& options) {
   } else {
     seed_stream(0);
   }
+  log_memory();
   if (distributed()) { // every rank resumed the same step
     save_barrier(); // loading may take the ranks unequal times
     auto t = at::tensor({double(step), -double(step)}, at::kDouble);
@@ -133,6 +126,67 @@ int64_t Trainer::start(const RunOptions& options) {
     truncate_metrics(step);
   }
   return step;
+}
+
+void Trainer::load_weights(const fs::path& from) {
+  if (from.empty() && !cfg_.init_from.empty()) {
+    // A Hugging Face checkpoint is read whole on the host, then cut.
+    materialize(*model_, c10::kCPU);
+    io::load_hf_weights(*model_, cfg_.hf_config, cfg_.init_from);
+    log::info("initialized from " + cfg_.init_from);
+    model_->shard(layout_);
+    model_->to(device_);
+    return;
+  }
+  // The model was built with shapes only: cut them to this rank's pieces,
+  // give those memory on the device, fill them from the checkpoint's
+  // overlapping rows or with the init's values at their positions.
+  model_->shard(layout_);
+  materialize(*model_, device_);
+  model_->to(device_);
+  const auto piece_of = [this](const std::string& n) { return piece(n); };
+  if (!from.empty()) {
+    io::load_model_tensors(*model_, from, piece_of);
+  } else {
+    at::manual_seed(cfg_.train.seed);
+    init_parameters(*model_, 0.02, init_key_from_default_generator(), piece_of);
+  }
+}
+
+void Trainer::log_memory() const {
+  int64_t params = 0, state = 0;
+  for (const auto& p : model_->parameters()) {
+    params += p.nbytes();
+  }
+  for (const auto& m : masters_) {
+    state += m.defined() ? m.nbytes() : 0;
+  }
+  for (const auto& b : buckets_) {
+    state += b.master.nbytes();
+  }
+  for (const auto& [key, s] : opt_->state()) {
+    const auto& a = static_cast<const torch::optim::AdamWParamState&>(*s);
+    state += a.exp_avg().nbytes() + a.exp_avg_sq().nbytes();
+  }
+  log::info(log::format(
+      "memory: this rank holds %.1f MB of parameters and %.1f MB of "
+      "optimizer state; resident %.1f MB, peak %.1f MB",
+      params / 1e6,
+      state / 1e6,
+      util::rss_bytes() / 1e6,
+      util::peak_rss_bytes() / 1e6));
+}
+
+parallel::Piece Trainer::piece(const std::string& name) const {
+  switch (placement(name)) {
+    case parallel::Placement::kTensorParallel:
+      return {model_->tp_split(name), layout_.tp_rank, layout_.tp};
+    case parallel::Placement::kExpert:
+      return {{0, 1}, layout_.ep_rank, layout_.ep};
+    case parallel::Placement::kReplicated:
+      break;
+  }
+  return {};
 }
 
 void Trainer::check_resume_compatible(

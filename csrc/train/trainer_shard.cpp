@@ -264,45 +264,36 @@ void Trainer::save_sharded_state(
   }
 }
 
-void Trainer::load_sharded_state(
-    const io::TensorMap& t, const std::string& dir) {
+void Trainer::load_sharded_state(const io::CheckpointReader& reader) {
   at::NoGradGuard g;
   for (auto& b : buckets_) {
     auto s = std::make_unique<torch::optim::AdamWParamState>();
     s->exp_avg(at::zeros_like(b.master));
     s->exp_avg_sq(at::zeros_like(b.master));
     int64_t step = -1;
-    bool any = false;
     b.for_each_overlap([&](size_t m, int64_t at_m, int64_t at_s, int64_t len) {
       const auto& n = param_names_[b.members[m]];
-      if (!t.count(n + ".exp_avg")) {
+      if (!reader.has(n + ".exp_avg")) {
         return; // not in the optimizer when saved: fresh state
       }
+      // This rank's piece of the parameter (one at a time), then the
+      // shard's part of it.
+      auto piece_buf =
+          at::empty(params_[b.members[m]].sizes(), b.master.options());
       auto part = [&](const std::string& key) {
-        auto whole = local_piece(n, t.at(key));
-        TORCH_CHECK(
-            whole.numel() == params_[b.members[m]].numel(),
-            "checkpoint ",
-            dir,
-            ": optimizer tensor '",
-            key,
-            "' gives this rank ",
-            whole.numel(),
-            " elements, the parameter has ",
-            params_[b.members[m]].numel());
-        return whole.reshape(-1).narrow(0, at_m, len);
+        reader.read(key, piece_buf, piece(n));
+        return piece_buf.view(-1).narrow(0, at_m, len);
       };
       s->exp_avg().narrow(0, at_s, len).copy_(part(n + ".exp_avg"));
       s->exp_avg_sq().narrow(0, at_s, len).copy_(part(n + ".exp_avg_sq"));
-      if (t.count(n + ".master")) {
+      if (reader.has(n + ".master")) {
         b.master.detach().narrow(0, at_s, len).copy_(part(n + ".master"));
       }
-      const int64_t st = t.at(n + ".step").item<int64_t>();
+      const int64_t st = reader.read_whole(n + ".step").item<int64_t>();
       TORCH_CHECK(
           step < 0 || st == step,
-          "checkpoint ",
-          dir,
-          ": parameters of one optimizer bucket have different step counts (",
+          "checkpoint: parameters of one optimizer bucket have different step "
+          "counts (",
           step,
           " and ",
           st,
@@ -310,9 +301,8 @@ void Trainer::load_sharded_state(
           n,
           "'); the sharded optimizer keeps one count per bucket");
       step = st;
-      any = true;
     });
-    if (any) {
+    if (step >= 0) {
       s->step(step);
       opt_->state()[b.master.unsafeGetTensorImpl()] = std::move(s);
     }

@@ -1,0 +1,304 @@
+// The memory planner (plan.h): per rank, from the config and the model's
+// shapes (built on the meta device), following the layout's placement,
+// the optimizer's sharding and the recompute modes.
+
+#include "train/plan.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <sstream>
+
+#include "model/init.h"
+#include "model/transformer.h"
+#include "parallel/layout.h"
+#include "util/dtype.h"
+#include "util/log.h"
+
+namespace moeyard::train {
+
+namespace {
+
+bool contains(const std::string& s, const char* part) {
+  return s.find(part) != std::string::npos;
+}
+
+// How parameter `name` is spread (as the trainer places it).
+parallel::Placement placement_of(
+    const TransformerImpl& m, const parallel::Layout& l, const std::string& n) {
+  if (l.tp > 1 && m.tp_split(n).sharded()) {
+    return parallel::Placement::kTensorParallel;
+  }
+  if (l.ep > 1 && is_expert_parameter(n)) {
+    return parallel::Placement::kExpert;
+  }
+  return parallel::Placement::kReplicated;
+}
+
+// Ring collectives: bytes each member sends.
+int64_t ring_all_reduce(int64_t bytes, int64_t n) {
+  return n > 1 ? 2 * bytes * (n - 1) / n : 0;
+}
+int64_t ring_half(int64_t bytes, int64_t n) { // reduce-scatter, all-gather
+  return n > 1 ? bytes * (n - 1) / n : 0;
+}
+
+// Tensors saved for backward by one block's two parts, per token (bytes).
+struct BlockActivations {
+  int64_t attention = 0, ffn = 0, input = 0; // input: the block's input
+};
+
+BlockActivations block_activations(
+    const TransformerImpl& model,
+    const parallel::Layout& layout,
+    int64_t index,
+    int64_t B,
+    int64_t S) {
+  const auto& c = model.config;
+  const int64_t b = at::elementSize(parse_dtype(c.dtype));
+  const int64_t H = c.hidden_size, T = B * S;
+  BlockActivations a;
+  a.input = T * H * b;
+  // Attention: its input and normed input, each projection's output (q and
+  // k twice: before and after rotary), the attention output, the norm's
+  // float32 rsqrt and SDPA's logsumexp.
+  int64_t widths = 0, q_k = 0, out = 0;
+  const std::string prefix = "layers." + std::to_string(index) + ".attn.";
+  for (const auto& p : model.named_parameters()) {
+    const auto& n = p.key();
+    if (n.rfind(prefix, 0) != 0 || !contains(n, "proj.weight")) {
+      continue;
+    }
+    const int64_t div =
+        placement_of(model, layout, n) == parallel::Placement::kTensorParallel
+            ? layout.tp
+            : 1;
+    if (contains(n, ".o_proj.")) {
+      out = p.value().size(1) / div;
+      continue;
+    }
+    widths += p.value().size(0) / div;
+    if (contains(n, ".q_proj.") || contains(n, ".q_b_proj.") ||
+        contains(n, ".k_proj.")) {
+      q_k += p.value().size(0) / div;
+    }
+  }
+  if (c.qk_norm != "none") {
+    q_k *= 2;
+  }
+  const int64_t heads = c.num_heads / layout.tp;
+  a.attention =
+      T * (2 * H + widths + q_k + out) * b + T * 4 + B * heads * S * 4;
+  // Feed-forward: input and normed input, then the MoE's float32 router
+  // (input, logits, probabilities, scores) and per routed row its input,
+  // gate_up output, activation and output; or the dense MLP's outputs.
+  a.ffn = 2 * T * H * b + T * 4;
+  if (c.is_moe_layer(index)) {
+    const int64_t E = c.moe.num_experts, k = c.moe.routing.top_k;
+    const int64_t F = c.moe.ffn_size > 0 ? c.moe.ffn_size : c.ffn_size;
+    a.ffn += T * (H + 3 * E) * 4 + T * k * (2 * H + 3 * F) * b;
+    if (c.moe.num_shared_experts > 0) {
+      const int64_t Fs =
+          c.moe.num_shared_experts *
+          (c.moe.shared_ffn_size > 0 ? c.moe.shared_ffn_size : F);
+      a.ffn += T * (3 * Fs + H) * b;
+    }
+  } else {
+    const int64_t F =
+        (c.moe.num_experts > 0 && c.dense_ffn_size > 0 ? c.dense_ffn_size
+                                                       : c.ffn_size) /
+        layout.tp;
+    a.ffn += T * (c.mlp == "swiglu" ? 3 * F : 2 * F) * b;
+  }
+  return a;
+}
+
+} // namespace
+
+int64_t RankPlan::step_peak(const std::string& recompute) const {
+  const auto it = activations.find(recompute);
+  return params + grads + optimizer + grad_buffer + logits +
+         (it == activations.end() ? 0 : it->second);
+}
+
+Plan make_plan(const TrainConfig& cfg, int64_t world) {
+  auto sizes = cfg.layout_sizes();
+  parallel::check_layout_sizes(sizes);
+  Transformer model = [&] {
+    ParamDeviceGuard meta(c10::kMeta);
+    return Transformer(cfg.model);
+  }();
+  const auto& c = model->config;
+  const int64_t B = cfg.train.micro_batch, S = cfg.data.seq_len;
+  Plan plan;
+  plan.world = world;
+  std::map<std::string, RankPlan> by_figures; // equal ranks together
+  std::vector<std::string> order;
+  for (int64_t r = 0; r < world; ++r) {
+    const auto l = parallel::Layout::build(sizes, world, r);
+    if (r == 0) {
+      plan.layout = log::format(
+          "TP%ld x EP%ld x EDP%ld (DP %ld)", l.tp, l.ep, l.edp, l.dp);
+    }
+    RankPlan rp;
+    int64_t dense_grad = 0, expert_grad = 0, dense_fp32 = 0, expert_fp32 = 0,
+            largest = 0;
+    for (const auto& p : model->named_parameters()) {
+      const auto& n = p.key();
+      const auto where = placement_of(*model, l, n);
+      const int64_t numel =
+          p.value().numel() / (where == parallel::Placement::kTensorParallel
+                                   ? l.tp
+                               : where == parallel::Placement::kExpert ? l.ep
+                                                                       : 1);
+      const int64_t b = p.value().element_size();
+      rp.params += numel * b;
+      largest = std::max(largest, numel * 4);
+      if (r == 0) {
+        plan.total_params += p.value().numel();
+      }
+      const bool frozen = std::any_of(
+          cfg.optim.freeze.begin(),
+          cfg.optim.freeze.end(),
+          [&](const std::string& pat) { return contains(n, pat.c_str()); });
+      if (frozen) {
+        continue;
+      }
+      if (r == 0) {
+        plan.trainable_params += p.value().numel();
+      }
+      rp.grads += numel * b;
+      const bool expert = where == parallel::Placement::kExpert;
+      (expert ? expert_grad : dense_grad) += numel * b;
+      (expert ? expert_fp32 : dense_fp32) += numel;
+      const int64_t ranks = !cfg.optim.sharded() ? 1 : expert ? l.edp : l.dp;
+      const int64_t master = cfg.optim.sharded() || b != 4 ? 4 : 0;
+      rp.optimizer += (numel + ranks - 1) / ranks * (8 + master);
+    }
+    // Gradient reduction: one float32 buffer per kind (dense, expert),
+    // reduced over dp and edp; the sharded optimizer gathers parameters.
+    const bool multi = world > 1;
+    if (multi || cfg.optim.sharded()) {
+      rp.grad_buffer =
+          4 * std::max(dense_fp32, expert_fp32) * (cfg.optim.sharded() ? 1 : 2);
+    }
+    if (cfg.optim.shard == "optimizer+grads") {
+      rp.sent_grad_reduce =
+          ring_half(4 * dense_fp32, l.dp) + ring_half(4 * expert_fp32, l.edp);
+    } else {
+      rp.sent_grad_reduce = ring_all_reduce(4 * dense_fp32, l.dp) +
+                            ring_all_reduce(4 * expert_fp32, l.edp);
+    }
+    if (cfg.optim.sharded()) {
+      rp.sent_param_gather =
+          ring_half(dense_grad, l.dp) + ring_half(expert_grad, l.edp);
+    }
+    // Activations per micro-batch by recompute mode; the loss's logits.
+    const int64_t b = at::elementSize(parse_dtype(c.dtype));
+    int64_t none = 0, full = 0, attn = 0, ffn = 0, widest = 0;
+    int64_t moe_layers = 0;
+    for (int64_t i = 0; i < c.num_layers; ++i) {
+      const auto a = block_activations(*model, l, i, B, S);
+      none += a.attention + a.ffn;
+      full += a.input;
+      attn += a.input + a.ffn;
+      ffn += a.attention + a.input;
+      widest = std::max(widest, a.attention + a.ffn);
+      moe_layers += c.is_moe_layer(i) ? 1 : 0;
+    }
+    // A recomputed block's activations exist again during its backward.
+    rp.activations = {
+        {"none", none},
+        {"full", full + widest},
+        {"attention", attn + widest},
+        {"moe", ffn + widest}};
+    const int64_t V = c.vocab_size / l.tp, T = B * S;
+    rp.logits = T * V * (b + 4 + 4);
+    // Expert dispatch: each routed row's hidden state to its expert's rank
+    // and back, forward and backward, per micro-batch.
+    const int64_t rows = T * c.moe.routing.top_k;
+    rp.sent_all_to_all = l.ep > 1
+                             ? 4 * ring_half(rows * c.hidden_size * b, l.ep) *
+                                   moe_layers * cfg.train.grad_accum
+                             : 0;
+    // Tensor parallelism: attention and feed-forward outputs forward, their
+    // input gradients backward, per layer and micro-batch.
+    rp.sent_tp = ring_all_reduce(T * c.hidden_size * b, l.tp) * 4 *
+                 c.num_layers * cfg.train.grad_accum;
+    // Loading a checkpoint: the pieces, the optimizer state, one
+    // parameter's float32 piece in flight; from a Hugging Face checkpoint
+    // the whole model is built and read on the host before it is cut.
+    rp.load_peak = rp.params + rp.optimizer + largest;
+    int64_t whole = 0;
+    for (const auto& p : model->named_parameters()) {
+      whole += p.value().numel() * p.value().element_size();
+    }
+    rp.hf_load_peak = 2 * whole + rp.params;
+    std::ostringstream key;
+    key << rp.params << "/" << rp.optimizer << "/" << rp.activations["none"]
+        << "/" << rp.sent_all_to_all << "/" << rp.sent_tp;
+    if (!by_figures.count(key.str())) {
+      order.push_back(key.str());
+      by_figures[key.str()] = rp;
+    }
+    by_figures[key.str()].ranks.push_back(r);
+  }
+  for (const auto& k : order) {
+    plan.ranks.push_back(by_figures[k]);
+  }
+  return plan;
+}
+
+namespace {
+
+std::string gb(int64_t bytes) {
+  return log::format("%.3f GB", bytes / 1e9);
+}
+
+std::string rank_list(const std::vector<int64_t>& r) {
+  if (r.size() == 1) {
+    return std::to_string(r[0]);
+  }
+  std::ostringstream s;
+  s << r.size() << " ranks (" << r.front();
+  for (size_t i = 1; i < std::min<size_t>(r.size(), 4); ++i) {
+    s << ", " << r[i];
+  }
+  s << (r.size() > 4 ? ", ...)" : ")");
+  return s.str();
+}
+
+} // namespace
+
+std::string format_plan(const Plan& plan, const TrainConfig& cfg) {
+  std::ostringstream o;
+  o << "plan: " << plan.world << " processes, " << plan.layout << "; "
+    << plan.total_params << " parameters (" << plan.trainable_params
+    << " trainable), optim.shard " << cfg.optim.shard << ", micro-batch "
+    << cfg.train.micro_batch << " x " << cfg.data.seq_len << " tokens\n";
+  for (const auto& r : plan.ranks) {
+    o << "\nrank " << rank_list(r.ranks) << ":\n";
+    o << "  parameters             " << gb(r.params) << "\n";
+    o << "  gradients              " << gb(r.grads) << "\n";
+    o << "  optimizer state        " << gb(r.optimizer) << "\n";
+    o << "  reduction buffer       " << gb(r.grad_buffer) << "\n";
+    o << "  logits (loss)          " << gb(r.logits) << "\n";
+    for (const char* mode : {"none", "attention", "moe", "full"}) {
+      o << "  activations (" << mode << ")"
+        << std::string(10 - std::string(mode).size(), ' ')
+        << gb(r.activations.at(mode)) << "   step peak "
+        << gb(r.step_peak(mode)) << "\n";
+    }
+    o << "  load peak (resume)     " << gb(r.load_peak) << "\n";
+    o << "  load peak (init_from)  " << gb(r.hf_load_peak) << "\n";
+    o << "  sent per step: all-to-all " << gb(r.sent_all_to_all)
+      << ", gradient reduction " << gb(r.sent_grad_reduce)
+      << ", parameter all-gather " << gb(r.sent_param_gather)
+      << ", tensor-parallel " << gb(r.sent_tp) << "\n";
+  }
+  o << "\n(host memory of the process itself, the allocator's slack and "
+       "the data loader come on top)\n";
+  return o.str();
+}
+
+} // namespace moeyard::train
