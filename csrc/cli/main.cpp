@@ -106,6 +106,8 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   plan->add_option(
       "--set", plan_overrides, "override a key, as for train (repeatable)");
+  bool plan_as_json = false;
+  plan->add_flag("--json", plan_as_json, "print JSON (bytes) instead");
   auto* dist = app.add_subcommand(
       "dist-check",
       "check a multi-process launch (torchrun or srun): rendezvous, "
@@ -326,8 +328,10 @@ int main(int argc, char** argv) {
     } else if (*plan) {
       const auto cfg =
           moeyard::train::TrainConfig::load(plan_config, plan_overrides);
-      std::cout << moeyard::train::format_plan(
-          moeyard::train::make_plan(cfg, plan_world), cfg);
+      const auto p = moeyard::train::make_plan(cfg, plan_world);
+      std::cout
+          << (plan_as_json ? moeyard::train::plan_json(p)
+                           : moeyard::train::format_plan(p, cfg));
     } else if (*train) {
       auto cfg = moeyard::train::TrainConfig::load(config, overrides);
       // A requested stop (SIGTERM/SIGINT) returns after every rank saved

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "model/init.h"
@@ -299,6 +300,35 @@ std::string format_plan(const Plan& plan, const TrainConfig& cfg) {
   o << "\n(host memory of the process itself, the allocator's slack and "
        "the data loader come on top)\n";
   return o.str();
+}
+
+std::string plan_json(const Plan& plan) {
+  nlohmann::json ranks = nlohmann::json::array();
+  for (const auto& r : plan.ranks) {
+    ranks.push_back(
+        {{"ranks", r.ranks},
+         {"params", r.params},
+         {"grads", r.grads},
+         {"optimizer", r.optimizer},
+         {"grad_buffer", r.grad_buffer},
+         {"logits", r.logits},
+         {"activations", r.activations},
+         {"step_peak", r.step_peak("none")},
+         {"load_peak", r.load_peak},
+         {"hf_load_peak", r.hf_load_peak},
+         {"sent_all_to_all", r.sent_all_to_all},
+         {"sent_grad_reduce", r.sent_grad_reduce},
+         {"sent_param_gather", r.sent_param_gather},
+         {"sent_tp", r.sent_tp}});
+  }
+  return nlohmann::json{
+             {"world", plan.world},
+             {"layout", plan.layout},
+             {"total_params", plan.total_params},
+             {"trainable_params", plan.trainable_params},
+             {"ranks", ranks}}
+             .dump(1) +
+         "\n";
 }
 
 } // namespace moeyard::train

@@ -50,5 +50,7 @@ Plan make_plan(const TrainConfig& cfg, int64_t world);
 
 // A table per rank group, for the terminal.
 std::string format_plan(const Plan& plan, const TrainConfig& cfg);
+// The same as JSON (bytes; step_peak in the configured recompute mode).
+std::string plan_json(const Plan& plan);
 
 } // namespace moeyard::train
