@@ -276,6 +276,9 @@ void CheckpointReader::read(
         (want.whole() ? "" : " (this rank's piece)"));
     written += parallel::copy_overlap(dst, want, src, have, n);
   }
+  for (const auto& s : it->second) {
+    s.file->release(name); // read: out of this process's resident memory
+  }
   TORCH_CHECK(
       written == dst.numel(),
       "checkpoint ",

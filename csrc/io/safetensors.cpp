@@ -4,6 +4,7 @@
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 #include <openssl/evp.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -189,6 +190,23 @@ at::Tensor SafetensorsFile::view(const std::string& name) const {
       impl_->file.data() + impl_->header.data_start + t.begin);
   return at::from_blob(
       data, t.shape, [keep](void*) {}, dtype);
+}
+
+void SafetensorsFile::release(const std::string& name) const {
+  const auto it = impl_->index.find(name);
+  if (it == impl_->index.end()) {
+    return;
+  }
+  const auto& t = impl_->header.tensors[it->second];
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto base = reinterpret_cast<uintptr_t>(impl_->file.data());
+  const uintptr_t lo = base + impl_->header.data_start + t.begin;
+  const uintptr_t hi = base + impl_->header.data_start + t.end;
+  // Whole pages inside the tensor's bytes only (neighbours may be in use).
+  const uintptr_t a = (lo + page - 1) / page * page, b = hi / page * page;
+  if (a < b) {
+    ::madvise(reinterpret_cast<void*>(a), b - a, MADV_DONTNEED);
+  }
 }
 
 std::string sha256_file(const std::string& path) {

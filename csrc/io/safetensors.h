@@ -47,6 +47,9 @@ class SafetensorsFile {
   bool has(const std::string& name) const;
   // The tensor `name` over the mapped bytes. Read-only: never write to it.
   at::Tensor view(const std::string& name) const;
+  // Drops the pages of `name` from this process's resident memory once read
+  // (they stay in the page cache; a later view reads them again).
+  void release(const std::string& name) const;
 
  private:
   struct Impl;
