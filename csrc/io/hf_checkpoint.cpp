@@ -14,6 +14,7 @@
 
 #include "io/hf/family.h"
 #include "io/hf_files.h"
+#include "io/hf_quantization.h"
 #include "util/dtype.h"
 
 namespace moeyard::io {
@@ -222,7 +223,9 @@ void load_hf_weights(
   const auto file = (fs::path(dir) / "config.json").string();
   const HfFamily& fam = hf::family_of(
       hf::JsonReader{hf, file}.need<std::string>("model_type"), file);
-  HfTensors t(dir);
+  // Quantized tensors are dequantized one by one into the model's dtype.
+  HfTensors t(
+      dir, read_hf_quantization(hf, file), parse_dtype(model.config.dtype));
   at::NoGradGuard no_grad;
   auto place = [&](int64_t layer) {
     return Place{layer, layer >= 0 ? moe_block_in_files(t, fam, layer) : ""};
@@ -250,10 +253,12 @@ void load_hf_weights(
   t.check_all_used(unused_layers(fam, hf, file, model.config.num_layers));
 }
 
-Transformer load_hf_model(const std::string& dir) {
+Transformer load_hf_model(const std::string& dir, const std::string& dtype) {
   const auto hf = read_hf_config(dir);
-  Transformer model(
-      hf_model_config(hf, (fs::path(dir) / "config.json").string()));
+  ModelConfig c = hf_model_config(hf, (fs::path(dir) / "config.json").string());
+  c.dtype = dtype;
+  c.validate();
+  Transformer model(c);
   load_hf_weights(*model, hf, dir);
   return model;
 }

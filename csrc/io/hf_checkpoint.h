@@ -9,7 +9,9 @@
 // config class, as transformers loads the same file. Weights are read in
 // either on-disk expert layout (per-expert 2-D tensors or fused 3-D tensors)
 // and every tensor of the file must be used: missing, extra and misshapen
-// tensors are errors naming the file and the tensor.
+// tensors are errors naming the file and the tensor. Quantized releases
+// (config.json's quantization_config: block-scaled FP8, MXFP4) are
+// dequantized tensor by tensor into the model's dtype (hf_quantization.h).
 //
 // Export writes the family's own layout (per-expert 2-D tensors, the names
 // transformers' save_pretrained writes) and a config.json that transformers
@@ -46,8 +48,10 @@ void load_hf_weights(
     const nlohmann::json& hf_config,
     const std::string& dir);
 
-// A float32 model built and loaded from an HF checkpoint directory.
-Transformer load_hf_model(const std::string& dir);
+// A model built and loaded from an HF checkpoint directory, in `dtype` (a
+// model.dtype name).
+Transformer load_hf_model(
+    const std::string& dir, const std::string& dtype = "float32");
 
 // config.json of `model` for `family` (a model_type). `base` (may be null) is
 // the original config.json, whose other keys (token ids, ...) are kept.

@@ -9,6 +9,7 @@
 
 #include "io/hf/family.h"
 #include "io/hf_checkpoint.h"
+#include "io/hf_quantization.h"
 
 namespace moeyard::io {
 namespace fs = std::filesystem;
@@ -234,6 +235,7 @@ ModelConfig hf_model_config(const json& file_json, const std::string& file) {
   fam.read(r, c);
   read_layer_types(r, c);
   read_aux_coefficient(r, c);
+  read_hf_quantization(file_json, file); // its errors before any weight
   c.validate();
   return c;
 }

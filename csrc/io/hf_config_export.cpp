@@ -146,6 +146,7 @@ json hf_config_of(
   j["num_experts_per_tok"] = r.top_k;
   j["dtype"] = c.dtype;
   j.erase("torch_dtype");
+  j.erase("quantization_config"); // weights are written unquantized
   j.erase("rope_scaling");
   j.erase("rope_theta");
   j["rope_parameters"] = rope_parameters(c);

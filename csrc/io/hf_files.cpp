@@ -1,5 +1,5 @@
 // Reading and writing the safetensors files of a Hugging Face checkpoint
-// directory.
+// directory; quantized tensors are dequantized as they are taken.
 
 #include "io/hf_files.h"
 
@@ -9,13 +9,16 @@
 
 #include <filesystem>
 #include <fstream>
+#include <utility>
 #include <vector>
 
 namespace moeyard::io {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-HfTensors::HfTensors(const std::string& dir) : dir_(dir) {
+HfTensors::HfTensors(
+    const std::string& dir, HfQuantization quant, at::ScalarType dtype)
+    : dir_(dir), quant_(std::move(quant)), dtype_(dtype) {
   const fs::path index = fs::path(dir) / "model.safetensors.index.json";
   const fs::path single = fs::path(dir) / "model.safetensors";
   if (fs::exists(index)) {
@@ -80,19 +83,118 @@ void HfTensors::add_index(const std::string& path) {
 }
 
 at::Tensor HfTensors::take(const std::string& name, at::IntArrayRef shape) {
-  const auto it = tensors_.find(name);
-  TORCH_CHECK(it != tensors_.end(), dir_, ": tensor '", name, "' is missing");
+  const bool stored = tensors_.count(name) > 0;
   TORCH_CHECK(
-      shape.empty() || it->second.sizes() == shape,
-      origin_.at(name),
+      stored || tensors_.count(name + "_blocks"),
+      dir_,
+      ": tensor '",
+      name,
+      "' is missing");
+  at::Tensor t = stored ? take_stored(name) : take_mxfp4(name);
+  TORCH_CHECK(
+      shape.empty() || t.sizes() == shape,
+      origin_.at(stored ? name : name + "_blocks"),
       ": tensor '",
       name,
       "' has shape ",
-      it->second.sizes(),
+      t.sizes(),
       ", expected ",
       shape);
   used_.insert(name);
-  return it->second;
+  return t;
+}
+
+// A stored tensor; float8_e4m3fn ones dequantized with their scale.
+at::Tensor HfTensors::take_stored(const std::string& name) {
+  const at::Tensor& w = tensors_.at(name);
+  const std::string scale = name + "_scale_inv";
+  const std::string& file = origin_.at(name);
+  if (w.scalar_type() != at::kFloat8_e4m3fn) {
+    TORCH_CHECK(
+        !tensors_.count(scale),
+        origin_.at(scale),
+        ": tensor '",
+        scale,
+        "' scales '",
+        name,
+        "', which is ",
+        w.scalar_type(),
+        " (expected float8_e4m3fn)");
+    return w;
+  }
+  TORCH_CHECK(
+      quant_.method == "fp8",
+      file,
+      ": tensor '",
+      name,
+      "' is float8_e4m3fn, but ",
+      dir_,
+      "/config.json has ",
+      quant_.method.empty()
+          ? std::string("no quantization_config")
+          : "quantization_config.quant_method '" + quant_.method + "'",
+      " (expected quant_method 'fp8')");
+  TORCH_CHECK(
+      tensors_.count(scale),
+      file,
+      ": tensor '",
+      name,
+      "' is float8_e4m3fn without its scale '",
+      scale,
+      "'");
+  used_.insert(scale);
+  return dequantize_fp8_blocks(
+      w,
+      tensors_.at(scale),
+      quant_.block,
+      dtype_,
+      file + ": tensor '" + name + "' (scale '" + scale + "' in " +
+          origin_.at(scale) + ")");
+}
+
+// <name>_blocks and <name>_scales dequantized: [..., rows, G * 32], then
+// the last two dimensions swapped (transformers' convert_moe_packed_tensors:
+// the blocks are stored [E, out, in / 32, 16], the weight is [E, in, out]).
+at::Tensor HfTensors::take_mxfp4(const std::string& name) {
+  const std::string blocks = name + "_blocks", scales = name + "_scales";
+  const std::string& file = origin_.at(blocks);
+  TORCH_CHECK(
+      quant_.method == "mxfp4",
+      file,
+      ": tensor '",
+      blocks,
+      "' is MXFP4-quantized '",
+      name,
+      "', but ",
+      dir_,
+      "/config.json has ",
+      quant_.method.empty()
+          ? std::string("no quantization_config")
+          : "quantization_config.quant_method '" + quant_.method + "'",
+      " (expected quant_method 'mxfp4')");
+  TORCH_CHECK(
+      tensors_.count(scales),
+      file,
+      ": tensor '",
+      blocks,
+      "' has no scales '",
+      scales,
+      "'");
+  const at::Tensor& b = tensors_.at(blocks);
+  TORCH_CHECK(
+      b.dim() >= 3,
+      file,
+      ": tensor '",
+      blocks,
+      "' has shape ",
+      b.sizes(),
+      ", expected [..., rows, groups, 16]");
+  used_.insert(blocks);
+  used_.insert(scales);
+  const std::string what = file + ": tensor '" + blocks + "' (scales '" +
+                           scales + "' in " + origin_.at(scales) + ")";
+  return dequantize_mxfp4(b, tensors_.at(scales), dtype_, what)
+      .transpose(-2, -1);
 }
 
 void HfTensors::check_all_used(

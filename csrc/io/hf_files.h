@@ -2,6 +2,8 @@
 // The files of a Hugging Face checkpoint directory: the safetensors weights
 // (one model.safetensors, or shards listed in model.safetensors.index.json)
 // read with the tensors each came from, and written back in shards.
+// Quantized tensors (hf_quantization.h) are dequantized one at a time, as
+// they are taken.
 
 #include <ATen/core/Tensor.h>
 
@@ -11,6 +13,7 @@
 #include <set>
 #include <string>
 
+#include "io/hf_quantization.h"
 #include "io/safetensors.h"
 
 namespace moeyard::io {
@@ -18,13 +21,22 @@ namespace moeyard::io {
 // The tensors of a checkpoint directory; tracks which were used.
 class HfTensors {
  public:
-  explicit HfTensors(const std::string& dir);
+  // `quant`: the directory's quantization_config; `dtype`: the dtype
+  // quantized tensors are dequantized into (the model's).
+  explicit HfTensors(
+      const std::string& dir,
+      HfQuantization quant = {},
+      at::ScalarType dtype = at::kFloat);
 
+  // Stored as it is, or quantized as <name>_blocks/<name>_scales (MXFP4).
   bool has(const std::string& name) const {
-    return tensors_.count(name) > 0;
+    return tensors_.count(name) > 0 || tensors_.count(name + "_blocks") > 0;
   }
 
-  // The tensor `name`, checked against `shape` (empty: any).
+  // The tensor `name`, checked against `shape` (empty: any). A quantized
+  // tensor comes dequantized, in the layout of its unquantized form: FP8
+  // `name` (float8_e4m3fn) with `name`_scale_inv, or MXFP4 `name`_blocks
+  // and `name`_scales (transposed back, as transformers does).
   at::Tensor take(const std::string& name, at::IntArrayRef shape = {});
 
   // Every stored tensor must have been used, except derived rotary
@@ -35,7 +47,11 @@ class HfTensors {
  private:
   void add_index(const std::string& path);
   void add_file(const std::string& path);
+  at::Tensor take_stored(const std::string& name);
+  at::Tensor take_mxfp4(const std::string& name);
   std::string dir_;
+  HfQuantization quant_;
+  at::ScalarType dtype_;
   TensorMap tensors_;
   std::map<std::string, std::string> origin_;
   std::set<std::string> used_;

@@ -38,6 +38,8 @@ const char* dtype_name(at::ScalarType t) {
       return "U8";
     case at::kBool:
       return "BOOL";
+    case at::kFloat8_e4m3fn:
+      return "F8_E4M3";
     default:
       TORCH_CHECK(false, "safetensors: cannot store dtype ", t);
   }
@@ -55,7 +57,8 @@ at::ScalarType scalar_type_of(const std::string& s) {
       {"U8", at::kByte},
       {"BOOL", at::kBool},
       {"I8", at::kChar},
-      {"I16", at::kShort}};
+      {"I16", at::kShort},
+      {"F8_E4M3", at::kFloat8_e4m3fn}};
   auto it = m.find(s);
   TORCH_INTERNAL_ASSERT(it != m.end(), "safetensors: no ScalarType for ", s);
   TORCH_INTERNAL_ASSERT(

@@ -198,7 +198,8 @@ size_t safetensors_dtype_size(const std::string& dtype) {
       {"I16", 2},
       {"I8", 1},
       {"U8", 1},
-      {"BOOL", 1}};
+      {"BOOL", 1},
+      {"F8_E4M3", 1}}; // FP8 releases' weights (DeepSeek-V3)
   const auto it = sizes.find(dtype);
   return it == sizes.end() ? 0 : it->second;
 }

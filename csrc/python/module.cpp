@@ -186,12 +186,14 @@ PYBIND11_MODULE(_C, m) {
   // Hugging Face checkpoints (csrc/io/hf_checkpoint.h).
   m.def(
       "load_hf",
-      [](const std::string& dir) {
+      [](const std::string& dir, const std::string& dtype) {
         return std::shared_ptr<TransformerImpl>(
-            moeyard::io::load_hf_model(dir).ptr());
+            moeyard::io::load_hf_model(dir, dtype).ptr());
       },
       py::arg("dir"),
-      "the C++ model of a Hugging Face checkpoint directory (float32)");
+      py::arg("dtype") = "float32",
+      "the C++ model of a Hugging Face checkpoint directory, in dtype "
+      "(quantized releases dequantized into it)");
   m.def(
       "save_hf",
       [](const TransformerImpl& model,

@@ -34,11 +34,13 @@ class Transformer:
         self.training = True
 
     @classmethod
-    def from_hf(cls, path: Union[str, os.PathLike]) -> "Transformer":
+    def from_hf(cls, path: Union[str, os.PathLike], dtype: str = "float32") -> "Transformer":
         """The model of a Hugging Face checkpoint directory (config.json +
-        safetensors; families in ``docs/checkpoints.md``), in float32."""
+        safetensors; families in ``docs/checkpoints.md``), in ``dtype``
+        (``float32``, ``bfloat16`` or ``float64``). Quantized releases (FP8,
+        MXFP4) are dequantized into ``dtype`` tensor by tensor."""
         self = cls.__new__(cls)
-        self._impl = _C.load_hf(os.fspath(path))
+        self._impl = _C.load_hf(os.fspath(path), dtype)
         self.training = True
         return self
 

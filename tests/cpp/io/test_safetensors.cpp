@@ -226,7 +226,17 @@ TEST(SafetensorsFormat, ParsesWithoutFiles) {
 // Every dtype the parser accepts loads as the ScalarType of its size.
 TEST_F(SafetensorsFile, EveryParsedDtypeLoads) {
   for (const char* d :
-       {"F64", "F32", "BF16", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}) {
+       {"F64",
+        "F32",
+        "BF16",
+        "F16",
+        "I64",
+        "I32",
+        "I16",
+        "I8",
+        "U8",
+        "BOOL",
+        "F8_E4M3"}) {
     const size_t n = moeyard::io::safetensors_dtype_size(d);
     ASSERT_GT(n, 0u) << d;
     const auto p = write(
