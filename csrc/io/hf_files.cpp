@@ -120,7 +120,7 @@ at::Tensor HfTensors::take_stored(const std::string& name) {
         "', which is ",
         w.scalar_type(),
         " (expected float8_e4m3fn)");
-    return w;
+    return w.clone(); // read from the mapped file
   }
   TORCH_CHECK(
       quant_.method == "fp8",
@@ -223,7 +223,10 @@ void HfTensors::check_all_used(
 }
 
 void HfTensors::add_file(const std::string& path) {
-  for (auto& [name, t] : load_safetensors(path)) {
+  // Views over the memory-mapped file: a tensor is read when it is taken.
+  const SafetensorsFile file(path);
+  for (const auto& name : file.names()) {
+    auto t = file.view(name);
     TORCH_CHECK(
         !tensors_.count(name),
         path,
