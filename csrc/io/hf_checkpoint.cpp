@@ -100,24 +100,34 @@ std::string moe_block_in_files(
   return "mlp";
 }
 
-// Copies the rule's tensors from the files into dst.
+// Copies the rule's tensors from the files into dst, piece `want` of the
+// model's tensor (a per-expert rule reads only the piece's experts).
 void read_rule(
     HfTensors& t,
     const TensorRule& rule,
     const Place& where,
     at::Tensor& dst,
+    const parallel::Piece& want,
     const std::string& dir) {
+  // The full tensor's shape, and the first expert dst holds.
+  auto full = dst.sizes().vec();
+  int64_t first = 0;
+  if (!want.whole()) {
+    full[want.split.dim] *= want.count;
+    first = want.split.dim == 0 ? want.index * dst.size(0) : 0;
+  }
   auto set = [&](const at::Tensor& src, const std::string& what) {
     TORCH_CHECK(
-        src.sizes() == dst.sizes(),
+        src.sizes() == at::IntArrayRef(full),
         dir,
         ": ",
         what,
         " has shape ",
         src.sizes(),
         ", the model expects ",
-        dst.sizes());
-    dst.copy_(src);
+        at::IntArrayRef(full));
+    parallel::copy_overlap(
+        dst, want, src, {}, want.whole() ? 0 : full[want.split.dim]);
   };
   const auto& theirs = rule.theirs;
   const std::string fused = where.name(rule.fused);
@@ -142,12 +152,34 @@ void read_rule(
     what += (what.empty() ? "'" : " + '") + n + "'";
   }
   if (per_expert(rule)) {
+    // This piece's experts only; the others' tensors are another rank's.
+    const bool slice = !want.whole() && want.split.dim == 0;
     std::vector<at::Tensor> experts;
-    for (int64_t e = 0; e < dst.size(0); ++e) {
+    for (int64_t e = 0; e < full[0]; ++e) {
+      if (slice && (e < first || e >= first + dst.size(0))) {
+        for (const auto& n : theirs) {
+          t.skip(where.name(n, e));
+        }
+        continue;
+      }
       experts.push_back(one(e));
     }
-    replace_all(what, "{e}", "{0.." + std::to_string(dst.size(0) - 1) + "}");
-    set(at::stack(experts), where.name(what));
+    replace_all(what, "{e}", "{0.." + std::to_string(full[0] - 1) + "}");
+    if (slice) {
+      auto got = at::stack(experts);
+      TORCH_CHECK(
+          got.sizes() == dst.sizes(),
+          dir,
+          ": ",
+          where.name(what),
+          " gives experts of shape ",
+          got.sizes().slice(1),
+          ", the model expects ",
+          dst.sizes().slice(1));
+      dst.copy_(got);
+    } else {
+      set(at::stack(experts), where.name(what));
+    }
   } else if (theirs.size() == 2) {
     set(one(-1), where.name(what));
   } else if (rule.interleaved || rule.transposed) {
@@ -155,7 +187,7 @@ void read_rule(
     x = rule.interleaved ? deinterleave(x) : x;
     set(rule.transposed ? x.transpose(-2, -1) : x, where.name(what));
   } else {
-    dst.copy_(t.take(where.name(theirs[0]), dst.sizes()));
+    set(t.take(where.name(theirs[0]), full), where.name(what));
   }
 }
 
@@ -219,7 +251,10 @@ void write_rule(
 } // namespace
 
 void load_hf_weights(
-    TransformerImpl& model, const json& hf, const std::string& dir) {
+    TransformerImpl& model,
+    const json& hf,
+    const std::string& dir,
+    const std::function<parallel::Piece(const std::string&)>& piece_of) {
   const auto file = (fs::path(dir) / "config.json").string();
   const HfFamily& fam = hf::family_of(
       hf::JsonReader{hf, file}.need<std::string>("model_type"), file);
@@ -241,13 +276,19 @@ void load_hf_weights(
         "' has no source in a ",
         fam.model_type,
         " checkpoint");
-    read_rule(t, *rule, place(layer), p.value(), dir);
+    read_rule(
+        t,
+        *rule,
+        place(layer),
+        p.value(),
+        piece_of ? piece_of(p.key()) : parallel::Piece{},
+        dir);
   }
   // Buffers with a rule (the selection bias); others are derived state.
   for (auto& b : model.named_buffers()) {
     int64_t layer = -1;
     if (const TensorRule* rule = rule_of(fam, b.key(), &layer)) {
-      read_rule(t, *rule, place(layer), b.value(), dir);
+      read_rule(t, *rule, place(layer), b.value(), {}, dir);
     }
   }
   t.check_all_used(unused_layers(fam, hf, file, model.config.num_layers));

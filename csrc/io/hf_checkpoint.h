@@ -21,12 +21,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "model/config.h"
 #include "model/transformer.h"
+#include "parallel/piece.h"
 
 namespace moeyard::io {
 
@@ -42,11 +44,15 @@ nlohmann::json read_hf_config(const std::string& dir);
 
 // Copies the weights of the HF checkpoint in `dir` into `model`, which must
 // have been built from hf_model_config of the same config.json (routing
-// options such as capacity or aux coefficients may differ).
+// options such as capacity or aux coefficients may differ). With
+// `piece_of`, each of the model's tensors is that piece of the full one:
+// expert slices read only their experts' tensors; other pieces read their
+// source tensor (one at a time) and keep their rows.
 void load_hf_weights(
     TransformerImpl& model,
     const nlohmann::json& hf_config,
-    const std::string& dir);
+    const std::string& dir,
+    const std::function<parallel::Piece(const std::string&)>& piece_of = {});
 
 // A model built and loaded from an HF checkpoint directory, in `dtype` (a
 // model.dtype name).

@@ -197,6 +197,14 @@ at::Tensor HfTensors::take_mxfp4(const std::string& name) {
       .transpose(-2, -1);
 }
 
+void HfTensors::skip(const std::string& name) {
+  for (const char* suffix : {"", "_scale_inv", "_blocks", "_scales"}) {
+    if (tensors_.count(name + suffix)) {
+      used_.insert(name + suffix);
+    }
+  }
+}
+
 void HfTensors::check_all_used(
     const std::function<bool(const std::string&)>& skip) const {
   std::vector<std::string> extra;

@@ -39,6 +39,10 @@ class HfTensors {
   // and `name`_scales (transposed back, as transformers does).
   at::Tensor take(const std::string& name, at::IntArrayRef shape = {});
 
+  // Marks `name` (and its quantization tensors) used without reading it:
+  // another rank's expert.
+  void skip(const std::string& name);
+
   // Every stored tensor must have been used, except derived rotary
   // inverse-frequency buffers of old checkpoints and those `skip` names.
   void check_all_used(

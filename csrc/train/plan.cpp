@@ -228,13 +228,17 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
                  c.num_layers * cfg.train.grad_accum;
     // Loading a checkpoint: the pieces, the optimizer state, one
     // parameter's float32 piece in flight; from a Hugging Face checkpoint
-    // the whole model is built and read on the host before it is cut.
+    // the pieces and one source tensor in flight.
     rp.load_peak = rp.params + rp.optimizer + largest;
-    int64_t whole = 0;
+    int64_t source = 0; // the largest tensor a Hugging Face load holds
     for (const auto& p : model->named_parameters()) {
-      whole += p.value().numel() * p.value().element_size();
+      const int64_t n =
+          is_expert_parameter(p.key())
+              ? p.value().numel() / std::max<int64_t>(p.value().size(0), 1)
+              : p.value().numel();
+      source = std::max(source, n * 4);
     }
-    rp.hf_load_peak = 2 * whole + rp.params;
+    rp.hf_load_peak = rp.params + source;
     std::ostringstream key;
     key << rp.params << "/" << rp.optimizer << "/" << rp.activations["none"]
         << "/" << rp.sent_all_to_all << "/" << rp.sent_tp;

@@ -129,24 +129,20 @@ int64_t Trainer::start(const RunOptions& options) {
 }
 
 void Trainer::load_weights(const fs::path& from) {
-  if (from.empty() && !cfg_.init_from.empty()) {
-    // A Hugging Face checkpoint is read whole on the host, then cut.
-    materialize(*model_, c10::kCPU);
-    io::load_hf_weights(*model_, cfg_.hf_config, cfg_.init_from);
-    log::info("initialized from " + cfg_.init_from);
-    model_->shard(layout_);
-    model_->to(device_);
-    return;
-  }
   // The model was built with shapes only: cut them to this rank's pieces,
   // give those memory on the device, fill them from the checkpoint's
-  // overlapping rows or with the init's values at their positions.
+  // overlapping rows (a Hugging Face checkpoint: this rank's experts' and
+  // its pieces' source tensors) or with the init's values at their
+  // positions.
   model_->shard(layout_);
   materialize(*model_, device_);
   model_->to(device_);
   const auto piece_of = [this](const std::string& n) { return piece(n); };
   if (!from.empty()) {
     io::load_model_tensors(*model_, from, piece_of);
+  } else if (!cfg_.init_from.empty()) {
+    io::load_hf_weights(*model_, cfg_.hf_config, cfg_.init_from, piece_of);
+    log::info("initialized from " + cfg_.init_from);
   } else {
     at::manual_seed(cfg_.train.seed);
     init_parameters(*model_, 0.02, init_key_from_default_generator(), piece_of);
