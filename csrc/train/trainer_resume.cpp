@@ -165,7 +165,7 @@ void Trainer::log_memory() const {
     state += a.exp_avg().nbytes() + a.exp_avg_sq().nbytes();
   }
   log::info(log::format(
-      "memory: this rank holds %.1f MB of parameters and %.1f MB of "
+      "memory: this rank holds %.3f MB of parameters and %.3f MB of "
       "optimizer state; resident %.1f MB, peak %.1f MB",
       params / 1e6,
       state / 1e6,

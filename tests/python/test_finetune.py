@@ -151,3 +151,30 @@ def test_shipped_finetune_configs_parse(family, tmp_path):
             "--set", "train.device=cpu", "--set", "model.max_seq_len=64", "--set", "data.seq_len=32",
             check=False)
     assert r.returncode == 1 and "/nonexistent.bin" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("layout", [["parallel.expert_parallel=2"], ["parallel.tensor_parallel=2"]],
+                         ids=["ep2", "tp2"])
+def test_fine_tune_reads_each_ranks_pieces(hf_dir, data, tmp_path, layout):
+    """init_from at EP2 (each rank reads only its experts' tensors) and TP2
+    (each rank keeps its rows of each source tensor): the first steps'
+    losses equal the one-process run's, so every rank read the right
+    weights."""
+    from test_distributed import torchrun
+
+    cfg = os.path.join(ROOT, "configs", "finetune_qwen2_moe.yaml")
+    run("train", "--config", cfg, *overrides(hf_dir, data, tmp_path / "one", steps=3),
+        "--set", "train.micro_batch=2")
+    sets = overrides(hf_dir, data, tmp_path / "two", steps=3) + ["--set", "train.micro_batch=1"]
+    for s in layout:
+        sets += ["--set", s]
+    if "tensor_parallel" in layout[0]:
+        sets[sets.index("train.micro_batch=1")] = "train.micro_batch=2"
+    r = torchrun(2, "train", "--config", cfg, *sets, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "one" / "metrics.jsonl") as f:
+        one = [json.loads(line) for line in f]
+    with open(tmp_path / "two" / "metrics.jsonl") as f:
+        two = [json.loads(line) for line in f]
+    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-5, (one[0]["loss"], two[0]["loss"])
+    assert abs(one[2]["loss"] - two[2]["loss"]) < 1e-4
