@@ -95,11 +95,20 @@ ParamDeviceGuard::~ParamDeviceGuard() {
 }
 
 void materialize(torch::nn::Module& m, c10::Device device) {
+  // In place: the modules' members and the registry share each parameter's
+  // TensorImpl, so it becomes a tensor of `device` with fresh storage
+  // (set_data refuses meta -> device; this is what it would do).
   for (auto& p : m.named_parameters()) {
     auto& t = p.value();
-    if (t.is_meta()) {
-      t.set_data(at::empty(t.sizes(), t.options().device(device)));
+    if (!t.is_meta()) {
+      continue;
     }
+    const auto fresh = at::empty(t.sizes(), t.options().device(device));
+    auto* impl = t.unsafeGetTensorImpl();
+    impl->_change_backend_component_keys(device);
+    impl->set_storage_keep_dtype(fresh.storage());
+    impl->set_sizes_and_strides(fresh.sizes(), fresh.strides());
+    impl->set_storage_offset(0);
   }
 }
 

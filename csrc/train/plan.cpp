@@ -257,7 +257,8 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
 namespace {
 
 std::string gb(int64_t bytes) {
-  return log::format("%.3f GB", bytes / 1e9);
+  return bytes >= 1e9 ? log::format("%.3f GB", bytes / 1e9)
+                      : log::format("%.3f MB", bytes / 1e6);
 }
 
 std::string rank_list(const std::vector<int64_t>& r) {

@@ -49,8 +49,9 @@ def test_planned_bytes_are_what_rank_0_holds(tmp_path, shards, nproc, sets):
     params, state = logged_memory(r.stderr + r.stdout)
     p = plan(cfg, nproc, *sets)
     rank0 = next(x for x in p["ranks"] if 0 in x["ranks"])
-    assert abs(rank0["params"] - params) <= 500, (rank0["params"], params)
-    assert abs(rank0["optimizer"] - state) <= 500, (rank0["optimizer"], state)
+    assert abs(rank0["params"] - params) <= 500, (rank0["params"], params)  # the log rounds to 1 kB
+    # Sharded: the planner pads each tensor, the optimizer each bucket.
+    assert abs(rank0["optimizer"] - state) <= 2000, (rank0["optimizer"], state)
     assert sum(len(x["ranks"]) for x in p["ranks"]) == nproc
 
 
@@ -68,7 +69,7 @@ def test_plan_prints_every_figure(tmp_path, shards):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     for what in ("parameters", "gradients", "optimizer state", "activations (full)", "step peak",
-                 "load peak (resume)", "all-to-all", "TP1 x EP2 x EDP2 (DP 2)"):
+                 "load peak (resume)", "all-to-all", "TP1 x EP2 x EDP2 (DP 4)"):
         assert what in r.stdout, what
 
 
@@ -100,4 +101,5 @@ def test_planned_step_peak_is_within_15_percent_of_the_measured(tmp_path, shards
     p = plan(cfg, 1)["ranks"][0]
     want = max(p["step_peak"], p["load_peak"])
     got = peak - base
+    print(f"measured {got / 1e6:.1f} MB, planned {want / 1e6:.1f} MB")
     assert abs(got - want) <= 0.15 * want, (got / 1e6, want / 1e6, p)
