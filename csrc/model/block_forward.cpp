@@ -31,8 +31,8 @@ std::vector<at::Tensor> trainable(
 
 // The segment's output, then (MoE blocks) the MoE layer's tensors in
 // MoEOutput order. The segment's output and the aux losses take gradients;
-// the MoE layer's y does not (it is the segment's output in `moe` mode, and
-// inside the block in `full` mode), nor do the statistics and indices.
+// the MoE layer's own y (inside the segment) does not, nor do the
+// statistics and indices.
 std::vector<at::Tensor> pack(
     const at::Tensor& y, const std::optional<MoEOutput>& m) {
   std::vector<at::Tensor> out{y};
@@ -83,6 +83,22 @@ at::Tensor unpack(
   return t[0];
 }
 
+// The block's two residual sub-blocks.
+at::Tensor attention_residual(
+    const BlockImpl& b,
+    const at::Tensor& x,
+    const at::Tensor& attn_mask,
+    const Rotary& rotary) {
+  return x + b.attention_part(x, attn_mask, rotary);
+}
+at::Tensor ffn_residual(
+    const BlockImpl& b,
+    const at::Tensor& h,
+    const at::Tensor& token_mask,
+    std::optional<MoEOutput>& moe_out) {
+  return h + b.ffn_part(h, token_mask, moe_out);
+}
+
 } // namespace
 
 at::Tensor BlockImpl::forward(
@@ -103,6 +119,8 @@ at::Tensor BlockImpl::forward_with(
     const Rotary& rotary,
     std::optional<MoEOutput>& moe_out,
     Recompute mode) const {
+  // Each segment ends with its residual add, so that its input's every use
+  // is inside it and its gradient sums in the order of a plain run.
   const bool has_moe = static_cast<bool>(moe);
   if (mode == Recompute::full) {
     const auto fn = [this, attn_mask, token_mask, &rotary](
@@ -116,23 +134,22 @@ at::Tensor BlockImpl::forward_with(
         recompute_segment(fn, {x}, trainable({this}), differentiable(has_moe));
     return unpack(out, has_moe, moe_out);
   }
-  at::Tensor a;
+  at::Tensor h;
   if (mode == Recompute::attention) {
-    const auto fn = [this, attn_mask, &rotary](
-                        const std::vector<at::Tensor>& in) {
-      return std::vector<at::Tensor>{attention_part(in[0], attn_mask, rotary)};
-    };
-    a = recompute_segment(
+    const auto fn =
+        [this, attn_mask, &rotary](const std::vector<at::Tensor>& in) {
+          return std::vector<at::Tensor>{
+              attention_residual(*this, in[0], attn_mask, rotary)};
+        };
+    h = recompute_segment(
         fn, {x}, trainable({attn_norm.get(), attn.get()}), {true})[0];
   } else {
-    a = attention_part(x, attn_mask, rotary);
+    h = attention_residual(*this, x, attn_mask, rotary);
   }
-  const auto h = x + a;
-  at::Tensor f;
   if (mode == Recompute::moe) {
     const auto fn = [this, token_mask](const std::vector<at::Tensor>& in) {
       std::optional<MoEOutput> m;
-      const auto y = ffn_part(in[0], token_mask, m);
+      const auto y = ffn_residual(*this, in[0], token_mask, m);
       return pack(y, m);
     };
     const auto params = trainable(
@@ -141,14 +158,9 @@ at::Tensor BlockImpl::forward_with(
                  : mlp.get()});
     const auto out =
         recompute_segment(fn, {h}, params, differentiable(has_moe));
-    f = unpack(out, has_moe, moe_out);
-    if (moe_out) {
-      moe_out->y = f;
-    }
-  } else {
-    f = ffn_part(h, token_mask, moe_out);
+    return unpack(out, has_moe, moe_out);
   }
-  return h + f;
+  return ffn_residual(*this, h, token_mask, moe_out);
 }
 
 void TransformerImpl::set_recompute(
