@@ -371,8 +371,9 @@ def test_recompute_mode_must_be_a_known_name(config):
     assert parse_error(config, "train.recompute=mlp") == \
         "config: train.recompute (--set train.recompute=mlp): must be one of none, moe, attention, full, got 'mlp'"
     config.write_text(config.read_text().replace("  eval_every: 0\n", "  eval_every: 0\n  recompute: Full\n"))
-    assert parse_error(config) == (f"config: train.recompute ({config}:{line_of('train.recompute', config.read_text())}):"
-                                   " must be one of none, moe, attention, full, got 'Full'")
+    line = line_of("train.recompute", config.read_text())
+    assert parse_error(config) == \
+        f"config: train.recompute ({config}:{line}): must be one of none, moe, attention, full, got 'Full'"
     for mode in ("none", "moe", "attention", "full"):
         assert parse_error(config, f"train.recompute={mode}", "train.recompute_layers=[1]") == ""
 
