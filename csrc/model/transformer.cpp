@@ -165,19 +165,25 @@ BlockImpl::BlockImpl(const ModelConfig& c, int64_t index) {
   }
 }
 
-at::Tensor BlockImpl::forward(
+// BlockImpl::forward and forward_with: csrc/model/block_forward.cpp.
+
+at::Tensor BlockImpl::attention_part(
     const at::Tensor& x,
     const at::Tensor& attn_mask,
+    const Rotary& rotary) const {
+  return attn->forward(attn_norm->forward(x), attn_mask, rotary);
+}
+
+at::Tensor BlockImpl::ffn_part(
+    const at::Tensor& h,
     const at::Tensor& token_mask,
-    const Rotary& rotary,
     std::optional<MoEOutput>& moe_out) const {
-  auto h = x + attn->forward(attn_norm->forward(x), attn_mask, rotary);
   const auto n = mlp_norm->forward(h);
   if (moe) {
     moe_out = moe->forward(n, token_mask);
-    return h + moe_out->y;
+    return moe_out->y;
   }
-  return h + mlp->forward(n);
+  return mlp->forward(n);
 }
 
 at::Tensor BlockImpl::forward_cached(

@@ -24,6 +24,7 @@
 
 #include "model/config.h"
 #include "model/moe_forward.h"
+#include "model/recompute.h"
 #include "parallel/layout.h"
 #include "parallel/tensor_parallel.h"
 
@@ -182,12 +183,32 @@ TORCH_MODULE(MoELayer);
 class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(const ModelConfig& c, int64_t index);
-  // Returns the block output; fills `moe_out` for MoE blocks.
+  // Returns the block output; fills `moe_out` for MoE blocks. With grad
+  // enabled, the part `recompute` names is recomputed in backward.
   at::Tensor forward(
       const at::Tensor& x,
       const at::Tensor& attn_mask,
       const at::Tensor& token_mask,
       const Rotary& rotary,
+      std::optional<MoEOutput>& moe_out) const;
+  // forward with the part `mode` names recomputed (none: an ordinary run).
+  at::Tensor forward_with(
+      const at::Tensor& x,
+      const at::Tensor& attn_mask,
+      const at::Tensor& token_mask,
+      const Rotary& rotary,
+      std::optional<MoEOutput>& moe_out,
+      Recompute mode) const;
+  // The two sub-blocks before their residual adds: attention of
+  // attn_norm(x); the MoE layer (filling moe_out) or dense MLP of
+  // mlp_norm(h).
+  at::Tensor attention_part(
+      const at::Tensor& x,
+      const at::Tensor& attn_mask,
+      const Rotary& rotary) const;
+  at::Tensor ffn_part(
+      const at::Tensor& h,
+      const at::Tensor& token_mask,
       std::optional<MoEOutput>& moe_out) const;
   // Incremental decoding step (no padding).
   at::Tensor forward_cached(
@@ -196,6 +217,7 @@ class BlockImpl : public torch::nn::Module {
   Attention attn{nullptr};
   Mlp mlp{nullptr};
   MoELayer moe{nullptr};
+  Recompute recompute = Recompute::none; // Transformer::set_recompute
 };
 TORCH_MODULE(Block);
 
@@ -253,6 +275,10 @@ class TransformerImpl : public torch::nn::Module {
   // This rank's pieces under `layout`: tensor parallelism, then expert
   // parallelism (the layout's groups, not owned, must outlive the model).
   void shard(const parallel::Layout& layout);
+  // Activation recompute (model/recompute.h) of the blocks `layers` (empty:
+  // every block); the others recompute nothing. Errors name a layer index
+  // outside [0, num_layers).
+  void set_recompute(Recompute mode, const std::vector<int64_t>& layers = {});
   // How parameter `name` splits over the TP group (replicated: dim -1).
   parallel::TpSplit tp_split(const std::string& name) const;
   // A replicated parameter used inside a TP-split computation (per-head q/k

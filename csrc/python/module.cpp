@@ -137,6 +137,18 @@ PYBIND11_MODULE(_C, m) {
           })
       .def("train", [](TransformerImpl& self, bool on) { self.train(on); })
       .def(
+          "set_recompute",
+          [](TransformerImpl& self,
+             const std::string& mode,
+             const std::vector<int64_t>& layers) {
+            self.set_recompute(
+                moeyard::parse_recompute(mode, "set_recompute: mode"), layers);
+          },
+          py::arg("mode"),
+          py::arg("layers") = std::vector<int64_t>{},
+          "activation recompute: none, moe, attention or full, in `layers` "
+          "(empty: every block)")
+      .def(
           "is_training",
           [](TransformerImpl& self) { return self.is_training(); })
       .def(

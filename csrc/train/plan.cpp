@@ -196,23 +196,40 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
     }
     // Activations per micro-batch by recompute mode; the loss's logits.
     const int64_t b = at::elementSize(parse_dtype(c.dtype));
-    int64_t none = 0, full = 0, attn = 0, ffn = 0, widest = 0;
-    int64_t moe_layers = 0;
+    // Per mode, every block recomputing so; "configured": train.recompute
+    // in train.recompute_layers. A recomputed block's activations exist
+    // again during its backward.
+    const auto& chosen = cfg.train.recompute_layers;
+    int64_t moe_layers = 0, widest = 0, widest_chosen = 0;
+    std::map<std::string, int64_t> kept;
     for (int64_t i = 0; i < c.num_layers; ++i) {
       const auto a = block_activations(*model, l, i, B, S);
-      none += a.attention + a.ffn;
-      full += a.input;
-      attn += a.input + a.ffn;
-      ffn += a.attention + a.input;
+      const std::map<std::string, int64_t> by_mode = {
+          {"none", a.attention + a.ffn},
+          {"full", a.input},
+          {"attention", a.input + a.ffn},
+          {"moe", a.attention + a.input}};
+      for (const auto& [mode, bytes] : by_mode) {
+        kept[mode] += bytes;
+      }
+      const bool mine =
+          chosen.empty() ||
+          std::find(chosen.begin(), chosen.end(), i) != chosen.end();
+      kept["configured"] +=
+          by_mode.at(mine ? cfg.train.recompute : std::string("none"));
       widest = std::max(widest, a.attention + a.ffn);
+      if (mine) {
+        widest_chosen = std::max(widest_chosen, a.attention + a.ffn);
+      }
       moe_layers += c.is_moe_layer(i) ? 1 : 0;
     }
-    // A recomputed block's activations exist again during its backward.
-    rp.activations = {
-        {"none", none},
-        {"full", full + widest},
-        {"attention", attn + widest},
-        {"moe", ffn + widest}};
+    for (auto& [mode, bytes] : kept) {
+      const bool recomputes =
+          mode == "configured" ? cfg.train.recompute != "none" : mode != "none";
+      rp.activations[mode] =
+          bytes +
+          (recomputes ? (mode == "configured" ? widest_chosen : widest) : 0);
+    }
     const int64_t V = c.vocab_size / l.tp, T = B * S;
     rp.logits = T * V * (b + 4 + 4);
     // Expert dispatch: each routed row's hidden state to its expert's rank
@@ -295,6 +312,8 @@ std::string format_plan(const Plan& plan, const TrainConfig& cfg) {
         << gb(r.activations.at(mode)) << "   step peak "
         << gb(r.step_peak(mode)) << "\n";
     }
+    o << "  configured (train.recompute: " << cfg.train.recompute
+      << ")   step peak " << gb(r.step_peak("configured")) << "\n";
     o << "  load peak (resume)     " << gb(r.load_peak) << "\n";
     o << "  load peak (init_from)  " << gb(r.hf_load_peak) << "\n";
     o << "  sent per step: all-to-all " << gb(r.sent_all_to_all)
@@ -318,7 +337,7 @@ std::string plan_json(const Plan& plan) {
          {"grad_buffer", r.grad_buffer},
          {"logits", r.logits},
          {"activations", r.activations},
-         {"step_peak", r.step_peak("none")},
+         {"step_peak", r.step_peak("configured")},
          {"load_peak", r.load_peak},
          {"hf_load_peak", r.hf_load_peak},
          {"sent_all_to_all", r.sent_all_to_all},

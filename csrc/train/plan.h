@@ -21,7 +21,8 @@ struct RankPlan {
   int64_t grads = 0; // trainable pieces' gradients, in the parameters' dtypes
   int64_t optimizer = 0; // fp32 masters and AdamW moments (its shard)
   int64_t grad_buffer = 0; // the float32 reduction buffer (transient)
-  // Tensors saved for backward per micro-batch, by train.recompute mode.
+  // Tensors saved for backward per micro-batch, by train.recompute mode
+  // (every block), and "configured" (the config's mode and layers).
   std::map<std::string, int64_t> activations;
   int64_t logits = 0; // the loss's float32 logits and their gradient
   int64_t load_peak = 0; // the load's peak host memory (resume)
@@ -50,7 +51,7 @@ Plan make_plan(const TrainConfig& cfg, int64_t world);
 
 // A table per rank group, for the terminal.
 std::string format_plan(const Plan& plan, const TrainConfig& cfg);
-// The same as JSON (bytes; step_peak in the configured recompute mode).
+// The same as JSON (bytes; step_peak with the configured recompute).
 std::string plan_json(const Plan& plan);
 
 } // namespace moeyard::train

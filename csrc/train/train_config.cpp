@@ -11,6 +11,7 @@
 #include "config/model_yaml.h"
 #include "config/yaml_reader.h"
 #include "io/hf_checkpoint.h"
+#include "train/recompute_config.h"
 
 namespace moeyard::train {
 
@@ -298,6 +299,7 @@ TrainConfig TrainConfig::parse(
     r.get("spike_factor", t.spike_factor, Range::at_least(0));
     r.get("spike_window", t.spike_window, Range::at_least(1));
     r.get("device", t.device);
+    read_recompute(r, c, name); // train/recompute_config.cpp
     r.finish();
     if (t.spike_factor > 0 && t.spike_factor <= 1) {
       r.fail(

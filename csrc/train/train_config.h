@@ -80,6 +80,10 @@ struct TrainSection {
   double spike_factor = 0.0;
   int64_t spike_window = 50;
   std::string device = "cpu"; // cpu | cuda | cuda:N
+  // Activation recompute (model/recompute.h): none | moe | attention | full,
+  // in the blocks recompute_layers lists (empty: every block).
+  std::string recompute = "none";
+  std::vector<int64_t> recompute_layers;
 };
 
 struct CheckpointConfig {

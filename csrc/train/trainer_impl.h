@@ -116,6 +116,9 @@ class Trainer {
     }
     setup_parallel(); // a multi-process GPU run: device_ becomes
                       // cuda:LOCAL_RANK
+    model_->set_recompute(
+        parse_recompute(cfg_.train.recompute, "train.recompute"),
+        cfg_.train.recompute_layers);
     train_ = std::make_unique<io::TokenShard>(cfg_.data.train);
     check_shard(*train_, "data.train");
     if (!cfg_.data.valid.empty()) {

@@ -8,7 +8,7 @@ training code uses: ``parameters()``, ``named_parameters()``,
 
 import json
 import os
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -100,6 +100,13 @@ class Transformer:
 
     def eval(self) -> "Transformer":
         return self.train(False)
+
+    def set_recompute(self, mode: str, layers: Sequence[int] = ()) -> "Transformer":
+        """Activation recompute in backward: ``none``, ``moe`` (the feed-forward
+        sub-block), ``attention`` (the attention sub-block) or ``full`` (the
+        block), in the blocks ``layers`` (empty: every block); docs/training.md."""
+        self._impl.set_recompute(mode, list(layers))
+        return self
 
     def zero_grad(self) -> None:
         for p in self.parameters():

@@ -180,7 +180,7 @@ FLOATS = {
     "parallel": ["timeout_s"],
 }
 # Ranges that depend on another key, checked below with their own cases.
-RELATIVE = {"moe.top_k", "moe.topk_groups", "moe.layers"}
+RELATIVE = {"moe.top_k", "moe.topk_groups", "moe.layers", "train.recompute_layers"}
 
 
 def documented_ranges():
@@ -353,6 +353,10 @@ def test_two_key_errors_cite_both(config):
     ("moe.layers=[5]", "moe.layers (--set moe.layers=[5]): entry 5 is not a layer index in "
                        "[0, model.num_layers (X:model.num_layers) = 2)"),
     ("moe.layers=[-1]", "moe.layers (--set moe.layers=[-1]): entry -1 is outside [0, inf)"),
+    ("train.recompute_layers=[0, 2]", "train.recompute_layers (--set train.recompute_layers=[0, 2]): entry 2 is not "
+                                      "a layer index in [0, model.num_layers (X:model.num_layers) = 2)"),
+    ("train.recompute_layers=[-1]",
+     "train.recompute_layers (--set train.recompute_layers=[-1]): entry -1 is outside [0, inf)"),
     ("parallel.expert_parallel=3", "moe.num_experts (X:moe.num_experts) = 4 must be divisible by "
                                    "parallel.expert_parallel (--set parallel.expert_parallel=3) = 3"),
     ("parallel.tensor_parallel=3", "parallel.tensor_parallel (--set parallel.tensor_parallel=3) = 3 must divide "
@@ -361,6 +365,17 @@ def test_two_key_errors_cite_both(config):
 def test_cross_key_errors_cite_both_keys(config, override, match):
     expected = "config: " + re.sub(r"X:([\w.]+)", lambda m: at(config, m.group(1)), match)
     assert parse_error(config, override) == expected
+
+
+def test_recompute_mode_must_be_a_known_name(config):
+    assert parse_error(config, "train.recompute=mlp") == \
+        "config: train.recompute (--set train.recompute=mlp): must be one of none, moe, attention, full, got 'mlp'"
+    config.write_text(config.read_text().replace("  eval_every: 0\n", "  eval_every: 0\n  recompute: Full\n"))
+    line = line_of("train.recompute", config.read_text())
+    assert parse_error(config) == \
+        f"config: train.recompute ({config}:{line}): must be one of none, moe, attention, full, got 'Full'"
+    for mode in ("none", "moe", "attention", "full"):
+        assert parse_error(config, f"train.recompute={mode}", "train.recompute_layers=[1]") == ""
 
 
 # ---- the model config on its own (moeyard.Transformer) -------------------------------------
