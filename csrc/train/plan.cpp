@@ -65,9 +65,10 @@ BlockActivations block_activations(
   // float32 rsqrt and SDPA's logsumexp.
   int64_t widths = 0, q_k = 0, out = 0;
   const std::string prefix = "layers." + std::to_string(index) + ".attn.";
-  for (const auto& p : model.named_parameters()) {
-    const auto& n = p.key();
-    if (n.rfind(prefix, 0) != 0 || !contains(n, "proj.weight")) {
+  const auto attn = model.layers->ptr(index)->as<BlockImpl>()->attn;
+  for (const auto& p : attn->named_parameters()) {
+    const auto n = prefix + p.key();
+    if (!contains(n, "proj.weight")) {
       continue;
     }
     const int64_t div =
@@ -118,7 +119,7 @@ BlockActivations block_activations(
 
 int64_t RankPlan::step_peak(const std::string& recompute) const {
   const auto it = activations.find(recompute);
-  return params + grads + optimizer + grad_buffer + logits +
+  return params + grads + optimizer + grad_buffer + update_temp + logits +
          (it == activations.end() ? 0 : it->second);
 }
 
@@ -135,15 +136,23 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
   plan.world = world;
   std::map<std::string, RankPlan> by_figures; // equal ranks together
   std::vector<std::string> order;
+  // Every dimension splits evenly (the layout checks it), so ranks with the
+  // same tensor- and expert-parallel coordinates hold the same bytes: one
+  // of each is computed.
+  std::map<std::pair<int64_t, int64_t>, std::string> seen;
   for (int64_t r = 0; r < world; ++r) {
     const auto l = parallel::Layout::build(sizes, world, r);
+    if (const auto it = seen.find({l.tp_rank, l.ep_rank}); it != seen.end()) {
+      by_figures[it->second].ranks.push_back(r);
+      continue;
+    }
     if (r == 0) {
       plan.layout = log::format(
           "TP%ld x EP%ld x EDP%ld (DP %ld)", l.tp, l.ep, l.edp, l.dp);
     }
     RankPlan rp;
     int64_t dense_grad = 0, expert_grad = 0, dense_fp32 = 0, expert_fp32 = 0,
-            largest = 0;
+            largest = 0, largest_dense = 0, largest_expert = 0;
     for (const auto& p : model->named_parameters()) {
       const auto& n = p.key();
       const auto where = placement_of(*model, l, n);
@@ -175,7 +184,22 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
       const int64_t ranks = !cfg.optim.sharded() ? 1 : expert ? l.edp : l.dp;
       const int64_t master = cfg.optim.sharded() || b != 4 ? 4 : 0;
       rp.optimizer += (numel + ranks - 1) / ranks * (8 + master);
+      (expert ? largest_expert : largest_dense) =
+          std::max(expert ? largest_expert : largest_dense, numel);
     }
+    // AdamW's update makes two float32 temporaries of the tensor it
+    // updates: a parameter, or a sharded bucket's shard (buckets hold up to
+    // kShardBucketElements, or one larger tensor).
+    const auto bucket = [](int64_t total, int64_t one, int64_t ranks) {
+      return (std::max(one, std::min(total, kShardBucketElements)) + ranks -
+              1) /
+             ranks;
+    };
+    rp.update_temp = 8 * (cfg.optim.sharded()
+                              ? std::max(
+                                    bucket(dense_fp32, largest_dense, l.dp),
+                                    bucket(expert_fp32, largest_expert, l.edp))
+                              : std::max(largest_dense, largest_expert));
     // Gradient reduction: one float32 buffer per kind (dense, expert),
     // reduced over dp and edp; the sharded optimizer gathers parameters.
     const bool multi = world > 1;
@@ -264,6 +288,7 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
       by_figures[key.str()] = rp;
     }
     by_figures[key.str()].ranks.push_back(r);
+    seen[{l.tp_rank, l.ep_rank}] = key.str();
   }
   for (const auto& k : order) {
     plan.ranks.push_back(by_figures[k]);
@@ -305,6 +330,7 @@ std::string format_plan(const Plan& plan, const TrainConfig& cfg) {
     o << "  gradients              " << gb(r.grads) << "\n";
     o << "  optimizer state        " << gb(r.optimizer) << "\n";
     o << "  reduction buffer       " << gb(r.grad_buffer) << "\n";
+    o << "  AdamW temporaries      " << gb(r.update_temp) << "\n";
     o << "  logits (loss)          " << gb(r.logits) << "\n";
     for (const char* mode : {"none", "attention", "moe", "full"}) {
       o << "  activations (" << mode << ")"
@@ -335,6 +361,7 @@ std::string plan_json(const Plan& plan) {
          {"grads", r.grads},
          {"optimizer", r.optimizer},
          {"grad_buffer", r.grad_buffer},
+         {"update_temp", r.update_temp},
          {"logits", r.logits},
          {"activations", r.activations},
          {"step_peak", r.step_peak("configured")},

@@ -31,6 +31,11 @@ struct DataConfig {
   int64_t seed = 1234;
 };
 
+// The sharded optimizer's flat buckets hold at most this many elements (or
+// one larger tensor): AdamW's temporaries and the reduction buffer are
+// bounded by it.
+inline constexpr int64_t kShardBucketElements = int64_t(1) << 26;
+
 struct OptimConfig {
   double lr = 3e-3;
   double min_lr_ratio = 0.1; // cosine/linear decay to lr * ratio

@@ -211,8 +211,7 @@ RunResult Trainer::run(const RunOptions& options) {
       save(step);
     }
   }
-  // A run resumed at its last step has nothing new to save.
-  if (!result.interrupted && step > progress.first_step) {
+  if (!result.interrupted) {
     save(step);
   }
   result.steps_done = step;

@@ -15,7 +15,9 @@ void Trainer::build_buckets(size_t n_groups) {
   at::NoGradGuard g;
   for (size_t og = 0; og < n_groups; ++og) {
     for (const int kind : {0, 2, 1}) {
-      std::map<at::ScalarType, ShardBucket> by_dtype;
+      // Per dtype, buckets of up to kShardBucketElements (the last one
+      // open for more members).
+      std::map<at::ScalarType, std::vector<ShardBucket>> by_dtype;
       for (size_t i = 0; i < params_.size(); ++i) {
         const auto where = placement(param_names_[i]);
         const int k = where == parallel::Placement::kExpert           ? 1
@@ -24,31 +26,40 @@ void Trainer::build_buckets(size_t n_groups) {
         if (param_group_[i] != og || k != kind) {
           continue;
         }
-        auto& b = by_dtype[params_[i].scalar_type()];
+        auto& list = by_dtype[params_[i].scalar_type()];
+        if (list.empty() ||
+            (list.back().numel > 0 &&
+             list.back().numel + params_[i].numel() > kShardBucketElements)) {
+          list.emplace_back();
+        }
+        auto& b = list.back();
         b.members.push_back(i);
         b.offsets.push_back(b.numel);
         b.numel += params_[i].numel();
       }
-      for (auto& [dtype, b] : by_dtype) {
-        b.opt_group = og;
-        b.kind = kind;
-        b.dtype = dtype;
-        b.group = kind == 1 ? edp_ : dp_;
-        if (b.group && b.group->size() == 1) {
-          b.group = nullptr;
+      for (auto& [dtype, list] : by_dtype) {
+        for (auto& b : list) {
+          b.opt_group = og;
+          b.kind = kind;
+          b.dtype = dtype;
+          b.group = kind == 1 ? edp_ : dp_;
+          if (b.group && b.group->size() == 1) {
+            b.group = nullptr;
+          }
+          const int64_t n = b.ranks();
+          b.shard = (b.numel + n - 1) / n;
+          b.begin = (b.group ? b.group->rank : 0) * b.shard;
+          b.master =
+              at::zeros({b.shard}, params_[0].options().dtype(at::kFloat));
+          b.for_each_overlap(
+              [&](size_t m, int64_t at_m, int64_t at_s, int64_t len) {
+                b.master.narrow(0, at_s, len)
+                    .copy_(params_[b.members[m]].detach().reshape(-1).narrow(
+                        0, at_m, len));
+              });
+          b.master.requires_grad_(true);
+          buckets_.push_back(std::move(b));
         }
-        const int64_t n = b.ranks();
-        b.shard = (b.numel + n - 1) / n;
-        b.begin = (b.group ? b.group->rank : 0) * b.shard;
-        b.master = at::zeros({b.shard}, params_[0].options().dtype(at::kFloat));
-        b.for_each_overlap(
-            [&](size_t m, int64_t at_m, int64_t at_s, int64_t len) {
-              b.master.narrow(0, at_s, len)
-                  .copy_(params_[b.members[m]].detach().reshape(-1).narrow(
-                      0, at_m, len));
-            });
-        b.master.requires_grad_(true);
-        buckets_.push_back(std::move(b));
       }
     }
   }

@@ -160,8 +160,15 @@ def test_fine_tune_reads_each_ranks_pieces(hf_dir, data, tmp_path, layout):
     (each rank keeps its rows of each source tensor): the first steps'
     losses equal the one-process run's, so every rank read the right
     weights."""
+    import shutil
+
     from test_distributed import torchrun
 
+    if "tensor_parallel" in layout[0]:  # a vocabulary that splits in two
+        tp_dir = tmp_path / "qwen2_moe_v96"
+        make_hf("qwen2_moe", seed=7, vocab_size=96).save_pretrained(tp_dir)
+        shutil.copy(hf_dir / "tokenizer.json", tp_dir / "tokenizer.json")
+        hf_dir = tp_dir
     cfg = os.path.join(ROOT, "configs", "finetune_qwen2_moe.yaml")
     run("train", "--config", cfg, *overrides(hf_dir, data, tmp_path / "one", steps=3),
         "--set", "train.micro_batch=2")
@@ -176,5 +183,6 @@ def test_fine_tune_reads_each_ranks_pieces(hf_dir, data, tmp_path, layout):
         one = [json.loads(line) for line in f]
     with open(tmp_path / "two" / "metrics.jsonl") as f:
         two = [json.loads(line) for line in f]
-    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-5, (one[0]["loss"], two[0]["loss"])
-    assert abs(one[2]["loss"] - two[2]["loss"]) < 1e-4
+    # Summation order differs (1e-5); a wrong weight moves the loss by far more.
+    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-4, (one[0]["loss"], two[0]["loss"])
+    assert abs(one[2]["loss"] - two[2]["loss"]) < 1e-3
