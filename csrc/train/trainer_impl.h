@@ -76,6 +76,10 @@ class Trainer {
     }
     setup_parallel(); // a multi-process GPU run: device_ becomes
                       // cuda:LOCAL_RANK
+    if (const int64_t n = apply_lora(*model_, cfg_.lora)) {
+      log::info(log::format(
+          "finetune.lora: %ld trainable LoRA parameters, the base frozen", n));
+    }
     model_->to(device_);
     train_ = std::make_unique<io::TokenShard>(cfg_.data.train);
     check_shard(*train_, "data.train");

@@ -71,6 +71,7 @@ int64_t Trainer::start(const RunOptions& options) {
       io::load_hf_weights(*model_, cfg_.hf_config, cfg_.init_from);
       log::info("initialized from " + cfg_.init_from);
     }
+    init_lora(*model_); // A random, B zero: the model starts as its base
   }
   // Checkpoints newer than the start belong to another run, or to the
   // future of an older step: never mixed with this run's silently.
@@ -155,7 +156,7 @@ void Trainer::check_resume_compatible(
       return false;
     }
     // model:, moe: and the MoE schedules (schedule.<option>.*).
-    for (const char* p : {"model.", "moe.", "schedule."}) {
+    for (const char* p : {"model.", "moe.", "schedule.", "finetune."}) {
       if (key.rfind(p, 0) == 0) {
         return key != "schedule.bias_update_rate";
       }
