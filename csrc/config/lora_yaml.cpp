@@ -11,6 +11,12 @@ namespace moeyard::config {
 void read_finetune(YamlReader r, LoraOptions& o) {
   auto l = r.child("lora");
   o.enabled = l.given();
+  if (o.enabled && !l.is_map()) {
+    r.fail(
+        "lora",
+        "expected a mapping {rank, alpha, dropout, targets, base_dtype} "
+        "(absent or null: off)");
+  }
   if (o.enabled) {
     l.get("rank", o.rank, Range::at_least(1));
     l.get("alpha", o.alpha, Range::greater_than(0));
