@@ -5,6 +5,7 @@
 // e's A, and one lora_B [out, r * E] whose column k * E + e is column k of
 // expert e's B. Two parameters of one module nest: the first registered
 // (gate_up_proj) is the inner wrapper, its keys under "<module>.base_layer.".
+// A 2-D parameter (a dense MLP's weight) has the nn.Linear layout.
 
 #include "io/hf_peft.h"
 
@@ -86,12 +87,17 @@ void save_peft(
       cannot(
           !rule->interleaved && !rule->transposed && !hf::per_expert(*rule),
           name + " (its files' layout)");
-      // One module, or gate and up: B's rows split, A shared.
+      // One module, or gate and up: B's rows split, A shared. Dense MLPs
+      // are targeted by their weight parameter: peft rewrites target_modules
+      // named gate_proj/up_proj/down_proj of MoE families into the experts'
+      // fused parameters (its transformers v4 -> v5 conversion).
+      const bool mlp = name.find(".mlp.") != std::string::npos;
       const auto parts = static_cast<int64_t>(rule->theirs.size());
       const int64_t rows = lin->lora_b.size(0) / parts;
       for (int64_t i = 0; i < parts; ++i) {
-        const auto mod = module_of(where.name(rule->theirs[i]));
-        modules.push_back(mod);
+        const auto param = where.name(rule->theirs[i]);
+        const auto mod = module_of(param);
+        (mlp ? parameters : modules).push_back(mlp ? param : mod);
         out[kPrefix + mod + ".lora_A.weight"] = lin->lora_a.detach();
         out[kPrefix + mod + ".lora_B.weight"] =
             lin->lora_b.detach().narrow(0, i * rows, rows);
@@ -137,7 +143,7 @@ void save_peft(
       {"r", rank},
       {"lora_alpha",
        alpha == std::round(alpha) ? json(std::llround(alpha)) : json(alpha)},
-      // peft refuses dropout on expert parameters; it does not change the
+      // peft refuses dropout on target_parameters; it does not change the
       // adapter's outputs (dropout is off in inference).
       {"lora_dropout", parameters.empty() ? dropout : 0.0},
       {"target_modules", modules.empty() ? json(nullptr) : json(modules)},

@@ -2,10 +2,11 @@
 // A LoRA-fine-tuned model's factors as a PEFT adapter directory
 // (adapter_config.json + adapter_model.safetensors) for the transformers
 // model of its family: `peft.PeftModel.from_pretrained(model, dir)` loads it.
-// Attention and dense-MLP factors become LoRA on those nn.Linear modules
-// (target_modules; a fused gate_up factor pair becomes gate_proj and up_proj
-// pairs sharing A); expert factors become LoRA on the fused 3-D expert
-// parameters (target_parameters, peft's ParamWrapper). docs/checkpoints.md.
+// Attention factors become LoRA on those nn.Linear modules (target_modules);
+// dense-MLP factors LoRA on their 2-D weights (target_parameters; a fused
+// gate_up pair becomes gate_proj and up_proj pairs sharing A); expert
+// factors LoRA on the fused 3-D expert parameters (target_parameters,
+// peft's ParamWrapper). docs/checkpoints.md.
 
 #include <string>
 

@@ -151,13 +151,21 @@ int64_t apply_lora(TransformerImpl& model, const LoraOptions& o) {
       b->moe->add_lora(o.rank, o.scale(), o.dropout, base_dt);
     }
   }
+  // A group names a kind of layer a model may lack (an all-MoE model has
+  // no dense MLP); a projection name must exist.
   for (const auto& t : o.targets) {
+    const bool group = t == "attention" || t == "mlp" || t == "experts";
     TORCH_CHECK(
-        matched.count(t) > 0,
+        group || matched.count(t) > 0,
         "config: finetune.lora.targets: '",
         t,
         "' matches no layer of this model");
   }
+  TORCH_CHECK(
+      !matched.empty(),
+      "config: finetune.lora.targets [",
+      c10::Join(", ", o.targets),
+      "] match no layer of this model");
   int64_t n = 0;
   for (const auto& p : model.named_parameters()) {
     if (is_lora_parameter(p.key())) {

@@ -427,6 +427,13 @@ def test_lora_config_errors(config, override, match):
     assert match in msg, msg
 
 
+def test_lora_targets_matching_nothing_are_an_error(config):
+    # A group may be absent (no dense MLP here) while another matches.
+    assert parse_error(config, "finetune.lora.targets=[mlp, experts]", "moe.num_experts=0") == ""
+    assert parse_error(config, "finetune.lora.targets=[experts]", "moe.num_experts=0") == \
+        "config: finetune.lora.targets [experts] match no layer of this model"
+
+
 def test_lora_with_tensor_parallel_is_an_error(config):
     msg = parse_error(config, "finetune.lora.rank=4", "parallel.tensor_parallel=2")
     assert msg == ("config: finetune.lora needs parallel.tensor_parallel (--set parallel.tensor_parallel=2) = 1, "
