@@ -1,5 +1,6 @@
 #include "config/lora_yaml.h"
 
+#include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 
 #include <algorithm>
@@ -8,7 +9,11 @@
 
 namespace moeyard::config {
 
-void read_finetune(YamlReader r, LoraOptions& o) {
+void read_finetune(
+    YamlReader r,
+    LoraOptions& o,
+    int64_t tensor_parallel,
+    const std::string& tp_key) {
   auto l = r.child("lora");
   o.enabled = l.given();
   if (o.enabled && !l.is_map()) {
@@ -48,6 +53,13 @@ void read_finetune(YamlReader r, LoraOptions& o) {
   }
   l.finish();
   r.finish();
+  TORCH_CHECK(
+      !o.enabled || tensor_parallel == 1,
+      "config: finetune.lora needs ",
+      tp_key,
+      " = 1, got ",
+      tensor_parallel,
+      " (LoRA factors are not split over tensor-parallel ranks)");
 }
 
 } // namespace moeyard::config

@@ -354,15 +354,12 @@ TrainConfig TrainConfig::parse(
     r.get("timeout_s", p.timeout_s, Range::greater_than(0));
     r.finish();
   }
-  config::read_finetune(top.child("finetune"), c.lora);
-  top.finish();
-  TORCH_CHECK(
-      !c.lora.enabled || c.parallel.tensor_parallel == 1,
-      "config: finetune.lora needs ",
-      name("parallel.tensor_parallel"),
-      " = 1, got ",
+  config::read_finetune(
+      top.child("finetune"),
+      c.lora,
       c.parallel.tensor_parallel,
-      " (LoRA factors are not split over tensor-parallel ranks)");
+      name("parallel.tensor_parallel"));
+  top.finish();
   c.model.validate(name);
   c.model.check_tensor_parallel(c.parallel.tensor_parallel, name);
   parallel::check_layout_sizes(c.layout_sizes(), name);
