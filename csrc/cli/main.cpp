@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "io/hf_checkpoint.h"
+#include "io/hf_peft.h"
 #include "parallel/process_group.h"
 #include "text/tokenizer.h"
 #include "train/plan.h"
@@ -79,8 +80,12 @@ int main(int argc, char** argv) {
       "export a checkpoint in Hugging Face format (docs/checkpoints.md)");
   std::string conv_to = "hf", conv_ckpt, conv_out, conv_family;
   int64_t shard_mb = 5000;
-  conv->add_option("--to", conv_to, "target format: hf")
-      ->check(CLI::IsMember({"hf"}));
+  conv->add_option(
+          "--to",
+          conv_to,
+          "target format: hf (a LoRA model's weights merged) or peft (its "
+          "LoRA adapter)")
+      ->check(CLI::IsMember({"hf", "peft"}));
   conv->add_option(
           "--checkpoint", conv_ckpt, "checkpoint directory or run directory")
       ->required();
@@ -314,6 +319,16 @@ int main(int argc, char** argv) {
             c10::Join(", ", moeyard::io::hf_families()),
             ")");
         conv_family = base.at("model_type").get<std::string>();
+      }
+      if (conv_to == "peft") {
+        moeyard::io::save_peft(
+            *model,
+            conv_family,
+            conv_out,
+            base.is_object() ? base.value("_name_or_path", "") : "");
+        std::cout << "wrote " << conv_family << " LoRA adapter to " << conv_out
+                  << "\n";
+        return 0;
       }
       moeyard::io::save_hf(
           *model, conv_family, conv_out, base, shard_mb * (int64_t(1) << 20));

@@ -56,6 +56,10 @@ class YamlReader {
   // Whether this mapping was given: an absent key and a null value (e.g.
   // `--set schedule.top_k=null`) both read as not given.
   bool given() const;
+  // Whether this value is a mapping.
+  bool is_map() const {
+    return node_.IsMap();
+  }
   // A nested mapping (an empty one if the key is absent).
   YamlReader child(const char* key);
   // A list of mappings (empty if the key is absent).

@@ -13,63 +13,23 @@
 #include <fstream>
 
 #include "io/hf/family.h"
+#include "io/hf/tensor_names.h"
 #include "io/hf_files.h"
 #include "io/hf_quantization.h"
+#include "model/lora.h"
 #include "util/dtype.h"
 
 namespace moeyard::io {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using hf::HfFamily;
+using hf::per_expert;
+using hf::Place;
+using hf::replace_all;
+using hf::rule_of;
 using hf::TensorRule;
 
 namespace {
-
-// The rule that names a model tensor: "layers.3.attn.q_proj.weight" is
-// "{layer}.attn.q_proj.weight" in layer 3; null when the family has none.
-const TensorRule* rule_of(
-    const HfFamily& fam, const std::string& name, int64_t* layer) {
-  std::string key = name;
-  *layer = -1;
-  if (name.rfind("layers.", 0) == 0) {
-    const auto dot = name.find('.', 7);
-    *layer = std::stoll(name.substr(7, dot - 7));
-    key = "{layer}" + name.substr(dot);
-  }
-  for (const auto& rule : fam.tensors) {
-    if (rule.ours == key) {
-      return &rule;
-    }
-  }
-  return nullptr;
-}
-
-void replace_all(std::string& s, const std::string& key, const std::string& v) {
-  for (size_t p = s.find(key); p != std::string::npos; p = s.find(key, p)) {
-    s.replace(p, key.size(), v);
-    p += v.size();
-  }
-}
-
-// Where one layer's tensors are: the layer and its MoE block's name.
-struct Place {
-  int64_t layer = -1;
-  std::string moe_block;
-
-  // A rule's file name template filled in ({e}: expert e, when e >= 0).
-  std::string name(std::string tmpl, int64_t e = -1) const {
-    replace_all(tmpl, "{moe}", "{layer}." + moe_block);
-    replace_all(tmpl, "{layer}", "model.layers." + std::to_string(layer));
-    if (e >= 0) {
-      replace_all(tmpl, "{e}", std::to_string(e));
-    }
-    return tmpl;
-  }
-};
-
-bool per_expert(const TensorRule& rule) {
-  return rule.theirs[0].find("{e}") != std::string::npos;
-}
 
 // GPT-OSS interleaves gate and up columns; moeyard stacks gate then up.
 at::Tensor deinterleave(const at::Tensor& t) { // [..., 2F] -> [..., 2F]
@@ -266,6 +226,9 @@ void load_hf_weights(
     return Place{layer, layer >= 0 ? moe_block_in_files(t, fam, layer) : ""};
   };
   for (auto& p : model.named_parameters()) {
+    if (is_lora_parameter(p.key())) { // not in the base checkpoint
+      continue;
+    }
     int64_t layer = -1;
     const TensorRule* rule = rule_of(fam, p.key(), &layer);
     TORCH_CHECK(
@@ -326,8 +289,16 @@ void save_hf(
         name);
     write_rule(out, *rule, Place{layer, fam.moe_block}, w, file_dtype);
   };
+  // LoRA: the merged weights (base + scale * B A), no factors.
+  std::map<std::string, at::Tensor> merged;
+  for (auto& [name, w] : lora_merged_weights(model)) {
+    merged[name] = w;
+  }
   for (const auto& p : model.named_parameters()) {
-    emit(p.key(), p.value().detach());
+    if (!is_lora_parameter(p.key())) {
+      const auto it = merged.find(p.key());
+      emit(p.key(), it != merged.end() ? it->second : p.value().detach());
+    }
   }
   for (const auto& b : model.named_buffers()) {
     emit(b.key(), b.value());

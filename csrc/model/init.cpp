@@ -38,6 +38,14 @@ struct Philox {
   }
 };
 
+// A uniform value in [0, 1) for position `i`: the third word of the
+// Philox block of counter i.
+inline double uniform_at(const Philox& rng, uint64_t i) {
+  uint32_t c[4] = {uint32_t(i), uint32_t(i >> 32), 0, 0};
+  rng(c);
+  return double(c[2]) / 4294967296.0;
+}
+
 // A standard normal value for position `i`: Box-Muller over the first two
 // words of the Philox block of counter i.
 inline double normal_at(const Philox& rng, uint64_t i) {
@@ -64,10 +72,14 @@ bool ends_with(const std::string& s, const std::string& suffix) {
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-enum class InitKind { kOnes, kZeros, kNormal };
+enum class InitKind { kOnes, kZeros, kNormal, kUniform };
 
-// The initialization rule of a parameter, by name.
+// The initialization rule of a parameter, by name. LoRA (model/lora.h):
+// A uniform in +-1/sqrt(fan_in) as PEFT does, B zero.
 InitKind init_kind(const std::string& name) {
+  if (name.find("lora_") != std::string::npos) {
+    return ends_with(name, "_a") ? InitKind::kUniform : InitKind::kZeros;
+  }
   const bool bias = ends_with(name, "bias");
   if (name.find("norm") != std::string::npos) {
     return bias ? InitKind::kZeros : InitKind::kOnes;
@@ -112,13 +124,16 @@ void materialize(torch::nn::Module& m, c10::Device device) {
   }
 }
 
-void fill_normal(
+// Values by position: U(low, high), or N(0, high) (`uniform` false).
+void fill_by_position(
     at::Tensor& t,
-    double std,
+    double low,
+    double high,
     uint64_t key,
     const std::string& name,
     const parallel::Piece& piece,
-    at::IntArrayRef full) {
+    at::IntArrayRef full,
+    bool uniform) {
   at::NoGradGuard g;
   const uint64_t k = tensor_key(key, name);
   const Philox rng{uint32_t(k), uint32_t(k >> 32)};
@@ -167,7 +182,9 @@ void fill_normal(
         const uint64_t base =
             (uint64_t(row / rows) * n + row_of[row % rows]) * uint64_t(inner);
         for (int64_t j = 0; j < inner; ++j) {
-          o[q * inner + j] = std * normal_at(rng, base + j);
+          o[q * inner + j] =
+              uniform ? low + (high - low) * uniform_at(rng, base + j)
+                      : high * normal_at(rng, base + j);
         }
       }
     });
@@ -175,13 +192,38 @@ void fill_normal(
   }
 }
 
+void fill_normal(
+    at::Tensor& t,
+    double std,
+    uint64_t key,
+    const std::string& name,
+    const parallel::Piece& piece,
+    at::IntArrayRef full) {
+  fill_by_position(t, 0, std, key, name, piece, full, false);
+}
+
+void fill_uniform(
+    at::Tensor& t,
+    double low,
+    double high,
+    uint64_t key,
+    const std::string& name,
+    const parallel::Piece& piece,
+    at::IntArrayRef full) {
+  fill_by_position(t, low, high, key, name, piece, full, true);
+}
+
 void init_parameters(
-    TransformerImpl& model, double std, uint64_t key, const PieceOf& piece_of) {
+    TransformerImpl& model,
+    double std,
+    uint64_t key,
+    const PieceOf& piece_of,
+    const std::function<bool(const std::string&)>& only) {
   at::NoGradGuard g;
   for (auto& p : model.named_parameters()) {
     const auto& name = p.key();
     auto& t = p.value();
-    if (t.is_meta()) {
+    if (t.is_meta() || (only && !only(name))) {
       continue; // shapes only: materialized and filled later
     }
     switch (init_kind(name)) {
@@ -192,6 +234,7 @@ void init_parameters(
         t.zero_();
         continue;
       case InitKind::kNormal:
+      case InitKind::kUniform:
         break;
     }
     const auto piece = piece_of ? piece_of(name) : parallel::Piece{};
@@ -199,7 +242,12 @@ void init_parameters(
     if (!piece.whole()) {
       full[piece.split.dim] *= piece.count;
     }
-    fill_normal(t, std, key, name, piece, full);
+    if (init_kind(name) == InitKind::kUniform) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(full.back()));
+      fill_uniform(t, -bound, bound, key, name, piece, full);
+    } else {
+      fill_normal(t, std, key, name, piece, full);
+    }
   }
 }
 

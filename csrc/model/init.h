@@ -60,15 +60,27 @@ void fill_normal(
     const parallel::Piece& piece,
     at::IntArrayRef full);
 
+// U(low, high) values by position, as fill_normal.
+void fill_uniform(
+    at::Tensor& t,
+    double low,
+    double high,
+    uint64_t key,
+    const std::string& name,
+    const parallel::Piece& piece,
+    at::IntArrayRef full);
+
 // The model's initialization: norms' weights 1, biases and zero-init
-// tensors 0, every other tensor N(0, std) by position (fill_normal), each
-// parameter being piece `piece_of(name)` of its full tensor (whole when
-// piece_of is empty).
+// tensors 0, LoRA factors A U(+-1/sqrt(fan_in)) and B 0, every other tensor
+// N(0, std), values by position (fill_normal, fill_uniform), each parameter
+// being piece `piece_of(name)` of its full tensor (whole when piece_of is
+// empty); only the parameters `only` accepts (all when empty).
 void init_parameters(
     TransformerImpl& model,
     double std,
     uint64_t key,
-    const PieceOf& piece_of = {});
+    const PieceOf& piece_of = {},
+    const std::function<bool(const std::string&)>& only = {});
 
 // A key drawn from the default CPU generator (torch.manual_seed and
 // train.seed decide it).

@@ -168,7 +168,14 @@ void MoELayerImpl::shard_experts(const parallel::Layout& layout) {
   const int64_t first = layout.first_expert(E);
   // In the order of kExpertParameters.
   const std::array<at::Tensor*, kExpertParameters.size()> tensors = {
-      &w_gate_up, &w_down, &b_gate_up, &b_down};
+      &w_gate_up,
+      &w_down,
+      &b_gate_up,
+      &b_down,
+      &lora_gate_up_a,
+      &lora_gate_up_b,
+      &lora_down_a,
+      &lora_down_b};
   for (size_t i = 0; i < tensors.size(); ++i) {
     at::Tensor& t = *tensors[i];
     if (!t.defined()) {

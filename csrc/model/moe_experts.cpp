@@ -36,6 +36,31 @@ at::Tensor clamped_swiglu(const at::Tensor& h, double alpha, double limit) {
   return (up + 1) * (gate * at::sigmoid(gate * alpha));
 }
 
+// One expert projection of the rows: grouped_mm with the base weight (cast
+// to the rows' dtype when a LoRA base is stored in another), plus, with
+// LoRA factors, scale * B_e A_e dropout(rows) as two grouped GEMMs over the
+// same rows.
+at::Tensor expert_projection(
+    const at::Tensor& rows,
+    const at::Tensor& w,
+    const at::Tensor& lora_a,
+    const at::Tensor& lora_b,
+    const at::Tensor& offsets,
+    const MoEWeights& ws,
+    const MoEOptions& o) {
+  const auto base =
+      w.scalar_type() == rows.scalar_type() ? w : w.to(rows.scalar_type());
+  auto out = ops::grouped_mm(rows, base, offsets);
+  if (lora_a.defined()) {
+    const auto in = o.training && ws.lora_dropout > 0
+                        ? at::dropout(rows, ws.lora_dropout, /*train=*/true)
+                        : rows;
+    const auto low = ops::grouped_mm(in, lora_a, offsets); // [N, r]
+    out = out + ops::grouped_mm(low, lora_b, offsets) * ws.lora_scale;
+  }
+  return out;
+}
+
 // The experts held here on expert-contiguous rows laid out by `offsets`.
 at::Tensor local_experts(
     const at::Tensor& rows,
@@ -46,7 +71,8 @@ at::Tensor local_experts(
   if (w.b_gate_up.defined() || w.b_down.defined()) {
     row_expert = expert_of_rows(offsets, rows.size(0));
   }
-  auto h = ops::grouped_mm(rows, w.w_gate_up, offsets);
+  auto h = expert_projection(
+      rows, w.w_gate_up, w.lora_gate_up_a, w.lora_gate_up_b, offsets, w, o);
   if (w.b_gate_up.defined()) {
     h = add_expert_bias(h, w.b_gate_up, row_expert);
   }
@@ -56,7 +82,8 @@ at::Tensor local_experts(
   if (o.training && o.expert_dropout > 0) {
     act = at::dropout(act, o.expert_dropout, /*train=*/true);
   }
-  auto out = ops::grouped_mm(act, w.w_down, offsets);
+  auto out = expert_projection(
+      act, w.w_down, w.lora_down_a, w.lora_down_b, offsets, w, o);
   if (w.b_down.defined()) {
     out = add_expert_bias(out, w.b_down, row_expert);
   }

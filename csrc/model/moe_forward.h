@@ -39,6 +39,12 @@ struct MoEWeights {
 #define MOEYARD_DECLARE(name, required, doc) at::Tensor name;
   MOEYARD_MOE_WEIGHTS(MOEYARD_DECLARE)
 #undef MOEYARD_DECLARE
+  // LoRA of the experts (C++ model only, not in the op's schema; shapes in
+  // MoELayerImpl::add_lora): expert e computes with w_gate_up[e] +
+  // lora_scale * lora_gate_up_b[e] lora_gate_up_a[e], likewise w_down, with
+  // lora_dropout on the factors' input in training. Undefined: no LoRA.
+  at::Tensor lora_gate_up_a, lora_gate_up_b, lora_down_a, lora_down_b;
+  double lora_scale = 0.0, lora_dropout = 0.0;
 };
 
 // The op's outputs: y, the aux losses, the statistics and indices.

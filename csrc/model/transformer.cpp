@@ -22,8 +22,19 @@ LinearImpl::LinearImpl(
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) const {
-  return ops::linear(
-      x, weight, bias.defined() ? std::optional(bias) : std::nullopt);
+  // A frozen LoRA base may be stored in another dtype (model/lora.h).
+  const auto w = weight.scalar_type() == x.scalar_type()
+                     ? weight
+                     : weight.to(x.scalar_type());
+  auto y =
+      ops::linear(x, w, bias.defined() ? std::optional(bias) : std::nullopt);
+  if (lora_a.defined()) {
+    const auto in = lora_dropout > 0 && is_training()
+                        ? at::dropout(x, lora_dropout, /*train=*/true)
+                        : x;
+    y = y + ops::linear(ops::linear(in, lora_a), lora_b) * lora_scale;
+  }
+  return y;
 }
 
 NormImpl::NormImpl(
@@ -127,7 +138,13 @@ MoEWeights MoELayerImpl::weights() const {
       selection_bias,
       noise_weight,
       b_gate_up,
-      b_down};
+      b_down,
+      lora_gate_up_a,
+      lora_gate_up_b,
+      lora_down_a,
+      lora_down_b,
+      lora_scale,
+      lora_dropout};
 }
 
 MoEOutput MoELayerImpl::forward(

@@ -32,9 +32,17 @@ namespace moeyard {
 
 // The MoE layer's expert parameters (layers.{i}.moe.<name>): one slice per
 // expert along dim 0, split over the expert-parallel ranks: the expert
-// weight matrices first (kExpertWeights of them), then their biases.
-inline constexpr std::array<const char*, 4> kExpertParameters = {
-    "w_gate_up", "w_down", "b_gate_up", "b_down"};
+// weight matrices first (kExpertWeights of them), then their biases, then
+// their LoRA factors (model/lora.h).
+inline constexpr std::array<const char*, 8> kExpertParameters = {
+    "w_gate_up",
+    "w_down",
+    "b_gate_up",
+    "b_down",
+    "lora_gate_up_a",
+    "lora_gate_up_b",
+    "lora_down_a",
+    "lora_down_b"};
 inline constexpr size_t kExpertWeights = 2;
 // Whether the model parameter `name` ("layers.1.moe.w_down") is an expert
 // parameter; `weights_only`: an expert weight matrix (not a bias).
@@ -48,7 +56,14 @@ class LinearImpl : public torch::nn::Module {
   // Keeps rank's piece of the weight (and of the bias when `bias_too`).
   void shard(
       const parallel::TpSplit& split, int64_t rank, int64_t tp, bool bias_too);
+  // LoRA (model/lora.h): registers lora_a [r, in] and lora_b [out, r];
+  // forward adds scale * B A dropout(x). The frozen weight is kept in
+  // base_dtype (cast to x's dtype when used).
+  void add_lora(
+      int64_t rank, double scale, double dropout, at::ScalarType base_dtype);
   at::Tensor weight, bias;
+  at::Tensor lora_a, lora_b;
+  double lora_scale = 0.0, lora_dropout = 0.0;
 };
 TORCH_MODULE(Linear);
 
@@ -172,10 +187,17 @@ class MoELayerImpl : public torch::nn::Module {
   // the expert parameters (same names, sliced) and routes rows through the
   // layout's expert-parallel group (not owned).
   void shard_experts(const parallel::Layout& layout);
+  // LoRA of every expert (model/lora.h): lora_gate_up_a [E, r, H],
+  // lora_gate_up_b [E, 2F, r], lora_down_a [E, r, F], lora_down_b [E, H, r];
+  // w_gate_up/w_down are frozen and kept in base_dtype.
+  void add_lora(
+      int64_t rank, double scale, double dropout, at::ScalarType base_dtype);
   MoEWeights weights() const;
   Linear router{nullptr};
   at::Tensor w_gate_up, w_down, shared_gate_up, shared_down, shared_gate,
       selection_bias, noise_weight, b_gate_up, b_down;
+  at::Tensor lora_gate_up_a, lora_gate_up_b, lora_down_a, lora_down_b;
+  double lora_scale = 0.0, lora_dropout = 0.0;
   MoEOptions options;
 };
 TORCH_MODULE(MoELayer);

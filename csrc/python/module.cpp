@@ -8,6 +8,8 @@
 #include "config/model_yaml.h"
 #include "io/checkpoint.h"
 #include "io/hf_checkpoint.h"
+#include "io/hf_peft.h"
+#include "model/lora.h"
 #include "model/transformer.h"
 #include "parallel/process_group.h"
 #include "python/bindings.h"
@@ -191,9 +193,37 @@ PYBIND11_MODULE(_C, m) {
           py::arg("seed") = 0,
           py::arg("use_cache") = true)
       .def(
-          "init_weights",
-          &TransformerImpl::init_weights,
-          py::arg("std") = 0.02);
+          "init_weights", &TransformerImpl::init_weights, py::arg("std") = 0.02)
+      .def(
+          "add_lora",
+          [](TransformerImpl& self,
+             int64_t rank,
+             double alpha,
+             double dropout,
+             const std::vector<std::string>& targets,
+             const std::string& base_dtype) {
+            moeyard::LoraOptions o;
+            o.enabled = true;
+            o.rank = rank;
+            o.alpha = alpha;
+            o.dropout = dropout;
+            o.targets = targets;
+            o.base_dtype = base_dtype;
+            TORCH_CHECK(rank >= 1, "add_lora: rank must be >= 1, got ", rank);
+            return moeyard::apply_lora(self, o);
+          },
+          py::arg("rank"),
+          py::arg("alpha"),
+          py::arg("dropout"),
+          py::arg("targets"),
+          py::arg("base_dtype"))
+      .def("lora_merged_weights", [](const TransformerImpl& self) {
+        py::dict out;
+        for (auto& [name, w] : moeyard::lora_merged_weights(self)) {
+          out[py::str(name)] = w;
+        }
+        return out;
+      });
 
   // Hugging Face checkpoints (csrc/io/hf_checkpoint.h).
   m.def(
@@ -225,6 +255,23 @@ PYBIND11_MODULE(_C, m) {
       py::arg("max_shard_bytes") = int64_t(5) << 30,
       "writes config.json + safetensors in the family's own layout");
   m.def("hf_families", &moeyard::io::hf_families);
+  m.def(
+      "save_peft",
+      &moeyard::io::save_peft,
+      py::arg("model"),
+      py::arg("family"),
+      py::arg("out_dir"),
+      py::arg("base_model") = "",
+      "writes the model's LoRA factors as a PEFT adapter directory");
+  m.def(
+      "load_trained",
+      [](const std::string& step_dir) {
+        return std::shared_ptr<TransformerImpl>(
+            moeyard::train::load_model(step_dir).ptr());
+      },
+      py::arg("step_dir"),
+      "the model of a native checkpoint step directory (LoRA factors "
+      "included), in eval mode");
 
   // Native checkpoints (csrc/io/checkpoint.h), for moeyard.checkpoint.
   m.def(

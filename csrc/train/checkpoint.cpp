@@ -311,6 +311,7 @@ Transformer load_model(const std::string& checkpoint_dir) {
   const auto cfg =
       TrainConfig::from_text(manifest.at("config").get<std::string>(), hf);
   Transformer model(cfg.model);
+  apply_lora(*model, cfg.lora);
   io::load_model_tensors(*model, dir);
   model->eval();
   return model;

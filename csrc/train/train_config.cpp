@@ -8,6 +8,7 @@
 #include <set>
 #include <sstream>
 
+#include "config/lora_yaml.h"
 #include "config/model_yaml.h"
 #include "config/yaml_reader.h"
 #include "io/hf_checkpoint.h"
@@ -362,6 +363,11 @@ TrainConfig TrainConfig::parse(
     r.get("timeout_s", p.timeout_s, Range::greater_than(0));
     r.finish();
   }
+  config::read_finetune(
+      top.child("finetune"),
+      c.lora,
+      c.parallel.tensor_parallel,
+      name("parallel.tensor_parallel"));
   top.finish();
   c.model.validate(name);
   c.model.check_tensor_parallel(c.parallel.tensor_parallel, name);

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/config.h"
+#include "model/lora.h"
 #include "parallel/layout.h"
 #include "train/schedule.h"
 
@@ -131,6 +132,7 @@ struct TrainConfig {
   LogConfig log;
   MoESchedules schedule;
   ParallelConfig parallel;
+  LoraOptions lora; // finetune.lora: LoRA fine-tuning (off when absent)
   std::string text; // the config as given, as YAML (saved with checkpoints)
   // Every key with its resolved value ("moe.score_fn" -> "softmax"),
   // defaults included: what resume compares (docs/training.md).

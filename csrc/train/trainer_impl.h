@@ -119,6 +119,10 @@ class Trainer {
     model_->set_recompute(
         parse_recompute(cfg_.train.recompute, "train.recompute"),
         cfg_.train.recompute_layers);
+    if (const int64_t n = apply_lora(*model_, cfg_.lora)) {
+      log::info(log::format(
+          "finetune.lora: %ld trainable LoRA parameters, the base frozen", n));
+    }
     train_ = std::make_unique<io::TokenShard>(cfg_.data.train);
     check_shard(*train_, "data.train");
     if (!cfg_.data.valid.empty()) {

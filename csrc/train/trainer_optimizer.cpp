@@ -21,10 +21,10 @@ void Trainer::build_optimizer() {
         o.freeze.begin(), o.freeze.end(), [&](const std::string& pat) {
           return n.find(pat) != std::string::npos;
         });
-    if (freeze) { // no gradient, not in the optimizer
+    if (freeze || !t.requires_grad()) { // frozen here or by finetune.lora
       t.requires_grad_(false);
-      ++frozen;
-      frozen_numel += t.numel();
+      frozen += freeze;
+      frozen_numel += freeze ? t.numel() : 0;
       continue;
     }
     // fp32 masters of low-precision parameters (the sharded optimizer

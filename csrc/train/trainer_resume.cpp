@@ -143,6 +143,15 @@ void Trainer::load_weights(const fs::path& from) {
   } else if (!cfg_.init_from.empty()) {
     io::load_hf_weights(*model_, cfg_.hf_config, cfg_.init_from, piece_of);
     log::info("initialized from " + cfg_.init_from);
+    // LoRA factors (not in the base checkpoint): A random, B zero, so the
+    // model starts as its base.
+    at::manual_seed(cfg_.train.seed);
+    init_parameters(
+        *model_,
+        0.02,
+        init_key_from_default_generator(),
+        piece_of,
+        is_lora_parameter);
   } else {
     at::manual_seed(cfg_.train.seed);
     init_parameters(*model_, 0.02, init_key_from_default_generator(), piece_of);
@@ -205,7 +214,7 @@ void Trainer::check_resume_compatible(
       return false;
     }
     // model:, moe: and the MoE schedules (schedule.<option>.*).
-    for (const char* p : {"model.", "moe.", "schedule."}) {
+    for (const char* p : {"model.", "moe.", "schedule.", "finetune."}) {
       if (key.rfind(p, 0) == 0) {
         return key != "schedule.bias_update_rate";
       }

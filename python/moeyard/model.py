@@ -44,6 +44,39 @@ class Transformer:
         self.training = True
         return self
 
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, os.PathLike]) -> "Transformer":
+        """The model of a ``moeyard train`` checkpoint: a ``step_<N>``
+        directory, or a run directory (its ``latest``). LoRA factors of a
+        ``finetune.lora`` run are included. Returned in eval mode."""
+        path = os.fspath(path)
+        latest = os.path.join(path, "latest")
+        if os.path.exists(latest):
+            with open(latest) as f:
+                path = os.path.join(path, f.read().strip())
+        self = cls.__new__(cls)
+        self._impl = _C.load_trained(path)
+        self.training = False
+        return self
+
+    def add_lora(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 targets=("attention", "mlp", "experts"), base_dtype: str = "model") -> int:
+        """Adds LoRA factors (``finetune.lora`` of docs/training.md) and
+        freezes every other parameter; returns the number of LoRA
+        parameters."""
+        return self._impl.add_lora(rank, alpha, dropout, list(targets), base_dtype)
+
+    def lora_merged_weights(self) -> Dict[str, Tensor]:
+        """The weights LoRA changes, merged (base + alpha/rank * B A), by
+        base parameter name."""
+        return self._impl.lora_merged_weights()
+
+    def save_peft(self, path: Union[str, os.PathLike], family: str, base_model: str = "") -> None:
+        """Writes the LoRA factors as a PEFT adapter (``adapter_config.json``
+        + ``adapter_model.safetensors``) for ``family``'s transformers
+        model."""
+        _C.save_peft(self._impl, family, os.fspath(path), base_model)
+
     def save_hf(self, path: Union[str, os.PathLike], family: str,
                 base_config: Optional[Dict[str, Any]] = None,
                 max_shard_bytes: int = 5 << 30) -> None:

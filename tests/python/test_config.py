@@ -168,6 +168,7 @@ INTS = {
     "checkpoint": ["every", "keep_last"],
     "log": ["every"],
     "parallel": ["data_parallel", "tensor_parallel", "expert_parallel"],
+    "finetune.lora": ["rank"],
 }
 FLOATS = {
     "model": ["norm_eps", "clip_qkv", "attention_scale", "rope_theta", "rotary_pct", "rope_factor",
@@ -178,6 +179,7 @@ FLOATS = {
     "checkpoint": ["timeout_s"],
     "schedule": ["bias_update_rate"],
     "parallel": ["timeout_s"],
+    "finetune.lora": ["alpha", "dropout"],
 }
 # Ranges that depend on another key, checked below with their own cases.
 RELATIVE = {"moe.top_k", "moe.topk_groups", "moe.layers", "train.recompute_layers"}
@@ -413,6 +415,50 @@ def test_model_dict_rejects_non_finite(field, value):
     # json.dumps writes NaN / Infinity / -Infinity
     with pytest.raises(RuntimeError, match=rf"config: {field} \(line 1\): -?(NaN|Infinity) is outside"):
         moeyard.Transformer(dict(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, **{field: value}))
+
+
+# ---- finetune.lora -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("override,match", [
+    ("finetune.lora.targets=[attention, qkv]",
+     "config: finetune.lora.targets (--set finetune.lora.targets=[attention, qkv]): unknown target 'qkv' "
+     "(one of: attention, mlp, experts, q_proj, k_proj, v_proj, o_proj, q_a_proj, q_b_proj, kv_a_proj, "
+     "kv_b_proj)"),
+    ("finetune.lora.targets=[]", "config: finetune.lora.targets (--set finetune.lora.targets=[]): is empty"),
+    ("finetune.lora.targets=attention",
+     "config: finetune.lora.targets (--set finetune.lora.targets=attention): expected a list"),
+    ("finetune.lora.base_dtype=int8",
+     "config: finetune.lora.base_dtype (--set finetune.lora.base_dtype=int8): must be model or one of "
+     "float32, bfloat16, float64, got 'int8'"),
+    ("finetune.lora.ranks=4", "finetune.lora.ranks"),
+    ("finetune.lora.rank=2.5", "config: finetune.lora.rank (--set finetune.lora.rank=2.5): expected an integer"),
+    ("finetune.adapter=x", "finetune.adapter"),
+    ("finetune.lora=false", "config: finetune.lora (--set finetune.lora=false): expected a mapping"),
+    ("finetune.lora.targets=[q_a_proj]",
+     "config: finetune.lora.targets: 'q_a_proj' matches no layer of this model"),
+])
+def test_lora_config_errors(config, override, match):
+    msg = parse_error(config, override)
+    assert match in msg, msg
+
+
+def test_lora_targets_matching_nothing_are_an_error(config):
+    # A group may be absent (no dense MLP here) while another matches.
+    assert parse_error(config, "finetune.lora.targets=[mlp, experts]", "moe.num_experts=0") == ""
+    assert parse_error(config, "finetune.lora.targets=[experts]", "moe.num_experts=0") == \
+        "config: finetune.lora.targets [experts] match no layer of this model"
+
+
+def test_lora_with_tensor_parallel_is_an_error(config):
+    msg = parse_error(config, "finetune.lora.rank=4", "parallel.tensor_parallel=2")
+    assert msg == ("config: finetune.lora needs parallel.tensor_parallel (--set parallel.tensor_parallel=2) = 1, "
+                   "got 2 (LoRA factors are not split over tensor-parallel ranks)"), msg
+
+
+def test_lora_defaults_are_accepted(config):
+    assert parse_error(config, "finetune.lora={}") == ""
+    assert parse_error(config, "finetune.lora.rank=1", "finetune.lora.dropout=0", "finetune.lora.alpha=1e-3",
+                       "finetune.lora.targets=[q_proj, experts]", "finetune.lora.base_dtype=bfloat16") == ""
 
 
 # ---- shipped configs still parse -------------------------------------------------------------
