@@ -128,7 +128,9 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
   parallel::check_layout_sizes(sizes);
   Transformer model = [&] {
     ParamDeviceGuard meta(c10::kMeta);
-    return Transformer(cfg.model);
+    Transformer m(cfg.model);
+    apply_lora(*m, cfg.lora); // LoRA: the factors train, the base is frozen
+    return m;
   }();
   const auto& c = model->config;
   const int64_t B = cfg.train.micro_batch, S = cfg.data.seq_len;
@@ -167,10 +169,12 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
       if (r == 0) {
         plan.total_params += p.value().numel();
       }
-      const bool frozen = std::any_of(
-          cfg.optim.freeze.begin(),
-          cfg.optim.freeze.end(),
-          [&](const std::string& pat) { return contains(n, pat.c_str()); });
+      const bool frozen =
+          !p.value().requires_grad() ||
+          std::any_of(
+              cfg.optim.freeze.begin(),
+              cfg.optim.freeze.end(),
+              [&](const std::string& pat) { return contains(n, pat.c_str()); });
       if (frozen) {
         continue;
       }

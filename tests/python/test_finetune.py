@@ -149,8 +149,46 @@ def test_shipped_finetune_configs_parse(family, tmp_path):
     r = run("train", "--config", os.path.join(ROOT, "configs", f"finetune_{family}.yaml"),
             "--set", f"model.init_from={d}", "--set", "data.train=/nonexistent.bin",
             "--set", "train.device=cpu", "--set", "model.max_seq_len=64", "--set", "data.seq_len=32",
+            "--set", "parallel.expert_parallel=1",  # the layout is the real checkpoint's
             check=False)
     assert r.returncode == 1 and "/nonexistent.bin" in r.stderr, r.stderr
+
+
+# Each shipped fine-tune config and the published shapes of its model.
+SHAPES = {"mixtral": "mixtral_8x7b", "qwen2_moe": "qwen1.5_moe_a2.7b", "qwen3_moe": "qwen3_30b_a3b",
+          "olmoe": "olmoe_1b_7b", "gpt_oss": "gpt_oss_20b", "deepseek_v3": "deepseek_v3", "lora": "mixtral_8x7b"}
+
+
+@pytest.mark.parametrize("family", SUPPORTED + ["lora"])
+def test_shipped_finetune_layouts_fit_their_hardware(family):
+    """The parallel:, optim.shard, train.recompute and finetune.lora of each
+    shipped fine-tune config, on the hardware its header states, fit 90% of
+    an 80 GB GPU by the planner (with the real model's shapes)."""
+    import re
+
+    import yaml
+
+    path = os.path.join(ROOT, "configs", f"finetune_{family}.yaml")
+    text = open(path).read()
+    world = int(re.search(r"# Hardware: (\d+) x 80 GB", text).group(1))
+    cfg = yaml.safe_load(text)
+    sets = [f"data.seq_len={cfg['data']['seq_len']}", f"train.micro_batch={cfg['train']['micro_batch']}",
+            f"optim.shard={cfg['optim'].get('shard', 'none')}",
+            f"train.recompute={cfg['train'].get('recompute', 'none')}"]
+    for key, value in (cfg.get("parallel") or {}).items():
+        sets.append(f"parallel.{key}={value}")
+    if cfg.get("finetune", {}).get("lora"):
+        sets.append("finetune.lora=" + json.dumps(cfg["finetune"]["lora"]))
+    args = [EXE, "plan", "--config", os.path.join(ROOT, "configs", "plan", SHAPES[family] + ".yaml"),
+            "--world", str(world), "--json"]
+    for s in sets:
+        args += ["--set", s]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    for rank in plan["ranks"]:
+        assert rank["step_peak"] <= 0.9 * 80e9, (family, rank["step_peak"] / 1e9)
+        assert rank["load_peak"] <= 0.9 * 80e9, (family, rank["load_peak"] / 1e9)
 
 
 @pytest.mark.parametrize("layout", [["parallel.expert_parallel=2"], ["parallel.tensor_parallel=2"]],
