@@ -52,6 +52,37 @@ def free_port():
         return s.getsockname()[1]
 
 
+def load_peak(nproc, args, log):
+    """Starts `moeyard args` as nproc ranks and stops them once rank 0 logs
+    its memory after loading; returns rank 0's peak resident bytes then (the
+    ranks are symmetric: the layout splits every dimension evenly)."""
+    port = free_port()
+    procs = []
+    for r in range(nproc):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        if nproc == 1:
+            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                env.pop(k)
+        procs.append(subprocess.Popen([EXE, *args], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=open(f"{log}.rank{r}", "w")))
+    pattern = re.compile(r"memory: this rank holds ([\d.]+) MB of parameters and ([\d.]+) MB of optimizer "
+                         r"state; resident ([\d.]+) MB, peak ([\d.]+) MB")
+    while True:
+        text = open(f"{log}.rank0").read()
+        m = pattern.search(text)
+        if m or procs[0].poll() is not None:
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.kill()
+        p.wait()
+    if not m:
+        sys.exit(f"rank 0 ended before loading: {text[-2000:]}")
+    rate = re.findall(r"loading \S+: [\d.]+ of [\d.]+ MB this rank owns \(([\d.]+) MB/s\)", text)
+    return float(m.group(4)) * 1e6, (float(rate[-1]) if rate else None)
+
+
 def launch(nproc, args, log):
     """Runs `moeyard args` as nproc ranks; returns each rank's (exit code,
     peak RSS in bytes) from wait4, and rank 0's stderr."""
@@ -93,6 +124,7 @@ def main():
     ap.add_argument("--layouts", default="1,EP2,EP4,TP2xEP2")
     ap.add_argument("--shards", default="none,optimizer,optimizer+grads")
     ap.add_argument("--rounds", type=int, default=5, help="load-throughput rounds")
+    ap.add_argument("--train-layouts", default="1,EP4", help="layouts of the training runs (step peak)")
     ap.add_argument("--out", help="also write the markdown tables here")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
@@ -130,27 +162,27 @@ def main():
                 .replace("vocab_size: 32000", "vocab_size: 256").replace("num_experts: 64", "num_experts: 8")
                 .replace("head_dim: 64", "head_dim: 16").replace("top_k: 8", "top_k: 2").replace(run, tiny_run))
     launch(1, ["train", "--config", tiny, "--overwrite"], os.path.join(a.workdir, "tiny"))
-    base = max(launch(1, ["train", "--config", tiny, "--resume", "auto"], os.path.join(a.workdir, "tiny2"))[0][0][1], 1)
+    base = load_peak(1, ["train", "--config", tiny, "--resume", "auto"], os.path.join(a.workdir, "tiny2"))[0]
     say(f"process baseline (peak RSS resuming a tiny model): {base / 1e6:.0f} MB")
     say()
-    say("| layout | optim.shard | rank | owned (GB) | load peak RSS - baseline (GB) | / owned | planner load peak (GB) |")
+    say("| layout | optim.shard | owned per rank (GB) | load peak RSS - baseline (GB) | / owned | "
+        "planner load peak (GB) | load rate (MB/s) |")
     say("|---|---|---:|---:|---:|---:|---:|")
     for name in a.layouts.split(","):
         nproc, layout_sets = LAYOUTS[name]
         for shard in a.shards.split(","):
             sets = layout_sets + [f"optim.shard={shard}"]
             p = plan(cfg, nproc, sets)
-            ranks, _ = launch(nproc, ["train", "--config", cfg, "--resume", step, "--overwrite", *sets_of(sets)],
-                              os.path.join(a.workdir, f"load-{name}-{shard}"))
-            for r, (_, peak) in enumerate(ranks):
-                rp = next(x for x in p["ranks"] if r in x["ranks"])
-                owned = rp["params"] + rp["optimizer"]
-                say(f"| {name} | {shard} | {r} | {owned / 1e9:.3f} | {(peak - base) / 1e9:.3f} | "
-                    f"{(peak - base) / owned:.2f} | {rp['load_peak'] / 1e9:.3f} |")
+            peak, rate = load_peak(nproc, ["train", "--config", cfg, "--resume", step, "--overwrite",
+                                           *sets_of(sets)], os.path.join(a.workdir, f"load-{name}-{shard}"))
+            rp = p["ranks"][0]
+            owned = rp["params"] + rp["optimizer"]
+            say(f"| {name} | {shard} | {owned / 1e9:.3f} | {(peak - base) / 1e9:.3f} | "
+                f"{(peak - base) / owned:.2f} | {rp['load_peak'] / 1e9:.3f} | {rate or 0:.0f} |")
     say()
     say("| layout | optim.shard | rank | planner step peak (GB) | peak RSS - baseline (GB) | measured / planner |")
     say("|---|---|---:|---:|---:|---:|")
-    for name in a.layouts.split(","):
+    for name in a.train_layouts.split(","):
         nproc, layout_sets = LAYOUTS[name]
         for shard in a.shards.split(","):
             sets = layout_sets + [f"optim.shard={shard}", "train.steps=3"]
@@ -168,10 +200,10 @@ def main():
 
     ours, theirs = [], []
     for _ in range(a.rounds):
-        _, log = launch(1, ["train", "--config", cfg, "--resume", step], os.path.join(a.workdir, "tp"))
-        rate = re.findall(r"loading \S+: ([\d.]+) of [\d.]+ MB this rank owns \(([\d.]+) MB/s\)", log)
+        _, rate = load_peak(1, ["train", "--config", cfg, "--resume", step, "--overwrite"],
+                            os.path.join(a.workdir, "tp"))
         if rate:
-            ours.append(float(rate[-1][1]))
+            ours.append(rate)
         t = time.perf_counter()
         tensors = load_file(os.path.join(step, "model.safetensors")) if os.path.exists(
             os.path.join(step, "model.safetensors")) else {

@@ -72,7 +72,8 @@ def overrides(hf_dir, data, run_dir, steps=40):
             "data.train": data / "train.bin", "data.valid": data / "valid.bin", "data.seq_len": 32,
             "optim.lr": 3e-3, "optim.warmup": 2, "train.steps": steps, "train.micro_batch": 4,
             "train.grad_accum": 1, "train.eval_every": steps, "train.eval_batches": 2,
-            "train.device": "cpu", "checkpoint.dir": run_dir, "checkpoint.every": 0, "log.every": 10}
+            "train.device": "cpu", "checkpoint.dir": run_dir, "checkpoint.every": 0, "log.every": 10,
+            "parallel.expert_parallel": 1}  # the shipped layout is for 8 GPUs
     out = []
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]

@@ -52,7 +52,7 @@ def hf_dirs(tmp_path_factory):
 
 
 def lora_args(extra=None):
-    args = []
+    args = ["--set", "parallel.expert_parallel=1"]  # the config's layout is for 8 GPUs
     for k, v in {**LORA, **(extra or {})}.items():
         args += ["--set", f"{k}={v}"]
     return args

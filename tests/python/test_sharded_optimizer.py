@@ -44,8 +44,12 @@ def assert_close_runs(a, b, steps, tol):
     ma, mb = run_metrics(a), run_metrics(b)
     assert len(ma) == len(mb) == steps
     for x, y in zip(ma, mb):
-        for k in ("loss", "ce", "aux", "grad_norm"):
+        for k in ("loss", "ce", "aux"):
             assert abs(x[k] - y[k]) <= tol * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
+        # The unsharded norm sums per-tensor float32 norms, the sharded one
+        # float64 squares of shards: their last digits differ.
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * x["grad_norm"], (x["step"], x["grad_norm"],
+                                                                              y["grad_norm"])
     for kind in ("model", "optimizer"):
         ta, tb = load(a, steps, kind), load(b, steps, kind)
         assert set(ta) == set(tb), (kind, set(ta) ^ set(tb))
