@@ -38,7 +38,8 @@ class LoadProgress {
     }
   }
   void finish() const {
-    if (std::chrono::steady_clock::now() - start_ > std::chrono::seconds(2)) {
+    if (std::chrono::steady_clock::now() - start_ > std::chrono::seconds(2) ||
+        done_ > (int64_t(256) << 20)) {
       log::info(line());
     }
   }

@@ -64,8 +64,8 @@ def load_peak(nproc, args, log):
         if nproc == 1:
             for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
                 env.pop(k)
-        procs.append(subprocess.Popen([EXE, *args], env=env, stdout=subprocess.DEVNULL,
-                                      stderr=open(f"{log}.rank{r}", "w")))
+        procs.append(subprocess.Popen([EXE, *args], env=env, stdout=open(f"{log}.rank{r}", "w"),
+                                      stderr=subprocess.STDOUT))
     pattern = re.compile(r"memory: this rank holds ([\d.]+) MB of parameters and ([\d.]+) MB of optimizer "
                          r"state; resident ([\d.]+) MB, peak ([\d.]+) MB")
     while True:
@@ -85,7 +85,7 @@ def load_peak(nproc, args, log):
 
 def launch(nproc, args, log):
     """Runs `moeyard args` as nproc ranks; returns each rank's (exit code,
-    peak RSS in bytes) from wait4, and rank 0's stderr."""
+    peak RSS in bytes) from wait4, and rank 0's output."""
     port = free_port()
     procs = []
     for r in range(nproc):
@@ -95,7 +95,7 @@ def launch(nproc, args, log):
             for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
                 env.pop(k)
         err = open(f"{log}.rank{r}", "w")
-        procs.append((subprocess.Popen([EXE, *args], env=env, stdout=subprocess.DEVNULL, stderr=err), err))
+        procs.append((subprocess.Popen([EXE, *args], env=env, stdout=err, stderr=subprocess.STDOUT), err))
     out = []
     for p, err in procs:
         _, status, usage = os.wait4(p.pid, 0)
