@@ -125,6 +125,7 @@ def main():
     ap.add_argument("--shards", default="none,optimizer,optimizer+grads")
     ap.add_argument("--rounds", type=int, default=5, help="load-throughput rounds")
     ap.add_argument("--train-layouts", default="1,EP4", help="layouts of the training runs (step peak)")
+    ap.add_argument("--throughput-only", action="store_true", help="only the load-throughput rounds")
     ap.add_argument("--out", help="also write the markdown tables here")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
@@ -164,11 +165,13 @@ def main():
     launch(1, ["train", "--config", tiny, "--overwrite"], os.path.join(a.workdir, "tiny"))
     base = load_peak(1, ["train", "--config", tiny, "--resume", "auto"], os.path.join(a.workdir, "tiny2"))[0]
     say(f"process baseline (peak RSS resuming a tiny model): {base / 1e6:.0f} MB")
+    if a.throughput_only:
+        a.layouts, a.train_layouts = "", ""
     say()
     say("| layout | optim.shard | owned per rank (GB) | load peak RSS - baseline (GB) | / owned | "
         "planner load peak (GB) | load rate (MB/s) |")
     say("|---|---|---:|---:|---:|---:|---:|")
-    for name in a.layouts.split(","):
+    for name in filter(None, a.layouts.split(",")):
         nproc, layout_sets = LAYOUTS[name]
         for shard in a.shards.split(","):
             sets = layout_sets + [f"optim.shard={shard}"]
@@ -182,7 +185,7 @@ def main():
     say()
     say("| layout | optim.shard | rank | planner step peak (GB) | peak RSS - baseline (GB) | measured / planner |")
     say("|---|---|---:|---:|---:|---:|")
-    for name in a.train_layouts.split(","):
+    for name in filter(None, a.train_layouts.split(",")):
         nproc, layout_sets = LAYOUTS[name]
         for shard in a.shards.split(","):
             sets = layout_sets + [f"optim.shard={shard}", "train.steps=3"]
@@ -205,10 +208,9 @@ def main():
         if rate:
             ours.append(rate)
         t = time.perf_counter()
-        tensors = load_file(os.path.join(step, "model.safetensors")) if os.path.exists(
-            os.path.join(step, "model.safetensors")) else {
-            k: v for f in sorted(os.listdir(step)) if f.startswith("model-")
-            for k, v in load_file(os.path.join(step, f)).items()}
+        # load_file maps the file: clone() reads the bytes, as moeyard does.
+        tensors = {k: v.clone() for f in sorted(os.listdir(step)) if f.startswith("model")
+                   for k, v in load_file(os.path.join(step, f)).items()}
         n = sum(v.numel() * v.element_size() for v in tensors.values())
         theirs.append(n / 1e6 / (time.perf_counter() - t))
         del tensors
