@@ -9,6 +9,8 @@
 
 #include "train/trainer_impl.h"
 
+#include <array>
+
 namespace moeyard::train::detail {
 
 void Trainer::build_buckets(size_t n_groups) {
@@ -183,19 +185,20 @@ void Trainer::clip_sharded_experts() {
 
 double Trainer::sharded_grad_norm() {
   at::NoGradGuard g;
-  // Squared norms of the shards by kind, summed over the ranks that split
-  // them, then over the ranks holding other pieces (TP, EP).
-  auto dense = at::zeros({2}, at::kDouble); // replicated, TP piece
-  auto expert = at::zeros({1}, at::kDouble);
+  // Squared norms of the shards by kind (replicated, expert, TP piece),
+  // on the device; summed over the ranks that split them, then over the
+  // ranks holding other pieces (TP, EP); one host copy.
+  std::array<std::vector<at::Tensor>, 3> by_kind;
   for (const auto& b : buckets_) {
-    const double sq =
-        b.master.grad().to(at::kDouble).square().sum().item<double>();
-    if (b.kind == 1) {
-      expert[0] += sq;
-    } else {
-      dense[b.kind == 2 ? 1 : 0] += sq;
-    }
+    by_kind[b.kind].push_back(b.master.grad().to(at::kDouble).square().sum());
   }
+  auto sum = [&](int kind) {
+    return by_kind[kind].empty()
+               ? at::zeros({1}, at::kDouble)
+               : at::stack(by_kind[kind]).sum().reshape({1}).cpu();
+  };
+  auto dense = at::cat({sum(0), sum(2)}); // replicated, TP piece
+  auto expert = sum(1);
   if (dp_ && dp_->size() > 1) {
     dp_->all_reduce_sum(dense);
   }
@@ -209,11 +212,10 @@ double Trainer::sharded_grad_norm() {
   if (ep_) {
     ep_->all_reduce_sum(expert);
   }
-  const double replicated = dense[0].item<double>();
-  double total = replicated + split.item<double>();
-  // Expert slices without expert parallelism sit in the dense sums' kind.
-  total += expert.item<double>();
-  return std::sqrt(total);
+  const double* d = dense.const_data_ptr<double>();
+  return std::sqrt(
+      d[0] + split.const_data_ptr<double>()[0] +
+      expert.const_data_ptr<double>()[0]);
 }
 
 void Trainer::gather_sharded_params() {
