@@ -9,11 +9,7 @@
 
 namespace moeyard::config {
 
-void read_finetune(
-    YamlReader r,
-    LoraOptions& o,
-    int64_t tensor_parallel,
-    const std::string& tp_key) {
+void read_finetune(YamlReader r, LoraOptions& o) {
   auto l = r.child("lora");
   o.enabled = l.given();
   if (o.enabled && !l.is_map()) {
@@ -53,13 +49,6 @@ void read_finetune(
   }
   l.finish();
   r.finish();
-  TORCH_CHECK(
-      !o.enabled || tensor_parallel == 1,
-      "config: finetune.lora needs ",
-      tp_key,
-      " = 1, got ",
-      tensor_parallel,
-      " (LoRA factors are not split over tensor-parallel ranks)");
 }
 
 } // namespace moeyard::config

@@ -3,8 +3,6 @@
 // LoraOptions). Absent or null: no LoRA (the keys are not recorded, so that
 // runs without it resume as before).
 
-#include <string>
-
 #include "config/yaml_reader.h"
 #include "model/lora.h"
 
@@ -12,11 +10,7 @@ namespace moeyard::config {
 
 // Reads `finetune:` (r) into o; errors name the key, its value and what was
 // expected (targets: lora_target_names(); base_dtype: model or a dtype
-// name). LoRA needs tensor_parallel == 1; `tp_key` names that key.
-void read_finetune(
-    YamlReader r,
-    LoraOptions& o,
-    int64_t tensor_parallel,
-    const std::string& tp_key);
+// name).
+void read_finetune(YamlReader r, LoraOptions& o);
 
 } // namespace moeyard::config

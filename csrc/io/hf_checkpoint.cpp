@@ -31,18 +31,6 @@ using hf::TensorRule;
 
 namespace {
 
-// GPT-OSS interleaves gate and up columns; moeyard stacks gate then up.
-at::Tensor deinterleave(const at::Tensor& t) { // [..., 2F] -> [..., 2F]
-  const int64_t d = t.dim() - 1;
-  return at::cat(
-      {t.slice(d, 0, c10::nullopt, 2), t.slice(d, 1, c10::nullopt, 2)}, d);
-}
-at::Tensor interleave(const at::Tensor& t) {
-  const int64_t d = t.dim() - 1, half = t.size(d) / 2;
-  return at::stack({t.slice(d, 0, half), t.slice(d, half)}, d + 1)
-      .flatten(d, d + 1);
-}
-
 // ---- import -----------------------------------------------------------------
 
 // The MoE block of layer i in the files: the family's save_pretrained name
@@ -144,7 +132,7 @@ void read_rule(
     set(one(-1), where.name(what));
   } else if (rule.interleaved || rule.transposed) {
     at::Tensor x = t.take(where.name(theirs[0]));
-    x = rule.interleaved ? deinterleave(x) : x;
+    x = rule.interleaved ? hf::deinterleave(x) : x;
     set(rule.transposed ? x.transpose(-2, -1) : x, where.name(what));
   } else {
     set(t.take(where.name(theirs[0]), full), where.name(what));
@@ -197,7 +185,8 @@ void write_rule(
       return;
     }
     x = rule.transposed ? x.transpose(-2, -1) : x;
-    put(where.name(rule.theirs[0], e), rule.interleaved ? interleave(x) : x);
+    put(where.name(rule.theirs[0], e),
+        rule.interleaved ? hf::interleave(x) : x);
   };
   if (per_expert(rule)) {
     for (int64_t e = 0; e < w.size(0); ++e) {

@@ -3,7 +3,9 @@
 // under "base_model.model.<module>."; a 3-D expert parameter [E, out, in]
 // has one lora_A [E * r, in] whose rows e * r .. e * r + r - 1 are expert
 // e's A, and one lora_B [out, r * E] whose column k * E + e is column k of
-// expert e's B. Two parameters of one module nest: the first registered
+// expert e's B; a transposed parameter [E, in, out] (transformers'
+// is_transposed experts, GPT-OSS) takes the same factors, its delta being
+// (B A)^T. Two parameters of one module nest: the first registered
 // (gate_up_proj) is the inner wrapper, its keys under "<module>.base_layer.".
 // A 2-D parameter (a dense MLP's weight) has the nn.Linear layout.
 
@@ -108,15 +110,15 @@ void save_peft(
       hf::Place where;
       const auto* gate_up = rule_for(name + ".w_gate_up", where);
       const auto* down = rule_for(name + ".w_down", where);
-      for (const auto* rule : {gate_up, down}) {
+      // The files' fused tensor, or transformers' in-memory one.
+      auto fused_param = [&](const hf::TensorRule* rule) {
         cannot(
-            !rule->fused.empty() && !rule->interleaved && !rule->transposed,
-            name +
-                "'s experts (transformers' fused expert parameters are "
-                "laid out differently)");
-      }
-      const auto gate_up_param = where.name(gate_up->fused);
-      const auto down_param = where.name(down->fused);
+            !rule->fused.empty() || !hf::per_expert(*rule),
+            name + "'s experts (per-expert tensors in memory)");
+        return where.name(rule->fused.empty() ? rule->theirs[0] : rule->fused);
+      };
+      const auto gate_up_param = fused_param(gate_up);
+      const auto down_param = fused_param(down);
       const auto mod = module_of(gate_up_param);
       TORCH_INTERNAL_ASSERT(mod == module_of(down_param), mod);
       parameters.push_back(gate_up_param);
@@ -125,8 +127,13 @@ void save_peft(
       const std::string outer = kPrefix + mod + ".";
       out[inner + "lora_A.weight"] =
           peft_expert_a(moe->lora_gate_up_a.detach());
+      // A transposed parameter [E, in, out] (GPT-OSS) takes the same
+      // factors: peft's delta is then (B A)^T. Interleaved gate/up columns
+      // interleave B's rows.
+      const auto b_gate_up = moe->lora_gate_up_b.detach();
+      const bool interleaved = gate_up->fused.empty() && gate_up->interleaved;
       out[inner + "lora_B.weight"] =
-          peft_expert_b(moe->lora_gate_up_b.detach());
+          peft_expert_b(interleaved ? hf::interleave(b_gate_up, 1) : b_gate_up);
       out[outer + "lora_A.weight"] = peft_expert_a(moe->lora_down_a.detach());
       out[outer + "lora_B.weight"] = peft_expert_b(moe->lora_down_b.detach());
     }

@@ -283,7 +283,7 @@ at::Tensor AttentionImpl::output(const at::Tensor& o) const {
   if (!tp) {
     return o_proj->forward(flat);
   }
-  auto y = parallel::reduce_from_tp(ops::linear(flat, o_proj->weight), *tp);
+  auto y = parallel::reduce_from_tp(o_proj->forward(flat, false), *tp);
   return o_proj->bias.defined() ? y + o_proj->bias : y;
 }
 

@@ -40,6 +40,10 @@ void LinearImpl::shard(
   if (bias_too && bias.defined()) {
     keep("bias", bias, {0, split.parts});
   }
+  if (lora_a.defined()) {
+    keep("lora_a", lora_a, split.dim == 1 ? split : parallel::TpSplit{});
+    keep("lora_b", lora_b, split.dim == 0 ? split : parallel::TpSplit{});
+  }
 }
 
 void NormImpl::shard(int64_t rank, int64_t tp_size, const parallel::Group* g) {
@@ -68,6 +72,15 @@ bool kv_replicated(const ModelConfig& c, int64_t tp) {
   return !c.is_mla() && c.kv_heads() % tp != 0;
 }
 
+// A Linear's LoRA factor ("layers.0.attn.o_proj.lora_a"; the experts'
+// factors are named lora_gate_up_a, ...) and its base weight.
+bool is_linear_lora(const std::string& n) {
+  return ends_with(n, ".lora_a") || ends_with(n, ".lora_b");
+}
+std::string lora_base(const std::string& n) {
+  return n.substr(0, n.size() - std::string(".lora_a").size()) + ".weight";
+}
+
 bool is_kv_param(const std::string& n) {
   return n.find(".attn.k_proj.") != std::string::npos ||
          n.find(".attn.v_proj.") != std::string::npos ||
@@ -77,6 +90,11 @@ bool is_kv_param(const std::string& n) {
 } // namespace
 
 parallel::TpSplit TransformerImpl::tp_split(const std::string& n) const {
+  if (is_linear_lora(n)) { // B's rows follow split rows, A's split columns
+    const auto base = tp_split(lora_base(n));
+    return base.dim == (ends_with(n, ".lora_b") ? 0 : 1) ? base
+                                                         : parallel::TpSplit{};
+  }
   if (kv_replicated(config, tp_size) && is_kv_param(n)) {
     return {}; // whole on every rank
   }
@@ -110,6 +128,11 @@ parallel::TpSplit TransformerImpl::tp_split(const std::string& n) const {
 }
 
 bool TransformerImpl::tp_partial_grad(const std::string& n) const {
+  if (is_linear_lora(n)) { // the whole factor beside a split weight
+    const auto base = lora_base(n);
+    return tp_split(base).sharded() ? !tp_split(n).sharded()
+                                    : tp_partial_grad(base);
+  }
   if (kv_replicated(config, tp_size) && is_kv_param(n)) {
     return true; // each rank's gradient covers the kv head it uses
   }

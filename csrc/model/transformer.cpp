@@ -21,13 +21,13 @@ LinearImpl::LinearImpl(
   }
 }
 
-at::Tensor LinearImpl::forward(const at::Tensor& x) const {
+at::Tensor LinearImpl::forward(const at::Tensor& x, bool add_bias) const {
   // A frozen LoRA base may be stored in another dtype (model/lora.h).
   const auto w = weight.scalar_type() == x.scalar_type()
                      ? weight
                      : weight.to(x.scalar_type());
-  auto y =
-      ops::linear(x, w, bias.defined() ? std::optional(bias) : std::nullopt);
+  auto y = ops::linear(
+      x, w, add_bias && bias.defined() ? std::optional(bias) : std::nullopt);
   if (lora_a.defined()) {
     const auto in = lora_dropout > 0 && is_training()
                         ? at::dropout(x, lora_dropout, /*train=*/true)

@@ -52,8 +52,12 @@ bool is_expert_parameter(const std::string& name, bool weights_only = false);
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in, int64_t out, bool bias, at::ScalarType dtype);
-  at::Tensor forward(const at::Tensor& x) const;
-  // Keeps rank's piece of the weight (and of the bias when `bias_too`).
+  // x W^T (+ bias unless `add_bias` is false: a row-parallel piece's bias
+  // is added after the sum) + the LoRA update.
+  at::Tensor forward(const at::Tensor& x, bool add_bias = true) const;
+  // Keeps rank's piece of the weight (and of the bias when `bias_too`), and
+  // of the LoRA factors: B's rows when the weight's rows split, A's columns
+  // when its columns split (TransformerImpl::tp_split).
   void shard(
       const parallel::TpSplit& split, int64_t rank, int64_t tp, bool bias_too);
   // LoRA (model/lora.h): registers lora_a [r, in] and lora_b [out, r];

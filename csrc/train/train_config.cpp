@@ -363,11 +363,7 @@ TrainConfig TrainConfig::parse(
     r.get("timeout_s", p.timeout_s, Range::greater_than(0));
     r.finish();
   }
-  config::read_finetune(
-      top.child("finetune"),
-      c.lora,
-      c.parallel.tensor_parallel,
-      name("parallel.tensor_parallel"));
+  config::read_finetune(top.child("finetune"), c.lora);
   top.finish();
   c.model.validate(name);
   c.model.check_tensor_parallel(c.parallel.tensor_parallel, name);

@@ -1,7 +1,8 @@
 """Per-rank memory and load throughput at real-ish size: a generated native
 checkpoint of at least 2 GB (random weights; a Qwen3-MoE-shaped model:
 per-head q/k norms, GQA, 64 fine-grained experts, top-8) resumed at 1
-process, EP2, EP4 and TP2xEP2 under each optimizer sharding mode.
+process, EP2, EP4 and TP2xEP2 under each optimizer sharding mode, and
+trained there under each sharding and recompute mode.
 
 For each run and rank it prints the peak resident memory (the kernel's
 ru_maxrss of the process) minus the process baseline (the same binary
@@ -124,7 +125,11 @@ def main():
     ap.add_argument("--layouts", default="1,EP2,EP4,TP2xEP2")
     ap.add_argument("--shards", default="none,optimizer,optimizer+grads")
     ap.add_argument("--rounds", type=int, default=5, help="load-throughput rounds")
-    ap.add_argument("--train-layouts", default="1,EP4", help="layouts of the training runs (step peak)")
+    ap.add_argument("--train-layouts", default="1,EP2,EP4,TP2xEP2", help="layouts of the training runs (step peak)")
+    ap.add_argument("--recompute", default="moe,attention,full",
+                    help="recompute modes of the training runs besides none (with optim.shard none)")
+    ap.add_argument("--train-sets", default="data.seq_len=256,train.micro_batch=2,train.steps=3",
+                    help="settings of the training runs (activations large enough to see recompute)")
     ap.add_argument("--throughput-only", action="store_true", help="only the load-throughput rounds")
     ap.add_argument("--out", help="also write the markdown tables here")
     a = ap.parse_args()
@@ -183,19 +188,22 @@ def main():
             say(f"| {name} | {shard} | {owned / 1e9:.3f} | {(peak - base) / 1e9:.3f} | "
                 f"{(peak - base) / owned:.2f} | {rp['load_peak'] / 1e9:.3f} | {rate or 0:.0f} |")
     say()
-    say("| layout | optim.shard | rank | planner step peak (GB) | peak RSS - baseline (GB) | measured / planner |")
-    say("|---|---|---:|---:|---:|---:|")
+    say("| layout | optim.shard | train.recompute | rank | planner step peak (GB) | peak RSS - baseline (GB) | "
+        "measured / planner |")
+    say("|---|---|---|---:|---:|---:|---:|")
+    runs = [(shard, "none") for shard in a.shards.split(",")] + \
+        [("none", mode) for mode in filter(None, a.recompute.split(","))]
     for name in filter(None, a.train_layouts.split(",")):
         nproc, layout_sets = LAYOUTS[name]
-        for shard in a.shards.split(","):
-            sets = layout_sets + [f"optim.shard={shard}", "train.steps=3"]
+        for shard, mode in runs:
+            sets = layout_sets + [f"optim.shard={shard}", f"train.recompute={mode}", *a.train_sets.split(",")]
             p = plan(cfg, nproc, sets)
             ranks, _ = launch(nproc, ["train", "--config", cfg, "--resume", step, "--overwrite", *sets_of(sets)],
-                              os.path.join(a.workdir, f"train-{name}-{shard}"))
+                              os.path.join(a.workdir, f"train-{name}-{shard}-{mode}"))
             for r, (_, peak) in enumerate(ranks):
                 rp = next(x for x in p["ranks"] if r in x["ranks"])
                 want = max(rp["step_peak"], rp["load_peak"])
-                say(f"| {name} | {shard} | {r} | {want / 1e9:.3f} | {(peak - base) / 1e9:.3f} | "
+                say(f"| {name} | {shard} | {mode} | {r} | {want / 1e9:.3f} | {(peak - base) / 1e9:.3f} | "
                     f"{(peak - base) / want:.2f} |")
     # Load throughput: moeyard's reader (rank 0's log line) against
     # safetensors.torch.load_file of the same model file, interleaved.

@@ -2,7 +2,8 @@
 only the LoRA factors; the PEFT adapter export loads into transformers with
 peft and reproduces moeyard's logits; the merged export loads into plain
 transformers and does too; frozen weights stored in bfloat16; the experts'
-LoRA gradients against the chain rule through the merged weights."""
+LoRA gradients against the chain rule through the merged weights; under
+tensor parallelism, the same run as one process."""
 
 import json
 import os
@@ -24,8 +25,9 @@ from test_finetune import overrides, run, small_tokenizer  # noqa: E402
 from test_hf_import import make_hf  # noqa: E402
 
 # Mixtral: every layer MoE, sliding window. Qwen3-MoE: a dense MLP layer, q/k
-# norm. DeepSeek-V3: multi-head latent attention, shared experts.
-FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3"]
+# norm. DeepSeek-V3: multi-head latent attention, shared experts. GPT-OSS:
+# experts stored transposed with gate/up interleaved, biases everywhere.
+FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
 LORA = {"finetune.lora.rank": 4, "finetune.lora.alpha": 8, "finetune.lora.base_dtype": "model"}
 
 
@@ -100,6 +102,8 @@ def test_lora_training_changes_only_the_factors(hf_dirs, trained, family):
         assert "layers.0.mlp.gate_up.lora_b" in lora
     if family == "deepseek_v3":
         assert "layers.0.attn.kv_a_proj.lora_a" in lora and "layers.1.moe.lora_down_b" in lora
+    if family == "gpt_oss":
+        assert "layers.0.moe.lora_gate_up_b" in lora
     for n in lora:
         if n.endswith("_b"):
             assert ours[n].abs().max() > 0, n
@@ -259,3 +263,33 @@ def test_lora_target_matching_nothing_is_an_error(hf_dirs, data, tmp_path):
             *lora_args({"finetune.lora.targets": "[kv_b_proj]"}), check=False)
     assert r.returncode == 1
     assert "finetune.lora.targets: 'kv_b_proj' matches no layer of this model" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_lora_under_tensor_parallelism_equals_one_process(data, tmp_path, family):
+    """TP2 cuts each factor like its weight (B by rows beside q/k/v and
+    gate_up, A by columns beside o_proj and down; MLA's low-rank projections
+    whole) and sums the whole factors' gradients over TP: the losses and the
+    trained factors equal the one-process run's."""
+    from test_distributed import torchrun
+
+    hf = tmp_path / "hf"  # a vocabulary that splits in two
+    make_hf(family, seed=3, vocab_size=96).save_pretrained(hf)
+    cfg = os.path.join(ROOT, "configs", "finetune_lora.yaml")
+    common = [*lora_args(), "--set", "moe.capacity_factor=0", "--set", "optim.lr=1e-2",
+              "--set", "train.micro_batch=2"]
+    run("train", "--config", cfg, *overrides(hf, data, tmp_path / "one", steps=4), *common)
+    r = torchrun(2, "train", "--config", cfg, *overrides(hf, data, tmp_path / "two", steps=4), *common,
+                 "--set", "parallel.tensor_parallel=2", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two")]
+    assert len(losses[0]) == 4 and max(abs(a - b) for a, b in zip(*losses)) < 1e-5, losses
+    one = dict(moeyard.Transformer.from_checkpoint(tmp_path / "one").named_parameters())
+    two = dict(moeyard.Transformer.from_checkpoint(tmp_path / "two").named_parameters())
+    lora = [n for n in one if ".lora_" in n]
+    assert {"layers.0.attn.o_proj.lora_a", "layers.0.mlp.down.lora_b"} <= set(lora)
+    for n in lora:
+        assert one[n].shape == two[n].shape, n
+        assert (one[n] - two[n]).abs().max().item() < 1e-5, n
+        if n.endswith("_b"):
+            assert one[n].abs().max() > 0, n  # trained

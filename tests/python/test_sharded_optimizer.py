@@ -46,9 +46,9 @@ def assert_close_runs(a, b, steps, tol):
     for x, y in zip(ma, mb):
         for k in ("loss", "ce", "aux"):
             assert abs(x[k] - y[k]) <= tol * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
-        # The unsharded norm sums per-tensor float32 norms, the sharded one
-        # float64 squares of shards: their last digits differ.
-        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * x["grad_norm"], (x["step"], x["grad_norm"],
+        # Relative: the unsharded norm sums per-tensor float32 norms, the
+        # sharded one float64 squares of shards (measured: at most 3.2e-7).
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= tol * x["grad_norm"], (x["step"], x["grad_norm"],
                                                                               y["grad_norm"])
     for kind in ("model", "optimizer"):
         ta, tb = load(a, steps, kind), load(b, steps, kind)

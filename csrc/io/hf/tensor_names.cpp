@@ -1,5 +1,7 @@
 #include "io/hf/tensor_names.h"
 
+#include <ATen/ATen.h>
+
 namespace moeyard::io::hf {
 
 const TensorRule* rule_of(
@@ -37,6 +39,19 @@ std::string Place::name(std::string tmpl, int64_t e) const {
 
 bool per_expert(const TensorRule& rule) {
   return rule.theirs[0].find("{e}") != std::string::npos;
+}
+
+at::Tensor interleave(const at::Tensor& t, int64_t dim) {
+  const int64_t d = at::maybe_wrap_dim(dim, t.dim());
+  const int64_t half = t.size(d) / 2;
+  return at::stack({t.narrow(d, 0, half), t.narrow(d, half, half)}, d + 1)
+      .flatten(d, d + 1);
+}
+
+at::Tensor deinterleave(const at::Tensor& t, int64_t dim) {
+  const int64_t d = at::maybe_wrap_dim(dim, t.dim());
+  return at::cat(
+      {t.slice(d, 0, c10::nullopt, 2), t.slice(d, 1, c10::nullopt, 2)}, d);
 }
 
 } // namespace moeyard::io::hf

@@ -4,6 +4,8 @@
 // by the checkpoint import/export (hf_checkpoint.cpp) and the LoRA adapter
 // export (hf_peft.cpp).
 
+#include <ATen/core/Tensor.h>
+
 #include <string>
 
 #include "io/hf/family.h"
@@ -29,5 +31,11 @@ struct Place {
 
 // Whether the rule's files hold one tensor per expert ({e} in the name).
 bool per_expert(const TensorRule& rule);
+
+// An interleaved rule's files alternate gate and up along `dim` (GPT-OSS);
+// moeyard stacks gate then up. interleave: ours -> theirs; deinterleave:
+// theirs -> ours.
+at::Tensor interleave(const at::Tensor& t, int64_t dim = -1);
+at::Tensor deinterleave(const at::Tensor& t, int64_t dim = -1);
 
 } // namespace moeyard::io::hf
