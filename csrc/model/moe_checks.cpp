@@ -70,16 +70,42 @@ void check_allowed(
 
 } // namespace
 
+void check_moe_option_values(const MoEOptions& o, const std::string& who) {
+  for_each_moe_option(o, [&](const char* name, const auto& v, const auto& a) {
+    check_allowed(who, name, v, a);
+  });
+}
+
 void check_moe_options(
     const MoEOptions& o, int64_t num_experts, const std::string& who) {
-  const int64_t E = num_experts;
+  check_moe_option_values(o, who);
+  const int64_t E = num_experts, Z = o.null_experts;
   TORCH_CHECK(
-      o.top_k >= 1 && o.top_k <= E,
+      o.top_k >= 1 && o.top_k <= E + Z,
       who,
-      ": top_k must be in [1, num_experts=",
-      E,
+      ": top_k must be in [1, num_experts",
+      Z > 0 ? " + null_experts=" : "=",
+      E + Z,
       "], got ",
       o.top_k);
+  if (Z > 0) {
+    TORCH_CHECK(
+        o.routing == "token_choice",
+        who,
+        ": null_experts needs routing 'token_choice', got '",
+        o.routing,
+        "'");
+    TORCH_CHECK(
+        o.num_groups == 1,
+        who,
+        ": null_experts needs num_groups = 1, got ",
+        o.num_groups);
+    TORCH_CHECK(
+        o.null_kind == "zero" || o.null_weights == "keep",
+        who,
+        ": null_kind 'copy' needs null_weights 'keep' (with 'real' a null "
+        "pick's weight is 0)");
+  }
   TORCH_CHECK(
       o.num_groups >= 1 && E % o.num_groups == 0,
       who,
@@ -94,9 +120,6 @@ void check_moe_options(
       o.num_groups,
       "], got ",
       o.topk_groups);
-  for_each_moe_option(o, [&](const char* name, const auto& v, const auto& a) {
-    check_allowed(who, name, v, a);
-  });
 }
 
 namespace detail {
@@ -112,13 +135,19 @@ void check_weights(
       w.w_gate_up.defined() && w.w_down.defined(),
       "moe_forward: w_gate_up and w_down are required");
   const int64_t H = x.size(-1);
-  const int64_t E = w.router_weight.size(0);
+  const int64_t E = w.router_weight.size(0) - o.null_experts;
+  TORCH_CHECK(
+      E >= 1,
+      "moe_forward: router_weight must have num_experts + null_experts=",
+      o.null_experts,
+      " rows with num_experts >= 1, got ",
+      w.router_weight.size(0));
   const int64_t ep = o.expert_group ? o.expert_group->size() : 1;
   const int64_t El = parallel::experts_per_rank(E, ep, "moe_forward");
   TORCH_CHECK(
       w.router_weight.size(1) == H,
       "moe_forward: router_weight must be [",
-      E,
+      E + o.null_experts,
       ", ",
       H,
       "] for hidden=",
@@ -168,7 +197,7 @@ void check_weights(
   TORCH_CHECK(
       !(o.training && o.noise == "noisy_topk") || w.noise_weight.defined(),
       "moe_forward: noise 'noisy_topk' needs noise_weight [",
-      E,
+      E + o.null_experts,
       ", ",
       H,
       "]");

@@ -28,9 +28,12 @@ struct Router {
 struct Plan {
   at::Tensor row_token, slot, offsets, counts; // route_plan's outputs
   at::Tensor weights; // [T, K'] combine weights (fp32)
-  at::Tensor indices; // reported choice
-  at::Tensor assigned; // [E] fp32: assignments before drops
-  at::Tensor scores; // [T, E] routing scores (softmax or sigmoid)
+  at::Tensor indices; // reported choice (token choice: null picks >= E)
+  at::Tensor assigned; // [E + Z] fp32: assignments before drops
+  at::Tensor scores; // [T, E + Z] routing scores (softmax or sigmoid)
+  // With null experts (token choice): [T, K] bool, the picks of a null
+  // expert; undefined without.
+  at::Tensor null_pick;
 };
 
 // x2 [T, H]; mask of T entries or undefined.

@@ -128,6 +128,13 @@ at::Tensor run_experts(
                                   rows, plan.offsets, *o.expert_group, experts)
                             : experts(rows, plan.offsets);
   auto y = ops::unpermute(out_rows, plan.slot, combine);
+  if (o.null_kind == "copy" && plan.null_pick.defined()) {
+    // A copy null expert returns its input: w * x, without a row.
+    const auto copy_w =
+        (plan.weights * plan.null_pick.to(plan.weights.scalar_type()))
+            .sum(-1, true);
+    y = y + (x2.to(r.dtype) * copy_w).to(y.scalar_type());
+  }
   if (w.shared_gate_up.defined()) {
     y = y + shared_experts(x2, w);
   }

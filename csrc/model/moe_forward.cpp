@@ -9,8 +9,9 @@ MoEOutput moe_forward(
     const MoEWeights& w,
     const MoEOptions& o,
     const at::Tensor& mask) {
+  check_moe_option_values(o, "moe_forward");
   detail::check_weights(x, w, o);
-  check_moe_options(o, w.router_weight.size(0), "moe_forward");
+  check_moe_options(o, w.router_weight.size(0) - o.null_experts, "moe_forward");
   const int64_t H = x.size(-1);
   const auto x2 = x.reshape({-1, H});
 

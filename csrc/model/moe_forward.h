@@ -54,18 +54,30 @@ struct MoEOutput {
   MOEYARD_MOE_AUX_LOSSES(MOEYARD_DECLARE)
   MOEYARD_MOE_STATISTICS(MOEYARD_DECLARE)
 #undef MOEYARD_DECLARE
-  at::Tensor indices; // token choice: [T, K] (-1 padding); EC: [E, C]
+  at::Tensor indices; // token choice: [T, K] (-1 padding, >= E a null
+                      // expert); EC: [E, C]
   // The sums behind the statistics, so that callers can combine them over
   // micro-batches and ranks exactly (C++ only, not in the op's outputs).
-  at::Tensor importance; // [E] float32: routing probabilities summed over
-                         // the real tokens (P_e of the switch loss x tokens)
+  at::Tensor importance; // [E + Z] float32: routing probabilities summed
+                         // over the real tokens (P_e of the switch loss x
+                         // tokens)
   at::Tensor valid_tokens; // scalar float32: real (unmasked) tokens
 };
+
+// Errors unless every option is in its table range or list.
+void check_moe_option_values(const MoEOptions& o, const std::string& who);
 
 // Errors unless every option is in its table range or list and top_k,
 // num_groups and topk_groups fit `num_experts`; messages start with `who`.
 void check_moe_options(
     const MoEOptions& o, int64_t num_experts, const std::string& who);
+
+// The switch load-balance loss over the last dim of f (the fraction of the
+// T * K picks each expert got) and p (its mean routing probability), both
+// [..., E + Z] with the null experts last: E * sum f p without null
+// experts; with them, `o.null_balance` says how they count (moe_interface.h).
+at::Tensor switch_loss_of(
+    const at::Tensor& f, const at::Tensor& p, const MoEOptions& o);
 
 // x [..., H]; mask (optional) [...] of x's leading shape, nonzero = real
 // token. Errors name the field and value.

@@ -47,17 +47,19 @@ std::vector<std::string> choices_of(const Allowed& a);
 
 // Weights: X(name, required | optional, doc). Expert tensors are the slices
 // this rank holds under expert parallelism.
-#define MOEYARD_MOE_WEIGHTS(X)                                            \
-  X(router_weight, required, "[E, H] float32 router")                     \
-  X(router_bias, optional, "[E] float32 router bias (GPT-OSS)")           \
-  X(w_gate_up, required, "[E, 2F, H] experts' gate rows, then up rows")   \
-  X(w_down, required, "[E, H, F] experts' down projections")              \
-  X(shared_gate_up, optional, "[2Fs, H] shared experts, fused")           \
-  X(shared_down, optional, "[H, Fs]")                                     \
-  X(shared_gate, optional, "[1, H] sigmoid gate on the shared output")    \
-  X(selection_bias, optional, "[E] float32, added for selection only")    \
-  X(noise_weight, optional, "[E, H] float32 noisy top-k noise scale")     \
-  X(b_gate_up, optional, "[E, 2F] added to each expert's gate_up output") \
+#define MOEYARD_MOE_WEIGHTS(X)                                             \
+  X(router_weight,                                                         \
+    required,                                                              \
+    "[E + Z, H] float32 router (Z = null_experts rows last)")              \
+  X(router_bias, optional, "[E + Z] float32 router bias (GPT-OSS)")        \
+  X(w_gate_up, required, "[E, 2F, H] experts' gate rows, then up rows")    \
+  X(w_down, required, "[E, H, F] experts' down projections")               \
+  X(shared_gate_up, optional, "[2Fs, H] shared experts, fused")            \
+  X(shared_down, optional, "[H, Fs]")                                      \
+  X(shared_gate, optional, "[1, H] sigmoid gate on the shared output")     \
+  X(selection_bias, optional, "[E + Z] float32, added for selection only") \
+  X(noise_weight, optional, "[E + Z, H] float32 noisy top-k noise scale")  \
+  X(b_gate_up, optional, "[E, 2F] added to each expert's gate_up output")  \
   X(b_down, optional, "[E, H] added to each expert's down output")
 
 // Routing options: X(type, name, default, allowed, doc). Their order is the
@@ -162,7 +164,34 @@ std::vector<std::string> choices_of(const Allowed& a);
     false,                                                                     \
     any(),                                                                     \
     "switch loss per sequence (x's second-to-last dimension), averaged "       \
-    "(DeepSeek's sequence-wise aux loss)")
+    "(DeepSeek's sequence-wise aux loss)")                                     \
+  X(int64_t,                                                                   \
+    null_experts,                                                              \
+    0,                                                                         \
+    at_least(0),                                                               \
+    "Z zero-compute experts scored beside the E real ones (router rows E .. "  \
+    "E + Z - 1): a pick of one makes no expert row and runs no GEMM (AdaMoE, " \
+    "ZEDA); token choice only")                                                \
+  X(std::string,                                                               \
+    null_kind,                                                                 \
+    "zero",                                                                    \
+    one_of("zero copy"),                                                       \
+    "what a null pick adds: `zero` nothing, `copy` its weight times the "      \
+    "token (MoE++)")                                                           \
+  X(std::string,                                                               \
+    null_weights,                                                              \
+    "keep",                                                                    \
+    one_of("keep real"),                                                       \
+    "`keep`: null picks keep their share of the combine weights, so the "      \
+    "output shrinks (ZEDA); `real`: the real picks' weights are renormalized " \
+    "to sum to `scale` (AdaMoE; needs `null_kind: zero`)")                     \
+  X(std::string,                                                               \
+    null_balance,                                                              \
+    "average",                                                                 \
+    one_of("average grouped"),                                                 \
+    "switch loss with null experts: `average` balances the E real experts "    \
+    "and the null experts' mean (AdaMoE); `grouped` balances only real "       \
+    "against null, `(E + Z) (F_real P_real / E + F_null P_null / Z)` (ZEDA)")
 
 // Aux losses, float32 scalars over the real tokens, each with the option
 // that weighs it in the model's loss: X(name, coefficient, default, doc).
@@ -183,10 +212,17 @@ std::vector<std::string> choices_of(const Allowed& a);
 
 // Routing statistics over the real tokens: X(name, combine, doc). combine:
 // how micro-batches and ranks combine, `sum` or `mean` (token-weighted).
-#define MOEYARD_MOE_STATISTICS(X)                                             \
-  X(tokens_per_expert, sum, "[E] float32: assignments before capacity drops") \
-  X(dropped_fraction, mean, "dropped / valid (token, slot) assignments")      \
-  X(router_entropy, mean, "mean entropy of the routing distribution")         \
+#define MOEYARD_MOE_STATISTICS(X)                                        \
+  X(tokens_per_expert,                                                   \
+    sum,                                                                 \
+    "[E + Z] float32: assignments before capacity drops (null experts "  \
+    "last)")                                                             \
+  X(real_experts_per_token,                                              \
+    mean,                                                                \
+    "picks of real experts per token, before capacity drops")            \
+  X(null_fraction, mean, "null picks / (token, slot) picks")             \
+  X(dropped_fraction, mean, "dropped / valid (token, slot) assignments") \
+  X(router_entropy, mean, "mean entropy of the routing distribution")    \
   X(capacity_utilization, mean, "filled / allocated expert rows")
 
 namespace moeyard {

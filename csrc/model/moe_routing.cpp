@@ -35,12 +35,26 @@ at::Tensor noisy_logits(
   return r.logits; // jitter acted on the router input
 }
 
+// Null picks get no row (index -1 for route_plan); with null_weights
+// "real" the real picks' weights are renormalized over the real picks.
+at::Tensor real_pick_weights(
+    const at::Tensor& weights,
+    const at::Tensor& null_pick,
+    const MoEOptions& o) {
+  if (o.null_weights != "real") {
+    return weights;
+  }
+  const auto real = weights * (~null_pick).to(weights.scalar_type());
+  return real / (real.sum(-1, true) + 1e-20) * o.scale;
+}
+
 Plan plan_token_choice(
     const at::Tensor& logits,
     const at::Tensor& valid,
     const MoEWeights& w,
     const MoEOptions& o) {
-  const int64_t T = logits.size(0), E = logits.size(1);
+  const int64_t T = logits.size(0), routed = logits.size(1);
+  const int64_t E = routed - o.null_experts; // real experts
   std::optional<at::Tensor> bias;
   if (w.selection_bias.defined()) {
     bias = w.selection_bias;
@@ -57,19 +71,34 @@ Plan plan_token_choice(
   if (valid.defined()) {
     indices = at::where(valid.unsqueeze(1), indices, -1);
   }
+  at::Tensor null_pick, real_indices = indices;
+  if (o.null_experts > 0) {
+    null_pick = indices >= E;
+    real_indices = at::where(null_pick, -1, indices);
+    weights = real_pick_weights(weights, null_pick, o);
+  }
   const int64_t C =
       o.capacity_factor > 0
           ? capacity_of(o.capacity_factor, T, o.top_k, E, o.min_capacity)
           : -1;
   auto [row_token, slot, offsets, counts] =
-      ops::route_plan(indices, weights, E, C, o.drop_policy);
-  auto assigned = at::zeros({E + 1}, logits.options())
+      ops::route_plan(real_indices, weights, E, C, o.drop_policy);
+  auto assigned = at::zeros({routed + 1}, logits.options())
                       .scatter_add_(
                           0,
                           (indices + 1).flatten(),
                           at::ones({indices.numel()}, logits.options()))
-                      .narrow(0, 1, E);
-  return {row_token, slot, offsets, counts, weights, indices, assigned, scores};
+                      .narrow(0, 1, routed);
+  return {
+      row_token,
+      slot,
+      offsets,
+      counts,
+      weights,
+      indices,
+      assigned,
+      scores,
+      null_pick};
 }
 
 // Each expert takes its C best tokens by score; rows stay in token order.

@@ -20,18 +20,18 @@ at::Tensor switch_loss_per_sequence(
     const at::Tensor& masked_probs,
     const at::Tensor& vw,
     int64_t S,
-    int64_t top_k) {
-  const int64_t T = masked_probs.size(0), E = masked_probs.size(1);
+    const MoEOptions& o) {
+  const int64_t T = masked_probs.size(0), R = masked_probs.size(1);
   const auto fopts = masked_probs.options();
   const auto one_hot =
-      at::zeros({T, E + 1}, fopts)
+      at::zeros({T, R + 1}, fopts)
           .scatter_add_(
               1, plan.indices + 1, at::ones(plan.indices.sizes(), fopts))
-          .narrow(1, 1, E);
+          .narrow(1, 1, R);
   const auto n_seq = vw.view({-1, S}).sum(1, true).clamp_min(1.0); // [B,1]
-  const auto f_seq = one_hot.view({-1, S, E}).sum(1) / (n_seq * top_k);
-  const auto p_seq = masked_probs.view({-1, S, E}).sum(1) / n_seq;
-  return E * (f_seq * p_seq).sum(1).mean();
+  const auto f_seq = one_hot.view({-1, S, R}).sum(1) / (n_seq * o.top_k);
+  const auto p_seq = masked_probs.view({-1, S, R}).sum(1) / n_seq;
+  return switch_loss_of(f_seq, p_seq, o).mean();
 }
 
 } // namespace
@@ -43,7 +43,8 @@ void routing_statistics(
     int64_t tokens_per_sequence,
     MoEOutput& out) {
   const auto& logits = r.logits;
-  const int64_t T = logits.size(0), E = logits.size(1);
+  const int64_t T = logits.size(0), routed = logits.size(1);
+  const int64_t E = routed - o.null_experts; // real experts
   const bool expert_choice = o.routing == "expert_choice";
   const int64_t K = expert_choice ? E : o.top_k;
   const auto fopts = logits.options();
@@ -58,15 +59,20 @@ void routing_statistics(
   const auto importance = masked_probs.sum(0); // [E]
   if (tokens_per_sequence > 0 && !expert_choice) {
     out.switch_loss = switch_loss_per_sequence(
-        plan, masked_probs, vw, tokens_per_sequence, o.top_k);
+        plan, masked_probs, vw, tokens_per_sequence, o);
   } else {
-    const auto frac = plan.assigned / (n_valid * o.top_k);
-    out.switch_loss = E * (frac * importance / n_valid).sum();
+    out.switch_loss = switch_loss_of(
+        plan.assigned / (n_valid * o.top_k), importance / n_valid, o);
   }
-  out.importance_loss = cv2(importance);
-  out.load_loss = cv2(plan.assigned);
+  // Over the real experts (null experts are not balanced one by one).
+  out.importance_loss = cv2(importance.narrow(0, 0, E));
+  out.load_loss = cv2(plan.assigned.narrow(0, 0, E));
   out.z_loss = (at::logsumexp(logits, -1).square() * vw).sum() / n_valid;
   out.tokens_per_expert = plan.assigned;
+  const auto real_picks = plan.assigned.narrow(0, 0, E).sum();
+  out.real_experts_per_token = real_picks / n_valid;
+  out.null_fraction =
+      plan.assigned.narrow(0, E, o.null_experts).sum() / (n_valid * K);
   const auto kept = plan.counts.sum().to(r.dtype);
   // With no real token (all padding, or T = 0) nothing was dropped: 0.
   const auto n_real = vw.sum();
@@ -75,11 +81,13 @@ void routing_statistics(
           // fraction of real tokens no expert took
           ? (n_real - ((plan.slot >= 0).any(1).to(r.dtype) * vw).sum()) /
                 n_valid
-          : (n_real * K - kept) / (n_valid * K);
+          // real picks an expert's capacity dropped
+          : (real_picks - kept) / (n_valid * K);
   const auto ent = -(probs * at::log(probs.clamp_min(1e-20))).sum(-1);
   out.router_entropy = (ent * vw).sum() / n_valid;
   // Allocated rows: E*C with a capacity; dropless, the real tokens' K slots
-  // (rows of padding tokens are not "allocated"), so dropless reads 1.
+  // (rows of padding tokens are not "allocated"), so dropless reads 1 less
+  // the null picks.
   const bool has_capacity = expert_choice || o.capacity_factor > 0;
   out.capacity_utilization =
       has_capacity ? kept / std::max<int64_t>(plan.row_token.size(0), 1)
@@ -90,3 +98,23 @@ void routing_statistics(
 }
 
 } // namespace moeyard::detail
+
+namespace moeyard {
+
+at::Tensor switch_loss_of(
+    const at::Tensor& f, const at::Tensor& p, const MoEOptions& o) {
+  const int64_t Z = o.null_experts, R = f.size(-1), E = R - Z;
+  if (Z == 0) {
+    return E * (f * p).sum(-1);
+  }
+  const auto f_real = f.narrow(-1, 0, E), p_real = p.narrow(-1, 0, E);
+  const auto f_null = f.narrow(-1, E, Z), p_null = p.narrow(-1, E, Z);
+  if (o.null_balance == "grouped") {
+    return R * (f_real.sum(-1) * p_real.sum(-1) / E +
+                f_null.sum(-1) * p_null.sum(-1) / Z);
+  }
+  return R *
+         ((f_real * p_real).sum(-1) + Z * f_null.mean(-1) * p_null.mean(-1));
+}
+
+} // namespace moeyard

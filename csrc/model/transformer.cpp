@@ -91,10 +91,12 @@ MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
   const auto dt = parse_dtype(c.dtype);
   const auto& m = c.moe;
   const int64_t H = c.hidden_size, E = m.num_experts;
+  const int64_t routed = E + m.routing.null_experts; // router rows
   const int64_t F = m.ffn_size > 0 ? m.ffn_size : c.ffn_size;
   // The router is float32 (float64 in a float64 model), whatever the experts.
   const auto router_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
-  router = register_module("router", Linear(H, E, m.router_bias, router_dt));
+  router =
+      register_module("router", Linear(H, routed, m.router_bias, router_dt));
   w_gate_up = register_parameter(
       "w_gate_up", at::empty({E, 2 * F, H}, param_options(dt)));
   w_down =
@@ -117,12 +119,12 @@ MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
     b_down = register_parameter("b_down", at::zeros({E, H}, param_options(dt)));
   }
   if (m.selection_bias) {
-    selection_bias =
-        register_buffer("selection_bias", at::zeros({E}, at::dtype(router_dt)));
+    selection_bias = register_buffer(
+        "selection_bias", at::zeros({routed}, at::dtype(router_dt)));
   }
   if (options.noise == "noisy_topk") {
     noise_weight = register_parameter(
-        "noise_weight", at::zeros({E, H}, param_options(router_dt)));
+        "noise_weight", at::zeros({routed, H}, param_options(router_dt)));
   }
 }
 

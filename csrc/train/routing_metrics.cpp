@@ -46,7 +46,6 @@ nlohmann::json routing_record(
   const double* v = r.const_data_ptr<double>();
   const int64_t experts = (r.numel() - scalar_sums()) / 2;
   const double* counts = v;
-  const double* importance = v + experts;
   const double* s = v + 2 * experts;
   const double n = s[0], nz = std::max(n, 1.0);
   nlohmann::json rec = {
@@ -68,14 +67,12 @@ nlohmann::json routing_record(
   // the micro-batches' losses is not the loss of their union); per
   // sequence the mean over sequences is the loss.
   if (!(o.switch_per_sequence && o.routing == "token_choice")) {
-    double sw = 0;
-    for (int64_t e = 0; e < experts; ++e) {
-      sw += counts[e] / (nz * o.top_k) * (importance[e] / nz);
-    }
-    rec["switch_loss"] = sw * experts;
+    const auto f = r.narrow(0, 0, experts) / (nz * o.top_k);
+    const auto p = r.narrow(0, experts, experts) / nz;
+    rec["switch_loss"] = switch_loss_of(f, p, o).item<double>();
   }
-  int64_t dead = 0;
-  for (int64_t e = 0; e < experts; ++e) {
+  int64_t dead = 0; // real experts no token picked
+  for (int64_t e = 0; e < experts - o.null_experts; ++e) {
     dead += counts[e] == 0;
   }
   rec["dead_experts"] = dead;

@@ -156,7 +156,9 @@ nlohmann::json Trainer::routing_stats(
   if (distributed()) {
     dp_->all_reduce_sum(all);
   }
-  const int64_t E = cfg_.model.moe.num_experts;
+  // tokens_per_expert: the real experts, then the null ones.
+  const int64_t E =
+      cfg_.model.moe.num_experts + cfg_.model.moe.routing.null_experts;
   size_t l = 0;
   int64_t layer = -1;
   for (const auto& m : model_->layers->children()) {

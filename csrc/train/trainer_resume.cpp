@@ -196,18 +196,27 @@ parallel::Piece Trainer::piece(const std::string& name) const {
 
 void Trainer::check_resume_compatible(
     const json& manifest, const fs::path& from) {
-  // The checkpoint's resolved config; older manifests carry only the text.
+  // The checkpoint's resolved config, and its config text as this binary
+  // resolves it: that gives a key added since the checkpoint was written
+  // its default (older manifests carry only the text).
+  json hf = nullptr;
+  if (fs::exists(from / "hf_config.json")) {
+    hf = json::parse(std::ifstream(from / "hf_config.json"));
+  }
   std::map<std::string, std::string> was;
-  if (manifest.contains("resolved_config")) {
-    was = manifest.at("resolved_config")
-              .get<std::map<std::string, std::string>>();
-  } else {
-    json hf = nullptr;
-    if (fs::exists(from / "hf_config.json")) {
-      hf = json::parse(std::ifstream(from / "hf_config.json"));
-    }
+  try {
     was = TrainConfig::from_text(manifest.at("config").get<std::string>(), hf)
               .resolved;
+  } catch (const std::exception&) {
+    if (!manifest.contains("resolved_config")) {
+      throw; // nothing else says what the checkpoint's config was
+    }
+  }
+  if (manifest.contains("resolved_config")) {
+    for (const auto& [k, v] : manifest.at("resolved_config")
+                                  .get<std::map<std::string, std::string>>()) {
+      was[k] = v;
+    }
   }
   const auto defines_model = [](const std::string& key) {
     if (key == "model.init_from") { // its config.json is compared below

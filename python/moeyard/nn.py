@@ -50,8 +50,9 @@ class MoE(nn.Module):
         num_experts: number of routed experts E.
         top_k: experts per token K (token choice) or the average experts per
             token used to size expert-choice capacity.
-        selection_bias: keep a float32 buffer ``selection_bias [E]`` added to
-            the scores for selection only (aux-loss-free balancing).
+        selection_bias: keep a float32 buffer ``selection_bias [E + Z]`` added
+            to the scores for selection only (aux-loss-free balancing; Z =
+            ``null_experts``).
         router_bias: the router linear has a bias (GPT-OSS).
         num_shared_experts, shared_ffn_size: always-on SwiGLU experts, fused
             into one MLP of width ``num_shared_experts * shared_ffn_size``.
@@ -98,7 +99,8 @@ class MoE(nn.Module):
 
         fp32 = dict(device=device, dtype=torch.float32)
         dd = dict(device=device, dtype=dtype)
-        self.router = nn.Linear(hidden_size, num_experts, bias=router_bias, **fp32)
+        routed = num_experts + self.null_experts  # router rows: the null experts last
+        self.router = nn.Linear(hidden_size, routed, bias=router_bias, **fp32)
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, hidden_size, **dd))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, **dd))
         self.b_gate_up = self.b_down = None
@@ -106,11 +108,11 @@ class MoE(nn.Module):
             self.b_gate_up = nn.Parameter(torch.zeros(num_experts, 2 * ffn_size, **dd))
             self.b_down = nn.Parameter(torch.zeros(num_experts, hidden_size, **dd))
         if selection_bias:
-            self.register_buffer("selection_bias", torch.zeros(num_experts, **fp32))
+            self.register_buffer("selection_bias", torch.zeros(routed, **fp32))
         else:
             self.selection_bias = None
         self.noise_weight = (
-            nn.Parameter(torch.zeros(num_experts, hidden_size, **fp32)) if self.noise == "noisy_topk" else None
+            nn.Parameter(torch.zeros(routed, hidden_size, **fp32)) if self.noise == "noisy_topk" else None
         )
         self.shared_gate_up = self.shared_down = self.shared_gate = None
         if num_shared_experts > 0:

@@ -198,7 +198,8 @@ def main():
         for shard, mode in runs:
             sets = layout_sets + [f"optim.shard={shard}", f"train.recompute={mode}", *a.train_sets.split(",")]
             p = plan(cfg, nproc, sets)
-            ranks, _ = launch(nproc, ["train", "--config", cfg, "--resume", step, "--overwrite", *sets_of(sets)],
+            ranks, _ = launch(nproc, ["train", "--config", cfg, "--resume", step, "--overwrite", "--allow-data-change",
+                               *sets_of(sets)],
                               os.path.join(a.workdir, f"train-{name}-{shard}-{mode}"))
             for r, (_, peak) in enumerate(ranks):
                 rp = next(x for x in p["ranks"] if r in x["ranks"])

@@ -261,6 +261,24 @@ def test_resume_refuses_a_different_model_or_routing_naming_every_field(tmp_path
     assert "resumed from" in r.stdout + r.stderr
 
 
+def test_resume_of_a_checkpoint_older_than_an_option(tmp_path, shards):
+    """A checkpoint written before an option existed (its manifest does not
+    record the key) resumes when the option is at its default, and is
+    refused when it is not."""
+    cfg = config(tmp_path, shards)
+    train(cfg, "--set", "train.steps=4")
+    step = tmp_path / "run" / latest(tmp_path / "run")
+    manifest = json.loads((step / "manifest.json").read_text())
+    resolved = manifest["resolved_config"]
+    for key in [k for k in resolved if k.startswith("moe.null_")]:
+        del resolved[key]
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    r = train(cfg, "--set", "train.steps=8", "--set", "moe.null_experts=2", check=False)
+    assert r.returncode == 1 and "moe.null_experts: checkpoint 0, this config 2" in r.stderr, r.stderr
+    r = train(cfg, "--set", "train.steps=8")
+    assert "resumed from" in r.stdout + r.stderr
+
+
 def test_resume_refuses_changed_data_unless_allowed(tmp_path, shards):
     cfg = config(tmp_path, shards)
     train(cfg, "--set", "train.steps=4")
