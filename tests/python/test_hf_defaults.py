@@ -201,8 +201,10 @@ def test_rope_scaling_wins_over_rope_parameters(tmp_path):
         assert torch.equal(same(tokens())["logits"], ours(tokens())["logits"])
 
 
-@pytest.mark.xfail(strict=True, reason="Qwen3-MoE with linear rope differs from transformers by ~0.04 in the logits "
-                                       "(default rope and Mixtral with the same linear rope match); not yet explained")
+@pytest.mark.xfail(strict=False, reason="Qwen3-MoE with linear rope differs from transformers by ~0.04 in the "
+                                        "logits on some machines and matches on others with the same pinned "
+                                        "packages (default rope and Mixtral with the same linear rope match); "
+                                        "not yet explained")
 def test_qwen3_moe_linear_rope_matches_transformers(tmp_path):
     config = minimal_config("qwen3_moe", rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 300.0})
     hf, d = checkpoint(tmp_path, config)
