@@ -222,6 +222,7 @@ def test_fine_tune_reads_each_ranks_pieces(hf_dir, data, tmp_path, layout):
         one = [json.loads(line) for line in f]
     with open(tmp_path / "two" / "metrics.jsonl") as f:
         two = [json.loads(line) for line in f]
-    # Summation order differs (1e-5); a wrong weight moves the loss by far more.
-    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-4, (one[0]["loss"], two[0]["loss"])
+    # Summation order differs (up to 1.9e-4 seen on one CPU type); a wrong
+    # weight moves the loss by far more.
+    assert abs(one[0]["loss"] - two[0]["loss"]) < 5e-4, (one[0]["loss"], two[0]["loss"])
     assert abs(one[2]["loss"] - two[2]["loss"]) < 1e-3
