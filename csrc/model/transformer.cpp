@@ -161,8 +161,24 @@ void MoELayerImpl::update_selection_bias(const at::Tensor& load, double rate) {
       selection_bias.defined(),
       "MoE: update_selection_bias needs moe.selection_bias: true");
   at::NoGradGuard g;
+  // The real experts are balanced; null experts have their own controller.
+  const int64_t E = load.size(0) - options.null_experts;
+  const auto l = load.narrow(0, 0, E).to(at::kFloat);
+  selection_bias.narrow(0, 0, E).add_(at::sign(l.mean() - l), rate);
+}
+
+void MoELayerImpl::update_null_bias(
+    const at::Tensor& load, double target, double rate) {
+  const int64_t Z = options.null_experts;
+  TORCH_CHECK(
+      selection_bias.defined() && Z > 0,
+      "MoE: update_null_bias needs moe.null_experts > 0 and "
+      "moe.selection_bias: true");
+  at::NoGradGuard g;
   const auto l = load.to(at::kFloat);
-  selection_bias.add_(at::sign(l.mean() - l), rate);
+  const auto share = l.narrow(0, l.size(0) - Z, Z).sum() / l.sum().clamp_min(1);
+  selection_bias.narrow(0, l.size(0) - Z, Z)
+      .add_(at::sign(target - share), rate);
 }
 
 // ---- Block, Transformer ---------------------------------------------------

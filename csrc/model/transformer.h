@@ -185,8 +185,13 @@ class MoELayerImpl : public torch::nn::Module {
  public:
   MoELayerImpl(const ModelConfig& c);
   MoEOutput forward(const at::Tensor& x, const at::Tensor& mask) const;
-  // Aux-loss-free balancing: bias += rate * sign(mean_load - load_e).
+  // Aux-loss-free balancing of the real experts: bias += rate *
+  // sign(mean_load - load_e).
   void update_selection_bias(const at::Tensor& tokens_per_expert, double rate);
+  // Null-fraction controller: the null experts' selection bias moves by
+  // rate * sign(target - their share of tokens_per_expert [E + Z]).
+  void update_null_bias(
+      const at::Tensor& tokens_per_expert, double target, double rate);
   // Expert parallelism: keeps this rank's experts (layout.first_expert) of
   // the expert parameters (same names, sliced) and routes rows through the
   // layout's expert-parallel group (not owned).

@@ -350,6 +350,11 @@ TrainConfig TrainConfig::parse(
       }
     });
     r.get("bias_update_rate", c.schedule.bias_update_rate, Range::at_least(0));
+    r.get("null_bias_rate", c.schedule.null_bias_rate, Range::at_least(0));
+    r.get(
+        "null_target_fraction",
+        c.schedule.null_target_fraction,
+        Range::closed(0, 1));
     r.finish();
     check_integer_schedules(c, name);
   }
@@ -377,6 +382,16 @@ TrainConfig TrainConfig::parse(
       is("data.seq_len", c.data.seq_len),
       " exceeds ",
       is("model.max_seq_len", c.model.max_seq_len));
+  TORCH_CHECK(
+      c.schedule.null_bias_rate == 0 ||
+          (c.model.moe.routing.null_experts > 0 && c.model.moe.selection_bias),
+      "config: ",
+      name("schedule.null_bias_rate"),
+      " > 0 moves the null experts' selection bias: it needs ",
+      name("moe.null_experts"),
+      " > 0 and ",
+      name("moe.selection_bias"),
+      ": true");
   YAML::Emitter out;
   out << root;
   c.text = out.c_str();

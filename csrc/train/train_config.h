@@ -121,6 +121,10 @@ struct MoESchedules {
   // moe.num_experts]; integer options take the rounded value).
   std::map<std::string, Schedule> options;
   double bias_update_rate = 0.0; // aux-loss-free selection bias update
+  // Null-fraction controller (moe.null_experts): after each step the null
+  // experts' selection bias moves by rate * sign(target - null share).
+  double null_bias_rate = 0.0; // 0: off
+  double null_target_fraction = 0.5;
 };
 
 struct TrainConfig {

@@ -225,7 +225,10 @@ void Trainer::check_resume_compatible(
     // model:, moe: and the MoE schedules (schedule.<option>.*).
     for (const char* p : {"model.", "moe.", "schedule.", "finetune."}) {
       if (key.rfind(p, 0) == 0) {
-        return key != "schedule.bias_update_rate";
+        // The bias controllers' rates and target may change.
+        return key != "schedule.bias_update_rate" &&
+               key != "schedule.null_bias_rate" &&
+               key != "schedule.null_target_fraction";
       }
     }
     return false;

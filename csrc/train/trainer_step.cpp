@@ -250,16 +250,21 @@ void Trainer::optimizer_step(
 
 void Trainer::update_selection_bias(
     const std::vector<at::Tensor>& layer_tokens) {
-  if (cfg_.schedule.bias_update_rate <= 0) {
+  const auto& sc = cfg_.schedule;
+  if (sc.bias_update_rate <= 0 && sc.null_bias_rate <= 0) {
     return;
   }
   size_t l = 0;
   for (const auto& m : model_->layers->children()) {
     auto block = std::dynamic_pointer_cast<BlockImpl>(m);
     if (block && block->moe) {
-      if (block->moe->selection_bias.defined()) {
-        block->moe->update_selection_bias(
-            layer_tokens[l], cfg_.schedule.bias_update_rate);
+      auto& moe = *block->moe;
+      if (moe.selection_bias.defined() && sc.bias_update_rate > 0) {
+        moe.update_selection_bias(layer_tokens[l], sc.bias_update_rate);
+      }
+      if (sc.null_bias_rate > 0) {
+        moe.update_null_bias(
+            layer_tokens[l], sc.null_target_fraction, sc.null_bias_rate);
       }
       ++l;
     }

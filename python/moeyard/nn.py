@@ -146,11 +146,22 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_selection_bias(self, tokens_per_expert: Tensor, rate: float) -> None:
-        """Aux-loss-free balancing: ``bias += rate * sign(mean_load - load_e)``."""
+        """Aux-loss-free balancing of the real experts: ``bias += rate *
+        sign(mean_load - load_e)``."""
         if self.selection_bias is None:
             raise RuntimeError("MoE: update_selection_bias needs selection_bias=True")
+        load = tokens_per_expert.float()[: self.num_experts]
+        self.selection_bias[: self.num_experts] += rate * torch.sign(load.mean() - load)
+
+    @torch.no_grad()
+    def update_null_bias(self, tokens_per_expert: Tensor, target: float, rate: float) -> None:
+        """Null-fraction controller: the null experts' selection bias moves by
+        ``rate * sign(target - null share of tokens_per_expert)``."""
+        if self.selection_bias is None or self.null_experts == 0:
+            raise RuntimeError("MoE: update_null_bias needs null_experts > 0 and selection_bias=True")
         load = tokens_per_expert.float()
-        self.selection_bias += rate * torch.sign(load.mean() - load)
+        share = load[self.num_experts:].sum() / load.sum().clamp_min(1)
+        self.selection_bias[self.num_experts:] += rate * torch.sign(target - share)
 
     def extra_repr(self) -> str:
         return (

@@ -127,6 +127,8 @@ OUT_OF_RANGE = [
     ("checkpoint.timeout_s", "-.inf", "(0, inf)"),
     ("log.every", "0", "[1, inf)"),
     ("schedule.bias_update_rate", "-0.5", "[0, inf)"),
+    ("schedule.null_bias_rate", "-0.5", "[0, inf)"),
+    ("schedule.null_target_fraction", "1.5", "[0, 1]"),
     ("parallel.timeout_s", ".nan", "(0, inf)"),
     ("parallel.data_parallel", "-1", "[0, inf)"),
     ("parallel.tensor_parallel", "0", "[1, inf)"),
@@ -177,7 +179,7 @@ FLOATS = {
     "optim": ["lr", "min_lr_ratio", "wsd_decay_fraction", "weight_decay", "beta1", "beta2", "eps",
               "router_lr_mult", "grad_clip", "expert_grad_clip"],
     "checkpoint": ["timeout_s"],
-    "schedule": ["bias_update_rate"],
+    "schedule": ["bias_update_rate", "null_bias_rate", "null_target_fraction"],
     "parallel": ["timeout_s"],
     "finetune.lora": ["alpha", "dropout"],
 }
@@ -447,6 +449,13 @@ def test_lora_targets_matching_nothing_are_an_error(config):
     assert parse_error(config, "finetune.lora.targets=[mlp, experts]", "moe.num_experts=0") == ""
     assert parse_error(config, "finetune.lora.targets=[experts]", "moe.num_experts=0") == \
         "config: finetune.lora.targets [experts] match no layer of this model"
+
+
+def test_null_bias_rate_needs_null_experts_and_a_selection_bias(config):
+    msg = parse_error(config, "schedule.null_bias_rate=0.01")
+    assert msg.startswith("config: schedule.null_bias_rate (--set schedule.null_bias_rate=0.01) > 0 moves the "
+                          "null experts' selection bias: it needs moe.null_experts"), msg
+    assert parse_error(config, "schedule.null_bias_rate=0.01", "moe.null_experts=2", "moe.selection_bias=true") == ""
 
 
 def test_lora_with_tensor_parallel_is_accepted(config):

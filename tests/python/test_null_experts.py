@@ -186,3 +186,39 @@ def test_transformer_trains_with_null_experts_sharded_or_not(tmp_path, shards):
     assert len(layer["tokens_per_expert"]) == 4 + 2
     assert 0 < layer["null_fraction"] < 1
     assert abs(layer["real_experts_per_token"] - 3 * (1 - layer["null_fraction"])) < 1e-6
+
+
+def test_update_null_bias_moves_only_the_null_entries():
+    m = make(selection_bias=True)
+    load = torch.tensor([5.0, 5, 5, 5, 5, 5, 10, 0, 0])  # null share 10 / 40
+    m.update_null_bias(load, 0.5, 0.1)
+    torch.testing.assert_close(m.selection_bias, torch.tensor([0.0] * E + [0.1] * Z))
+    m.update_selection_bias(load, 0.1)  # balances the real experts only
+    torch.testing.assert_close(m.selection_bias, torch.tensor([0.0] * E + [0.1] * Z))
+
+
+def test_null_fraction_controller_holds_the_target(tmp_path, shards):
+    """schedule.null_bias_rate moves the null experts' selection bias after
+    each step toward schedule.null_target_fraction: a run that starts below
+    half null picks holds about 0.8 over its last 10 steps (a sign
+    controller oscillates around the target); without it the share
+    stays."""
+    import subprocess
+
+    from test_distributed import EXE, dp_config, run_metrics
+
+    def null_share(name, *sets):
+        cfg = dp_config(tmp_path, shards, name, 4)
+        cfg.write_text(cfg.read_text().replace("steps: 6", "steps: 30").replace("every: 3", "every: 30"))
+        r = subprocess.run([EXE, "train", "--config", str(cfg), "--set", "moe.null_experts=2", *sets],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rec = run_metrics(tmp_path / name)
+        share = [sum(layer["null_fraction"] for layer in x["moe_layers"]) / len(x["moe_layers"]) for x in rec]
+        return sum(share[:3]) / 3, sum(share[-10:]) / 10
+
+    first, last = null_share("held", "--set", "schedule.null_bias_rate=0.01",
+                             "--set", "schedule.null_target_fraction=0.8")
+    assert first < 0.5 and abs(last - 0.8) < 0.1, (first, last)
+    first, last = null_share("free")
+    assert last < 0.6, (first, last)
