@@ -123,6 +123,9 @@ json hf_config_of(
   cannot(c.norm == "rmsnorm", "model.norm = " + c.norm);
   check_traits(fam.traits, c, cannot);
   cannot(r.routing == "token_choice", "moe.routing = " + r.routing);
+  cannot(
+      r.null_experts == 0,
+      "moe.null_experts = " + std::to_string(r.null_experts));
   cannot(!r.weight_on_input, "moe.weight_on_input");
   cannot(c.rotary_pct == 1.0, "partial rotary (model.rotary_pct < 1)");
 

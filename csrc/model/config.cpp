@@ -156,6 +156,16 @@ void validate_moe(const ModelConfig& c, const Names& n) {
       check_one_of(std::string("moe.") + key, v, names);
     }
   });
+  // The combinations the layer refuses (routing with null experts, groups,
+  // score function), named as the layer names them.
+  check_moe_options(o, moe.num_experts, "config: moe");
+  TORCH_CHECK(
+      !moe.selection_bias || o.routing == "token_choice",
+      "config: ",
+      n.at("moe.selection_bias"),
+      ": true needs moe.routing: token_choice, got '",
+      o.routing,
+      "'");
 }
 
 } // namespace

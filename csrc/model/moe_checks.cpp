@@ -90,9 +90,11 @@ void check_moe_options(
       o.top_k);
   if (Z > 0) {
     TORCH_CHECK(
-        o.routing == "token_choice",
+        o.routing == "token_choice" || o.routing == "top_p" ||
+            o.routing == "threshold",
         who,
-        ": null_experts needs routing 'token_choice', got '",
+        ": null_experts needs routing 'token_choice', 'top_p' or "
+        "'threshold', got '",
         o.routing,
         "'");
     TORCH_CHECK(
@@ -106,6 +108,21 @@ void check_moe_options(
         ": null_kind 'copy' needs null_weights 'keep' (with 'real' a null "
         "pick's weight is 0)");
   }
+  TORCH_CHECK(
+      o.num_groups == 1 || o.routing == "token_choice",
+      who,
+      ": num_groups > 1 (group-limited top-k) needs routing 'token_choice', "
+      "got '",
+      o.routing,
+      "'");
+  TORCH_CHECK(
+      o.score_fn == "softmax" || (o.routing != "top_p" && o.routing != "relu"),
+      who,
+      ": routing '",
+      o.routing,
+      "' needs score_fn 'softmax', got '",
+      o.score_fn,
+      "'");
   TORCH_CHECK(
       o.num_groups >= 1 && E % o.num_groups == 0,
       who,
@@ -194,6 +211,11 @@ void check_weights(
       H,
       "], got ",
       w.b_down.sizes());
+  TORCH_CHECK(
+      !w.selection_bias.defined() || o.routing == "token_choice",
+      "moe_forward: selection_bias needs routing 'token_choice', got '",
+      o.routing,
+      "'");
   TORCH_CHECK(
       !(o.training && o.noise == "noisy_topk") || w.noise_weight.defined(),
       "moe_forward: noise 'noisy_topk' needs noise_weight [",

@@ -34,6 +34,12 @@ inline Allowed greater_than(double lo) {
 inline Allowed closed_open(double lo, double hi) {
   return {config::Range::closed_open(lo, hi)};
 }
+inline Allowed open_closed(double lo, double hi) {
+  return {config::Range::open_closed(lo, hi)};
+}
+inline Allowed closed(double lo, double hi) {
+  return {config::Range::closed(lo, hi)};
+}
 inline Allowed one_of(const char* names) {
   return {config::Range::any(), names};
 }
@@ -80,7 +86,7 @@ std::vector<std::string> choices_of(const Allowed& a);
     renormalize,                                                               \
     true,                                                                      \
     any(),                                                                     \
-    "divide the k selected weights by their sum (+1e-20)")                     \
+    "divide the selected weights by their sum (+1e-20); not for `relu`")       \
   X(double,                                                                    \
     scale,                                                                     \
     1.0,                                                                       \
@@ -100,8 +106,29 @@ std::vector<std::string> choices_of(const Allowed& a);
   X(std::string,                                                               \
     routing,                                                                   \
     "token_choice",                                                            \
-    one_of("token_choice expert_choice"),                                      \
-    "`token_choice`; `expert_choice`: each expert takes its best C tokens")    \
+    one_of("token_choice expert_choice top_p threshold relu sinkhorn"),        \
+    "`token_choice`: each token its top_k; `expert_choice`: each expert its "  \
+    "best C tokens; `top_p`: the fewest of the top_k whose probabilities "     \
+    "reach `top_p`; `threshold`: the top_k with score >= `score_threshold` "   \
+    "(the best always); `relu`: every expert with a positive logit, weight "   \
+    "= that logit (ReMoE; top_k = the target average); `sinkhorn`: top_k of "  \
+    "the Sinkhorn-balanced scores in training, plain top_k otherwise "         \
+    "(S-BASE)")                                                                \
+  X(double,                                                                    \
+    top_p,                                                                     \
+    0.4,                                                                       \
+    open_closed(0, 1),                                                         \
+    "`top_p` routing: the probability mass the picks reach")                   \
+  X(double,                                                                    \
+    score_threshold,                                                           \
+    0.2,                                                                       \
+    closed(0, 1),                                                              \
+    "`threshold` routing: the least score of a pick after the first")          \
+  X(int64_t,                                                                   \
+    sinkhorn_iters,                                                            \
+    8,                                                                         \
+    at_least(1),                                                               \
+    "`sinkhorn` routing: normalization rounds (over tokens, then experts)")    \
   X(bool,                                                                      \
     weight_on_input,                                                           \
     false,                                                                     \
@@ -208,22 +235,36 @@ std::vector<std::string> choices_of(const Allowed& a);
     load_coeff,                                                             \
     0.0,                                                                    \
     "CV^2 of the per-expert assignment counts (no gradient)")               \
-  X(z_loss, z_coeff, 0.001, "mean over tokens of logsumexp(logits)^2")
+  X(z_loss, z_coeff, 0.001, "mean over tokens of logsumexp(logits)^2")      \
+  X(entropy_loss,                                                           \
+    entropy_coeff,                                                          \
+    0.0,                                                                    \
+    "mean entropy of the routing distribution (sharpens `top_p` routing)")
 
-// Routing statistics over the real tokens: X(name, combine, doc). combine:
-// how micro-batches and ranks combine, `sum` or `mean` (token-weighted).
-#define MOEYARD_MOE_STATISTICS(X)                                        \
-  X(tokens_per_expert,                                                   \
-    sum,                                                                 \
-    "[E + Z] float32: assignments before capacity drops (null experts "  \
-    "last)")                                                             \
-  X(real_experts_per_token,                                              \
-    mean,                                                                \
-    "picks of real experts per token, before capacity drops")            \
-  X(null_fraction, mean, "null picks / (token, slot) picks")             \
-  X(dropped_fraction, mean, "dropped / valid (token, slot) assignments") \
-  X(router_entropy, mean, "mean entropy of the routing distribution")    \
-  X(capacity_utilization, mean, "filled / allocated expert rows")
+// Routing statistics over the real tokens: X(name, combine, length, doc).
+// combine: how micro-batches and ranks combine, `sum` (counts, a vector of
+// `length` entries for E real and Z null experts) or `mean` (a
+// token-weighted scalar, length 1).
+#define MOEYARD_MOE_STATISTICS(X)                                           \
+  X(tokens_per_expert,                                                      \
+    sum,                                                                    \
+    E + Z,                                                                  \
+    "[E + Z] float32: assignments before capacity drops (null experts "     \
+    "last)")                                                                \
+  X(experts_per_token_histogram,                                            \
+    sum,                                                                    \
+    E + 1,                                                                  \
+    "[E + 1] float32: real tokens with 0, 1, ..., E real picks (token "     \
+    "choice: before capacity drops; expert choice: the experts that took "  \
+    "it)")                                                                  \
+  X(real_experts_per_token,                                                 \
+    mean,                                                                   \
+    1,                                                                      \
+    "picks of real experts per token, before capacity drops")               \
+  X(null_fraction, mean, 1, "null picks / all picks")                       \
+  X(dropped_fraction, mean, 1, "dropped / valid (token, slot) assignments") \
+  X(router_entropy, mean, 1, "mean entropy of the routing distribution")    \
+  X(capacity_utilization, mean, 1, "executed / allocated expert rows")
 
 namespace moeyard {
 

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 
 #include "model/moe_detail.h"
 #include "ops/ops.h"
@@ -48,13 +49,34 @@ at::Tensor real_pick_weights(
   return real / (real.sum(-1, true) + 1e-20) * o.scale;
 }
 
-Plan plan_token_choice(
-    const at::Tensor& logits,
-    const at::Tensor& valid,
-    const MoEWeights& w,
+// A token-choice router's picks: [T, K] combine weights and expert indices
+// (-1: no pick) and the [T, E + Z] scores the statistics read.
+struct Picks {
+  at::Tensor weights, indices, scores;
+};
+
+at::Tensor scores_of(const at::Tensor& logits, const MoEOptions& o) {
+  return o.score_fn == "sigmoid" ? logits.sigmoid() : logits.softmax(-1);
+}
+
+// Weights from the scores of the kept picks: renormalized over them
+// (unless `relu` or renormalize is off), times scale.
+Picks weighted_picks(
+    const at::Tensor& values,
+    const at::Tensor& experts,
+    const at::Tensor& keep,
+    const at::Tensor& scores,
     const MoEOptions& o) {
-  const int64_t T = logits.size(0), routed = logits.size(1);
-  const int64_t E = routed - o.null_experts; // real experts
+  auto weights = values * keep.to(values.scalar_type());
+  if (o.renormalize && o.routing != "relu") {
+    weights = weights / (weights.sum(-1, true) + 1e-20);
+  }
+  return {weights * o.scale, at::where(keep, experts, -1), scores};
+}
+
+// top_k (DeepSeek-V3 groups, selection bias): the fused router op.
+Picks pick_top_k(
+    const at::Tensor& logits, const MoEWeights& w, const MoEOptions& o) {
   std::optional<at::Tensor> bias;
   if (w.selection_bias.defined()) {
     bias = w.selection_bias;
@@ -68,6 +90,76 @@ Plan plan_token_choice(
       bias,
       o.num_groups,
       o.topk_groups);
+  return {weights, indices, scores};
+}
+
+// Dynamic K: of each token's best top_k scores (relu: every expert), the
+// first, then those the rule keeps. Picks stay sorted by score.
+Picks pick_dynamic(const at::Tensor& logits, const MoEOptions& o) {
+  const bool relu = o.routing == "relu";
+  const auto scores = relu ? at::relu(logits) : scores_of(logits, o);
+  const int64_t k = relu ? logits.size(1) : o.top_k;
+  const auto [values, experts] = at::topk(scores, k, -1);
+  at::Tensor keep;
+  if (relu) {
+    keep = values > 0;
+  } else if (o.routing == "top_p") {
+    // The smallest prefix whose mass reaches p: a pick is kept while the
+    // mass before it is below p.
+    keep = (values.cumsum(-1) - values) < o.top_p;
+  } else { // threshold
+    keep = values >= o.score_threshold;
+    keep.select(1, 0).fill_(true);
+  }
+  return weighted_picks(values, experts, keep, scores, o);
+}
+
+// S-BASE: in training, top_k of the Sinkhorn-balanced scores (selection
+// only, no gradient): rows and columns are normalized in turn in the log
+// domain, columns over the real tokens only; the weights are the picked
+// experts' scores. Otherwise plain top_k.
+Picks pick_sinkhorn(
+    const at::Tensor& logits, const at::Tensor& valid, const MoEOptions& o) {
+  const auto scores = scores_of(logits, o);
+  auto balanced = logits.detach();
+  if (o.training) {
+    const auto real = valid.defined() ? valid.unsqueeze(1)
+                                      : at::ones_like(balanced, at::kBool);
+    const double neg_inf = -std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < o.sinkhorn_iters; ++i) {
+      balanced =
+          balanced - at::logsumexp(at::where(real, balanced, neg_inf), 0, true);
+      balanced = balanced - at::logsumexp(balanced, 1, true);
+    }
+  }
+  const auto experts = std::get<1>(at::topk(balanced, o.top_k, -1));
+  const auto values = scores.gather(1, experts);
+  return weighted_picks(
+      values, experts, at::ones_like(experts, at::kBool), scores, o);
+}
+
+Picks token_choice_picks(
+    const at::Tensor& logits,
+    const at::Tensor& valid,
+    const MoEWeights& w,
+    const MoEOptions& o) {
+  if (o.routing == "token_choice") {
+    return pick_top_k(logits, w, o);
+  }
+  if (o.routing == "sinkhorn") {
+    return pick_sinkhorn(logits, valid, o);
+  }
+  return pick_dynamic(logits, o);
+}
+
+Plan plan_token_choice(
+    const at::Tensor& logits,
+    const at::Tensor& valid,
+    const MoEWeights& w,
+    const MoEOptions& o) {
+  const int64_t T = logits.size(0), routed = logits.size(1);
+  const int64_t E = routed - o.null_experts; // real experts
+  auto [weights, indices, scores] = token_choice_picks(logits, valid, w, o);
   if (valid.defined()) {
     indices = at::where(valid.unsqueeze(1), indices, -1);
   }

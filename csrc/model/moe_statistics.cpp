@@ -47,15 +47,20 @@ void routing_statistics(
   const int64_t E = routed - o.null_experts; // real experts
   const bool expert_choice = o.routing == "expert_choice";
   const int64_t K = expert_choice ? E : o.top_k;
+  const int64_t slots = expert_choice ? K : plan.indices.size(1);
   const auto fopts = logits.options();
   const auto vw =
       r.valid.defined() ? r.valid.to(r.dtype) : at::ones({T}, fopts);
   const auto n_valid = vw.sum().clamp_min(1.0);
+  const bool relu = o.routing == "relu";
+  // The routing distribution; the balance losses' P_e is its mean, or for
+  // `relu` the mean gate, so that the switch loss is ReMoE's
+  // load-weighted L1 penalty.
   auto probs = plan.scores;
-  if (o.score_fn == "sigmoid") {
+  if (o.score_fn == "sigmoid" || relu) {
     probs = plan.scores / (plan.scores.sum(-1, true) + 1e-20);
   }
-  const auto masked_probs = probs * vw.unsqueeze(1);
+  const auto masked_probs = (relu ? plan.scores : probs) * vw.unsqueeze(1);
   const auto importance = masked_probs.sum(0); // [E]
   if (tokens_per_sequence > 0 && !expert_choice) {
     out.switch_loss = switch_loss_per_sequence(
@@ -69,10 +74,17 @@ void routing_statistics(
   out.load_loss = cv2(plan.assigned.narrow(0, 0, E));
   out.z_loss = (at::logsumexp(logits, -1).square() * vw).sum() / n_valid;
   out.tokens_per_expert = plan.assigned;
+  // Each real token's number of real picks (expert choice: of experts that
+  // took it), counted.
+  const auto real_per_token =
+      expert_choice ? (plan.slot >= 0).sum(1)
+                    : ((plan.indices >= 0) & (plan.indices < E)).sum(1);
+  out.experts_per_token_histogram =
+      at::zeros({E + 1}, fopts).index_add_(0, real_per_token, vw);
   const auto real_picks = plan.assigned.narrow(0, 0, E).sum();
   out.real_experts_per_token = real_picks / n_valid;
-  out.null_fraction =
-      plan.assigned.narrow(0, E, o.null_experts).sum() / (n_valid * K);
+  const auto picks = plan.assigned.sum().clamp_min(1.0);
+  out.null_fraction = plan.assigned.narrow(0, E, o.null_experts).sum() / picks;
   const auto kept = plan.counts.sum().to(r.dtype);
   // With no real token (all padding, or T = 0) nothing was dropped: 0.
   const auto n_real = vw.sum();
@@ -82,16 +94,17 @@ void routing_statistics(
           ? (n_real - ((plan.slot >= 0).any(1).to(r.dtype) * vw).sum()) /
                 n_valid
           // real picks an expert's capacity dropped
-          : (real_picks - kept) / (n_valid * K);
+          : (real_picks - kept) / picks;
   const auto ent = -(probs * at::log(probs.clamp_min(1e-20))).sum(-1);
-  out.router_entropy = (ent * vw).sum() / n_valid;
-  // Allocated rows: E*C with a capacity; dropless, the real tokens' K slots
-  // (rows of padding tokens are not "allocated"), so dropless reads 1 less
-  // the null picks.
+  out.entropy_loss = (ent * vw).sum() / n_valid;
+  out.router_entropy = out.entropy_loss;
+  // Allocated rows: E*C with a capacity; dropless, the real tokens' slots
+  // (K, or E for `relu`; rows of padding tokens are not "allocated"), so
+  // dropless reads 1 less the null and unused slots.
   const bool has_capacity = expert_choice || o.capacity_factor > 0;
   out.capacity_utilization =
       has_capacity ? kept / std::max<int64_t>(plan.row_token.size(0), 1)
-                   : kept / (n_valid * K);
+                   : kept / (n_valid * slots);
   out.indices = plan.indices;
   out.importance = importance;
   out.valid_tokens = n_real;

@@ -139,7 +139,7 @@ py::dict moe_interface() {
   output(#loss, "aux_loss", py::str(#coeff), doc);
   MOEYARD_MOE_AUX_LOSSES(MOEYARD_ROW)
 #undef MOEYARD_ROW
-#define MOEYARD_ROW(name, combine, doc) \
+#define MOEYARD_ROW(name, combine, length, doc) \
   output(#name, "statistic", py::none(), doc);
   MOEYARD_MOE_STATISTICS(MOEYARD_ROW)
 #undef MOEYARD_ROW

@@ -11,16 +11,21 @@
 
 namespace moeyard::train {
 
-// One MoE layer's sums of one micro-batch, float64: [tokens_per_expert (E),
-// importance (E), real tokens n, then n times each aux loss and each `mean`
-// statistic in table order]. Rows of micro-batches and ranks add up.
+// One MoE layer's sums of one micro-batch, float64: [each `sum` statistic
+// (its length), importance (E + Z), real tokens n, then n times each aux
+// loss and each `mean` statistic in table order]. Rows of micro-batches and
+// ranks add up.
 at::Tensor routing_sums(const MoEOutput& m);
 
 // The metrics of one layer from its summed row (on the CPU): tokens,
 // token-weighted means of the aux losses and statistics (the switch loss
-// of the whole step from its counts, unless per sequence),
-// tokens_per_expert, dead_experts and the options that scheduling changes.
+// of the whole step from its counts, unless per sequence), the `sum`
+// statistics, dead_experts, max_violation (the most loaded real expert's
+// load over the mean, less 1) and the options that scheduling changes.
 nlohmann::json routing_record(
-    const at::Tensor& row, int64_t layer, const MoEOptions& o);
+    const at::Tensor& row,
+    int64_t layer,
+    const MoEOptions& o,
+    int64_t num_experts);
 
 } // namespace moeyard::train

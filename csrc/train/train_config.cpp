@@ -75,6 +75,42 @@ void check_same_architecture(
       now.routing.weight_on_input);
 }
 
+// The adaptive L1 of relu routing multiplies moe.switch_coeff: it needs that
+// routing, a coefficient to start from and no schedule of its own.
+void check_relu_l1(const TrainConfig& c, const KeyNamer& name) {
+  const double mult = c.schedule.relu_l1_mult;
+  if (mult == 0) {
+    return;
+  }
+  const std::string key = name("schedule.relu_l1_mult");
+  TORCH_CHECK(
+      mult > 1,
+      "config: ",
+      key,
+      " = ",
+      config::show_number(mult),
+      " must be 0 (off) or > 1");
+  const auto& o = c.model.moe.routing;
+  TORCH_CHECK(
+      o.routing == "relu",
+      "config: ",
+      key,
+      " > 0 adapts the L1 of relu routing: it needs ",
+      name("moe.routing"),
+      ": relu, got '",
+      o.routing,
+      "'");
+  TORCH_CHECK(
+      o.switch_coeff > 0 && !c.schedule.options.count("switch_coeff"),
+      "config: ",
+      key,
+      " > 0 multiplies ",
+      name("moe.switch_coeff"),
+      ": it needs a value > 0 to start from (ReMoE: 1e-8) and no "
+      "schedule.switch_coeff, got ",
+      config::show_number(o.switch_coeff));
+}
+
 // An integer option takes each step's rounded value: no warmup ramp from 0,
 // and every value the run will use must suit the model (e.g. num_groups
 // dividing num_experts), checked against the other options' moe: values.
@@ -355,6 +391,7 @@ TrainConfig TrainConfig::parse(
         "null_target_fraction",
         c.schedule.null_target_fraction,
         Range::closed(0, 1));
+    r.get("relu_l1_mult", c.schedule.relu_l1_mult, Range::at_least(0));
     r.finish();
     check_integer_schedules(c, name);
   }
@@ -392,6 +429,7 @@ TrainConfig TrainConfig::parse(
       " > 0 and ",
       name("moe.selection_bias"),
       ": true");
+  check_relu_l1(c, name);
   YAML::Emitter out;
   out << root;
   c.text = out.c_str();

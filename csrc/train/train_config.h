@@ -125,6 +125,10 @@ struct MoESchedules {
   // experts' selection bias moves by rate * sign(target - null share).
   double null_bias_rate = 0.0; // 0: off
   double null_target_fraction = 0.5;
+  // Adaptive L1 of `relu` routing (ReMoE): after each step moe.switch_coeff
+  // is multiplied by this to the power sign(real experts per token -
+  // moe.top_k), averaged over the MoE layers. 0: off (ReMoE uses 1.2).
+  double relu_l1_mult = 0.0;
 };
 
 struct TrainConfig {

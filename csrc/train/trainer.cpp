@@ -103,13 +103,17 @@ double Trainer::evaluate() {
 
 void Trainer::apply_moe_schedules(int64_t step) {
   const auto& schedules = cfg_.schedule.options;
-  if (schedules.empty()) {
+  const bool relu_l1 = cfg_.schedule.relu_l1_mult > 0;
+  if (schedules.empty() && !relu_l1) {
     return;
   }
   for (const auto& m : model_->layers->children()) {
     auto block = std::dynamic_pointer_cast<BlockImpl>(m);
     if (!block || !block->moe) {
       continue;
+    }
+    if (relu_l1) { // the adaptive L1 of relu routing
+      block->moe->options.switch_coeff = relu_l1_coeff_;
     }
     for_each_moe_option(
         block->moe->options, [&](const char* key, auto& v, const auto&) {
@@ -135,7 +139,9 @@ nlohmann::json Trainer::scheduled_values() const {
     if (block && block->moe) {
       for_each_moe_option(
           block->moe->options, [&](const char* key, auto& v, const auto&) {
-            if (cfg_.schedule.options.count(key)) {
+            if (cfg_.schedule.options.count(key) ||
+                (cfg_.schedule.relu_l1_mult > 0 &&
+                 std::string(key) == "switch_coeff")) {
               out[key] = v;
             }
           });
@@ -167,7 +173,8 @@ nlohmann::json Trainer::routing_stats(
     if (!block || !block->moe) {
       continue;
     }
-    out.push_back(routing_record(all[l], layer, block->moe->options));
+    out.push_back(routing_record(
+        all[l], layer, block->moe->options, cfg_.model.moe.num_experts));
     layer_tokens[l] = // on the model's device, for the selection bias
         all[l].narrow(0, 0, E).to(sums[l].device(), at::kFloat);
     ++l;
@@ -188,7 +195,11 @@ RunResult Trainer::run(const RunOptions& options) {
   progress.start = progress.last = std::chrono::steady_clock::now();
   progress.first_step = progress.logged_from = step;
   while (step < cfg_.train.steps) {
+    const auto began = std::chrono::steady_clock::now();
     const auto s = train_step(step);
+    const double step_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - began)
+            .count();
     ++step;
     if (s.skipped.empty()) {
       result.final_loss = s.loss;
@@ -196,6 +207,7 @@ RunResult Trainer::run(const RunOptions& options) {
       ++result.skipped_steps;
     }
     json rec = step_record(step, s);
+    rec["step_s"] = step_s;
     if (eval_due(step)) {
       evaluate_into(step, rec, result);
     }

@@ -233,6 +233,9 @@ class Trainer {
   void optimizer_step(const std::vector<at::Tensor>& params, double grad_norm);
   // Aux-loss-free balancing from the step's global expert loads.
   void update_selection_bias(const std::vector<at::Tensor>& layer_tokens);
+  // Adaptive L1 of relu routing (schedule.relu_l1_mult): the step's real
+  // experts per token (records of routing_stats) move relu_l1_coeff_.
+  void update_relu_l1(const nlohmann::json& moe_layers);
 
   // Chooses the checkpoint to start from (or none), checks that it fits
   // this config and data, loads the model and optimizer; the first step.
@@ -347,6 +350,8 @@ class Trainer {
   json data_fingerprint_; // data.train and data.valid
   std::deque<double> recent_losses_; // accepted steps, for the spike guard
   int64_t bad_in_row_ = 0; // consecutive skipped steps
+  // relu routing's switch_coeff under schedule.relu_l1_mult (checkpointed).
+  double relu_l1_coeff_ = 0.0;
   std::unique_ptr<io::TokenShard> train_, valid_;
   std::unique_ptr<torch::optim::AdamW> opt_;
   std::vector<double> base_lr_; // per parameter group

@@ -41,6 +41,7 @@ int64_t Trainer::start(const RunOptions& options) {
   // Face checkpoint or a fresh init (load_weights, after the checks).
   int64_t step = 0;
   json manifest;
+  relu_l1_coeff_ = cfg_.model.moe.routing.switch_coeff;
   if (!begin.from.empty()) {
     manifest = io::read_manifest(begin.from); // SHA-256 of every file
     step = manifest.at("step").get<int64_t>();
@@ -48,6 +49,7 @@ int64_t Trainer::start(const RunOptions& options) {
     run_id_ = manifest.value("run_id", std::string("legacy"));
     const auto& st = manifest.value("trainer_state", json::object());
     bad_in_row_ = st.value("bad_in_row", int64_t(0));
+    relu_l1_coeff_ = st.value("relu_l1_coeff", relu_l1_coeff_);
     for (const auto& l : st.value("recent_losses", json::array())) {
       recent_losses_.push_back(l.get<double>());
     }
@@ -228,6 +230,7 @@ void Trainer::check_resume_compatible(
         // The bias controllers' rates and target may change.
         return key != "schedule.bias_update_rate" &&
                key != "schedule.null_bias_rate" &&
+               key != "schedule.relu_l1_mult" &&
                key != "schedule.null_target_fraction";
       }
     }

@@ -31,6 +31,7 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
   // Clip, AdamW, then aux-loss-free balancing from this step's loads.
   optimizer_step(params, out.grad_norm);
   update_selection_bias(layer_tokens);
+  update_relu_l1(out.moe_layers);
   return out;
 }
 
@@ -246,6 +247,20 @@ void Trainer::optimizer_step(
       params_[i].copy_(masters_[i]);
     }
   }
+}
+
+void Trainer::update_relu_l1(const nlohmann::json& moe_layers) {
+  const double mult = cfg_.schedule.relu_l1_mult;
+  if (mult == 0 || moe_layers.empty()) {
+    return;
+  }
+  double k = 0; // real experts per token, averaged over the MoE layers
+  for (const auto& layer : moe_layers) {
+    k += layer.at("real_experts_per_token").get<double>();
+  }
+  k /= static_cast<double>(moe_layers.size());
+  const double target = static_cast<double>(cfg_.model.moe.routing.top_k);
+  relu_l1_coeff_ *= k > target ? mult : k < target ? 1.0 / mult : 1.0;
 }
 
 void Trainer::update_selection_bias(

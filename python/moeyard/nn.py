@@ -93,6 +93,8 @@ class MoE(nn.Module):
             raise TypeError(f"MoE: unknown option '{unknown[0]}'; options: {', '.join(_OPTIONS)}")
         options["top_k"] = top_k
         _C.check_moe_options(num_experts, **options)  # types and values
+        if selection_bias and options.get("routing", "token_choice") != "token_choice":
+            raise ValueError(f"MoE: selection_bias needs routing 'token_choice', got '{options['routing']}'")
         self.hidden_size, self.ffn_size, self.num_experts = hidden_size, ffn_size, num_experts
         for name, row in _OPTIONS.items():
             setattr(self, name, options.get(name, row["default"]))

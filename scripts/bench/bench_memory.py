@@ -80,8 +80,11 @@ def load_peak(nproc, args, log):
         p.wait()
     if not m:
         sys.exit(f"rank 0 ended before loading: {text[-2000:]}")
-    rate = re.findall(r"loading \S+: [\d.]+ of [\d.]+ MB this rank owns \(([\d.]+) MB/s\)", text)
-    return float(m.group(4)) * 1e6, (float(rate[-1]) if rate else None)
+    # The rate of the largest read (the model's tensors; the optimizer state
+    # and small files log their own lines).
+    reads = re.findall(r"loading \S+: ([\d.]+) of [\d.]+ MB this rank owns \(([\d.]+) MB/s\)", text)
+    rate = max(reads, key=lambda r: float(r[0]))[1] if reads else None
+    return float(m.group(4)) * 1e6, (float(rate) if rate else None)
 
 
 def launch(nproc, args, log):
@@ -186,7 +189,7 @@ def main():
             rp = p["ranks"][0]
             owned = rp["params"] + rp["optimizer"]
             say(f"| {name} | {shard} | {owned / 1e9:.3f} | {(peak - base) / 1e9:.3f} | "
-                f"{(peak - base) / owned:.2f} | {rp['load_peak'] / 1e9:.3f} | {rate or 0:.0f} |")
+                f"{(peak - base) / owned:.2f} | {rp['load_peak'] / 1e9:.3f} | {f'{rate:.0f}' if rate else '-'} |")
     say()
     say("| layout | optim.shard | train.recompute | rank | planner step peak (GB) | peak RSS - baseline (GB) | "
         "measured / planner |")

@@ -129,6 +129,7 @@ OUT_OF_RANGE = [
     ("schedule.bias_update_rate", "-0.5", "[0, inf)"),
     ("schedule.null_bias_rate", "-0.5", "[0, inf)"),
     ("schedule.null_target_fraction", "1.5", "[0, 1]"),
+    ("schedule.relu_l1_mult", "-1", "[0, inf)"),
     ("parallel.timeout_s", ".nan", "(0, inf)"),
     ("parallel.data_parallel", "-1", "[0, inf)"),
     ("parallel.tensor_parallel", "0", "[1, inf)"),
@@ -179,7 +180,7 @@ FLOATS = {
     "optim": ["lr", "min_lr_ratio", "wsd_decay_fraction", "weight_decay", "beta1", "beta2", "eps",
               "router_lr_mult", "grad_clip", "expert_grad_clip"],
     "checkpoint": ["timeout_s"],
-    "schedule": ["bias_update_rate", "null_bias_rate", "null_target_fraction"],
+    "schedule": ["bias_update_rate", "null_bias_rate", "null_target_fraction", "relu_l1_mult"],
     "parallel": ["timeout_s"],
     "finetune.lora": ["alpha", "dropout"],
 }
@@ -194,9 +195,10 @@ def documented_ranges():
                           ("model.md", {"## Options (`model:`)": "model.", "## MoE options": "moe."})):
         prefix = ""
         for line in open(os.path.join(ROOT, "docs", doc)):
-            for head, p in sections.items():
-                if head and line.startswith(head):
-                    prefix = p
+            if doc == "model.md" and line.startswith("## "):  # tables of other sections are not options
+                prefix = next((p for head, p in sections.items() if head and line.startswith(head)), None)
+            if prefix is None:
+                continue
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if not line.startswith("| `") or len(cells) < 4:
                 continue
@@ -456,6 +458,22 @@ def test_null_bias_rate_needs_null_experts_and_a_selection_bias(config):
     assert msg.startswith("config: schedule.null_bias_rate (--set schedule.null_bias_rate=0.01) > 0 moves the "
                           "null experts' selection bias: it needs moe.null_experts"), msg
     assert parse_error(config, "schedule.null_bias_rate=0.01", "moe.null_experts=2", "moe.selection_bias=true") == ""
+
+
+@pytest.mark.parametrize("sets,match", [
+    (["schedule.relu_l1_mult=0.5"], "schedule.relu_l1_mult (--set schedule.relu_l1_mult=0.5) = 0.5 must be 0 (off) or > 1"),
+    (["schedule.relu_l1_mult=1.2"], "> 0 adapts the L1 of relu routing: it needs moe.routing"),
+    (["schedule.relu_l1_mult=1.2", "moe.routing=relu", "moe.switch_coeff=0"],
+     "it needs a value > 0 to start from (ReMoE: 1e-8) and no schedule.switch_coeff, got 0"),
+    (["moe.routing=top_p", "moe.selection_bias=true"], "moe.selection_bias (--set moe.selection_bias=true): true needs "
+     "moe.routing: token_choice, got 'top_p'"),
+    (["moe.routing=relu", "moe.null_experts=2"], "config: moe: null_experts needs routing 'token_choice', 'top_p'"),
+    (["moe.routing=top_p", "moe.score_fn=sigmoid"], "config: moe: routing 'top_p' needs score_fn 'softmax'"),
+])
+def test_router_combinations_are_refused(config, sets, match):
+    msg = parse_error(config, *sets)
+    assert match in msg, msg
+    assert parse_error(config, "schedule.relu_l1_mult=1.2", "moe.routing=relu", "moe.switch_coeff=1e-8") == ""
 
 
 def test_lora_with_tensor_parallel_is_accepted(config):

@@ -288,8 +288,10 @@ def test_lora_under_tensor_parallelism_equals_one_process(data, tmp_path, family
     two = dict(moeyard.Transformer.from_checkpoint(tmp_path / "two").named_parameters())
     lora = [n for n in one if ".lora_" in n]
     assert {"layers.0.attn.o_proj.lora_a", "layers.0.mlp.down.lora_b"} <= set(lora)
+    # Adam turns summation-order differences of near-zero gradients into
+    # update differences: 2e-4 is 0.5% of the 4 steps' largest move (4 lr).
     for n in lora:
         assert one[n].shape == two[n].shape, n
-        assert (one[n] - two[n]).abs().max().item() < 1e-5, n
+        assert (one[n] - two[n]).abs().max().item() < 2e-4, n
         if n.endswith("_b"):
             assert one[n].abs().max() > 0, n  # trained

@@ -222,3 +222,23 @@ def test_null_fraction_controller_holds_the_target(tmp_path, shards):
     assert first < 0.5 and abs(last - 0.8) < 0.1, (first, last)
     first, last = null_share("free")
     assert last < 0.6, (first, last)
+
+
+def test_decode_with_one_null_pick_runs_one_expert_row():
+    """Batch-1 decode, top-2 with one pick null: each expert GEMM gets
+    exactly one row, of the real expert picked."""
+    m = make()
+    m.top_k = 2
+    x = torch.randn(1, H)
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.weight[4] = x[0]  # real expert 4 first
+        m.router.weight[E + 1] = 0.5 * x[0]  # then null expert 1
+    with GroupedMMRows() as rec, torch.no_grad():
+        y, r = m(x)
+    assert r.indices.tolist() == [[4, E + 1]]
+    for off in rec.offsets:
+        assert off.diff().tolist() == [0, 0, 0, 0, 1, 0]
+    w = (x @ m.router.weight.T).softmax(-1)[0]
+    want = w[4] / (w[4] + w[E + 1]) * expert_mlp(x[0], m.w_gate_up[4], m.w_down[4])
+    torch.testing.assert_close(y[0], want, atol=1e-5, rtol=1e-5)
