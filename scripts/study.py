@@ -26,6 +26,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,16 +67,25 @@ def finished(run, steps):
 
 
 def train(study, arm, seed, runs):
-    """Trains one (arm, seed) run unless it is finished; returns its dir."""
+    """Trains one (arm, seed) run unless it is finished; returns its dir. A
+    run made with other settings (the base or the arm changed) is started
+    again from scratch."""
     run = os.path.join(runs, arm["name"], f"seed{seed}")
     steps = study["base"]["train"]["steps"]
+    sets = {**arm.get("set", {}), "train.seed": seed, "checkpoint.dir": run}
+    settings = json.dumps({"base": study["base"], "set": sets}, sort_keys=True)
+    recorded = os.path.join(run, "settings.json")
+    if os.path.exists(recorded) and open(recorded).read() != settings:
+        print(f"[study] {arm['name']} seed {seed}: settings changed, training it again", flush=True)
+        shutil.rmtree(run)
     if finished(run, steps):
         return run, "done before"
     os.makedirs(run, exist_ok=True)
+    with open(recorded, "w") as f:
+        f.write(settings)
     base = os.path.join(run, "base.yaml")
     with open(base, "w") as f:
         yaml.safe_dump(study["base"], f)
-    sets = {**arm.get("set", {}), "train.seed": seed, "checkpoint.dir": run}
     args = [EXE, "train", "--config", base, "--resume", "auto"]
     for k, v in sets.items():
         args += ["--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}"]
@@ -189,7 +199,7 @@ def markdown(rows, base_sd, study):
     return "\n".join(out) + "\n"
 
 
-def plots(study, results, rows, out):
+def plots(study, results, rows, skips, out):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,21 +263,100 @@ def plots(study, results, rows, out):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "load_heatmaps.png"), dpi=120)
     plt.close(fig)
+    # 5. Loss against the share of picks skipped (heuristic skip).
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar([r["skipped"] for r in skips], [r["delta"] for r in skips], yerr=[r["delta_sd"] for r in skips],
+                marker="o", capsize=3, label=f"skip_ratio on {study['baseline']}")
+    ax.set_xlabel("share of picks skipped")
+    ax.set_ylabel("Δ validation bits per byte")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "skip_curve.png"), dpi=120)
+    plt.close(fig)
 
 
-def write_report(study, results, out, doc):
+def validation_tokens(study):
+    """The first eval_batches x micro_batch sequences of the validation
+    shard (token shard format: 32-byte header, then little-endian ids)."""
+    import numpy as np
+
+    base = study["base"]
+    with open(os.path.join(ROOT, base["data"]["valid"]), "rb") as f:
+        head = f.read(32)
+        width = int.from_bytes(head[12:16], "little")
+        data = np.frombuffer(f.read(), dtype=np.uint16 if width == 2 else np.uint32)
+    S, n = base["data"]["seq_len"], base["train"]["eval_batches"] * base["train"]["micro_batch"]
+    return data[: n * S].astype("int64").reshape(n, S)
+
+
+def skip_curve(study, runs, ratios=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)):
+    """The heuristic skip on the baseline's trained models: each pick whose
+    weight is below `ratio` times the token's largest is skipped
+    (moe.skip_ratio) at evaluation; per ratio, the share of picks skipped
+    and the bits per byte, per seed."""
+    import torch
+
+    import moeyard
+    from moeyard import checkpoint
+
+    tokens = torch.from_numpy(validation_tokens(study))
+    k = study["base"]["moe"]["top_k"]
+    curve = []
+    for seed in study["seeds"]:
+        run = os.path.join(runs, study["baseline"], f"seed{seed}")
+        step = os.path.join(run, f"step_{study['base']['train']['steps']}")
+        cfg = yaml.safe_load(json.load(open(os.path.join(step, "manifest.json")))["config"])
+        state = checkpoint.load(step)
+        for ratio in ratios:
+            model = moeyard.Transformer({**cfg["model"], "moe": {**cfg["moe"], "skip_ratio": ratio}})
+            model.load_state_dict(state)
+            model.eval()
+            ce, real = [], []
+            with torch.no_grad():
+                for batch in tokens.split(study["base"]["train"]["micro_batch"]):
+                    out = model.loss(batch)
+                    ce.append(out["ce"].item())
+                    real.append(statistics.fmean(float(m["real_experts_per_token"]) for m in out["moe_layers"]))
+            curve.append({"seed": seed, "ratio": ratio, "bpb": statistics.fmean(ce) / LN2,
+                          "skipped": 1.0 - statistics.fmean(real) / k})
+    return curve
+
+
+def skip_table(curve):
+    """Per skip ratio: the share of picks skipped and the change in bits per
+    byte against no skipping, seed means (and sd)."""
+    base = {c["seed"]: c["bpb"] for c in curve if c["ratio"] == 0.0}
+    rows = []
+    for ratio in sorted({c["ratio"] for c in curve}):
+        cs = [c for c in curve if c["ratio"] == ratio]
+        d, d_sd = mean_sd([c["bpb"] - base[c["seed"]] for c in cs])
+        rows.append({"ratio": ratio, "skipped": statistics.fmean(c["skipped"] for c in cs), "delta": d,
+                     "delta_sd": d_sd})
+    return rows
+
+
+def skip_markdown(rows, study):
+    out = ["", f"Skipping at evaluation only, on the `{study['baseline']}` models (`moe.skip_ratio`: a pick whose "
+           "weight is below the ratio times the token's largest is skipped):", "",
+           "| skip_ratio | picks skipped | Δ bpb (mean ± sd over seeds) |", "|---:|---:|---:|"]
+    out += [f"| {r['ratio']:.1f} | {r['skipped']:.3f} | {r['delta']:+.4f} ± {r['delta_sd']:.4f} |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def write_report(study, results, out, doc, runs):
     os.makedirs(out, exist_ok=True)
     rows, base_sd = tabulate(study, results)
-    table = markdown(rows, base_sd, study)
+    skips = skip_table(skip_curve(study, runs))
+    table = markdown(rows, base_sd, study) + skip_markdown(skips, study)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"baseline": study["baseline"], "baseline_sd": base_sd, "rows": rows}, f, indent=1)
+        json.dump({"baseline": study["baseline"], "baseline_sd": base_sd, "rows": rows, "skip": skips}, f, indent=1)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "delta_per_seed"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    plots(study, results, rows, out)
+    plots(study, results, rows, skips, out)
     if doc and os.path.exists(doc):
         text = open(doc).read()
         if BEGIN in text and END in text:
@@ -306,7 +395,7 @@ def main():
         t0 = time.time()
 
         def one(job):
-            run, took = train(study, *job)
+            run, took = train(study, *job, a.runs)
             return job, took
 
         with ThreadPoolExecutor(a.jobs) as pool:
@@ -323,7 +412,7 @@ def main():
         sys.exit("study: the baseline has no finished run yet")
     n = len(study["seeds"])
     results = {k: v for k, v in results.items() if len(v) == n}  # arms with every seed
-    write_report(study, results, a.out, a.doc)
+    write_report(study, results, a.out, a.doc, a.runs)
 
 
 if __name__ == "__main__":

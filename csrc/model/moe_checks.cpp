@@ -109,6 +109,10 @@ void check_moe_options(
         "pick's weight is 0)");
   }
   TORCH_CHECK(
+      o.skip_ratio == 0 || o.routing != "expert_choice",
+      who,
+      ": skip_ratio needs a token-choice routing, got 'expert_choice'");
+  TORCH_CHECK(
       o.num_groups == 1 || o.routing == "token_choice",
       who,
       ": num_groups > 1 (group-limited top-k) needs routing 'token_choice', "

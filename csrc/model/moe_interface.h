@@ -124,6 +124,12 @@ std::vector<std::string> choices_of(const Allowed& a);
     0.2,                                                                       \
     closed(0, 1),                                                              \
     "`threshold` routing: the least score of a pick after the first")          \
+  X(double,                                                                    \
+    skip_ratio,                                                                \
+    0.0,                                                                       \
+    closed_open(0, 1),                                                         \
+    "token choice: a pick whose weight is below this times the token's "       \
+    "largest is skipped (no row, its weight dropped; Lu et al. 2024); 0: off") \
   X(int64_t,                                                                   \
     sinkhorn_iters,                                                            \
     8,                                                                         \

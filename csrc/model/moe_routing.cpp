@@ -163,6 +163,11 @@ Plan plan_token_choice(
   if (valid.defined()) {
     indices = at::where(valid.unsqueeze(1), indices, -1);
   }
+  if (o.skip_ratio > 0) { // picks far below the token's best are skipped
+    const auto skip = weights < weights.amax(-1, true) * o.skip_ratio;
+    indices = at::where(skip, -1, indices);
+    weights = weights * (~skip).to(weights.scalar_type());
+  }
   at::Tensor null_pick, real_indices = indices;
   if (o.null_experts > 0) {
     null_pick = indices >= E;

@@ -121,4 +121,12 @@ nlohmann::json routing_record(
   return rec;
 }
 
+double mean_real_experts_per_token(const nlohmann::json& moe_layers) {
+  double k = 0;
+  for (const auto& layer : moe_layers) {
+    k += layer.at("real_experts_per_token").get<double>();
+  }
+  return moe_layers.empty() ? 0.0 : k / static_cast<double>(moe_layers.size());
+}
+
 } // namespace moeyard::train

@@ -28,4 +28,7 @@ nlohmann::json routing_record(
     const MoEOptions& o,
     int64_t num_experts);
 
+// Real experts per token averaged over the MoE layers of a step's records.
+double mean_real_experts_per_token(const nlohmann::json& moe_layers);
+
 } // namespace moeyard::train

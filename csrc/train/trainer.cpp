@@ -284,12 +284,23 @@ void Trainer::log_progress(
       (step - p.logged_from) * tokens_per_step / std::max(dt, 1e-9);
   const double eta =
       elapsed / std::max<int64_t>(step - p.first_step, 1) * (total - step);
+  // Where routing picks a varying number of experts: their mean per token
+  // over the MoE layers.
+  const auto& o = cfg_.model.moe.routing;
+  std::string experts;
+  if (!s.moe_layers.empty() &&
+      (o.null_experts > 0 ||
+       (o.routing != "token_choice" && o.routing != "sinkhorn"))) {
+    experts = log::format(
+        " | experts/token %.2f", mean_real_experts_per_token(s.moe_layers));
+  }
   log::info(log::format(
-      "step %5ld/%ld | loss %.4f | lr %.2e | %.0f tok/s | ETA %s",
+      "step %5ld/%ld | loss %.4f | lr %.2e%s | %.0f tok/s | ETA %s",
       step,
       total,
       s.loss,
       s.lr,
+      experts.c_str(),
       tps,
       fmt_duration(eta).c_str()));
   p.last = now;

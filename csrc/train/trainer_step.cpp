@@ -254,11 +254,7 @@ void Trainer::update_relu_l1(const nlohmann::json& moe_layers) {
   if (mult == 0 || moe_layers.empty()) {
     return;
   }
-  double k = 0; // real experts per token, averaged over the MoE layers
-  for (const auto& layer : moe_layers) {
-    k += layer.at("real_experts_per_token").get<double>();
-  }
-  k /= static_cast<double>(moe_layers.size());
+  const double k = mean_real_experts_per_token(moe_layers);
   const double target = static_cast<double>(cfg_.model.moe.routing.top_k);
   relu_l1_coeff_ *= k > target ? mult : k < target ? 1.0 / mult : 1.0;
 }

@@ -135,6 +135,9 @@ def main():
                     help="settings of the training runs (activations large enough to see recompute)")
     ap.add_argument("--throughput-only", action="store_true", help="only the load-throughput rounds")
     ap.add_argument("--out", help="also write the markdown tables here")
+    ap.add_argument("--num-layers", type=int, default=6,
+                    help="layers of the generated model (6: a 2.61 GB checkpoint; fewer where the ranks of a "
+                         "layout would not fit in memory together)")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     data = os.path.join(ROOT, "data", "builtin")
@@ -145,7 +148,7 @@ def main():
     cfg = os.path.join(a.workdir, "model.yaml")
     with open(cfg, "w") as f:
         f.write(MODEL.replace("TRAIN", os.path.join(data, "train.bin")).replace("VALID", os.path.join(data, "valid.bin"))
-                .replace("RUN", run))
+                .replace("RUN", run).replace("num_layers: 6", f"num_layers: {a.num_layers}"))
     lines = []
 
     def say(s=""):
@@ -167,8 +170,8 @@ def main():
     tiny_run = os.path.join(a.workdir, "tiny")
     tiny = os.path.join(a.workdir, "tiny.yaml")
     with open(tiny, "w") as f:
-        f.write(open(cfg).read().replace("hidden_size: 1024", "hidden_size: 64").replace("num_layers: 6", "num_layers: 2")
-                .replace("vocab_size: 32000", "vocab_size: 256").replace("num_experts: 64", "num_experts: 8")
+        f.write(open(cfg).read().replace("hidden_size: 1024", "hidden_size: 64")
+                .replace(f"num_layers: {a.num_layers}", "num_layers: 2").replace("vocab_size: 32000", "vocab_size: 256").replace("num_experts: 64", "num_experts: 8")
                 .replace("head_dim: 64", "head_dim: 16").replace("top_k: 8", "top_k: 2").replace(run, tiny_run))
     launch(1, ["train", "--config", tiny, "--overwrite"], os.path.join(a.workdir, "tiny"))
     base = load_peak(1, ["train", "--config", tiny, "--resume", "auto"], os.path.join(a.workdir, "tiny2"))[0]

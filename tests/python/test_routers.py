@@ -40,7 +40,7 @@ def loop_picks(m: MoE, logits):
     for t in range(logits.shape[0]):
         if m.routing == "relu":
             chosen = [e for e in range(E) if logits[t, e] > 0]
-            out.append([(e, logits[t, e] * m.scale) for e in chosen])
+            out.append(skipped(m, [(e, logits[t, e] * m.scale) for e in chosen]))
             continue
         order = sorted(range(E), key=lambda e: -scores[t, e].item())
         if m.routing == "top_p":
@@ -59,8 +59,16 @@ def loop_picks(m: MoE, logits):
         w = torch.stack([scores[t, e] for e in chosen])
         if m.renormalize:
             w = w / (w.sum() + 1e-20)
-        out.append(list(zip(chosen, w * m.scale)))
+        out.append(skipped(m, list(zip(chosen, w * m.scale))))
     return out
+
+
+def skipped(m, picks):
+    """skip_ratio: the picks whose weight is below ratio times the best."""
+    if m.skip_ratio == 0 or not picks:
+        return picks
+    best = max(w.item() for _, w in picks)
+    return [(e, w) for e, w in picks if w.item() >= m.skip_ratio * best]
 
 
 def reference(m: MoE, x2):
@@ -80,6 +88,8 @@ ROUTERS = {
     "relu": dict(routing="relu", top_k=2, scale=0.5),
     "sinkhorn": dict(routing="sinkhorn", top_k=2, sinkhorn_iters=5),
     "sinkhorn_eval": dict(routing="sinkhorn", top_k=2),
+    "skip": dict(top_k=3, skip_ratio=0.5),
+    "relu_skip": dict(routing="relu", top_k=2, skip_ratio=0.3),
 }
 
 
@@ -114,11 +124,11 @@ def test_router_matches_a_loop(name):
     assert abs(r.real_experts_per_token.item() - sum(counts) / T) < 1e-6
     hist = torch.bincount(torch.tensor(counts), minlength=E + 1).float()
     assert torch.equal(r.experts_per_token_histogram, hist), (r.experts_per_token_histogram, hist)
-    if name.startswith(("top_p", "threshold", "relu")):
+    if name.startswith(("top_p", "threshold", "relu", "skip")):
         assert len(set(counts)) > 1, counts  # K really varies per token
 
 
-@pytest.mark.parametrize("name", ["top_p", "threshold", "relu"])
+@pytest.mark.parametrize("name", ["top_p", "threshold", "relu", "skip"])
 def test_dynamic_k_runs_only_the_picks(name):
     """Dropless: the GEMMs get one row per pick, expert by expert, however
     many slots the router's output holds."""
@@ -201,6 +211,8 @@ def test_top_p_with_null_experts_skips_rows():
     (dict(routing="sinkhorn", sinkhorn_iters=0), r"sinkhorn_iters must be in \[1, inf\), got 0"),
     (dict(routing="top_k"), "routing must be one of token_choice, expert_choice, top_p"),
     (dict(routing="top_p", selection_bias=True), "selection_bias needs routing 'token_choice'"),
+    (dict(routing="expert_choice", skip_ratio=0.5), "skip_ratio needs a token-choice routing, got 'expert_choice'"),
+    (dict(skip_ratio=1.0), r"skip_ratio must be in \[0, 1\), got 1"),
 ])
 def test_router_option_errors(kw, match):
     with pytest.raises((RuntimeError, ValueError), match=match):
