@@ -18,7 +18,10 @@ under 1/(4E) of a layer's picks over the last quarter); MaxVio; the dropped
 fraction; the median step time relative to the baseline's. Across seeds: the
 mean and standard deviation; a difference from the baseline counts only if
 every seed's difference has the same sign and the mean difference exceeds
-twice the baseline's standard deviation over seeds.
+twice the baseline's standard deviation over seeds. Then the baseline's
+trained models are evaluated with `moe.skip_ratio` from 0 to 0.9 (the
+heuristic skip): the share of picks skipped against the change in bits per
+byte.
 """
 
 import argparse

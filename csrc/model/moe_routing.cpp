@@ -152,6 +152,33 @@ Picks token_choice_picks(
   return pick_dynamic(logits, o);
 }
 
+// With a capacity, expert e's filled rows are the first counts[e] of its C
+// (route_plan). Moved together, with offsets the running sum of the counts,
+// the expert GEMMs (and the rows sent under expert parallelism) cover the
+// filled rows only; the buffer keeps its E * C rows, the unfilled ones last
+// as padding (row_token -1), as in dropless plans.
+void pack_filled_rows(Plan& p, int64_t C) {
+  const int64_t E = p.counts.size(0);
+  const auto opts = p.offsets.options();
+  const auto offsets = at::cat({at::zeros({1}, opts), p.counts.cumsum(0)});
+  const auto rows = at::arange(E * C, opts);
+  const auto expert = at::div(rows, C, "floor");
+  const auto j = rows - expert * C; // position within the expert's block
+  const auto filled = j < p.counts.index_select(0, expert);
+  const auto moved =
+      at::where(filled, offsets.index_select(0, expert) + j, -1); // new row
+  p.slot = at::where(
+      p.slot >= 0,
+      moved.index_select(0, p.slot.clamp_min(0).flatten()).view_as(p.slot),
+      -1);
+  // Static shapes (torch.compile): unfilled rows (row_token -1) all go to
+  // one extra entry, dropped after.
+  p.row_token = at::full({E * C + 1}, -1, opts)
+                    .scatter_(0, at::where(filled, moved, E * C), p.row_token)
+                    .narrow(0, 0, E * C);
+  p.offsets = offsets;
+}
+
 Plan plan_token_choice(
     const at::Tensor& logits,
     const at::Tensor& valid,
@@ -186,7 +213,7 @@ Plan plan_token_choice(
                           (indices + 1).flatten(),
                           at::ones({indices.numel()}, logits.options()))
                       .narrow(0, 1, routed);
-  return {
+  Plan plan{
       row_token,
       slot,
       offsets,
@@ -196,6 +223,10 @@ Plan plan_token_choice(
       assigned,
       scores,
       null_pick};
+  if (C > 0) {
+    pack_filled_rows(plan, C);
+  }
+  return plan;
 }
 
 // Each expert takes its C best tokens by score; rows stay in token order.

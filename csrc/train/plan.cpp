@@ -154,8 +154,7 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
     }
     RankPlan rp;
     int64_t dense_grad = 0, expert_grad = 0, dense_fp32 = 0, expert_fp32 = 0,
-            dense_cast = 0, expert_cast = 0, largest = 0, largest_dense = 0,
-            largest_expert = 0;
+            largest = 0, largest_dense = 0, largest_expert = 0;
     for (const auto& p : model->named_parameters()) {
       const auto& n = p.key();
       const auto where = placement_of(*model, l, n);
@@ -186,9 +185,6 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
       const bool expert = where == parallel::Placement::kExpert;
       (expert ? expert_grad : dense_grad) += numel * b;
       (expert ? expert_fp32 : dense_fp32) += numel;
-      if (b != 4) { // a float32 copy before the reduction buffer
-        (expert ? expert_cast : dense_cast) += numel;
-      }
       const int64_t ranks = !cfg.optim.sharded() ? 1 : expert ? l.edp : l.dp;
       const int64_t master = cfg.optim.sharded() || b != 4 ? 4 : 0;
       rp.optimizer += (numel + ranks - 1) / ranks * (8 + master);
@@ -208,15 +204,14 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
                                     bucket(dense_fp32, largest_dense, l.dp),
                                     bucket(expert_fp32, largest_expert, l.edp))
                               : std::max(largest_dense, largest_expert));
-    // Gradient reduction: one float32 buffer per kind (dense, expert),
-    // reduced over dp and edp, one kind at a time; unsharded, gradients not
-    // in float32 are first copied to float32 (trainer_parallel.cpp).
+    // Gradient reduction: one float32 buffer per bucket, one bucket at a
+    // time (trainer_shard.cpp); the unsharded optimizer in one process
+    // reduces nothing.
     const bool multi = world > 1;
-    if (cfg.optim.sharded()) {
-      rp.grad_buffer = 4 * std::max(dense_fp32, expert_fp32);
-    } else if (multi) {
-      rp.grad_buffer =
-          4 * std::max(dense_fp32 + dense_cast, expert_fp32 + expert_cast);
+    if (cfg.optim.sharded() || multi) {
+      rp.grad_buffer = 4 * std::max(
+                               bucket(dense_fp32, largest_dense, 1),
+                               bucket(expert_fp32, largest_expert, 1));
     }
     if (cfg.optim.shard == "optimizer+grads") {
       rp.sent_grad_reduce =

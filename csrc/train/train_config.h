@@ -32,9 +32,9 @@ struct DataConfig {
   int64_t seed = 1234;
 };
 
-// The sharded optimizer's flat buckets hold at most this many elements (or
-// one larger tensor): AdamW's temporaries and the reduction buffer are
-// bounded by it.
+// Gradient buckets (reduced together; the sharded optimizer's flat pieces)
+// hold at most this many elements (or one larger tensor): the reduction
+// buffer and the sharded optimizer's AdamW temporaries are bounded by it.
 inline constexpr int64_t kShardBucketElements = int64_t(1) << 26;
 
 struct OptimConfig {

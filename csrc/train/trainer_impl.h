@@ -67,6 +67,11 @@ void clip_experts(
 // padded to a multiple of the group's size. Rank r of the group owns
 // elements [r * shard, (r + 1) * shard): their fp32 master, gradient and
 // AdamW moments.
+// A bucket of parameters whose gradients are reduced together, in one
+// float32 buffer of shard x ranks elements: the gradient reduction's layout
+// in every optim.shard mode, so a gradient element is summed in the same
+// order whether the optimizer is sharded or not. Sharded, each rank's shard
+// of the buffer is its part of the optimizer (`master`).
 struct ShardBucket {
   size_t opt_group = 0;
   int kind = 0; // as in the gradient norm: 0 replicated, 1 expert, 2 TP piece
@@ -77,7 +82,7 @@ struct ShardBucket {
   int64_t numel = 0; // elements of the members together
   int64_t shard = 0; // elements per rank (the last rank's padded with zeros)
   int64_t begin = 0; // this rank's first element
-  at::Tensor master; // float32 [shard]: this rank's elements, in the optimizer
+  at::Tensor master; // float32 [shard]: this rank's elements (sharded only)
 
   int64_t ranks() const {
     return group ? group->size() : 1;
@@ -86,12 +91,17 @@ struct ShardBucket {
   // shard, elements) for each member that overlaps this rank's shard.
   template <typename F>
   void for_each_overlap(F&& f) const {
+    for_each_overlap_in(begin, shard, std::forward<F>(f));
+  }
+  // The same for the window [first, first + count) of the buffer.
+  template <typename F>
+  void for_each_overlap_in(int64_t first, int64_t count, F&& f) const {
     for (size_t m = 0; m < members.size(); ++m) {
       const int64_t lo = offsets[m],
                     hi = m + 1 < members.size() ? offsets[m + 1] : numel;
-      const int64_t a = std::max(lo, begin), b = std::min(hi, begin + shard);
+      const int64_t a = std::max(lo, first), b = std::min(hi, first + count);
       if (a < b) {
-        f(m, a - lo, a - begin, b - a);
+        f(m, a - lo, a - first, b - a);
       }
     }
   }
@@ -190,11 +200,10 @@ class Trainer {
   void reduce_losses(const at::Tensor& losses, StepOutcome& out);
   // Gradients over the ranks, per-expert clipping, fp32 masters' gradients.
   void reduce_gradients();
-  // The optimizer's parameters that have a gradient, and how each is
-  // counted in the global norm (`kind`).
-  std::vector<at::Tensor> optimizer_params(std::vector<int>& kind) const;
-  double global_grad_norm(
-      const std::vector<at::Tensor>& params, const std::vector<int>& kind);
+  // The optimizer's parameters that have a gradient (what clipping scales).
+  std::vector<at::Tensor> optimizer_params() const;
+  // The global gradient norm over every rank, from the buckets.
+  double global_grad_norm();
   // Why this step must be skipped ("" : it must not).
   std::string skip_reason(double loss, double grad_norm) const;
   // Counts and logs a skipped step; aborts after train.max_bad_steps.
@@ -202,8 +211,16 @@ class Trainer {
   // An accepted step's loss joins the spike guard's window.
   void note_accepted(double loss);
   // ---- The sharded optimizer (trainer_shard.cpp) ----
-  // buckets_ from params_ and param_group_ (`n_groups` optimizer groups).
+  // buckets_ from params_ and param_group_ (`n_groups` optimizer groups),
+  // with this rank's masters when the optimizer is sharded.
   void build_buckets(size_t n_groups);
+  // The bucket's gradients in its float32 buffer (a missing gradient counts
+  // as zero); `release` drops each parameter's gradient once copied.
+  at::Tensor bucket_gradients(const ShardBucket& b, bool release);
+  // Sums over TP the TP-partial gradients (replicated parameters used inside
+  // the TP-split computation) in `grad`, the bucket's buffer window that
+  // starts at element `first`.
+  void sum_tp_partial(const ShardBucket& b, at::Tensor& grad, int64_t first);
   // Each bucket's gradient shard: reduced (optim.shard: optimizer) or
   // reduce-scattered (optimizer+grads) over its group, TP-partial
   // gradients summed over TP, divided by the replicas; the parameters'
@@ -211,8 +228,6 @@ class Trainer {
   void reduce_sharded_gradients();
   // Per-expert clipping (optim.expert_grad_clip) of the expert shards.
   void clip_sharded_experts();
-  // The global gradient norm from every rank's shards.
-  double sharded_grad_norm();
   // Every bucket's updated shard, gathered into the model's parameters.
   void gather_sharded_params();
   // The unsharded optimizer's state in a checkpoint, by parameter name,
@@ -320,7 +335,7 @@ class Trainer {
   // Mean over the data-parallel ranks (identity in one process).
   double dp_mean(double v) const;
   // Averages the gradients of params_ over the data-parallel ranks (expert
-  // slices over the expert-data-parallel ranks), in float32 buffers.
+  // slices over the expert-data-parallel ranks), bucket by bucket.
   void all_reduce_grads();
   int64_t load_optimizer_state(const std::string& dir);
   void build_optimizer();
@@ -362,7 +377,7 @@ class Trainer {
   std::vector<std::string> param_names_; // parallel to params_
   std::vector<bool> opt_is_master_; // parallel to names_
   std::vector<size_t> param_group_; // optimizer group, parallel to params_
-  std::vector<ShardBucket> buckets_; // optim.shard != none
+  std::vector<ShardBucket> buckets_; // the gradient reduction's layout
   c10::Device device_{c10::kCPU};
   parallel::Layout layout_;
   // layout_'s groups (null when absent): every process; data, expert,

@@ -69,8 +69,8 @@ void Trainer::build_optimizer() {
             .eps(o.eps)
             .weight_decay(wd));
   };
+  build_buckets(n_groups);
   if (o.sharded()) {
-    build_buckets(n_groups);
     for (const auto& b : buckets_) {
       members[b.opt_group].push_back(b.master);
     }

@@ -79,60 +79,21 @@ void Trainer::all_reduce_grads() {
   // slice's gradient already holds its whole expert-parallel group's tokens
   // (the dispatcher's backward), so it is summed over expert-data-parallel
   // ranks only. Both are then divided by the replicas: the gradient of the
-  // mean loss.
-  for (const bool expert : {false, true}) {
-    const auto& group = expert ? edp_ : dp_;
-    std::vector<at::Tensor> flat;
-    std::vector<at::Tensor*> dst;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      auto& p = params_[i];
-      if (p.grad().defined() && is_expert(param_names_[i]) == expert) {
-        flat.push_back(p.grad().to(at::kFloat).reshape(-1));
-        dst.push_back(&p.mutable_grad());
+  // mean loss. The sharded optimizer's buckets, so each element is summed
+  // in the same order as there.
+  for (const auto& b : buckets_) {
+    auto flat = bucket_gradients(b, /*release=*/false);
+    if (b.group) {
+      b.group->all_reduce_sum(flat);
+    }
+    sum_tp_partial(b, flat, 0);
+    flat.div_(static_cast<double>(layout_.dp));
+    for (size_t m = 0; m < b.members.size(); ++m) {
+      auto& p = params_[b.members[m]];
+      if (p.grad().defined()) {
+        p.mutable_grad().copy_(
+            flat.narrow(0, b.offsets[m], p.numel()).view(p.grad().sizes()));
       }
-    }
-    if (flat.empty()) {
-      continue;
-    }
-    auto buf = at::cat(flat);
-    if (group && group->size() > 1) {
-      group->all_reduce_sum(buf);
-    }
-    if (!expert && tp_) {
-      // Replicated parameters used inside the TP-split computation (per-head
-      // q/k norms) hold each rank's share of their gradient: summed over TP
-      // in one buffer.
-      std::vector<std::pair<int64_t, int64_t>> spans; // (offset, numel)
-      int64_t off = 0;
-      for (size_t i = 0; i < params_.size(); ++i) {
-        auto& p = params_[i];
-        if (p.grad().defined() && !is_expert(param_names_[i])) {
-          if (model_->tp_partial_grad(param_names_[i])) {
-            spans.emplace_back(off, p.numel());
-          }
-          off += p.numel();
-        }
-      }
-      if (!spans.empty()) {
-        std::vector<at::Tensor> parts;
-        for (auto [o, n] : spans) {
-          parts.push_back(buf.narrow(0, o, n));
-        }
-        auto partial = at::cat(parts);
-        tp_->all_reduce_sum(partial);
-        int64_t at_ = 0;
-        for (auto [o, n] : spans) {
-          buf.narrow(0, o, n).copy_(partial.narrow(0, at_, n));
-          at_ += n;
-        }
-      }
-    }
-    buf.div_(static_cast<double>(layout_.dp));
-    int64_t off = 0;
-    for (auto* d : dst) {
-      const int64_t n = d->numel();
-      d->copy_(buf.narrow(0, off, n).view(d->sizes()));
-      off += n;
     }
   }
 }

@@ -169,7 +169,7 @@ void Trainer::log_memory() const {
     state += m.defined() ? m.nbytes() : 0;
   }
   for (const auto& b : buckets_) {
-    state += b.master.nbytes();
+    state += b.master.defined() ? b.master.nbytes() : 0;
   }
   for (const auto& [key, s] : opt_->state()) {
     const auto& a = static_cast<const torch::optim::AdamWParamState&>(*s);

@@ -51,19 +51,24 @@ void Trainer::build_buckets(size_t n_groups) {
           const int64_t n = b.ranks();
           b.shard = (b.numel + n - 1) / n;
           b.begin = (b.group ? b.group->rank : 0) * b.shard;
-          b.master =
-              at::zeros({b.shard}, params_[0].options().dtype(at::kFloat));
-          b.for_each_overlap(
-              [&](size_t m, int64_t at_m, int64_t at_s, int64_t len) {
-                b.master.narrow(0, at_s, len)
-                    .copy_(params_[b.members[m]].detach().reshape(-1).narrow(
-                        0, at_m, len));
-              });
-          b.master.requires_grad_(true);
+          if (cfg_.optim.sharded()) {
+            b.master =
+                at::zeros({b.shard}, params_[0].options().dtype(at::kFloat));
+            b.for_each_overlap(
+                [&](size_t m, int64_t at_m, int64_t at_s, int64_t len) {
+                  b.master.narrow(0, at_s, len)
+                      .copy_(params_[b.members[m]].detach().reshape(-1).narrow(
+                          0, at_m, len));
+                });
+            b.master.requires_grad_(true);
+          }
           buckets_.push_back(std::move(b));
         }
       }
     }
+  }
+  if (!cfg_.optim.sharded()) {
+    return;
   }
   int64_t owned = 0;
   for (const auto& b : buckets_) {
@@ -77,20 +82,56 @@ void Trainer::build_buckets(size_t n_groups) {
       owned));
 }
 
+at::Tensor Trainer::bucket_gradients(const ShardBucket& b, bool release) {
+  auto flat = at::zeros(
+      {b.shard * b.ranks()}, params_[b.members[0]].options().dtype(at::kFloat));
+  for (size_t m = 0; m < b.members.size(); ++m) {
+    auto& p = params_[b.members[m]];
+    if (p.grad().defined()) {
+      flat.narrow(0, b.offsets[m], p.numel()).copy_(p.grad().reshape(-1));
+      if (release) {
+        p.mutable_grad() = at::Tensor();
+      }
+    }
+  }
+  return flat;
+}
+
+void Trainer::sum_tp_partial(
+    const ShardBucket& b, at::Tensor& grad, int64_t first) {
+  if (b.kind != 0 || !tp_) {
+    return;
+  }
+  // TP ranks hold the same replicated members at the same offsets, so their
+  // windows cover the same elements.
+  std::vector<std::pair<int64_t, int64_t>> spans; // (window offset, len)
+  b.for_each_overlap_in(
+      first, grad.numel(), [&](size_t m, int64_t, int64_t at_w, int64_t len) {
+        if (model_->tp_partial_grad(param_names_[b.members[m]])) {
+          spans.emplace_back(at_w, len);
+        }
+      });
+  if (spans.empty()) {
+    return;
+  }
+  std::vector<at::Tensor> parts;
+  for (auto [o, n] : spans) {
+    parts.push_back(grad.narrow(0, o, n));
+  }
+  auto partial = at::cat(parts);
+  tp_->all_reduce_sum(partial);
+  int64_t k = 0;
+  for (auto [o, n] : spans) {
+    grad.narrow(0, o, n).copy_(partial.narrow(0, k, n));
+    k += n;
+  }
+}
+
 void Trainer::reduce_sharded_gradients() {
   at::NoGradGuard g;
   const bool scatter = cfg_.optim.shard == "optimizer+grads";
   for (auto& b : buckets_) {
-    // The members' gradients in one float32 buffer (a missing gradient
-    // counts as zero), each released once copied.
-    auto flat = at::zeros({b.shard * b.ranks()}, b.master.options());
-    for (size_t m = 0; m < b.members.size(); ++m) {
-      auto& p = params_[b.members[m]];
-      if (p.grad().defined()) {
-        flat.narrow(0, b.offsets[m], p.numel()).copy_(p.grad().reshape(-1));
-        p.mutable_grad() = at::Tensor();
-      }
-    }
+    auto flat = bucket_gradients(b, /*release=*/true);
     at::Tensor grad;
     if (!b.group) {
       grad = flat;
@@ -102,30 +143,7 @@ void Trainer::reduce_sharded_gradients() {
       grad = flat.narrow(0, b.begin, b.shard).clone();
     }
     flat = at::Tensor();
-    // Replicated parameters used inside the TP-split computation hold
-    // each TP rank's share of their gradient (the shards of TP ranks cover
-    // the same elements).
-    if (b.kind == 0 && tp_) {
-      std::vector<std::pair<int64_t, int64_t>> spans; // (shard offset, len)
-      b.for_each_overlap([&](size_t m, int64_t, int64_t at_s, int64_t len) {
-        if (model_->tp_partial_grad(param_names_[b.members[m]])) {
-          spans.emplace_back(at_s, len);
-        }
-      });
-      if (!spans.empty()) {
-        std::vector<at::Tensor> parts;
-        for (auto [o, n] : spans) {
-          parts.push_back(grad.narrow(0, o, n));
-        }
-        auto partial = at::cat(parts);
-        tp_->all_reduce_sum(partial);
-        int64_t k = 0;
-        for (auto [o, n] : spans) {
-          grad.narrow(0, o, n).copy_(partial.narrow(0, k, n));
-          k += n;
-        }
-      }
-    }
+    sum_tp_partial(b, grad, b.begin);
     grad.div_(static_cast<double>(layout_.dp));
     b.master.mutable_grad() = grad;
   }
@@ -181,41 +199,6 @@ void Trainer::clip_sharded_experts() {
       gr.mul_(scale.index_select(0, expert).to(gr.scalar_type()));
     }
   }
-}
-
-double Trainer::sharded_grad_norm() {
-  at::NoGradGuard g;
-  // Squared norms of the shards by kind (replicated, expert, TP piece),
-  // on the device; summed over the ranks that split them, then over the
-  // ranks holding other pieces (TP, EP); one host copy.
-  std::array<std::vector<at::Tensor>, 3> by_kind;
-  for (const auto& b : buckets_) {
-    by_kind[b.kind].push_back(b.master.grad().to(at::kDouble).square().sum());
-  }
-  auto sum = [&](int kind) {
-    return by_kind[kind].empty()
-               ? at::zeros({1}, at::kDouble)
-               : at::stack(by_kind[kind]).sum().reshape({1}).cpu();
-  };
-  auto dense = at::cat({sum(0), sum(2)}); // replicated, TP piece
-  auto expert = sum(1);
-  if (dp_ && dp_->size() > 1) {
-    dp_->all_reduce_sum(dense);
-  }
-  if (edp_ && edp_->size() > 1) {
-    edp_->all_reduce_sum(expert);
-  }
-  auto split = dense.narrow(0, 1, 1).clone();
-  if (tp_) {
-    tp_->all_reduce_sum(split);
-  }
-  if (ep_) {
-    ep_->all_reduce_sum(expert);
-  }
-  const double* d = dense.const_data_ptr<double>();
-  return std::sqrt(
-      d[0] + split.const_data_ptr<double>()[0] +
-      expert.const_data_ptr<double>()[0]);
 }
 
 void Trainer::gather_sharded_params() {

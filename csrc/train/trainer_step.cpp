@@ -19,9 +19,8 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
   out.moe_layers = routing_stats(sums.routing, layer_tokens);
   reduce_gradients();
   // The global gradient norm decides whether the step is applied.
-  std::vector<int> kind;
-  const auto params = optimizer_params(kind);
-  out.grad_norm = global_grad_norm(params, kind);
+  const auto params = optimizer_params();
+  out.grad_norm = global_grad_norm();
   out.skipped = skip_reason(out.loss, out.grad_norm);
   if (!out.skipped.empty()) {
     note_skipped(step, out);
@@ -110,71 +109,80 @@ void Trainer::reduce_gradients() {
   }
 }
 
-std::vector<at::Tensor> Trainer::optimizer_params(
-    std::vector<int>& kind) const {
-  // 1: an expert slice (counted over EP ranks), 2: a tensor-parallel
-  // piece (counted over TP ranks), 0: replicated.
-  std::vector<at::Tensor> params;
+std::vector<at::Tensor> Trainer::optimizer_params() const {
   if (cfg_.optim.sharded()) {
+    std::vector<at::Tensor> params;
     for (const auto& b : buckets_) {
       params.push_back(b.master);
-      kind.push_back(b.kind);
     }
     return params;
   }
-  size_t k = 0;
+  std::vector<at::Tensor> params;
   for (auto& g : opt_->param_groups()) {
     for (auto& p : g.params()) {
       if (p.grad().defined()) {
         params.push_back(p);
-        const auto where = placement(names_[k]);
-        kind.push_back(
-            where == parallel::Placement::kExpert           ? 1
-            : where == parallel::Placement::kTensorParallel ? 2
-                                                            : 0);
       }
-      ++k;
     }
   }
   return params;
 }
 
-double Trainer::global_grad_norm(
-    const std::vector<at::Tensor>& params, const std::vector<int>& kind) {
-  if (cfg_.optim.sharded()) {
-    return sharded_grad_norm();
-  }
+double Trainer::global_grad_norm() {
   at::NoGradGuard g;
-  // Per-tensor norms in the gradients' own dtype (no float64 copies of
-  // every gradient), combined in float64. Every parameter is counted once:
-  // replicated ones here, expert slices summed over the expert-parallel
-  // group, tensor-parallel pieces over the tensor-parallel group.
-  std::vector<at::Tensor> grads;
-  grads.reserve(params.size());
-  for (const auto& p : params) {
-    grads.push_back(p.grad());
+  // Each bucket's part that this rank counts (its shard where the bucket is
+  // split over ranks), cut at the members: the same pieces of the same
+  // values whether the optimizer is sharded or not, so both clip alike.
+  // Norms per piece in the gradients' own dtype, combined in float64 by
+  // kind: replicated and TP pieces summed over the data-parallel ranks,
+  // expert slices over the expert-data-parallel ranks, then TP pieces over
+  // TP and expert slices over EP, so every parameter counts once.
+  const bool sharded = cfg_.optim.sharded();
+  std::vector<at::Tensor> pieces;
+  std::vector<int> kind;
+  for (const auto& b : buckets_) {
+    b.for_each_overlap([&](size_t m, int64_t at_m, int64_t at_s, int64_t len) {
+      at::Tensor piece;
+      if (sharded) {
+        piece = b.master.grad().narrow(0, at_s, len);
+      } else if (params_[b.members[m]].grad().defined()) {
+        piece = params_[b.members[m]].grad().reshape(-1).narrow(0, at_m, len);
+      } else {
+        return;
+      }
+      pieces.push_back(piece);
+      kind.push_back(b.kind);
+    });
   }
-  // One host copy of the squared norms (one device sync on GPUs).
-  const auto sq = grads.empty() ? at::zeros({0}, at::kDouble)
-                                : at::stack(at::_foreach_norm(grads))
-                                      .to(at::kDouble)
-                                      .square()
-                                      .cpu()
-                                      .contiguous();
-  const double* sqp = sq.const_data_ptr<double>();
-  double sums[3] = {0, 0, 0}; // replicated, expert, TP piece
-  for (size_t k = 0; k < params.size(); ++k) {
-    sums[kind[k]] += sqp[k];
+  // One host copy of the norms (one device sync on GPUs).
+  const auto norms = pieces.empty() ? at::zeros({0}, at::kDouble)
+                                    : at::stack(at::_foreach_norm(pieces))
+                                          .to(at::kDouble)
+                                          .cpu()
+                                          .contiguous();
+  const double* np = norms.const_data_ptr<double>();
+  auto sums = at::zeros({3}, at::kDouble); // replicated, expert, TP piece
+  double* sp = sums.data_ptr<double>();
+  for (size_t k = 0; k < pieces.size(); ++k) {
+    sp[kind[k]] += np[k] * np[k];
   }
-  auto expert = at::full({1}, sums[1], at::kDouble);
-  auto split = at::full({1}, sums[2], at::kDouble);
-  if (ep_) {
-    ep_->all_reduce_sum(expert);
+  auto dense = at::stack({sums[0], sums[2]});
+  auto expert = sums.narrow(0, 1, 1).clone();
+  if (dp_ && dp_->size() > 1) {
+    dp_->all_reduce_sum(dense);
   }
+  if (edp_ && edp_->size() > 1) {
+    edp_->all_reduce_sum(expert);
+  }
+  auto split = dense.narrow(0, 1, 1).clone();
   if (tp_) {
     tp_->all_reduce_sum(split);
   }
-  return std::sqrt(sums[0] + expert.item<double>() + split.item<double>());
+  if (ep_) {
+    ep_->all_reduce_sum(expert);
+  }
+  return std::sqrt(
+      dense[0].item<double>() + split.item<double>() + expert.item<double>());
 }
 
 std::string Trainer::skip_reason(double loss, double grad_norm) const {

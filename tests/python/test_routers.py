@@ -284,3 +284,34 @@ def test_relu_l1_controller_moves_the_coefficient_and_resumes(tmp_path, shards):
         want = a["switch_coeff"] * (1.5 if k > 1 else 1 / 1.5 if k < 1 else 1.0)
         assert abs(b["switch_coeff"] - want) <= 1e-12 * want, (a["step"], k, a["switch_coeff"], b["switch_coeff"])
     assert len({x["switch_coeff"] for x in rec}) > 2
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_capacity_gemms_cover_filled_rows_only(policy):
+    """With a capacity each expert's GEMM covers its filled rows (at most
+    C), not all C; the output matches a loop that drops the same picks."""
+    torch.manual_seed(0)
+    m = MoE(H, FF, E, top_k=2, capacity_factor=1.0, drop_policy=policy)
+    x = torch.randn(T, H)
+    with GroupedMMRows() as rec, torch.no_grad():
+        y, r = m(x)
+    C = max(math.ceil(1.0 * T * 2 / E), 1)
+    scores = (x @ m.router.weight.T).softmax(-1)
+    top = scores.topk(2, -1)
+    want = torch.bincount(top.indices.flatten(), minlength=E).clamp(max=C)
+    assert want.sum() < E * C and r.dropped_fraction > 0  # unfilled and overfull experts
+    for off in rec.offsets:
+        assert torch.equal(off.diff(), want), (off, want)
+    assert abs(r.capacity_utilization.item() - want.sum().item() / (E * C)) < 1e-6
+    # The kept picks, as route_plan chooses them: by position or by weight.
+    w = top.values / top.values.sum(-1, keepdim=True)
+    pairs = [(t, k) for t in range(T) for k in range(2)]
+    if policy == "probs":
+        pairs.sort(key=lambda p: -w[p].item())
+    y_ref, filled = torch.zeros(T, H), [0] * E
+    for t, k in pairs:
+        e = top.indices[t, k].item()
+        filled[e] += 1
+        if filled[e] <= C:
+            y_ref[t] += w[t, k] * expert_mlp(x[t], m.w_gate_up[e], m.w_down[e])
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)

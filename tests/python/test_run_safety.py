@@ -330,10 +330,29 @@ def test_plot_run_reads_one_value_per_step(tmp_path):
     assert (tmp_path / "plots" / "loss.png").stat().st_size > 0
 
 
-def test_spike_guard_skips_spikes_and_its_state_survives_resume(tmp_path, shards):
-    # A high learning rate without clipping gives this tiny model spikes.
+def spike_shards(d):
+    """A corpus that is one repeated sentence (learned within a few steps)
+    with a stretch of random bytes in it: a window drawn there is a loss
+    spike on every machine, since the windows come from a seeded generator
+    and only the losses depend on the arithmetic."""
+    import struct
+
+    import numpy as np
+
+    d.mkdir()
+    sentence = np.frombuffer(b"the quick brown fox jumps over the lazy dog. ", dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)
+    train = np.concatenate([np.tile(sentence, 200), noise, np.tile(sentence, 200)])
+    for name, tokens in (("train.bin", train), ("valid.bin", np.tile(sentence, 4))):
+        (d / name).write_bytes(b"MOEYTOK1" + struct.pack("<IIQQ", 1, 2, tokens.size, 256)
+                               + tokens.astype("<u2").tobytes())
+    return d
+
+
+def test_spike_guard_skips_spikes_and_its_state_survives_resume(tmp_path):
+    shards = spike_shards(tmp_path / "data")
     text = (CONFIG.replace("steps: 16", "steps: 24, spike_factor: 1.05, spike_window: 6, max_bad_steps: 50")
-            .replace("optim: {lr: 3.0e-3, warmup: 2}", "optim: {lr: 3.0e-2, warmup: 0, grad_clip: 0, lr_schedule: constant}"))
+            .replace("optim: {lr: 3.0e-3, warmup: 2}", "optim: {lr: 1.0e-2, warmup: 0, lr_schedule: constant}"))
     full = config(tmp_path, shards, "full", text)
     train(full)
     ms = records(tmp_path / "full")
