@@ -7,10 +7,13 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <numeric>
+#include <optional>
 #include <thread>
 
 #include "io/hf_checkpoint.h"
@@ -20,6 +23,20 @@
 #include "train/plan.h"
 #include "train/trainer.h"
 #include "version.h"
+
+namespace {
+
+// Every MoE layer's moe.skip_ratio.
+void set_skip_ratio(moeyard::TransformerImpl& model, double ratio) {
+  for (const auto& layer : *model.layers) {
+    auto* block = layer->as<moeyard::BlockImpl>();
+    if (block->moe) {
+      block->moe->options.skip_ratio = ratio;
+    }
+  }
+}
+
+} // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"moeyard: sparse Mixture-of-Experts training in C++"};
@@ -69,6 +86,13 @@ int main(int argc, char** argv) {
   gen->add_option("--temperature,-t", temperature, "0: greedy (default 0.8)");
   gen->add_option("--top-p", top_p, "nucleus sampling mass (default 0.95)");
   gen->add_option("--seed", seed, "sampling seed (default 0)");
+  double skip_ratio = 0;
+  gen->add_option(
+      "--skip-ratio",
+      skip_ratio,
+      "skip each routing pick whose weight is below this times the token's "
+      "largest (moe.skip_ratio) and report tokens/s against plain top-K "
+      "(default 0: the checkpoint's routing)");
   gen->add_option(
          "--tokenizer",
          tokenizer_path,
@@ -160,14 +184,44 @@ int main(int argc, char** argv) {
         }
       }
     } else if (*gen) {
-      std::filesystem::path dir(ckpt);
-      if (std::filesystem::exists(dir / "latest")) { // a run directory
-        std::ifstream latest(dir / "latest");
-        std::string name;
-        latest >> name;
-        dir /= name;
-      }
+      TORCH_CHECK(
+          skip_ratio >= 0 && skip_ratio < 1,
+          "generate: --skip-ratio must be in [0, 1), got ",
+          skip_ratio);
+      const auto dir = checkpoint_dir(ckpt);
       auto model = moeyard::train::load_model(dir.string());
+      // Greedy or sampled continuation of `ids`, timed; with --skip-ratio
+      // also without it (the same seed), the two rates side by side.
+      auto sample = [&](const std::vector<int64_t>& ids,
+                        const std::vector<int64_t>& eos) {
+        auto timed = [&](std::optional<double> ratio) {
+          if (ratio) {
+            set_skip_ratio(*model, *ratio);
+          }
+          const auto t0 = std::chrono::steady_clock::now();
+          auto out = model->generate(
+              ids, max_new, temperature, top_p, seed, /*use_cache=*/true, eos);
+          const std::chrono::duration<double> s =
+              std::chrono::steady_clock::now() - t0;
+          return std::make_pair(out, out.size() / std::max(s.count(), 1e-9));
+        };
+        if (skip_ratio == 0) {
+          auto [out, rate] = timed(std::nullopt);
+          std::cerr << "moeyard generate: " << out.size() << " tokens, "
+                    << c10::str(std::round(rate * 10) / 10) << " tokens/s\n";
+          return out;
+        }
+        const auto plain = timed(0.0);
+        auto [out, rate] = timed(skip_ratio);
+        std::cerr << "moeyard generate: " << out.size() << " tokens, "
+                  << c10::str(std::round(rate * 10) / 10)
+                  << " tokens/s with skip_ratio " << skip_ratio << ", "
+                  << c10::str(std::round(plain.second * 10) / 10)
+                  << " tokens/s with plain top-K (x"
+                  << c10::str(std::round(rate / plain.second * 100) / 100)
+                  << ")\n";
+        return out;
+      };
       if (tokenizer_path.empty() &&
           std::filesystem::exists(dir / "tokenizer.json")) {
         tokenizer_path = (dir / "tokenizer.json").string();
@@ -206,8 +260,7 @@ int main(int argc, char** argv) {
                   << " tokens), prompt of " << ids.size() << " tokens, eos "
                   << (eos.empty() ? std::string("none") : c10::Join(",", eos))
                   << "\n";
-        auto out = model->generate(
-            ids, max_new, temperature, top_p, seed, /*use_cache=*/true, eos);
+        auto out = sample(ids, eos);
         const auto stop = std::find_if(out.begin(), out.end(), [&](int64_t t) {
           return std::find(eos.begin(), eos.end(), t) != eos.end();
         });
@@ -232,8 +285,7 @@ int main(int argc, char** argv) {
         for (auto& t : tokens) {
           t = static_cast<unsigned char>(t);
         }
-        const auto out =
-            model->generate(tokens, max_new, temperature, top_p, seed);
+        const auto out = sample(tokens, {});
         std::string text(prompt);
         for (auto t : out) {
           text.push_back(static_cast<char>(t < 256 ? t : '?'));

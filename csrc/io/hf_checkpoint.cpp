@@ -18,6 +18,7 @@
 #include "io/hf_quantization.h"
 #include "model/lora.h"
 #include "util/dtype.h"
+#include "util/log.h"
 
 namespace moeyard::io {
 namespace fs = std::filesystem;
@@ -283,14 +284,25 @@ void save_hf(
   for (auto& [name, w] : lora_merged_weights(model)) {
     merged[name] = w;
   }
+  // The routing critics are moeyard's own: Hugging Face models have none.
+  auto critic = [](const std::string& name) {
+    return name.find(".moe.critic_") != std::string::npos;
+  };
+  if (c.moe.critic_hidden > 0) {
+    log::info(
+        "export: the routing critics are not exported (no Hugging "
+        "Face equivalent)");
+  }
   for (const auto& p : model.named_parameters()) {
-    if (!is_lora_parameter(p.key())) {
+    if (!is_lora_parameter(p.key()) && !critic(p.key())) {
       const auto it = merged.find(p.key());
       emit(p.key(), it != merged.end() ? it->second : p.value().detach());
     }
   }
   for (const auto& b : model.named_buffers()) {
-    emit(b.key(), b.value());
+    if (!critic(b.key())) {
+      emit(b.key(), b.value());
+    }
   }
   fs::create_directories(out_dir);
   {

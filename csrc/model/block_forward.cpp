@@ -94,9 +94,9 @@ at::Tensor attention_residual(
 at::Tensor ffn_residual(
     const BlockImpl& b,
     const at::Tensor& h,
-    const at::Tensor& token_mask,
+    const Tokens& tokens,
     std::optional<MoEOutput>& moe_out) {
-  return h + b.ffn_part(h, token_mask, moe_out);
+  return h + b.ffn_part(h, tokens, moe_out);
 }
 
 } // namespace
@@ -104,18 +104,18 @@ at::Tensor ffn_residual(
 at::Tensor BlockImpl::forward(
     const at::Tensor& x,
     const at::Tensor& attn_mask,
-    const at::Tensor& token_mask,
+    const Tokens& tokens,
     const Rotary& rotary,
     std::optional<MoEOutput>& moe_out) const {
   // Without grad there is no backward to keep activations for.
   const auto mode = at::GradMode::is_enabled() ? recompute : Recompute::none;
-  return forward_with(x, attn_mask, token_mask, rotary, moe_out, mode);
+  return forward_with(x, attn_mask, tokens, rotary, moe_out, mode);
 }
 
 at::Tensor BlockImpl::forward_with(
     const at::Tensor& x,
     const at::Tensor& attn_mask,
-    const at::Tensor& token_mask,
+    const Tokens& tokens,
     const Rotary& rotary,
     std::optional<MoEOutput>& moe_out,
     Recompute mode) const {
@@ -123,11 +123,11 @@ at::Tensor BlockImpl::forward_with(
   // is inside it and its gradient sums in the order of a plain run.
   const bool has_moe = static_cast<bool>(moe);
   if (mode == Recompute::full) {
-    const auto fn = [this, attn_mask, token_mask, &rotary](
+    const auto fn = [this, attn_mask, tokens, &rotary](
                         const std::vector<at::Tensor>& in) {
       std::optional<MoEOutput> m;
-      const auto y = forward_with(
-          in[0], attn_mask, token_mask, rotary, m, Recompute::none);
+      const auto y =
+          forward_with(in[0], attn_mask, tokens, rotary, m, Recompute::none);
       return pack(y, m);
     };
     const auto out =
@@ -147,9 +147,9 @@ at::Tensor BlockImpl::forward_with(
     h = attention_residual(*this, x, attn_mask, rotary);
   }
   if (mode == Recompute::moe) {
-    const auto fn = [this, token_mask](const std::vector<at::Tensor>& in) {
+    const auto fn = [this, tokens](const std::vector<at::Tensor>& in) {
       std::optional<MoEOutput> m;
-      const auto y = ffn_residual(*this, in[0], token_mask, m);
+      const auto y = ffn_residual(*this, in[0], tokens, m);
       return pack(y, m);
     };
     const auto params = trainable(
@@ -160,7 +160,7 @@ at::Tensor BlockImpl::forward_with(
         recompute_segment(fn, {h}, params, differentiable(has_moe));
     return unpack(out, has_moe, moe_out);
   }
-  return ffn_residual(*this, h, token_mask, moe_out);
+  return ffn_residual(*this, h, tokens, moe_out);
 }
 
 void TransformerImpl::set_recompute(

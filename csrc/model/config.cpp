@@ -160,6 +160,12 @@ void validate_moe(const ModelConfig& c, const Names& n) {
   // score function), named as the layer names them.
   check_moe_options(o, moe.num_experts, "config: moe");
   TORCH_CHECK(
+      moe.critic_hidden == 0 || o.routing != "expert_choice",
+      "config: ",
+      n.is("moe.critic_hidden", moe.critic_hidden),
+      " needs a token-choice routing (the critic skips a token's lowest "
+      "pick), got 'expert_choice'");
+  TORCH_CHECK(
       !moe.selection_bias || o.routing == "token_choice",
       "config: ",
       n.at("moe.selection_bias"),

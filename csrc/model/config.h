@@ -69,7 +69,14 @@ namespace moeyard {
     false,                                                                  \
     any(),                                                                  \
     "per-expert biases `b_gate_up [E, 2F]` (after the gate_up matmul) and " \
-    "`b_down [E, H]` (after the down matmul) (GPT-OSS)")
+    "`b_down [E, H]` (after the down matmul) (GPT-OSS)")                    \
+  X(int64_t,                                                                \
+    critic_hidden,                                                          \
+    0,                                                                      \
+    at_least(0),                                                            \
+    "a routing critic per MoE layer, an MLP `H -> critic_hidden -> 1` "     \
+    "predicting each token's loss increase if its lowest-weight pick is "   \
+    "skipped (trained as `critic:` says); 0 = none")
 
 struct MoEConfig {
 #define MOEYARD_DECLARE(type, name, def, allowed, doc) type name = def;

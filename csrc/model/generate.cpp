@@ -16,7 +16,8 @@ at::Tensor TransformerImpl::forward_cached(
   caches.resize(layers->size());
   auto x = embed_tokens(tokens);
   for (size_t i = 0; i < layers->size(); ++i) {
-    x = layers[i]->as<BlockImpl>()->forward_cached(x, caches[i], rotary);
+    x = layers[i]->as<BlockImpl>()->forward_cached(
+        x, tokens, caches[i], rotary);
   }
   const auto logits = local_logits(norm->forward(x)).to(at::kFloat);
   return tp ? parallel::gather_from_tp(logits, -1, *tp) : logits;

@@ -86,7 +86,8 @@ InitKind init_kind(const std::string& name) {
   }
   if (bias || name.find("noise_weight") != std::string::npos ||
       name.find(".b_gate_up") != std::string::npos ||
-      name.find(".b_down") != std::string::npos) {
+      name.find(".b_down") != std::string::npos ||
+      name.find(".critic_b") != std::string::npos) {
     return InitKind::kZeros;
   }
   return InitKind::kNormal;

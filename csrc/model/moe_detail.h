@@ -22,6 +22,10 @@ struct Router {
   at::Tensor input; // [T, H] x in that type (after jitter noise)
   at::Tensor logits; // [T, E], without noise (z loss, entropy)
   at::Tensor valid; // [T] bool; undefined: every token is real
+  at::Tensor ids; // [T] int64 token ids (hash routing); may be undefined
+  // [T] bool: tokens whose lowest-weight real pick is skipped; may be
+  // undefined.
+  at::Tensor drop_lowest;
 };
 
 // The plan of one routing decision in the form every routing mode shares.
@@ -36,10 +40,12 @@ struct Plan {
   at::Tensor null_pick;
 };
 
-// x2 [T, H]; mask of T entries or undefined.
+// x2 [T, H]; mask, token_ids and drop_lowest of T entries or undefined.
 Router router_logits(
     const at::Tensor& x2,
     const at::Tensor& mask,
+    const at::Tensor& token_ids,
+    const at::Tensor& drop_lowest,
     const MoEWeights& w,
     const MoEOptions& o);
 // Training noise, then top-k (token choice) or expert choice.

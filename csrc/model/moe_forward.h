@@ -80,11 +80,16 @@ at::Tensor switch_loss_of(
     const at::Tensor& f, const at::Tensor& p, const MoEOptions& o);
 
 // x [..., H]; mask (optional) [...] of x's leading shape, nonzero = real
-// token. Errors name the field and value.
+// token; token_ids (optional, needed by hash routing) [...] likewise;
+// drop_lowest (optional, bool) [...]: tokens whose lowest-weight real pick
+// is skipped (token choice; a token's only real pick stays). Errors name
+// the field and value.
 MoEOutput moe_forward(
     const at::Tensor& x,
     const MoEWeights& weights,
     const MoEOptions& options,
-    const at::Tensor& mask = {});
+    const at::Tensor& mask = {},
+    const at::Tensor& token_ids = {},
+    const at::Tensor& drop_lowest = {});
 
 } // namespace moeyard

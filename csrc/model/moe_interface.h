@@ -106,14 +106,16 @@ std::vector<std::string> choices_of(const Allowed& a);
   X(std::string,                                                               \
     routing,                                                                   \
     "token_choice",                                                            \
-    one_of("token_choice expert_choice top_p threshold relu sinkhorn"),        \
+    one_of("token_choice expert_choice top_p threshold relu sinkhorn hash"),   \
     "`token_choice`: each token its top_k; `expert_choice`: each expert its "  \
     "best C tokens; `top_p`: the fewest of the top_k whose probabilities "     \
     "reach `top_p`; `threshold`: the top_k with score >= `score_threshold` "   \
     "(the best always); `relu`: every expert with a positive logit, weight "   \
     "= that logit (ReMoE; top_k = the target average); `sinkhorn`: top_k of "  \
     "the Sinkhorn-balanced scores in training, plain top_k otherwise "         \
-    "(S-BASE)")                                                                \
+    "(S-BASE); `hash`: top_k consecutive experts from a fixed hash of the "    \
+    "token id, each weighted `scale / top_k` (Hash Layers; the router is "     \
+    "not used; needs token ids)")                                              \
   X(double,                                                                    \
     top_p,                                                                     \
     0.4,                                                                       \

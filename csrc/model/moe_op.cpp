@@ -2,8 +2,9 @@
 // CompositeImplicitAutograd op, so Python calls the same C++ function and
 // torch.compile traces through to the moeyard ops underneath. Its schema,
 // its arguments and its outputs are the rows of moe_interface.h:
-//   moe_forward(Tensor x, <weights>, Tensor? mask=None, *, <options>,
-//               bool training=False) -> (Tensor y, <aux losses>,
+//   moe_forward(Tensor x, <weights>, Tensor? mask=None,
+//               Tensor? token_ids=None, Tensor? drop_lowest=None, *,
+//               <options>, bool training=False) -> (Tensor y, <aux losses>,
 //               <statistics>, Tensor indices)
 
 #include <torch/library.h>
@@ -49,7 +50,9 @@ using Out = std::tuple<
   , OpArg<type>::arg name
 Out moe_forward_op(
     const at::Tensor& x MOEYARD_MOE_WEIGHTS(MOEYARD_WEIGHT_PARAM),
-    const std::optional<at::Tensor>& mask
+    const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& token_ids,
+    const std::optional<at::Tensor>& drop_lowest
         MOEYARD_MOE_OPTIONS(MOEYARD_OPTION_PARAM),
     bool training) {
   MoEWeights w;
@@ -61,7 +64,8 @@ Out moe_forward_op(
   MOEYARD_MOE_OPTIONS(MOEYARD_SET)
 #undef MOEYARD_SET
   o.training = training;
-  const auto r = moe_forward(x, w, o, tensor_of(mask));
+  const auto r = moe_forward(
+      x, w, o, tensor_of(mask), tensor_of(token_ids), tensor_of(drop_lowest));
 #define MOEYARD_GET(name, ...) , r.name
   return {
       r.y MOEYARD_MOE_AUX_LOSSES(MOEYARD_GET)
@@ -130,7 +134,8 @@ std::string moe_forward_schema() {
     s += required ? ", Tensor " + name : ", Tensor? " + name;
     s += !required && i > last_required ? "=None" : "";
   }
-  s += ", Tensor? mask=None, *";
+  s += ", Tensor? mask=None, Tensor? token_ids=None, Tensor? drop_lowest=None, "
+       "*";
   const MoEOptions defaults;
 #define MOEYARD_ROW(type, name, ...)                                    \
   s += std::string(", ") + schema_type(defaults.name) + " " #name "=" + \

@@ -138,16 +138,39 @@ Picks pick_sinkhorn(
       values, experts, at::ones_like(experts, at::kBool), scores, o);
 }
 
+// Hash Layers: top_k consecutive experts (mod E) from the first that a
+// fixed multiplicative hash of the token id gives, equally weighted; the
+// scores are the router's, for the statistics only.
+Picks pick_hash(
+    const at::Tensor& logits, const at::Tensor& ids, const MoEOptions& o) {
+  const int64_t E = logits.size(1);
+  // Knuth's multiplicative hash on the low 32 bits (no int64 overflow for
+  // ids below 2^31), its high bits taken.
+  const auto h = at::bitwise_right_shift(
+      at::remainder(ids.to(at::kLong) * 2654435761LL, int64_t(1) << 32), 8);
+  const auto first = at::remainder(h, E).unsqueeze(1);
+  const auto experts =
+      at::remainder(first + at::arange(o.top_k, first.options()), E);
+  const auto weights = at::full(
+      experts.sizes(),
+      o.scale / static_cast<double>(o.top_k),
+      logits.options());
+  return {weights, experts, scores_of(logits, o)};
+}
+
 Picks token_choice_picks(
     const at::Tensor& logits,
-    const at::Tensor& valid,
+    const Router& r,
     const MoEWeights& w,
     const MoEOptions& o) {
   if (o.routing == "token_choice") {
     return pick_top_k(logits, w, o);
   }
   if (o.routing == "sinkhorn") {
-    return pick_sinkhorn(logits, valid, o);
+    return pick_sinkhorn(logits, r.valid, o);
+  }
+  if (o.routing == "hash") {
+    return pick_hash(logits, r.ids, o);
   }
   return pick_dynamic(logits, o);
 }
@@ -179,19 +202,38 @@ void pack_filled_rows(Plan& p, int64_t C) {
   p.offsets = offsets;
 }
 
+// [T, K] bool: each token's lowest-weight pick of a real expert, where the
+// token has two or more (its best pick always stays).
+at::Tensor lowest_real_pick(
+    const at::Tensor& weights, const at::Tensor& indices, int64_t E) {
+  const auto real = (indices >= 0) & (indices < E);
+  const auto lowest =
+      at::where(real, weights.detach(), std::numeric_limits<double>::infinity())
+          .argmin(-1, true);
+  const auto several = real.sum(-1, true) >= 2;
+  return at::zeros_like(real).scatter_(1, lowest, several);
+}
+
 Plan plan_token_choice(
     const at::Tensor& logits,
-    const at::Tensor& valid,
+    const Router& r,
     const MoEWeights& w,
     const MoEOptions& o) {
   const int64_t T = logits.size(0), routed = logits.size(1);
   const int64_t E = routed - o.null_experts; // real experts
-  auto [weights, indices, scores] = token_choice_picks(logits, valid, w, o);
+  const auto& valid = r.valid;
+  auto [weights, indices, scores] = token_choice_picks(logits, r, w, o);
   if (valid.defined()) {
     indices = at::where(valid.unsqueeze(1), indices, -1);
   }
   if (o.skip_ratio > 0) { // picks far below the token's best are skipped
     const auto skip = weights < weights.amax(-1, true) * o.skip_ratio;
+    indices = at::where(skip, -1, indices);
+    weights = weights * (~skip).to(weights.scalar_type());
+  }
+  if (r.drop_lowest.defined()) {
+    const auto skip =
+        lowest_real_pick(weights, indices, E) & r.drop_lowest.unsqueeze(1);
     indices = at::where(skip, -1, indices);
     weights = weights * (~skip).to(weights.scalar_type());
   }
@@ -272,6 +314,8 @@ Plan plan_expert_choice(
 Router router_logits(
     const at::Tensor& x2,
     const at::Tensor& mask,
+    const at::Tensor& token_ids,
+    const at::Tensor& drop_lowest,
     const MoEWeights& w,
     const MoEOptions& o) {
   const int64_t T = x2.size(0);
@@ -284,6 +328,36 @@ Router router_logits(
         "), got shape ",
         mask.sizes());
     r.valid = mask.reshape({T}).to(at::kBool);
+  }
+  if (drop_lowest.defined()) {
+    TORCH_CHECK(
+        drop_lowest.numel() == T && drop_lowest.scalar_type() == at::kBool,
+        "moe_forward: drop_lowest must be bool, one per token (",
+        T,
+        "), got shape ",
+        drop_lowest.sizes(),
+        " of ",
+        drop_lowest.scalar_type());
+    TORCH_CHECK(
+        o.routing != "expert_choice",
+        "moe_forward: drop_lowest needs a token-choice routing, got "
+        "'expert_choice'");
+    r.drop_lowest = drop_lowest.reshape({T}).to(x2.device());
+  }
+  TORCH_CHECK(
+      o.routing != "hash" || token_ids.defined(),
+      "moe_forward: routing 'hash' picks experts from the token ids; pass "
+      "token_ids (one per token)");
+  if (token_ids.defined()) {
+    TORCH_CHECK(
+        token_ids.numel() == T && !at::isFloatingType(token_ids.scalar_type()),
+        "moe_forward: token_ids must be integers, one per token (",
+        T,
+        "), got shape ",
+        token_ids.sizes(),
+        " of ",
+        token_ids.scalar_type());
+    r.ids = token_ids.reshape({T}).to(x2.device(), at::kLong);
   }
   // Float32, or float64 for a float64 model (never lower).
   r.dtype = x2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -302,9 +376,8 @@ Router router_logits(
 
 Plan routing_plan(const Router& r, const MoEWeights& w, const MoEOptions& o) {
   const auto logits = noisy_logits(r, w, o);
-  return o.routing == "expert_choice"
-             ? plan_expert_choice(logits, r.valid, o)
-             : plan_token_choice(logits, r.valid, w, o);
+  return o.routing == "expert_choice" ? plan_expert_choice(logits, r.valid, o)
+                                      : plan_token_choice(logits, r, w, o);
 }
 
 } // namespace moeyard::detail

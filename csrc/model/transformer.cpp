@@ -126,6 +126,29 @@ MoELayerImpl::MoELayerImpl(const ModelConfig& c) : options(c.moe.routing) {
     noise_weight = register_parameter(
         "noise_weight", at::zeros({routed, H}, param_options(router_dt)));
   }
+  if (m.critic_hidden > 0) {
+    const int64_t c = m.critic_hidden;
+    critic_w1 = register_parameter(
+        "critic_w1", at::empty({c, H}, param_options(router_dt)));
+    critic_b1 = register_parameter(
+        "critic_b1", at::zeros({c}, param_options(router_dt)));
+    critic_w2 = register_parameter(
+        "critic_w2", at::empty({1, c}, param_options(router_dt)));
+    critic_b2 = register_parameter(
+        "critic_b2", at::zeros({1}, param_options(router_dt)));
+    critic_threshold = register_buffer(
+        "critic_threshold",
+        at::full(
+            {1},
+            -std::numeric_limits<double>::infinity(),
+            at::dtype(router_dt)));
+  }
+}
+
+at::Tensor MoELayerImpl::critic(const at::Tensor& x) const {
+  const auto in = x.detach().to(critic_w1.scalar_type());
+  const auto h = at::relu(at::linear(in, critic_w1, critic_b1));
+  return at::linear(h, critic_w2, critic_b2).squeeze(-1);
 }
 
 MoEWeights MoELayerImpl::weights() const {
@@ -150,10 +173,26 @@ MoEWeights MoELayerImpl::weights() const {
 }
 
 MoEOutput MoELayerImpl::forward(
-    const at::Tensor& x, const at::Tensor& mask) const {
+    const at::Tensor& x,
+    const at::Tensor& mask,
+    const at::Tensor& token_ids) const {
   MoEOptions o = options;
   o.training = is_training();
-  return moe_forward(x, weights(), o, mask);
+  if (capture_input) {
+    captured_input = x.detach();
+  }
+  at::Tensor drop;
+  if (drop_all_lowest) {
+    drop =
+        at::ones(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kBool));
+  } else if (
+      critic_w1.defined() && (!o.training || critic_in_training) &&
+      critic_threshold.item<double>() >
+          -std::numeric_limits<double>::infinity()) {
+    at::NoGradGuard g;
+    drop = critic(x) < critic_threshold;
+  }
+  return moe_forward(x, weights(), o, mask, token_ids, drop);
 }
 
 void MoELayerImpl::update_selection_bias(const at::Tensor& load, double rate) {
@@ -211,21 +250,24 @@ at::Tensor BlockImpl::attention_part(
 
 at::Tensor BlockImpl::ffn_part(
     const at::Tensor& h,
-    const at::Tensor& token_mask,
+    const Tokens& tokens,
     std::optional<MoEOutput>& moe_out) const {
   const auto n = mlp_norm->forward(h);
   if (moe) {
-    moe_out = moe->forward(n, token_mask);
+    moe_out = moe->forward(n, tokens.mask, tokens.ids);
     return moe_out->y;
   }
   return mlp->forward(n);
 }
 
 at::Tensor BlockImpl::forward_cached(
-    const at::Tensor& x, KVCache& cache, const Rotary& rotary) const {
+    const at::Tensor& x,
+    const at::Tensor& ids,
+    KVCache& cache,
+    const Rotary& rotary) const {
   auto h = x + attn->forward_cached(attn_norm->forward(x), cache, rotary);
   const auto n = mlp_norm->forward(h);
-  return h + (moe ? moe->forward(n, {}).y : mlp->forward(n));
+  return h + (moe ? moe->forward(n, {}, ids).y : mlp->forward(n));
 }
 
 TransformerImpl::TransformerImpl(ModelConfig c)
@@ -337,7 +379,8 @@ at::Tensor TransformerImpl::hidden(
   for (int64_t i = 0; i < static_cast<int64_t>(layers->size()); ++i) {
     std::optional<MoEOutput> moe_out;
     const auto* block = layers[i]->as<BlockImpl>();
-    x = block->forward(x, mask_for(block->attn->window), mask, rotary, moe_out);
+    x = block->forward(
+        x, mask_for(block->attn->window), {mask, tokens}, rotary, moe_out);
     if (moe_out) {
       out.moe_layers.push_back({i, std::move(*moe_out)});
     }

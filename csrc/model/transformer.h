@@ -184,7 +184,16 @@ TORCH_MODULE(Mlp);
 class MoELayerImpl : public torch::nn::Module {
  public:
   MoELayerImpl(const ModelConfig& c);
-  MoEOutput forward(const at::Tensor& x, const at::Tensor& mask) const;
+  // With a critic whose threshold is set (evaluation, or training with
+  // skip_in_training), tokens predicted below it skip their lowest pick.
+  MoEOutput forward(
+      const at::Tensor& x,
+      const at::Tensor& mask,
+      const at::Tensor& token_ids = {}) const;
+  // The routing critic's prediction for x [..., H] (detached): [...]
+  // float32, the loss increase if the token's lowest-weight pick is
+  // skipped.
+  at::Tensor critic(const at::Tensor& x) const;
   // Aux-loss-free balancing of the real experts: bias += rate *
   // sign(mean_load - load_e).
   void update_selection_bias(const at::Tensor& tokens_per_expert, double rate);
@@ -207,9 +216,25 @@ class MoELayerImpl : public torch::nn::Module {
       selection_bias, noise_weight, b_gate_up, b_down;
   at::Tensor lora_gate_up_a, lora_gate_up_b, lora_down_a, lora_down_b;
   double lora_scale = 0.0, lora_dropout = 0.0;
+  // The routing critic (moe.critic_hidden > 0): float32 [c, H], [c], [1, c],
+  // [1]; critic_threshold, a buffer [1]: skip where the prediction is below
+  // it (-inf: never; set by the trainer for critic.skip_budget).
+  at::Tensor critic_w1, critic_b1, critic_w2, critic_b2, critic_threshold;
   MoEOptions options;
+  // Per forward, set by the trainer: skip every token's lowest pick (the
+  // critic's targets); use the critic threshold in training mode too; keep
+  // the input (detached) in captured_input.
+  bool drop_all_lowest = false, critic_in_training = false,
+       capture_input = false;
+  mutable at::Tensor captured_input;
 };
 TORCH_MODULE(MoELayer);
+
+// The tokens a block's MoE layer routes: the real-token mask and the token
+// ids (hash routing), each [B, S] or undefined.
+struct Tokens {
+  at::Tensor mask, ids;
+};
 
 class BlockImpl : public torch::nn::Module {
  public:
@@ -219,14 +244,14 @@ class BlockImpl : public torch::nn::Module {
   at::Tensor forward(
       const at::Tensor& x,
       const at::Tensor& attn_mask,
-      const at::Tensor& token_mask,
+      const Tokens& tokens,
       const Rotary& rotary,
       std::optional<MoEOutput>& moe_out) const;
   // forward with the part `mode` names recomputed (none: an ordinary run).
   at::Tensor forward_with(
       const at::Tensor& x,
       const at::Tensor& attn_mask,
-      const at::Tensor& token_mask,
+      const Tokens& tokens,
       const Rotary& rotary,
       std::optional<MoEOutput>& moe_out,
       Recompute mode) const;
@@ -239,11 +264,14 @@ class BlockImpl : public torch::nn::Module {
       const Rotary& rotary) const;
   at::Tensor ffn_part(
       const at::Tensor& h,
-      const at::Tensor& token_mask,
+      const Tokens& tokens,
       std::optional<MoEOutput>& moe_out) const;
-  // Incremental decoding step (no padding).
+  // Incremental decoding step (no padding) of the tokens `ids`.
   at::Tensor forward_cached(
-      const at::Tensor& x, KVCache& cache, const Rotary& rotary) const;
+      const at::Tensor& x,
+      const at::Tensor& ids,
+      KVCache& cache,
+      const Rotary& rotary) const;
   Norm attn_norm{nullptr}, mlp_norm{nullptr};
   Attention attn{nullptr};
   Mlp mlp{nullptr};

@@ -165,6 +165,32 @@ PYBIND11_MODULE(_C, m) {
             return out;
           })
       .def(
+          "critic_predictions",
+          [](TransformerImpl& self, const at::Tensor& tokens) {
+            // Each MoE layer's routing critic on its input of this forward
+            // (no gradient): [B, S] per layer with a critic.
+            at::NoGradGuard g;
+            std::vector<moeyard::MoELayerImpl*> layers;
+            for (const auto& m : self.layers->children()) {
+              auto* block = m->as<moeyard::BlockImpl>();
+              if (block->moe && block->moe->critic_w1.defined()) {
+                layers.push_back(block->moe.get());
+                layers.back()->capture_input = true;
+              }
+            }
+            self.forward(tokens, {});
+            std::vector<at::Tensor> out;
+            for (auto* l : layers) {
+              l->capture_input = false;
+              out.push_back(l->critic(l->captured_input));
+              l->captured_input = at::Tensor();
+            }
+            return out;
+          },
+          py::arg("tokens"),
+          "the routing critics' predictions ([B, S] per MoE layer that has "
+          "one): the loss increase if each token's lowest pick is skipped")
+      .def(
           "update_selection_bias",
           [](TransformerImpl& self,
              int64_t layer,

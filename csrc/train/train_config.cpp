@@ -405,6 +405,27 @@ TrainConfig TrainConfig::parse(
     r.get("timeout_s", p.timeout_s, Range::greater_than(0));
     r.finish();
   }
+  {
+    auto r = top.child("critic");
+    auto& k = c.critic;
+    r.get("every", k.every, Range::at_least(0));
+    r.get("clip", k.clip, Range::greater_than(0));
+    r.get("skip_budget", k.skip_budget, Range::closed_open(0, 1));
+    r.get("skip_in_training", k.skip_in_training);
+    r.finish();
+    if (k.skip_budget > 0 && c.model.moe.critic_hidden == 0) {
+      r.fail(
+          "skip_budget",
+          config::show_number(k.skip_budget) +
+              " needs a critic: set moe.critic_hidden > 0");
+    }
+    if (k.skip_budget > 0 && c.data.valid.empty()) {
+      r.fail(
+          "skip_budget",
+          config::show_number(k.skip_budget) +
+              " calibrates on the validation batches: set data.valid");
+    }
+  }
   config::read_finetune(top.child("finetune"), c.lora);
   top.finish();
   c.model.validate(name);

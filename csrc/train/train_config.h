@@ -131,6 +131,20 @@ struct MoESchedules {
   double relu_l1_mult = 0.0;
 };
 
+// The routing critic (moe.critic_hidden > 0): how it is trained and used.
+struct CriticConfig {
+  // Steps between target measurements (one forward per MoE layer with that
+  // layer's lowest picks skipped, on the step's first micro-batch); 0: the
+  // critic is not trained.
+  int64_t every = 10;
+  double clip = 1.0; // targets (loss increases, nats) clipped to +-clip
+  // Share of real tokens whose lowest pick the critic skips at evaluation:
+  // per layer the threshold is the budget's quantile of the predictions on
+  // the validation batches, recalibrated at each evaluation. 0: off.
+  double skip_budget = 0.0;
+  bool skip_in_training = false; // the thresholds act in training too
+};
+
 struct TrainConfig {
   ModelConfig model;
   DataConfig data;
@@ -140,6 +154,7 @@ struct TrainConfig {
   LogConfig log;
   MoESchedules schedule;
   ParallelConfig parallel;
+  CriticConfig critic;
   LoraOptions lora; // finetune.lora: LoRA fine-tuning (off when absent)
   std::string text; // the config as given, as YAML (saved with checkpoints)
   // Every key with its resolved value ("moe.score_fn" -> "softmax"),

@@ -87,17 +87,42 @@ at::Tensor Trainer::batch(
   return at::stack(rows).to(device_);
 }
 
-double Trainer::evaluate() {
+double Trainer::evaluate(
+    std::vector<at::Tensor>* predictions, double* experts_per_token) {
   if (!valid_) {
     return NAN;
   }
   at::NoGradGuard g;
   model_->eval();
-  double sum = 0;
+  const auto layers = moe_layers();
+  if (predictions) {
+    predictions->assign(layers.size(), at::Tensor());
+    for (auto* l : layers) {
+      l->capture_input = true;
+    }
+  }
+  double sum = 0, experts = 0;
   for (int64_t i = 0; i < cfg_.train.eval_batches; ++i) {
-    sum += model_->loss(batch(*valid_, 0, i, false)).ce.item<double>();
+    const auto r = model_->loss(batch(*valid_, 0, i, false));
+    sum += r.ce.item<double>();
+    for (const auto& m : r.out.moe_layers) {
+      experts += m.moe.real_experts_per_token.item<double>() /
+                 static_cast<double>(r.out.moe_layers.size());
+    }
+    for (size_t j = 0; predictions && j < layers.size(); ++j) {
+      auto& p = (*predictions)[j];
+      const auto now = layers[j]->critic(layers[j]->captured_input).flatten();
+      p = p.defined() ? at::cat({p, now}) : now;
+    }
+  }
+  for (auto* l : layers) {
+    l->capture_input = false;
+    l->captured_input = at::Tensor();
   }
   model_->train();
+  if (experts_per_token) {
+    *experts_per_token = dp_mean(experts / cfg_.train.eval_batches);
+  }
   return dp_mean(sum / cfg_.train.eval_batches);
 }
 
@@ -241,6 +266,9 @@ json Trainer::step_record(int64_t step, const StepOutcome& s) const {
       {"lr", s.lr},
       {"grad_norm", s.grad_norm},
       {"moe_layers", s.moe_layers}};
+  if (!s.critic.is_null()) {
+    rec["critic"] = s.critic;
+  }
   if (!s.skipped.empty()) {
     rec["skipped"] = true;
     rec["skip_reason"] = s.skipped;
@@ -261,12 +289,37 @@ bool Trainer::checkpoint_due(int64_t step) const {
 }
 
 void Trainer::evaluate_into(int64_t step, json& rec, RunResult& result) {
-  const double vl = evaluate();
+  // With critic.skip_budget: without skipping first (the critic's
+  // predictions calibrate its thresholds), then with.
+  const bool critic = cfg_.critic.skip_budget > 0;
+  if (critic) {
+    at::NoGradGuard g;
+    for (auto* l : moe_layers()) {
+      l->critic_threshold.fill_(-std::numeric_limits<double>::infinity());
+    }
+  }
+  std::vector<at::Tensor> predictions;
+  double experts = 0;
+  const double vl = evaluate(critic ? &predictions : nullptr, &experts);
   rec["valid_loss"] = vl;
   rec["valid_ppl"] = std::exp(vl);
   result.final_valid_loss = vl;
   log::info(log::format(
       "step %ld | valid loss %.4f | ppl %.2f", step, vl, std::exp(vl)));
+  if (critic) {
+    rec["critic_thresholds"] = calibrate_critic(predictions);
+    double skipping = 0;
+    const double vs = evaluate(nullptr, &skipping);
+    const double share = experts > 0 ? 1.0 - skipping / experts : 0.0;
+    rec["valid_loss_critic_skip"] = vs;
+    rec["critic_skipped"] = share;
+    log::info(log::format(
+        "step %ld | critic skips %.1f%% of picks | valid loss %.4f (%+.4f)",
+        step,
+        100 * share,
+        vs,
+        vs - vl));
+  }
 }
 
 void Trainer::log_progress(
@@ -290,7 +343,8 @@ void Trainer::log_progress(
   std::string experts;
   if (!s.moe_layers.empty() &&
       (o.null_experts > 0 ||
-       (o.routing != "token_choice" && o.routing != "sinkhorn"))) {
+       (o.routing != "token_choice" && o.routing != "sinkhorn" &&
+        o.routing != "hash"))) {
     experts = log::format(
         " | experts/token %.2f", mean_real_experts_per_token(s.moe_layers));
   }

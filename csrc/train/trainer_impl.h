@@ -159,6 +159,7 @@ class Trainer {
     int stop_signal = 0; // a stop was requested (on any rank) by this signal
     bool stop_here = false; // this rank received the signal
     nlohmann::json moe_layers = nlohmann::json::array();
+    nlohmann::json critic; // per MoE layer, on critic target steps
   };
   // What the micro-batches of a step leave on the device.
   struct MicroBatchSums {
@@ -200,8 +201,13 @@ class Trainer {
   void reduce_losses(const at::Tensor& losses, StepOutcome& out);
   // Gradients over the ranks, per-expert clipping, fp32 masters' gradients.
   void reduce_gradients();
-  // The optimizer's parameters that have a gradient (what clipping scales).
+  // The optimizer's parameters that have a gradient, the critics' aside
+  // (what clipping scales).
   std::vector<at::Tensor> optimizer_params() const;
+  // The optimizer group of the routing critics (the last).
+  size_t critic_group() const {
+    return 3 + cfg_.optim.groups.size();
+  }
   // The global gradient norm over every rank, from the buckets.
   double global_grad_norm();
   // Why this step must be skipped ("" : it must not).
@@ -341,7 +347,22 @@ class Trainer {
   void build_optimizer();
   at::Tensor batch(
       const io::TokenShard& s, int64_t step, int64_t micro, bool random);
-  double evaluate();
+  // Mean validation loss over the data-parallel ranks; with `predictions`,
+  // each MoE layer's critic predictions on every validation token; the mean
+  // real experts per token into `experts_per_token`.
+  double evaluate(
+      std::vector<at::Tensor>* predictions, double* experts_per_token);
+  // ---- The routing critic (trainer_critic.cpp) ----
+  std::vector<MoELayerImpl*> moe_layers() const;
+  bool critic_due(int64_t step) const;
+  // [B, S - 1] cross-entropy of each position's next token.
+  at::Tensor per_token_ce(const at::Tensor& tokens);
+  // Measures the critic's targets on `step`'s first micro-batch and adds
+  // the critic's gradients; its error per MoE layer.
+  json train_critic(int64_t step);
+  // Sets each layer's threshold to critic.skip_budget's quantile of its
+  // predictions over the data-parallel ranks; the thresholds.
+  json calibrate_critic(const std::vector<at::Tensor>& predictions);
   void save(int64_t step);
   // Rank 0: manifest (SHA-256 of every file), rename, `latest`, pruning.
   void commit(int64_t step, const fs::path& tmp, const fs::path& final_dir);

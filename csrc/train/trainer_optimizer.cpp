@@ -7,9 +7,10 @@ namespace moeyard::train::detail {
 
 void Trainer::build_optimizer() {
   // Groups: decayed matrices, no-decay (norms, biases, embeddings), router,
-  // then one per optim.groups override (first matching pattern wins).
+  // one per optim.groups override (first matching pattern wins), then the
+  // routing critics (no decay; outside the model's norm and clipping).
   const auto& o = cfg_.optim;
-  const size_t n_groups = 3 + o.groups.size();
+  const size_t n_groups = critic_group() + 1;
   std::vector<std::vector<at::Tensor>> members(n_groups);
   std::vector<std::vector<std::string>> member_names(n_groups);
   std::vector<std::vector<bool>> member_master(n_groups);
@@ -53,6 +54,9 @@ void Trainer::build_optimizer() {
         break;
       }
     }
+    if (n.find(".moe.critic_") != std::string::npos) {
+      g = critic_group();
+    }
     param_group_.push_back(g);
     if (o.sharded()) {
       continue; // the group's members are its buckets' shards (below)
@@ -80,6 +84,8 @@ void Trainer::build_optimizer() {
     double lr = o.lr, wd = g == 0 ? o.weight_decay : 0.0;
     if (g == 2) {
       lr = o.lr * o.router_lr_mult;
+    } else if (g == critic_group()) {
+      wd = 0.0;
     } else if (g >= 3) {
       lr = o.lr * o.groups[g - 3].lr_mult;
       wd = o.groups[g - 3].weight_decay;

@@ -131,6 +131,15 @@ void Trainer::reduce_sharded_gradients() {
   at::NoGradGuard g;
   const bool scatter = cfg_.optim.shard == "optimizer+grads";
   for (auto& b : buckets_) {
+    // The critics have gradients on their target steps only (on every rank
+    // alike); between them AdamW leaves them, as unsharded.
+    if (b.opt_group == critic_group() &&
+        std::none_of(b.members.begin(), b.members.end(), [&](size_t m) {
+          return params_[m].grad().defined();
+        })) {
+      b.master.mutable_grad() = at::Tensor();
+      continue;
+    }
     auto flat = bucket_gradients(b, /*release=*/true);
     at::Tensor grad;
     if (!b.group) {

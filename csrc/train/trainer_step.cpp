@@ -12,6 +12,9 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
   out.lr = set_learning_rate(step);
   // Micro-batches: forward, loss, backward of loss / grad_accum.
   auto sums = forward_backward(step);
+  if (critic_due(step)) {
+    out.critic = train_critic(step);
+  }
   // Across ranks: the logged losses and a stop request, the routing
   // statistics, then the gradients (and per-expert clipping).
   reduce_losses(sums.losses, out);
@@ -110,17 +113,19 @@ void Trainer::reduce_gradients() {
 }
 
 std::vector<at::Tensor> Trainer::optimizer_params() const {
+  std::vector<at::Tensor> params;
   if (cfg_.optim.sharded()) {
-    std::vector<at::Tensor> params;
     for (const auto& b : buckets_) {
-      params.push_back(b.master);
+      if (b.opt_group != critic_group()) {
+        params.push_back(b.master);
+      }
     }
     return params;
   }
-  std::vector<at::Tensor> params;
-  for (auto& g : opt_->param_groups()) {
-    for (auto& p : g.params()) {
-      if (p.grad().defined()) {
+  const auto& groups = opt_->param_groups();
+  for (size_t g = 0; g < groups.size(); ++g) {
+    for (const auto& p : groups[g].params()) {
+      if (p.grad().defined() && g != critic_group()) {
         params.push_back(p);
       }
     }
@@ -141,6 +146,9 @@ double Trainer::global_grad_norm() {
   std::vector<at::Tensor> pieces;
   std::vector<int> kind;
   for (const auto& b : buckets_) {
+    if (b.opt_group == critic_group()) {
+      continue; // trained apart from the model
+    }
     b.for_each_overlap([&](size_t m, int64_t at_m, int64_t at_s, int64_t len) {
       at::Tensor piece;
       if (sharded) {

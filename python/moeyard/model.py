@@ -8,7 +8,7 @@ training code uses: ``parameters()``, ``named_parameters()``,
 
 import json
 import os
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -153,6 +153,14 @@ class Transformer:
 
     def moe_layer_indices(self):
         return self._impl.moe_layer_indices()
+
+    def critic_predictions(self, tokens: Tensor) -> List[Tensor]:
+        """The routing critics' predictions (``moe.critic_hidden``): per MoE
+        layer, [B, S] loss increases if each token's lowest-weight pick were
+        skipped. A layer skips where its prediction is below its
+        ``layers.<i>.moe.critic_threshold`` buffer (-inf: never), at
+        evaluation."""
+        return self._impl.critic_predictions(tokens)
 
     def update_selection_bias(self, layer: int, tokens_per_expert: Tensor, rate: float) -> None:
         self._impl.update_selection_bias(layer, tokens_per_expert, rate)

@@ -134,11 +134,17 @@ class MoE(nn.Module):
                 bound = 1.0 / math.sqrt(p.shape[-1])
                 p.uniform_(-bound, bound)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, MoEResult]:
-        """x [..., H]; mask [...] (nonzero = real token). Returns (y, MoEResult)."""
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, token_ids: Optional[Tensor] = None,
+                drop_lowest: Optional[Tensor] = None) -> Tuple[Tensor, MoEResult]:
+        """x [..., H]; mask [...] (nonzero = real token); token_ids [...]
+        (integers; needed by ``routing="hash"``); drop_lowest [...] (bool:
+        skip the token's lowest-weight real pick where it has two or more).
+        Returns (y, MoEResult)."""
         weights = {name: self._weight(name) for name in _WEIGHTS}
         options = {name: getattr(self, name) for name in _OPTIONS}
-        out = torch.ops.moeyard.moe_forward(x, **weights, mask=mask, training=self.training, **options)
+        out = torch.ops.moeyard.moe_forward(x, **weights, mask=mask, token_ids=token_ids,
+                                            drop_lowest=drop_lowest, training=self.training,
+                                            **options)
         return out[0], MoEResult(*out[1:])
 
     def _weight(self, name: str) -> Optional[Tensor]:

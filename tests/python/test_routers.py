@@ -1,5 +1,5 @@
-"""The dynamic-K and balanced routers (moe.routing: top_p, threshold, relu,
-sinkhorn) against a plain loop over tokens (picks, outputs, gradients), the
+"""The dynamic-K, balanced and hash routers (moe.routing: top_p, threshold,
+relu, sinkhorn, hash) against a plain loop over tokens (picks, outputs, gradients), the
 rows the expert GEMMs receive, their losses and statistics, the option
 errors, and a Transformer trained with each at EP2 against one process."""
 
@@ -200,11 +200,60 @@ def test_top_p_with_null_experts_skips_rows():
     assert abs(r.null_fraction.item() - nulls / (r.indices >= 0).sum().item()) < 1e-6
 
 
+def hash_experts(token_id, k):
+    """Hash routing's experts for one token id, in Python integers."""
+    first = ((token_id * 2654435761) % 2**32 >> 8) % E
+    return [(first + j) % E for j in range(k)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_hash_routing_matches_a_loop(k):
+    """Each token runs the experts its id hashes to, weighted scale / k;
+    equal ids get equal experts; the output gives the router no gradient;
+    the GEMMs get one row per pick."""
+    torch.manual_seed(0)
+    m = MoE(H, FF, E, routing="hash", top_k=k, scale=1.5)
+    ids = torch.randint(0, 50000, (T,))
+    ids[5] = ids[2]
+    x = torch.randn(T, H, requires_grad=True)
+    with GroupedMMRows() as rec:
+        y, r = m(x, token_ids=ids)
+    picks = [hash_experts(i, k) for i in ids.tolist()]
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = torch.stack([sum(1.5 / k * expert_mlp(x_ref[t], m.w_gate_up[e], m.w_down[e]) for e in picks[t])
+                         for t in range(T)])
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    assert [sorted(row.tolist()) for row in r.indices] == [sorted(p) for p in picks]
+    assert r.indices[5].tolist() == r.indices[2].tolist()
+    assert len({tuple(p) for p in picks}) > 1
+    want = torch.bincount(torch.tensor([e for p in picks for e in p]), minlength=E)
+    assert len(rec.offsets) == 2
+    for off in rec.offsets:
+        assert torch.equal(off.diff(), want), (off, want)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    assert m.router.weight.grad is None or m.router.weight.grad.abs().max().item() == 0.0
+
+
+def test_hash_routing_needs_token_ids():
+    m = MoE(H, FF, E, routing="hash")
+    with pytest.raises(RuntimeError, match="routing 'hash' picks experts from the token ids; pass token_ids"):
+        m(torch.randn(T, H))
+    with pytest.raises(RuntimeError, match=r"token_ids must be integers, one per token \(40\)"):
+        m(torch.randn(T, H), token_ids=torch.zeros(T - 1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="token_ids must be integers"):
+        m(torch.randn(T, H), token_ids=torch.zeros(T))
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(routing="top_p", score_fn="sigmoid"), "routing 'top_p' needs score_fn 'softmax'"),
     (dict(routing="relu", score_fn="sigmoid"), "routing 'relu' needs score_fn 'softmax'"),
     (dict(routing="top_p", num_groups=2), "num_groups > 1 .* needs routing 'token_choice'"),
     (dict(routing="relu", null_experts=2), "null_experts needs routing 'token_choice', 'top_p' or 'threshold'"),
+    (dict(routing="hash", null_experts=2), "null_experts needs routing 'token_choice', 'top_p' or 'threshold'"),
+    (dict(routing="hash", selection_bias=True), "selection_bias needs routing 'token_choice'"),
     (dict(routing="top_p", top_p=0.0), r"top_p must be in \(0, 1\], got 0"),
     (dict(routing="top_p", top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
     (dict(routing="threshold", score_threshold=-0.1), r"score_threshold must be in \[0, 1\], got -0.1"),
@@ -219,7 +268,7 @@ def test_router_option_errors(kw, match):
         MoE(H, FF, E, **kw)
 
 
-@pytest.mark.parametrize("name", ["top_p", "threshold", "relu", "sinkhorn"])
+@pytest.mark.parametrize("name", ["top_p", "threshold", "relu", "sinkhorn", "hash"])
 def test_transformer_trains_with_router_sharded_or_not(tmp_path, shards, name):
     """A Transformer with each router trains in one process and with its
     experts split over two (EP2): the same run. Sinkhorn balances each

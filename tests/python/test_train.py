@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -221,6 +222,17 @@ def test_generate_from_checkpoint(tmp_path, shards):
     again = subprocess.run([EXE, "generate", "--checkpoint", str(tmp_path / "gen" / "step_5"), "--prompt", "def ",
                             "-n", "20", "--temperature", "0"], capture_output=True, text=True, timeout=120)
     assert again.stdout == r.stdout  # greedy is deterministic; run dir resolves to latest
+    assert re.search(r"20 tokens, [0-9.]+ tokens/s", r.stderr), r.stderr
+    # Skipping the second pick where its weight is below 0.9 x the first's:
+    # the rate beside plain top-K's, on the same prompt.
+    skip = subprocess.run([EXE, "generate", "--checkpoint", str(tmp_path / "gen"), "--prompt", "def ",
+                           "-n", "20", "--temperature", "0", "--skip-ratio", "0.9"],
+                          capture_output=True, text=True, timeout=120)
+    assert skip.returncode == 0, skip.stderr
+    assert re.search(r"tokens/s with skip_ratio 0.9, [0-9.]+ tokens/s with plain top-K \(x[0-9.]+\)", skip.stderr)
+    bad = subprocess.run([EXE, "generate", "--checkpoint", str(tmp_path / "gen"), "--prompt", "def ",
+                          "--skip-ratio", "1.5"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--skip-ratio must be in [0, 1), got 1.5" in bad.stderr
 
 
 def _weights(run, step):
