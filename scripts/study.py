@@ -20,8 +20,9 @@ mean and standard deviation; a difference from the baseline counts only if
 every seed's difference has the same sign and the mean difference exceeds
 twice the baseline's standard deviation over seeds. Then the baseline's
 trained models are evaluated with `moe.skip_ratio` from 0 to 0.9 (the
-heuristic skip): the share of picks skipped against the change in bits per
-byte.
+heuristic skip), and the `critic` arm's models (if the study has one) with
+their routing critics skipping a budget of 0.1 to 0.9 of the tokens' lowest
+picks: the share of picks skipped against the change in bits per byte.
 """
 
 import argparse
@@ -202,7 +203,7 @@ def markdown(rows, base_sd, study):
     return "\n".join(out) + "\n"
 
 
-def plots(study, results, rows, skips, out):
+def plots(study, results, rows, skips, critic, out):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,6 +271,9 @@ def plots(study, results, rows, skips, out):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar([r["skipped"] for r in skips], [r["delta"] for r in skips], yerr=[r["delta_sd"] for r in skips],
                 marker="o", capsize=3, label=f"skip_ratio on {study['baseline']}")
+    if critic:
+        ax.errorbar([r["skipped"] for r in critic], [r["delta"] for r in critic],
+                    yerr=[r["delta_sd"] for r in critic], marker="s", capsize=3, label="routing critic on critic")
     ax.set_xlabel("share of picks skipped")
     ax.set_ylabel("Δ validation bits per byte")
     ax.legend()
@@ -325,6 +329,46 @@ def skip_curve(study, runs, ratios=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
     return curve
 
 
+def critic_curve(study, runs, budgets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), arm="critic"):
+    """The routing critic's skip on the `arm` models: per budget b, each
+    MoE layer's threshold is the b quantile of its critic's predictions on
+    the validation tokens without skipping (as the trainer calibrates
+    critic.skip_budget; calibrated and measured on the same tokens), then
+    the tokens below it skip their lowest pick; per budget the share of
+    picks skipped and the bits per byte, per seed. Empty without the arm."""
+    import torch
+
+    import moeyard
+
+    if arm not in {a["name"] for a in study["arms"]}:
+        return []
+    tokens = torch.from_numpy(validation_tokens(study)).split(study["base"]["train"]["micro_batch"])
+    k = study["base"]["moe"]["top_k"]
+    curve = []
+    for seed in study["seeds"]:
+        step = os.path.join(runs, arm, f"seed{seed}", f"step_{study['base']['train']['steps']}")
+        model = moeyard.Transformer.from_checkpoint(step)
+        layers = [f"layers.{i}.moe.critic_threshold" for i in model.moe_layer_indices()]
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name in layers:
+                buffers[name].fill_(-math.inf)
+            preds = [torch.cat([p.flatten() for p in ps]) for ps in zip(*(model.critic_predictions(b) for b in tokens))]
+            for budget in budgets:
+                for name, p in zip(layers, preds):
+                    ordered = p.sort().values
+                    at = min(len(ordered) - 1, round(budget * len(ordered)))
+                    buffers[name].fill_(ordered[at].item() if budget > 0 else -math.inf)
+                ce, real = [], []
+                for batch in tokens:
+                    out = model.loss(batch)
+                    ce.append(out["ce"].item())
+                    real.append(statistics.fmean(float(m["real_experts_per_token"]) for m in out["moe_layers"]))
+                curve.append({"seed": seed, "ratio": budget, "bpb": statistics.fmean(ce) / LN2,
+                              "skipped": 1.0 - statistics.fmean(real) / k})
+    return curve
+
+
 def skip_table(curve):
     """Per skip ratio: the share of picks skipped and the change in bits per
     byte against no skipping, seed means (and sd)."""
@@ -338,11 +382,17 @@ def skip_table(curve):
     return rows
 
 
-def skip_markdown(rows, study):
+def skip_markdown(rows, critic_rows, study):
     out = ["", f"Skipping at evaluation only, on the `{study['baseline']}` models (`moe.skip_ratio`: a pick whose "
            "weight is below the ratio times the token's largest is skipped):", "",
            "| skip_ratio | picks skipped | Δ bpb (mean ± sd over seeds) |", "|---:|---:|---:|"]
     out += [f"| {r['ratio']:.1f} | {r['skipped']:.3f} | {r['delta']:+.4f} ± {r['delta_sd']:.4f} |" for r in rows]
+    if critic_rows:
+        out += ["", "The routing critic's skip at evaluation, on the `critic` models (the tokens whose predicted "
+                "loss increase is lowest skip their lowest pick, a budget of the tokens per layer):", "",
+                "| budget | picks skipped | Δ bpb (mean ± sd over seeds) |", "|---:|---:|---:|"]
+        out += [f"| {r['ratio']:.1f} | {r['skipped']:.3f} | {r['delta']:+.4f} ± {r['delta_sd']:.4f} |"
+                for r in critic_rows]
     return "\n".join(out) + "\n"
 
 
@@ -350,16 +400,18 @@ def write_report(study, results, out, doc, runs):
     os.makedirs(out, exist_ok=True)
     rows, base_sd = tabulate(study, results)
     skips = skip_table(skip_curve(study, runs))
-    table = markdown(rows, base_sd, study) + skip_markdown(skips, study)
+    critic = skip_table(critic_curve(study, runs)) if "critic" in results else []
+    table = markdown(rows, base_sd, study) + skip_markdown(skips, critic, study)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"baseline": study["baseline"], "baseline_sd": base_sd, "rows": rows, "skip": skips}, f, indent=1)
+        json.dump({"baseline": study["baseline"], "baseline_sd": base_sd, "rows": rows, "skip": skips,
+                   "critic_skip": critic}, f, indent=1)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "delta_per_seed"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    plots(study, results, rows, skips, out)
+    plots(study, results, rows, skips, critic, out)
     if doc and os.path.exists(doc):
         text = open(doc).read()
         if BEGIN in text and END in text:

@@ -150,7 +150,7 @@ def test_state_dict_round_trip():
     (dict(num_kv_heads=3), r"model.num_kv_heads \(line 1\) = 3 must divide model.num_heads \(line 1\) = 4"),
     (dict(moe=dict(top_k=5)), r"moe.top_k \(line 1\) = 5 is outside \[1, moe.num_experts \(line 1\) = 4\]"),
     (dict(moe=dict(score_fn="relu")), "moe.score_fn must be one of"),
-    (dict(moe=dict(routing="hash")), "moe.routing must be one of"),
+    (dict(moe=dict(routing="random")), "moe.routing must be one of"),
     (dict(moe=dict(num_groups=3)), r"moe.num_groups \(line 1\) = 3 must divide moe.num_experts \(line 1\) = 4"),
     (dict(mlp="relu"), "model.mlp must be one of"),
     (dict(num_heads="four"), "num_heads .*expected an integer, got 'four'"),

@@ -38,7 +38,7 @@ def test_op_schema_is_the_table():
     for row in OPTIONS:
         assert args[row["name"]].default_value == row["default"], row["name"]
     positional = [a.name for a in schema().arguments if not a.kwarg_only]
-    assert positional == ["x"] + [w["name"] for w in TABLE["weights"]] + ["mask"]
+    assert positional == ["x"] + [w["name"] for w in TABLE["weights"]] + ["mask", "token_ids", "drop_lowest"]
     assert [r.name for r in schema().returns] == [o["name"] for o in OUTPUTS]
 
 

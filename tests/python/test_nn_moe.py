@@ -252,7 +252,7 @@ def test_compile_inductor_forward_backward():
     [
         (dict(top_k=9), "top_k must be in"),
         (dict(score_fn="tanh"), "score_fn must be one of"),
-        (dict(routing="hash"), "routing must be one of"),
+        (dict(routing="random"), "routing must be one of"),
         (dict(drop_policy="random"), "drop_policy must be one of"),
         (dict(noise="dropout"), "noise must be one of"),
         (dict(num_groups=3), "num_groups"),
