@@ -318,15 +318,23 @@ def skip_curve(study, runs, ratios=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
             model = moeyard.Transformer({**cfg["model"], "moe": {**cfg["moe"], "skip_ratio": ratio}})
             model.load_state_dict(state)
             model.eval()
-            ce, real = [], []
-            with torch.no_grad():
-                for batch in tokens.split(study["base"]["train"]["micro_batch"]):
-                    out = model.loss(batch)
-                    ce.append(out["ce"].item())
-                    real.append(statistics.fmean(float(m["real_experts_per_token"]) for m in out["moe_layers"]))
-            curve.append({"seed": seed, "ratio": ratio, "bpb": statistics.fmean(ce) / LN2,
-                          "skipped": 1.0 - statistics.fmean(real) / k})
+            curve.append({"seed": seed, "ratio": ratio,
+                          **skipping_point(model, tokens.split(study["base"]["train"]["micro_batch"]), k)})
     return curve
+
+
+def skipping_point(model, batches, k):
+    """A model's bits per byte on the batches and the share of its k picks
+    per token it skipped."""
+    import torch
+
+    ce, real = [], []
+    with torch.no_grad():
+        for batch in batches:
+            out = model.loss(batch)
+            ce.append(out["ce"].item())
+            real.append(statistics.fmean(float(m["real_experts_per_token"]) for m in out["moe_layers"]))
+    return {"bpb": statistics.fmean(ce) / LN2, "skipped": 1.0 - statistics.fmean(real) / k}
 
 
 def critic_curve(study, runs, budgets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), arm="critic"):
@@ -359,13 +367,7 @@ def critic_curve(study, runs, budgets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0
                     ordered = p.sort().values
                     at = min(len(ordered) - 1, round(budget * len(ordered)))
                     buffers[name].fill_(ordered[at].item() if budget > 0 else -math.inf)
-                ce, real = [], []
-                for batch in tokens:
-                    out = model.loss(batch)
-                    ce.append(out["ce"].item())
-                    real.append(statistics.fmean(float(m["real_experts_per_token"]) for m in out["moe_layers"]))
-                curve.append({"seed": seed, "ratio": budget, "bpb": statistics.fmean(ce) / LN2,
-                              "skipped": 1.0 - statistics.fmean(real) / k})
+                curve.append({"seed": seed, "ratio": budget, **skipping_point(model, tokens, k)})
     return curve
 
 

@@ -184,8 +184,8 @@ TORCH_MODULE(Mlp);
 class MoELayerImpl : public torch::nn::Module {
  public:
   MoELayerImpl(const ModelConfig& c);
-  // With a critic whose threshold is set (evaluation, or training with
-  // skip_in_training), tokens predicted below it skip their lowest pick.
+  // With a critic (at evaluation, or in training with skip_in_training),
+  // tokens predicted below its threshold skip their lowest pick.
   MoEOutput forward(
       const at::Tensor& x,
       const at::Tensor& mask,

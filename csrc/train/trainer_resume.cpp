@@ -96,6 +96,9 @@ int64_t Trainer::start(const RunOptions& options) {
       "checkpoint)");
   discard_others_ = overwrite && !newer.empty();
   load_weights(begin.from);
+  for (auto* l : moe_layers()) {
+    l->critic_in_training = cfg_.critic.skip_in_training;
+  }
   build_optimizer();
   if (!begin.from.empty()) {
     load_optimizer_state(begin.from.string());

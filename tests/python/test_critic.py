@@ -132,8 +132,9 @@ def test_critic_under_parallelism_matches_one_process(tmp_path, shards, sets):
 
 def test_skip_budget_calibrates_the_thresholds(tmp_path, shards):
     """critic.skip_budget 0.4 with top-2 dropless: at each evaluation 40% of
-    the validation tokens skip their second pick, 20% of the picks; the
-    thresholds are saved with the model and skip as much in Python."""
+    the validation tokens skip their second pick, 20% of the picks; in
+    training only with critic.skip_in_training; the thresholds are saved
+    with the model and skip as much in Python."""
     cfg = config(tmp_path, shards, "budget", 4)
     train(cfg, *CRITIC, "--set", "critic.skip_budget=0.4")
     evals = [m for m in run_metrics(tmp_path / "budget") if "valid_loss" in m]
@@ -142,6 +143,15 @@ def test_skip_budget_calibrates_the_thresholds(tmp_path, shards):
         assert abs(m["critic_skipped"] - 0.2) < 0.01, m["critic_skipped"]
         assert m["valid_loss_critic_skip"] != m["valid_loss"]
         assert len(m["critic_thresholds"]) == 2
+    # The thresholds act in training only with critic.skip_in_training:
+    # after the first evaluation (step 3) the steps' real picks fall.
+    def real(run):
+        return [min(layer["real_experts_per_token"] for layer in m["moe_layers"]) for m in run_metrics(run)]
+    assert all(k == 2.0 for k in real(tmp_path / "budget"))
+    train(config(tmp_path, shards, "in_training", 4), *CRITIC, "--set", "critic.skip_budget=0.4",
+          "--set", "critic.skip_in_training=true")
+    ks = real(tmp_path / "in_training")
+    assert all(k == 2.0 for k in ks[:3]) and all(k < 1.9 for k in ks[3:]), ks
     state = final_model(tmp_path / "budget")
     saved = [state[f"layers.{i}.moe.critic_threshold"].item() for i in range(2)]
     assert saved == pytest.approx(evals[-1]["critic_thresholds"], rel=1e-6)
