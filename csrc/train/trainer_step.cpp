@@ -48,8 +48,20 @@ double Trainer::set_learning_rate(int64_t step) {
 }
 
 Trainer::MicroBatchSums Trainer::forward_backward(int64_t step) {
+  // The last step's gradients, the fp32 masters' included, are released
+  // before this step's exist.
   for (auto& p : params_) {
     p.mutable_grad() = at::Tensor();
+  }
+  for (auto& m : masters_) {
+    if (m.defined()) {
+      m.mutable_grad() = at::Tensor();
+    }
+  }
+  for (auto& b : buckets_) {
+    if (b.master.defined()) {
+      b.master.mutable_grad() = at::Tensor();
+    }
   }
   MicroBatchSums sums;
   for (int64_t micro = 0; micro < cfg_.train.grad_accum; ++micro) {
