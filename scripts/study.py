@@ -23,6 +23,12 @@ trained models are evaluated with `moe.skip_ratio` from 0 to 0.9 (the
 heuristic skip), and the `critic` arm's models (if the study has one) with
 their routing critics skipping a budget of 0.1 to 0.9 of the tokens' lowest
 picks: the share of picks skipped against the change in bits per byte.
+
+An arm with `from: <arm>` starts from that arm's trained model of the same
+seed, which it also names as `distill.teacher` (ZEDA-style skip adaptation:
+null experts added, KL from the frozen model); it runs after the others,
+for its own `train.steps`, and its skipped share (1 - real experts per
+token / top_k) and change in bits per byte join the skip curve.
 """
 
 import argparse
@@ -70,13 +76,19 @@ def finished(run, steps):
     return bool(rec) and rec[-1]["step"] == steps and "valid_loss" in rec[-1]
 
 
+def arm_steps(study, arm):
+    return arm.get("set", {}).get("train.steps", study["base"]["train"]["steps"])
+
+
 def train(study, arm, seed, runs):
     """Trains one (arm, seed) run unless it is finished; returns its dir. A
     run made with other settings (the base or the arm changed) is started
     again from scratch."""
     run = os.path.join(runs, arm["name"], f"seed{seed}")
-    steps = study["base"]["train"]["steps"]
+    steps = arm_steps(study, arm)
     sets = {**arm.get("set", {}), "train.seed": seed, "checkpoint.dir": run}
+    if "from" in arm:  # the trained model it starts from and learns from
+        sets["distill.teacher"] = os.path.join(runs, arm["from"], f"seed{seed}")
     settings = json.dumps({"base": study["base"], "set": sets}, sort_keys=True)
     recorded = os.path.join(run, "settings.json")
     if os.path.exists(recorded) and open(recorded).read() != settings:
@@ -107,8 +119,9 @@ def layer_mean(rec, key):
     return sum(layer[key] for layer in layers) / len(layers)
 
 
-def summarize(run, num_experts):
-    """The figures of one finished run."""
+def summarize(run, num_experts, start_step=0):
+    """The figures of one finished run (its steps counted from
+    `start_step`: where the model it started from ended)."""
     rec = read_metrics(run)
     tail = rec[len(rec) * 3 // 4:]
     late = lambda key: statistics.fmean(layer_mean(r, key) for r in tail)  # noqa: E731
@@ -123,7 +136,7 @@ def summarize(run, num_experts):
         for r in tail:
             for k, c in enumerate(r["moe_layers"][j]["experts_per_token_histogram"]):
                 hist[k] += c
-    valid = [(r["step"], r["valid_loss"] / LN2) for r in rec if "valid_loss" in r]
+    valid = [(start_step + r["step"], r["valid_loss"] / LN2) for r in rec if "valid_loss" in r]
     return {
         "bpb": valid[-1][1],
         "valid_curve": valid,
@@ -203,7 +216,7 @@ def markdown(rows, base_sd, study):
     return "\n".join(out) + "\n"
 
 
-def plots(study, results, rows, skips, critic, out):
+def plots(study, results, rows, skips, critic, adapted, out):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,6 +287,9 @@ def plots(study, results, rows, skips, critic, out):
     if critic:
         ax.errorbar([r["skipped"] for r in critic], [r["delta"] for r in critic],
                     yerr=[r["delta_sd"] for r in critic], marker="s", capsize=3, label="routing critic on critic")
+    for r in adapted:
+        ax.errorbar([r["skipped"]], [r["delta_bpb"]], yerr=[r["bpb_sd"]], marker="^", capsize=3, ls="none",
+                    label=f"{r['arm']} (trained to skip)")
     ax.set_xlabel("share of picks skipped")
     ax.set_ylabel("Δ validation bits per byte")
     ax.legend()
@@ -398,22 +414,44 @@ def skip_markdown(rows, critic_rows, study):
     return "\n".join(out) + "\n"
 
 
+def adapted_points(study, rows):
+    """The arms that start from another's model: their share of picks
+    skipped against the baseline's top_k (last quarter) and their change in
+    bits per byte."""
+    k = study["base"]["moe"]["top_k"]
+    derived = {a["name"] for a in study["arms"] if "from" in a}
+    return [{**r, "skipped": 1.0 - r["real_per_token_late"] / k} for r in rows if r["arm"] in derived]
+
+
+def adapted_markdown(points):
+    if not points:
+        return ""
+    out = ["", "Trained to skip (arms that continue the baseline's models; Δ against the baseline's final bpb, so "
+           "continuing without skipping is the reference):", "",
+           "| arm | picks skipped (last quarter) | Δ bpb (mean ± sd over seeds) | Δ per seed |",
+           "|---|---:|---:|---|"]
+    out += [f"| `{r['arm']}` | {r['skipped']:.3f} | {r['delta_bpb']:+.4f} ± {r['bpb_sd']:.4f} | "
+            f"{', '.join(f'{d:+.4f}' for d in r['delta_per_seed'])} |" for r in points]
+    return "\n".join(out) + "\n"
+
+
 def write_report(study, results, out, doc, runs):
     os.makedirs(out, exist_ok=True)
     rows, base_sd = tabulate(study, results)
     skips = skip_table(skip_curve(study, runs))
     critic = skip_table(critic_curve(study, runs)) if "critic" in results else []
-    table = markdown(rows, base_sd, study) + skip_markdown(skips, critic, study)
+    adapted = adapted_points(study, rows)
+    table = markdown(rows, base_sd, study) + skip_markdown(skips, critic, study) + adapted_markdown(adapted)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"baseline": study["baseline"], "baseline_sd": base_sd, "rows": rows, "skip": skips,
-                   "critic_skip": critic}, f, indent=1)
+                   "critic_skip": critic, "adapted": adapted}, f, indent=1)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "delta_per_seed"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    plots(study, results, rows, skips, critic, out)
+    plots(study, results, rows, skips, critic, adapted, out)
     if doc and os.path.exists(doc):
         text = open(doc).read()
         if BEGIN in text and END in text:
@@ -443,7 +481,10 @@ def main():
         unknown = wanted - {x["name"] for x in arms}
         if unknown:
             sys.exit(f"study: unknown arms {', '.join(sorted(unknown))}")
+        wanted |= {x["from"] for x in arms if x["name"] in wanted and "from" in x}
         arms = [x for x in arms if x["name"] in wanted]
+    # Arms that start from another arm's models run after the others.
+    arms = sorted(arms, key=lambda x: "from" in x)
     jobs = [(arm, seed) for arm in arms for seed in study["seeds"]]
     if not a.report_only:
         if not os.path.exists(os.path.join(ROOT, study["base"]["data"]["train"])):  # the built-in corpus
@@ -455,16 +496,21 @@ def main():
             run, took = train(study, *job, a.runs)
             return job, took
 
-        with ThreadPoolExecutor(a.jobs) as pool:
-            for i, ((arm, seed), took) in enumerate(pool.map(one, jobs), 1):
-                left = (time.time() - t0) / i * (len(jobs) - i)
-                print(f"[study] {i}/{len(jobs)} {arm['name']} seed {seed}: {took} (ETA {left / 60:.0f} min)",
-                      flush=True)
+        done = 0
+        for phase in ([j for j in jobs if "from" not in j[0]], [j for j in jobs if "from" in j[0]]):
+            with ThreadPoolExecutor(a.jobs) as pool:
+                for (arm, seed), took in pool.map(one, phase):
+                    done += 1
+                    left = (time.time() - t0) / done * (len(jobs) - done)
+                    print(f"[study] {done}/{len(jobs)} {arm['name']} seed {seed}: {took} "
+                          f"(ETA {left / 60:.0f} min)", flush=True)
     results = {}
+    by_name = {x["name"]: x for x in arms}
     for arm, seed in jobs:
         run = os.path.join(a.runs, arm["name"], f"seed{seed}")
-        if finished(run, study["base"]["train"]["steps"]):
-            results.setdefault(arm["name"], []).append(summarize(run, study["base"]["moe"]["num_experts"]))
+        start = arm_steps(study, by_name[arm["from"]]) if "from" in arm else 0
+        if finished(run, arm_steps(study, arm)):
+            results.setdefault(arm["name"], []).append(summarize(run, study["base"]["moe"]["num_experts"], start))
     if study["baseline"] not in results:
         sys.exit("study: the baseline has no finished run yet")
     n = len(study["seeds"])

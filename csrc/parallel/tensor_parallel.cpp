@@ -121,7 +121,72 @@ struct VocabParallelCE : public torch::autograd::Function<VocabParallelCE> {
   }
 };
 
+// Log-softmax of logits split over the vocabulary: the row max and the
+// sum of exponentials over every piece (g null: one piece).
+at::Tensor split_log_softmax(const at::Tensor& logits, const Group* g) {
+  auto m = std::get<0>(logits.max(1)).contiguous();
+  if (g) {
+    g->all_reduce_max(m);
+  }
+  const auto shifted = logits - m.unsqueeze(1);
+  auto sum = shifted.exp().sum(1).contiguous();
+  if (g) {
+    g->all_reduce_sum(sum);
+  }
+  return shifted - sum.log().unsqueeze(1);
+}
+
+struct VocabParallelKL : public torch::autograd::Function<VocabParallelKL> {
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& student,
+      const at::Tensor& teacher,
+      const at::Tensor& keep,
+      int64_t group) {
+    const auto* g = reinterpret_cast<const Group*>(group);
+    const auto log_s = split_log_softmax(student, g);
+    const auto log_t = split_log_softmax(teacher, g);
+    const auto p_t = log_t.exp();
+    const auto kept = keep.to(student.scalar_type());
+    auto kl = ((p_t * (log_t - log_s)).sum(1) * kept).contiguous();
+    if (g) {
+      g->all_reduce_sum(kl);
+    }
+    // d KL / d student = softmax(student) - softmax(teacher), kept rows.
+    ctx->save_for_backward({(log_s.exp() - p_t) * kept.unsqueeze(1)});
+    return kl;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto diff = ctx->get_saved_variables()[0];
+    return {diff * grads[0].unsqueeze(1).to(diff.scalar_type()), {}, {}, {}};
+  }
+};
+
 } // namespace
+
+at::Tensor vocab_parallel_kl(
+    const at::Tensor& student,
+    const at::Tensor& teacher,
+    const at::Tensor& keep,
+    const Group* g) {
+  TORCH_CHECK(
+      student.dim() == 2 && student.sizes() == teacher.sizes() &&
+          keep.dim() == 1 && keep.size(0) == student.size(0),
+      "vocab_parallel_kl: student and teacher logits [N, V/tp] and keep [N] "
+      "expected, got ",
+      student.sizes(),
+      ", ",
+      teacher.sizes(),
+      " and ",
+      keep.sizes());
+  const auto dt =
+      student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return VocabParallelKL::apply(
+      student.to(dt),
+      teacher.detach().to(dt),
+      keep.to(at::kBool),
+      reinterpret_cast<int64_t>(g));
+}
 
 at::Tensor copy_to_tp(const at::Tensor& x, const Group& g) {
   return CopyToTp::apply(x, ptr(g));

@@ -50,6 +50,18 @@ at::Tensor vocab_parallel_cross_entropy(
     int64_t ignore_index,
     const Group& g);
 
+// Per-row KL(teacher || student) [N] (float32; float64 stays) of two
+// logits split alike over the vocabulary ([N, V / tp] each; g null: the
+// whole vocabulary), 0 where keep [N] is false: each side's row max and sum
+// of exponentials, then the row sums, all-reduced. The teacher is a
+// constant; the student's gradient (its softmax minus the teacher's, local
+// columns) needs no communication.
+at::Tensor vocab_parallel_kl(
+    const at::Tensor& student,
+    const at::Tensor& teacher,
+    const at::Tensor& keep,
+    const Group* g);
+
 // How a parameter is split over the TP group: along `dim` (-1: replicated)
 // into tp pieces; a fused tensor of `parts` equal blocks along dim (the
 // dense MLP's [gate; up]) splits each block, so rank r holds

@@ -120,7 +120,7 @@ BlockActivations block_activations(
 int64_t RankPlan::step_peak(const std::string& recompute) const {
   const auto it = activations.find(recompute);
   return params + grads + optimizer + grad_buffer + update_temp + logits +
-         (it == activations.end() ? 0 : it->second);
+         teacher + (it == activations.end() ? 0 : it->second);
 }
 
 Plan make_plan(const TrainConfig& cfg, int64_t world) {
@@ -134,6 +134,14 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
   }();
   const auto& c = model->config;
   const int64_t B = cfg.train.micro_batch, S = cfg.data.seq_len;
+  // distill.teacher's model, while the run holds it (kl_coeff > 0).
+  Transformer teacher{nullptr};
+  if (cfg.distill.enabled() && cfg.distill.kl_coeff > 0) {
+    const auto src = find_teacher(cfg.distill.teacher, false);
+    ParamDeviceGuard meta(c10::kMeta);
+    teacher = Transformer(src.config.model);
+    apply_lora(*teacher, src.config.lora);
+  }
   Plan plan;
   plan.world = world;
   std::map<std::string, RankPlan> by_figures; // equal ranks together
@@ -262,6 +270,16 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
     }
     const int64_t V = c.vocab_size / l.tp, T = B * S;
     rp.logits = T * V * (b + 4 + 4);
+    if (teacher) { // its pieces, its float32 logits and the KL's gradient
+      for (const auto& p : teacher->named_parameters()) {
+        const auto where = placement_of(*teacher, l, p.key());
+        rp.teacher += p.value().nbytes() /
+            (where == parallel::Placement::kTensorParallel ? l.tp
+                 : where == parallel::Placement::kExpert   ? l.ep
+                                                           : 1);
+      }
+      rp.teacher += T * V * (4 + 4);
+    }
     // Expert dispatch: each routed row's hidden state to its expert's rank
     // and back, forward and backward, per micro-batch.
     const int64_t rows = T * c.moe.routing.top_k;
@@ -338,6 +356,9 @@ std::string format_plan(const Plan& plan, const TrainConfig& cfg) {
     o << "  reduction buffer       " << gb(r.grad_buffer) << "\n";
     o << "  AdamW temporaries      " << gb(r.update_temp) << "\n";
     o << "  logits (loss)          " << gb(r.logits) << "\n";
+    if (r.teacher > 0) {
+      o << "  teacher (distill)      " << gb(r.teacher) << "\n";
+    }
     for (const char* mode : {"none", "attention", "moe", "full"}) {
       o << "  activations (" << mode << ")"
         << std::string(10 - std::string(mode).size(), ' ')
@@ -369,6 +390,7 @@ std::string plan_json(const Plan& plan) {
          {"grad_buffer", r.grad_buffer},
          {"update_temp", r.update_temp},
          {"logits", r.logits},
+         {"teacher", r.teacher},
          {"activations", r.activations},
          {"step_peak", r.step_peak("configured")},
          {"load_peak", r.load_peak},

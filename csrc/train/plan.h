@@ -26,6 +26,8 @@ struct RankPlan {
   // (every block), and "configured" (the config's mode and layers).
   std::map<std::string, int64_t> activations;
   int64_t logits = 0; // the loss's float32 logits and their gradient
+  // distill.teacher: its pieces, its logits and the KL's saved gradient.
+  int64_t teacher = 0;
   int64_t load_peak = 0; // the load's peak host memory (resume)
   int64_t hf_load_peak = 0; // ... when model.init_from is read
   // Bytes this rank sends per optimizer step.
@@ -35,7 +37,7 @@ struct RankPlan {
   int64_t sent_tp = 0; // tensor-parallel all-reduces
   // The training step's peak: parameters, gradients, optimizer state,
   // one micro-batch's activations in the configured recompute mode, the
-  // logits and the reduction buffer.
+  // logits, the reduction buffer and a teacher.
   int64_t step_peak(const std::string& recompute) const;
 };
 

@@ -5,14 +5,17 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <set>
 #include <sstream>
 
 #include "config/lora_yaml.h"
 #include "config/model_yaml.h"
 #include "config/yaml_reader.h"
+#include "io/checkpoint.h"
 #include "io/hf_checkpoint.h"
 #include "train/recompute_config.h"
+#include "train/run_dir.h"
 
 namespace moeyard::train {
 
@@ -426,6 +429,40 @@ TrainConfig TrainConfig::parse(
               " calibrates on the validation batches: set data.valid");
     }
   }
+  {
+    auto r = top.child("distill");
+    auto& d = c.distill;
+    r.get("teacher", d.teacher);
+    r.get("kl_coeff", d.kl_coeff, Range::at_least(0));
+    r.get("ce_coeff", d.ce_coeff, Range::at_least(0));
+    r.get("init_student", d.init_student);
+    r.get("null_logit_offset", d.null_logit_offset, Range::any());
+    r.finish();
+    const YAML::Node given = root["distill"];
+    if (!d.enabled() && given && !given.IsNull() && given.size() > 0) {
+      r.fail("teacher", "is required by the other distill: keys");
+    }
+    if (d.enabled() && d.kl_coeff == 0 && d.ce_coeff == 0) {
+      r.fail(
+          "kl_coeff",
+          "and distill.ce_coeff are both 0: nothing but the aux losses would "
+          "train");
+    }
+  }
+  if (!c.init_from.empty() && c.model.moe.routing.null_experts > 0 &&
+      !(c.distill.enabled() && c.distill.init_student)) {
+    TORCH_CHECK(
+        false,
+        "config: ",
+        name("moe.null_experts"),
+        " = ",
+        c.model.moe.routing.null_experts,
+        " adds router rows the checkpoint in model.init_from (",
+        c.init_from,
+        ") lacks: set distill.teacher to that checkpoint, whose real router "
+        "rows then initialize them (distill.init_student; distill.kl_coeff: "
+        "0 and ce_coeff: 1 fine-tune without distillation)");
+  }
   config::read_finetune(top.child("finetune"), c.lora);
   top.finish();
   c.model.validate(name);
@@ -456,6 +493,49 @@ TrainConfig TrainConfig::parse(
   c.text = out.c_str();
   c.resolved = *resolved;
   return c;
+}
+
+TeacherSource find_teacher(const std::string& path, bool verify) {
+  namespace fs = std::filesystem;
+  fs::path p(path);
+  TORCH_CHECK(
+      fs::is_directory(p),
+      "config: distill.teacher (",
+      path,
+      ") is not a directory; expected a moeyard checkpoint (a step or run "
+      "directory) or a Hugging Face checkpoint directory");
+  if (!fs::exists(p / "manifest.json") && !fs::exists(p / "config.json")) {
+    if (const auto latest = run_dir::read_latest(p)) {
+      p /= *latest;
+    }
+  }
+  TeacherSource t;
+  t.dir = p.string();
+  auto read_json = [](const fs::path& f) {
+    std::ifstream in(f);
+    return nlohmann::json::parse(in);
+  };
+  if (fs::exists(p / "manifest.json")) {
+    const auto manifest =
+        verify ? io::read_manifest(p) : read_json(p / "manifest.json");
+    nlohmann::json hf = nullptr; // fine-tuned from a Hugging Face checkpoint
+    if (fs::exists(p / "hf_config.json")) {
+      hf = read_json(p / "hf_config.json");
+    }
+    t.config =
+        TrainConfig::from_text(manifest.at("config").get<std::string>(), hf);
+  } else if (fs::exists(p / "config.json")) {
+    t.hf = io::read_hf_config(t.dir);
+    t.config.model = io::hf_model_config(t.hf, (p / "config.json").string());
+  } else {
+    TORCH_CHECK(
+        false,
+        "config: distill.teacher (",
+        path,
+        ") holds neither a moeyard checkpoint (manifest.json, or a `latest` "
+        "file naming one) nor a Hugging Face checkpoint (config.json)");
+  }
+  return t;
 }
 
 parallel::LayoutSizes TrainConfig::layout_sizes() const {

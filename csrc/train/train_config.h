@@ -145,6 +145,26 @@ struct CriticConfig {
   bool skip_in_training = false; // the thresholds act in training too
 };
 
+// Distillation from a frozen teacher (docs/training.md, "Distillation"),
+// e.g. to teach a model with null experts added to skip compute.
+struct DistillConfig {
+  // A moeyard checkpoint (a step directory, or a run directory: its
+  // latest) or a Hugging Face checkpoint directory; "": off.
+  std::string teacher;
+  double kl_coeff = 1.0; // weight of KL(teacher || student) per token
+  double ce_coeff = 0.0; // weight of the data's cross-entropy beside it
+  // A fresh run's weights are the teacher's (with model.init_from, that
+  // only defines the architecture); router rows of null experts the
+  // teacher lacks copy its real rows.
+  bool init_student = true;
+  // Added to those null experts' logits (their router bias, else their
+  // selection bias) so that each starts below the real expert it copies.
+  double null_logit_offset = -0.5;
+  bool enabled() const {
+    return !teacher.empty();
+  }
+};
+
 struct TrainConfig {
   ModelConfig model;
   DataConfig data;
@@ -155,6 +175,7 @@ struct TrainConfig {
   MoESchedules schedule;
   ParallelConfig parallel;
   CriticConfig critic;
+  DistillConfig distill;
   LoraOptions lora; // finetune.lora: LoRA fine-tuning (off when absent)
   std::string text; // the config as given, as YAML (saved with checkpoints)
   // Every key with its resolved value ("moe.score_fn" -> "softmax"),
@@ -185,5 +206,17 @@ struct TrainConfig {
       std::shared_ptr<const config::Sources> sources,
       const nlohmann::json& hf);
 };
+
+// distill.teacher's checkpoint: where its weights are and the model they
+// fit. `path` is a moeyard step directory (manifest.json; `verify`: every
+// file's SHA-256 checked), a run directory (the checkpoint its `latest`
+// names) or a Hugging Face checkpoint directory (config.json). Errors name
+// distill.teacher and the path.
+struct TeacherSource {
+  std::string dir; // the checkpoint directory
+  TrainConfig config; // a moeyard checkpoint's; for HF its model only
+  nlohmann::json hf; // a Hugging Face checkpoint's config.json, else null
+};
+TeacherSource find_teacher(const std::string& path, bool verify);
 
 } // namespace moeyard::train

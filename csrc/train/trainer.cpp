@@ -269,6 +269,9 @@ json Trainer::step_record(int64_t step, const StepOutcome& s) const {
   if (!s.critic.is_null()) {
     rec["critic"] = s.critic;
   }
+  if (teacher_) {
+    rec["kl"] = s.kl;
+  }
   if (!s.skipped.empty()) {
     rec["skipped"] = true;
     rec["skip_reason"] = s.skipped;
@@ -347,6 +350,9 @@ void Trainer::log_progress(
         o.routing != "hash"))) {
     experts = log::format(
         " | experts/token %.2f", mean_real_experts_per_token(s.moe_layers));
+  }
+  if (teacher_) {
+    experts += log::format(" | kl %.4f", s.kl);
   }
   log::info(log::format(
       "step %5ld/%ld | loss %.4f | lr %.2e%s | %.0f tok/s | ETA %s",

@@ -154,7 +154,7 @@ class Trainer {
   }
   // What one optimizer step did, for the metrics and the loop.
   struct StepOutcome {
-    double loss = 0, ce = 0, aux = 0, grad_norm = 0, lr = 0;
+    double loss = 0, ce = 0, aux = 0, kl = 0, grad_norm = 0, lr = 0;
     std::string skipped; // "" : applied; else why it was skipped
     int stop_signal = 0; // a stop was requested (on any rank) by this signal
     bool stop_here = false; // this rank received the signal
@@ -163,7 +163,7 @@ class Trainer {
   };
   // What the micro-batches of a step leave on the device.
   struct MicroBatchSums {
-    at::Tensor losses; // [loss, ce, aux] summed over micro-batches
+    at::Tensor losses; // [loss, ce, aux, kl] summed over micro-batches
     std::vector<at::Tensor> routing; // per MoE layer, see routing_stats
   };
   // Timing of the progress lines.
@@ -268,7 +268,22 @@ class Trainer {
   // What this rank holds after loading, and its resident memory.
   void log_memory() const;
   // Where parameter `name` of this rank sits in the full tensor.
-  parallel::Piece piece(const std::string& name) const;
+  parallel::Piece piece(const std::string& name) const {
+    return piece_in(*model_, name);
+  }
+  // The same for a parameter of model `m` (the student or the teacher).
+  parallel::Piece piece_in(
+      const TransformerImpl& m, const std::string& name) const;
+  // ---- Distillation (trainer_distill.cpp) ----
+  // teacher_: distill.teacher's model, this rank's pieces, frozen.
+  void load_teacher();
+  // A fresh student's weights from the teacher's (distill.init_student).
+  void init_student_from_teacher();
+  // The micro-batch's objective: its loss, or with distillation
+  // distill.ce_coeff x CE + aux + distill.kl_coeff x KL(teacher || student)
+  // (the KL, mean over positions, into `kl`; 0 without a teacher).
+  at::Tensor objective(
+      const at::Tensor& tokens, const LossOutput& r, at::Tensor& kl);
   // Errors naming every field that defines the model or routing and
   // differs from the checkpoint's; the data fingerprint likewise.
   void check_resume_compatible(const json& manifest, const fs::path& from);
@@ -325,15 +340,20 @@ class Trainer {
   bool distributed() const {
     return layout_.distributed();
   }
-  // How `name` (a model parameter) is spread over the ranks.
-  parallel::Placement placement(const std::string& name) const {
-    if (layout_.tp > 1 && model_->tp_split(name).sharded()) {
+  // How `name` (a parameter of model `m`: the student or the teacher) is
+  // spread over the ranks.
+  parallel::Placement placement_in(
+      const TransformerImpl& m, const std::string& name) const {
+    if (layout_.tp > 1 && m.tp_split(name).sharded()) {
       return parallel::Placement::kTensorParallel;
     }
     if (layout_.ep > 1 && is_expert_parameter(name)) {
       return parallel::Placement::kExpert;
     }
     return parallel::Placement::kReplicated;
+  }
+  parallel::Placement placement(const std::string& name) const {
+    return placement_in(*model_, name);
   }
   bool is_expert(const std::string& name) const {
     return placement(name) == parallel::Placement::kExpert;
@@ -380,6 +400,10 @@ class Trainer {
 
   TrainConfig cfg_;
   Transformer model_;
+  // distill.teacher's model (null without distillation, or once it has
+  // initialized the student when distill.kl_coeff is 0), and its directory.
+  Transformer teacher_{nullptr};
+  std::string teacher_dir_;
   RunOptions options_;
   std::string run_id_; // the run the checkpoints of this run belong to
   bool discard_others_ = false; // --overwrite, until the first commit

@@ -95,7 +95,14 @@ int64_t Trainer::start(const RunOptions& options) {
       "replace them (they are deleted when this run commits its first "
       "checkpoint)");
   discard_others_ = overwrite && !newer.empty();
+  if (cfg_.distill.enabled()) {
+    load_teacher();
+  }
   load_weights(begin.from);
+  if (teacher_ && cfg_.distill.kl_coeff == 0) {
+    teacher_ = nullptr; // it only initialized the student
+    log::info("distill.kl_coeff is 0: the teacher is released");
+  }
   for (auto* l : moe_layers()) {
     l->critic_in_training = cfg_.critic.skip_in_training;
   }
@@ -145,6 +152,11 @@ void Trainer::load_weights(const fs::path& from) {
   const auto piece_of = [this](const std::string& n) { return piece(n); };
   if (!from.empty()) {
     io::load_model_tensors(*model_, from, piece_of);
+  } else if (cfg_.distill.enabled() && cfg_.distill.init_student) {
+    // The init first: tensors the teacher lacks keep it.
+    at::manual_seed(cfg_.train.seed);
+    init_parameters(*model_, 0.02, init_key_from_default_generator(), piece_of);
+    init_student_from_teacher();
   } else if (!cfg_.init_from.empty()) {
     io::load_hf_weights(*model_, cfg_.hf_config, cfg_.init_from, piece_of);
     log::info("initialized from " + cfg_.init_from);
@@ -187,10 +199,11 @@ void Trainer::log_memory() const {
       util::peak_rss_bytes() / 1e6));
 }
 
-parallel::Piece Trainer::piece(const std::string& name) const {
-  switch (placement(name)) {
+parallel::Piece Trainer::piece_in(
+    const TransformerImpl& m, const std::string& name) const {
+  switch (placement_in(m, name)) {
     case parallel::Placement::kTensorParallel:
-      return {model_->tp_split(name), layout_.tp_rank, layout_.tp};
+      return {m.tp_split(name), layout_.tp_rank, layout_.tp};
     case parallel::Placement::kExpert:
       return {{0, 1}, layout_.ep_rank, layout_.ep};
     case parallel::Placement::kReplicated:

@@ -65,9 +65,16 @@ Trainer::MicroBatchSums Trainer::forward_backward(int64_t step) {
   }
   MicroBatchSums sums;
   for (int64_t micro = 0; micro < cfg_.train.grad_accum; ++micro) {
-    auto r = model_->loss(batch(*train_, step, micro, true));
-    (r.loss / cfg_.train.grad_accum).backward();
-    const auto l = at::stack({r.loss.detach(), r.ce.detach(), r.aux.detach()})
+    const auto tokens = batch(*train_, step, micro, true);
+    auto r = model_->loss(tokens);
+    at::Tensor kl;
+    const auto loss = objective(tokens, r, kl);
+    (loss / cfg_.train.grad_accum).backward();
+    const auto l = at::stack(
+                       {loss.detach(),
+                        r.ce.detach(),
+                        r.aux.detach(),
+                        kl.detach().to(r.ce.scalar_type())})
                        .to(at::kDouble);
     sums.losses = sums.losses.defined() ? sums.losses + l : l;
     add_routing_sums(r.out, sums.routing);
@@ -102,6 +109,7 @@ void Trainer::reduce_losses(const at::Tensor& losses, StepOutcome& out) {
   out.loss = vp[0] / cfg_.train.grad_accum;
   out.ce = vp[1] / cfg_.train.grad_accum;
   out.aux = vp[2] / cfg_.train.grad_accum;
+  out.kl = vp[3] / cfg_.train.grad_accum;
   out.stop_signal = static_cast<int>(stop.item<double>());
 }
 

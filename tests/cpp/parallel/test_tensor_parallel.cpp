@@ -104,6 +104,54 @@ TEST(TensorParallel, VocabParallelCrossEntropyMatchesATen) {
   EXPECT_EQ(got[0][2].item<float>(), 0.0f);
 }
 
+// KL(teacher || student) per row against ATen's kl_div and its autograd,
+// whole and split over two ranks; dropped rows give 0 and no gradient.
+TEST(TensorParallel, VocabParallelKLMatchesATen) {
+  at::manual_seed(3);
+  const int64_t N = 7, V = 12;
+  const auto student = at::randn({N, V}, at::kDouble) * 2;
+  const auto teacher = at::randn({N, V}, at::kDouble) * 2;
+  auto keep = at::ones({N}, at::kBool);
+  keep[1] = false;
+  keep[4] = false;
+  const auto g = at::rand({N}, at::kDouble);
+  auto full = student.clone().requires_grad_(true);
+  const auto want =
+      at::kl_div(
+          at::log_softmax(full, 1),
+          at::log_softmax(teacher, 1),
+          at::Reduction::None,
+          /*log_target=*/true)
+          .sum(1) *
+      keep.to(at::kDouble);
+  (want * g).sum().backward();
+  auto whole = student.clone().requires_grad_(true);
+  const auto one = vocab_parallel_kl(whole, teacher, keep, nullptr);
+  (one * g).sum().backward();
+  EXPECT_TRUE(at::allclose(one.detach(), want.detach(), 1e-12, 1e-12));
+  EXPECT_TRUE(at::allclose(whole.grad(), full.grad(), 1e-12, 1e-12));
+  EXPECT_EQ(one[1].item<double>(), 0.0);
+  EXPECT_EQ(whole.grad()[4].abs().sum().item<double>(), 0.0);
+  at::Tensor got[2], grads[2];
+  two_ranks([&](int64_t r, const Group& group) {
+    auto piece = student.narrow(1, r * V / 2, V / 2).clone().requires_grad_();
+    auto kl = vocab_parallel_kl(
+        piece, teacher.narrow(1, r * V / 2, V / 2), keep, &group);
+    (kl * g).sum().backward();
+    got[r] = kl.detach();
+    grads[r] = piece.grad();
+  });
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_TRUE(at::allclose(got[r], want.detach(), 1e-12, 1e-12)) << r;
+    EXPECT_TRUE(at::allclose(
+        grads[r], full.grad().narrow(1, r * V / 2, V / 2), 1e-12, 1e-12))
+        << r;
+  }
+  // Equal distributions: 0 (up to rounding), whatever the logits' shift.
+  const auto same = vocab_parallel_kl(student, student + 3.0, keep, nullptr);
+  EXPECT_LT(same.abs().max().item<double>(), 1e-12);
+}
+
 TEST(TensorParallel, VocabParallelEmbeddingMatchesATen) {
   at::manual_seed(1);
   const int64_t V = 8, H = 3;
