@@ -288,8 +288,8 @@ def plots(study, results, rows, skips, critic, adapted, out):
         ax.errorbar([r["skipped"] for r in critic], [r["delta"] for r in critic],
                     yerr=[r["delta_sd"] for r in critic], marker="s", capsize=3, label="routing critic on critic")
     for r in adapted:
-        ax.errorbar([r["skipped"]], [r["delta_bpb"]], yerr=[r["bpb_sd"]], marker="^", capsize=3, ls="none",
-                    label=f"{r['arm']} (trained to skip)")
+        ax.errorbar([r["skipped"]], [r["delta_bpb"]], yerr=[r["delta_sd"]], marker="^", capsize=3, ls="none",
+                    label=f"{r['arm']} (continues {study['baseline']})")
     ax.set_xlabel("share of picks skipped")
     ax.set_ylabel("Δ validation bits per byte")
     ax.legend()
@@ -420,7 +420,8 @@ def adapted_points(study, rows):
     bits per byte."""
     k = study["base"]["moe"]["top_k"]
     derived = {a["name"] for a in study["arms"] if "from" in a}
-    return [{**r, "skipped": 1.0 - r["real_per_token_late"] / k} for r in rows if r["arm"] in derived]
+    return [{**r, "skipped": 1.0 - r["real_per_token_late"] / k, "delta_sd": mean_sd(r["delta_per_seed"])[1]}
+            for r in rows if r["arm"] in derived]
 
 
 def adapted_markdown(points):
@@ -430,7 +431,7 @@ def adapted_markdown(points):
            "continuing without skipping is the reference):", "",
            "| arm | picks skipped (last quarter) | Δ bpb (mean ± sd over seeds) | Δ per seed |",
            "|---|---:|---:|---|"]
-    out += [f"| `{r['arm']}` | {r['skipped']:.3f} | {r['delta_bpb']:+.4f} ± {r['bpb_sd']:.4f} | "
+    out += [f"| `{r['arm']}` | {r['skipped']:.3f} | {r['delta_bpb']:+.4f} ± {r['delta_sd']:.4f} | "
             f"{', '.join(f'{d:+.4f}' for d in r['delta_per_seed'])} |" for r in points]
     return "\n".join(out) + "\n"
 

@@ -200,8 +200,9 @@ def test_update_null_bias_moves_only_the_null_entries():
 def test_null_fraction_controller_holds_the_target(tmp_path, shards):
     """schedule.null_bias_rate moves the null experts' selection bias after
     each step toward schedule.null_target_fraction: runs from the same start
-    hold about 0.8 and about 0.2 over their last 10 steps (a sign controller
-    oscillates around its target)."""
+    hold about 0.8 and about 0.2 over their last 15 steps. A sign controller
+    oscillates around its target, and in runs this short the router moves
+    as fast as the bias: the tolerance is wide, the two runs far apart."""
     import subprocess
 
     from test_distributed import EXE, dp_config, run_metrics
@@ -214,12 +215,14 @@ def test_null_fraction_controller_holds_the_target(tmp_path, shards):
         assert r.returncode == 0, r.stderr[-2000:]
         rec = run_metrics(tmp_path / name)
         share = [sum(layer["null_fraction"] for layer in x["moe_layers"]) / len(x["moe_layers"]) for x in rec]
-        return sum(share[-10:]) / 10
+        return sum(share[-15:]) / 15
 
+    held = {}
     for target in (0.8, 0.2):
-        held = null_share(f"held{target}", "--set", "schedule.null_bias_rate=0.01",
-                          "--set", f"schedule.null_target_fraction={target}")
-        assert abs(held - target) < 0.1, (target, held)
+        held[target] = null_share(f"held{target}", "--set", "schedule.null_bias_rate=0.01",
+                                  "--set", f"schedule.null_target_fraction={target}")
+        assert abs(held[target] - target) < 0.2, (target, held)
+    assert held[0.8] - held[0.2] > 0.3, held
 
 
 def test_decode_with_one_null_pick_runs_one_expert_row():

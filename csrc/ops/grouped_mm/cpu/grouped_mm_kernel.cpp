@@ -180,9 +180,11 @@ at::Tensor grouped_mm_cpu(
   const auto weight = weight_in.contiguous();
   const int64_t N = input.size(0), E = weight.size(0), Dout = weight.size(1);
   const auto off = read_offsets(expert_offsets, N, "grouped_mm");
-  const bool covers_all = off.front() == 0 && off.back() == N;
-  auto out = covers_all ? at::empty({N, Dout}, input.options())
-                        : at::zeros({N, Dout}, input.options());
+  // The experts' rows are written below; only the padding outside their
+  // span (null picks, unfilled capacity) is zeroed.
+  auto out = at::empty({N, Dout}, input.options());
+  out.narrow(0, 0, off.front()).zero_();
+  out.narrow(0, off.back(), N - off.back()).zero_();
   const bool via_f32 = gemm_in_float32(input.scalar_type(), input.device());
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
