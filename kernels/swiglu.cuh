@@ -27,6 +27,19 @@ MOEYARD_HD void backward(Acc dy, Acc g, Acc u, Acc& dg, Acc& du) {
   du = dy * g * sig;
 }
 
+// Whether row r of N lies in the rows the expert offsets span
+// ([offsets[0], offsets[n_off - 1]), clamped to [0, N]; every row without
+// offsets): rows outside are zero and their inputs are not read.
+MOEYARD_HD bool in_span(
+    int64_t r, int64_t N, const int64_t* offsets, int64_t n_off) {
+  if (offsets == nullptr) {
+    return true;
+  }
+  const int64_t lo = offsets[0] < 0 ? 0 : offsets[0];
+  const int64_t hi = offsets[n_off - 1] > N ? N : offsets[n_off - 1];
+  return r >= lo && r < hi;
+}
+
 #if defined(__CUDACC__)
 
 template <typename scalar_t, typename Acc>
@@ -34,12 +47,18 @@ __global__ void forward_kernel(
     const scalar_t* __restrict__ gate_up,
     int64_t N,
     int64_t F,
+    const int64_t* __restrict__ offsets,
+    int64_t n_off,
     scalar_t* __restrict__ out) {
   const int64_t n = N * F;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / F, j = i % F;
+    if (!in_span(r, N, offsets, n_off)) {
+      out[i] = scalar_t(0);
+      continue;
+    }
     const scalar_t* row = gate_up + r * 2 * F;
     out[i] = static_cast<scalar_t>(
         forward(static_cast<Acc>(row[j]), static_cast<Acc>(row[F + j])));
@@ -52,12 +71,19 @@ __global__ void backward_kernel(
     const scalar_t* __restrict__ gate_up,
     int64_t N,
     int64_t F,
+    const int64_t* __restrict__ offsets,
+    int64_t n_off,
     scalar_t* __restrict__ grad_gate_up) {
   const int64_t n = N * F;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / F, j = i % F;
+    if (!in_span(r, N, offsets, n_off)) {
+      grad_gate_up[r * 2 * F + j] = scalar_t(0);
+      grad_gate_up[r * 2 * F + F + j] = scalar_t(0);
+      continue;
+    }
     const scalar_t* row = gate_up + r * 2 * F;
     Acc dg, du;
     backward(

@@ -61,6 +61,7 @@ figure_of() {
     pytest-gpu) tail -1 "$2" | tr '|' '/' ;;
     gtest-cuda) grep -E 'tests passed|tests failed' "$2" | tail -1 ;;
     bench-moe-layer) grep -E 'fraction|x ' "$2" | tail -1 | tr '|' '/' | cut -c1-120 ;;
+    bench-skip) grep -E '^\| 0\.5' "$2" | tail -1 | tr '|' '/' | cut -c1-120 ;;
     train-gpu_moe_1b) cat "$OUT/train.peak" 2>/dev/null ;;
     nccl) tail -1 "$2" | tr '|' '/' ;;
   esac
@@ -70,6 +71,9 @@ stage pytest-gpu 300 python -m pytest tests/python -m gpu -q -p no:cacheprovider
 stage gtest-cuda 180 ctest --test-dir "$BUILD" -R 'Cuda' --output-on-failure
 
 stage bench-moe-layer 240 python scripts/bench/bench_moe_layer.py --device cuda --reps 5
+# Null experts skip real work on the GPU too: expert time against the null share.
+stage bench-skip 240 python scripts/bench/bench_skip.py --device cuda --dtype bfloat16 \
+  --tokens 16384 --hidden 2048 --ffn 4096 --rounds 7
 
 # 50 bf16 steps of the shipped 1B config on the built-in byte corpus, with
 # the GPU's memory in use sampled every 200 ms (peak minus the idle level).

@@ -14,7 +14,7 @@ log() { printf '[setup] %s\n' "$*"; }
 # 1. Debian packages (compiler toolchain and C++ libraries).
 debs=(g++ cmake ninja-build ccache python3-venv libyaml-cpp-dev libspdlog-dev
       libfmt-dev nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev
-      libssl-dev libpcre2-dev libgloo-dev)
+      libssl-dev libpcre2-dev libutf8proc-dev libgloo-dev)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -78,7 +78,7 @@ at::Tensor local_experts(
   }
   auto act = o.activation == "clamped_swiglu"
                  ? clamped_swiglu(h, o.swiglu_alpha, o.swiglu_limit)
-                 : ops::swiglu(h);
+                 : ops::swiglu(h, offsets);
   if (o.training && o.expert_dropout > 0) {
     act = at::dropout(act, o.expert_dropout, /*train=*/true);
   }

@@ -39,6 +39,8 @@ TORCH_LIBRARY(moeyard, m) {
       "grouped_mm_backward(Tensor grad_out, Tensor input, Tensor weight, "
       "Tensor expert_offsets) -> (Tensor grad_input, Tensor grad_weight)");
 
-  m.def("swiglu(Tensor gate_up) -> Tensor");
-  m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor");
+  m.def("swiglu(Tensor gate_up, Tensor? expert_offsets=None) -> Tensor");
+  m.def(
+      "swiglu_backward(Tensor grad, Tensor gate_up, "
+      "Tensor? expert_offsets=None) -> Tensor");
 }

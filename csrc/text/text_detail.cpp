@@ -125,29 +125,6 @@ bool is_valid_utf8(const std::string& s) {
   return true;
 }
 
-// True when NFC provably leaves the character unchanged in any context: the
-// ranges hold only characters with NFC_Quick_Check=Yes and canonical
-// combining class 0 (no combining marks, no Hangul jamo, no singletons or
-// composition exclusions).
-bool nfc_invariant(uint32_t c) {
-  static const std::pair<uint32_t, uint32_t> kRanges[] = {
-      {0x0000, 0x02FF}, {0x0370, 0x0373},   {0x0375, 0x037D},
-      {0x037F, 0x0386}, {0x0388, 0x03FF},   {0x0400, 0x0482},
-      {0x048A, 0x052F}, {0x1E00, 0x1EFF},   {0x2002, 0x20CF},
-      {0x2100, 0x2125}, {0x2127, 0x2129},   {0x212C, 0x2328},
-      {0x232B, 0x2ADB}, {0x2ADD, 0x2BFF},   {0x3000, 0x3029},
-      {0x3030, 0x3098}, {0x309B, 0x33FF},   {0x3400, 0x4DBF},
-      {0x4E00, 0x9FFF}, {0xAC00, 0xD7A3},   {0xFE00, 0xFE0F},
-      {0xFF00, 0xFFEF}, {0x1F000, 0x1FAFF}, {0x20000, 0x2EBEF},
-  };
-  for (const auto& [lo, hi] : kRanges) {
-    if (c >= lo && c <= hi) {
-      return true;
-    }
-  }
-  return false;
-}
-
 // ---- errors
 // -------------------------------------------------------------------
 

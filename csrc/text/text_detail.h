@@ -34,8 +34,6 @@ size_t valid_seq(const std::string& b, size_t i);
 // Invalid sequences replaced by U+FFFD (Rust's from_utf8_lossy).
 std::string from_utf8_lossy(const std::string& b);
 bool is_valid_utf8(const std::string& s);
-// Whether NFC provably leaves code point c unchanged.
-bool nfc_invariant(uint32_t c);
 
 // ---- errors -----------------------------------------------------------------
 

@@ -4,7 +4,10 @@
 
 #include "text/tokenizer.h"
 
+#include <utf8proc.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <functional>
 #include <queue>
 
@@ -70,23 +73,23 @@ std::string Tokenizer::Impl::normalize(const std::string& s) const {
   std::string out = s;
   for (const auto& n : normalizers) {
     switch (n.kind) {
-      case Norm::kNfc:
-        for (size_t i = 0; i < out.size(); i += char_len(out, i)) {
-          const auto cp = code_point(out, i);
-          if (!nfc_invariant(cp)) {
-            char hex[16];
-            std::snprintf(hex, sizeof(hex), "U+%04X", cp);
-            fail(
-                file,
-                "normalizer",
-                std::string("NFC is only supported on text it leaves "
-                            "unchanged (ASCII, Latin, Greek, Cyrillic, CJK, "
-                            "kana, Hangul syllables, symbols, emoji, no "
-                            "combining marks); the text has ") +
-                    hex);
-          }
+      case Norm::kUnicode: {
+        utf8proc_uint8_t* mapped = nullptr;
+        const auto len = utf8proc_map(
+            reinterpret_cast<const utf8proc_uint8_t*>(out.data()),
+            static_cast<utf8proc_ssize_t>(out.size()),
+            &mapped,
+            static_cast<utf8proc_option_t>(n.form));
+        if (len < 0) {
+          fail(
+              file,
+              "normalizer",
+              n.text + " normalization failed: " + utf8proc_errmsg(len));
         }
+        out.assign(reinterpret_cast<const char*>(mapped), len);
+        std::free(mapped);
         break;
+      }
       case Norm::kPrepend:
         if (!out.empty()) {
           out = n.text + out;

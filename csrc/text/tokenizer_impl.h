@@ -19,9 +19,12 @@ struct Tokenizer::Impl {
   std::string file;
 
   struct Norm {
-    enum Kind { kNfc, kPrepend, kReplace } kind;
+    // kUnicode: a Unicode normalization form (text: NFC, NFD, NFKC or
+    // NFKD), applied by utf8proc with the options in `form`.
+    enum Kind { kUnicode, kPrepend, kReplace } kind;
     std::string text;
     Pattern pattern;
+    int form = 0;
   };
   std::vector<Norm> normalizers;
 

@@ -3,6 +3,8 @@
 // the file itself: tokenizer_load.cpp); errors name the file, the field and
 // the value.
 
+#include <utf8proc.h>
+
 #include "text/tokenizer_impl.h"
 
 namespace moeyard {
@@ -42,8 +44,14 @@ void Tokenizer::Impl::parse_normalizer(
       parse_normalizer(
           list[i], field + ".normalizers[" + std::to_string(i) + "]");
     }
-  } else if (type == "NFC") {
-    normalizers.push_back({Norm::kNfc, "", {}});
+  } else if (type == "NFC" || type == "NFD" || type == "NFKC" ||
+             type == "NFKD") {
+    // Canonical (compatibility with K) decomposition, then composition
+    // for the C forms; utf8proc's STABLE keeps unassigned code points.
+    int form = UTF8PROC_STABLE;
+    form |= type[type.size() - 1] == 'C' ? UTF8PROC_COMPOSE : UTF8PROC_DECOMPOSE;
+    form |= type.size() == 4 ? UTF8PROC_COMPAT : 0;
+    normalizers.push_back({Norm::kUnicode, type, {}, form});
   } else if (type == "Prepend") {
     normalizers.push_back(
         {Norm::kPrepend, j.at("prepend").get<std::string>(), {}});
@@ -57,7 +65,7 @@ void Tokenizer::Impl::parse_normalizer(
         file,
         field + ".type",
         "unsupported normalizer " + dump(type) +
-            " (supported: NFC, Prepend, Replace, Sequence)");
+            " (supported: NFC, NFD, NFKC, NFKD, Prepend, Replace, Sequence)");
   }
 }
 

@@ -69,9 +69,11 @@ def grouped_mm(input: Tensor, weight: Tensor, expert_offsets: Tensor) -> Tensor:
     return _ops.grouped_mm(input, weight, expert_offsets)
 
 
-def swiglu(gate_up: Tensor) -> Tensor:
-    """``silu(gate_up[:, :F]) * gate_up[:, F:]`` for ``gate_up [N, 2F]``."""
-    return _ops.swiglu(gate_up)
+def swiglu(gate_up: Tensor, expert_offsets: Optional[Tensor] = None) -> Tensor:
+    """``silu(gate_up[:, :F]) * gate_up[:, F:]`` for ``gate_up [N, 2F]``;
+    with ``expert_offsets`` (grouped_mm's) only rows ``offsets[0]:offsets[-1]``
+    are computed, the others are zero."""
+    return _ops.swiglu(gate_up, expert_offsets)
 
 
 __all__ = ["router_topk", "route_plan", "permute", "unpermute", "grouped_mm", "swiglu"]

@@ -6,6 +6,7 @@ layer without any expert row, i.e. its routing and bookkeeping), the
 fractions interleaved round by round on the same tokens and weights.
 
     python scripts/bench/bench_skip.py [--tokens 2048] [--hidden 512] [--ffn 1024] [--rounds 7]
+        [--device cuda] [--dtype bfloat16]
 
 The null share is set through the null experts' selection bias (found by
 bisection before timing). Expert time = layer time - layer time at
@@ -66,14 +67,23 @@ def main():
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timed with a device synchronize)")
+    ap.add_argument("--dtype", default="float32", help="the experts' dtype (the router stays float32)")
     a = ap.parse_args()
+    dev, dt = torch.device(a.device), getattr(torch, a.dtype)
+
+    def now():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     T, H, F, E, K = a.tokens, a.hidden, a.ffn, a.experts, 2
-    m = MoE(H, F, E, top_k=K, null_experts=E, selection_bias=True)
-    x = torch.randn(T, H)
-    g = torch.randn(T, H)
+    m = MoE(H, F, E, top_k=K, null_experts=E, selection_bias=True, dtype=dt, device=dev)
+    x = torch.randn(T, H, device=dev, dtype=dt)
+    g = torch.randn(T, H, device=dev, dtype=dt)
     fractions = [0.0, 0.25, 0.5, 1.0]
     biases, shares = {}, {}
     for f in fractions:
@@ -85,17 +95,18 @@ def main():
         biases[f] = m.selection_bias.clone()
     times = {f: [] for f in fractions}
     gemm = []
-    a_mm, b_mm = torch.randn(T * K, H), torch.randn(H, 2 * F)
+    a_mm = torch.randn(T * K, H, device=dev, dtype=dt)
+    b_mm = torch.randn(H, 2 * F, device=dev, dtype=dt)
     for _ in range(a.rounds + 1):  # the first round warms up
         for f in fractions:
             m.selection_bias.copy_(biases[f])
             m.zero_grad(set_to_none=True)
-            t = time.perf_counter()
+            t = now()
             step(m, x, g)
-            times[f].append(time.perf_counter() - t)
-        t = time.perf_counter()
+            times[f].append(now() - t)
+        t = now()
         torch.mm(a_mm, b_mm)
-        gemm.append(time.perf_counter() - t)
+        gemm.append(now() - t)
     med = {f: statistics.median(v[1:]) for f, v in times.items()}
     gemm_rate = 2 * T * K * H * 2 * F / statistics.median(gemm[1:]) / 1e9
     base = med[1.0]
@@ -103,7 +114,8 @@ def main():
     # Forward + backward of the expert MLPs: 3 GEMMs forward (gate_up is 2F
     # wide), twice that backward, over T K (1 - f) rows.
     flops0 = 3 * 2 * T * K * 3 * H * F
-    print(f"MoE layer T={T} H={H} F={F} E={E} (+{E} null) top-{K}, float32, {torch.get_num_threads()} threads; "
+    print(f"MoE layer T={T} H={H} F={F} E={E} (+{E} null) top-{K}, {a.dtype} on {dev}, "
+          f"{torch.get_num_threads()} threads; "
           f"medians of {a.rounds} interleaved rounds")
     print(f"machine GEMM rate (torch.mm [{T * K}x{H}] x [{H}x{2 * F}]) in this run: {gemm_rate:.1f} GFLOP/s")
     print()

@@ -140,7 +140,9 @@ def test_skip_budget_calibrates_the_thresholds(tmp_path, shards):
     evals = [m for m in run_metrics(tmp_path / "budget") if "valid_loss" in m]
     assert len(evals) == 2
     for m in evals:
-        assert abs(m["critic_skipped"] - 0.2) < 0.01, m["critic_skipped"]
+        # Tokens whose critic predictions tie (a hidden unit inactive on
+        # all of them) skip together: the share lands near, not on, 0.2.
+        assert abs(m["critic_skipped"] - 0.2) < 0.03, m["critic_skipped"]
         assert m["valid_loss_critic_skip"] != m["valid_loss"]
         assert len(m["critic_thresholds"]) == 2
     # The thresholds act in training only with critic.skip_in_training:

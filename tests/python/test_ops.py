@@ -54,6 +54,9 @@ def sample_inputs():
         gate_up = torch.randn(T, 10, generator=g).to(dtype)
         out.append(("swiglu", (gate_up.clone().requires_grad_(True),), {}))
         out.append(("swiglu_backward", (torch.randn(T, 5).to(dtype), gate_up), {}))
+        span = torch.tensor([min(1, T), T // 2, max(T - 1, min(1, T))])  # rows [1, T - 1)
+        out.append(("swiglu", (gate_up.clone().requires_grad_(True), span), {}))
+        out.append(("swiglu_backward", (torch.randn(T, 5).to(dtype), gate_up, span), {}))
     return out
 
 
@@ -105,6 +108,30 @@ def test_gradcheck_grouped_mm_and_swiglu():
     assert torch.autograd.gradcheck(lambda r, wt: ops.grouped_mm(r, wt, offsets), (rows, weight))
     gu = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ops.swiglu, (gu,))
+    assert torch.autograd.gradcheck(lambda g: ops.swiglu(g, torch.tensor([1, 2, 4])), (gu,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_computes_the_offsets_rows_only(dtype):
+    """With expert offsets, the rows they span are plain swiglu's (forward
+    and backward) and the others are zero without being read: NaN in a
+    padding row stays out of both outputs."""
+    gu = torch.randn(9, 12).to(dtype)
+    gu[0] = float("nan")
+    gu[7:] = float("nan")
+    offsets = torch.tensor([1, 3, 3, 7])
+    dy = torch.randn(9, 6).to(dtype)
+    y = ops.swiglu(gu, offsets)
+    dx = torch.ops.moeyard.swiglu_backward(dy, gu, offsets)
+    assert torch.equal(y[1:7], ops.swiglu(gu[1:7]))
+    assert torch.equal(dx[1:7], torch.ops.moeyard.swiglu_backward(dy[1:7], gu[1:7]))
+    for t in (y, dx):
+        assert torch.equal(t[0], torch.zeros_like(t[0])) and torch.equal(t[7:], torch.zeros_like(t[7:]))
+    for bad, match in ((torch.tensor([2, 1]), r"span rows within \[0, 9\], got \[2, 1\)"),
+                       (torch.tensor([0, 10]), r"span rows within \[0, 9\], got \[0, 10\)"),
+                       (torch.tensor([0.0, 1.0]), "expert_offsets must be a 1-D int64 tensor")):
+        with pytest.raises(RuntimeError, match=match):
+            ops.swiglu(gu, bad)
 
 
 # ---- references written with plain torch ------------------------------------------

@@ -228,11 +228,30 @@ def test_merges_as_strings(tmp_path):
     check_same(hf2, _C.Tokenizer.from_file(str(p)), TRICKY)
 
 
-def test_nfc_outside_the_invariant_subset_is_refused(tmp_path):
-    ours = save(split_style(QWEN2_PATTERN, nfc=True), tmp_path / "t.json")
-    assert ours.encode("café") == ours.encode("caf\u00e9")
-    with pytest.raises(RuntimeError, match=r"NFC.*U\+0301"):
-        ours.encode("cafe\u0301")
+# Scripts whose normalization is not the identity: precomposed and combining
+# Latin, Arabic (with harakat and presentation forms), Devanagari (nukta),
+# Thai, Hangul jamo, compatibility characters (ligatures, full-width, ℌ, ①).
+UNICODE_TEXTS = [
+    "cafe\u0301 and caf\u00e9, A\u030a and \u00c5, \u1e9b\u0323",
+    "\u0627\u0644\u0633\u0651\u064e\u0644\u0627\u0645 \ufefb \ufdf2 \u0622 \u0627\u0653",
+    "\u0915\u093c \u0958 \u0928\u092e\u0938\u094d\u0924\u0947 \u0915\u094d\u0937",
+    "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35\u0e04\u0e23\u0e31\u0e1a \u0e4d\u0e32 \u0e33",
+    "\u1100\u1161\u11a8 \uac01 \ufb01 \uff21\uff42 \u210c \u2460 x\u00b2 \u212b",
+]
+
+
+@pytest.mark.parametrize("form", ["NFC", "NFD", "NFKC", "NFKD"])
+def test_unicode_normalizers_match_tokenizers(tmp_path, form):
+    """Each Unicode normalization form (utf8proc) gives the ids and text
+    `tokenizers` gives on scripts that NFC and NFKC change."""
+    hf = split_style(QWEN2_PATTERN, nfc=True)
+    j = json.loads(hf.to_str())
+    j["normalizer"] = {"type": form}
+    p = tmp_path / "tokenizer.json"
+    p.write_text(json.dumps(j))
+    hf = HFTokenizer.from_file(str(p))
+    check_same(hf, _C.Tokenizer.from_file(str(p)), UNICODE_TEXTS + TRICKY)
+    assert hf.normalizer.normalize_str(UNICODE_TEXTS[0]) != UNICODE_TEXTS[0]  # the texts are not trivial
 
 
 def bad(tmp_path, edit):

@@ -125,15 +125,21 @@ class GroupedMmFn : public torch::autograd::Function<GroupedMmFn> {
 
 class SwigluFn : public torch::autograd::Function<SwigluFn> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate_up) {
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& gate_up,
+      const std::optional<at::Tensor>& expert_offsets) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({gate_up});
-    return swiglu(gate_up);
+    ctx->save_for_backward(
+        {gate_up, expert_offsets ? *expert_offsets : at::Tensor()});
+    return swiglu(gate_up, expert_offsets);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    return {swiglu_backward(grads[0], s[0])};
+    const auto offsets =
+        s[1].defined() ? std::optional<at::Tensor>(s[1]) : std::nullopt;
+    return {swiglu_backward(grads[0], s[0], offsets), {}};
   }
 };
 
@@ -174,8 +180,10 @@ at::Tensor grouped_mm_autograd(
   return GroupedMmFn::apply(input, weight, expert_offsets);
 }
 
-at::Tensor swiglu_autograd(const at::Tensor& gate_up) {
-  return SwigluFn::apply(gate_up);
+at::Tensor swiglu_autograd(
+    const at::Tensor& gate_up,
+    const std::optional<at::Tensor>& expert_offsets) {
+  return SwigluFn::apply(gate_up, expert_offsets);
 }
 
 } // namespace

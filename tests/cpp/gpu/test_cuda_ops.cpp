@@ -109,6 +109,12 @@ TEST_P(CudaOps, PermuteUnpermuteGroupedMmSwiglu) {
         ops::swiglu_backward(cuda(ga), cuda(h)),
         ops::swiglu_backward(ga, h),
         tol);
+    // Only the rows the offsets span (the others zero, as on the CPU).
+    expect_close(ops::swiglu(cuda(h), cuda(off)), ops::swiglu(h, off), tol);
+    expect_close(
+        ops::swiglu_backward(cuda(ga), cuda(h), cuda(off)),
+        ops::swiglu_backward(ga, h, off),
+        tol);
     auto y = ops::unpermute(rows, slot, w);
     expect_close(ops::unpermute(cuda(rows), cuda(slot), cuda(w)), y, tol);
     auto gy = at::randn_like(y);

@@ -320,4 +320,20 @@ TEST(SwigluTwin, ElementFunctionsMatchCpuOp) {
   }
 }
 
+// The CUDA kernels' row test against the CPU op's span with expert offsets
+// (clamped to the rows on the device, checked on the host).
+TEST(SwigluTwin, SpanMatchesCpuOp) {
+  auto gu = at::randn({9, 10}, at::kDouble);
+  const int64_t off[] = {2, 4, 7};
+  const auto y = ops::swiglu(gu, at::tensor({2, 4, 7}, at::kLong));
+  for (int64_t r = 0; r < 9; ++r) {
+    const bool computed = y[r].abs().sum().item<double>() > 0;
+    EXPECT_EQ(kernels::swiglu::in_span(r, 9, off, 3), computed) << r;
+  }
+  EXPECT_TRUE(kernels::swiglu::in_span(8, 9, nullptr, 0));
+  const int64_t wide[] = {-3, 20}; // clamped to [0, 9)
+  EXPECT_TRUE(kernels::swiglu::in_span(0, 9, wide, 2));
+  EXPECT_FALSE(kernels::swiglu::in_span(9, 9, wide, 2));
+}
+
 } // namespace

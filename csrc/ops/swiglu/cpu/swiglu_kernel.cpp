@@ -78,17 +78,23 @@ void swiglu_backward_row(
   }
 }
 
-at::Tensor swiglu_cpu(const at::Tensor& gate_up_in) {
+at::Tensor swiglu_cpu(
+    const at::Tensor& gate_up_in,
+    const std::optional<at::Tensor>& expert_offsets) {
   detail::check_swiglu_args(gate_up_in, "swiglu");
+  detail::check_swiglu_offsets(expert_offsets, gate_up_in, "swiglu");
   const auto gate_up = gate_up_in.contiguous();
   const int64_t N = gate_up.size(0), F = gate_up.size(1) / 2;
+  const auto [begin, end] = detail::swiglu_span(expert_offsets, N, "swiglu");
   auto out = at::empty({N, F}, gate_up.options());
+  out.narrow(0, 0, begin).zero_();
+  out.narrow(0, end, N - end).zero_();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, gate_up.scalar_type(), "swiglu_cpu", [&] {
         const scalar_t* x = gate_up.const_data_ptr<scalar_t>();
         scalar_t* y = out.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+        at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
           for (int64_t i = b; i < e; ++i) {
             swiglu_row(x + i * 2 * F, x + i * 2 * F + F, y + i * F, F);
           }
@@ -98,12 +104,19 @@ at::Tensor swiglu_cpu(const at::Tensor& gate_up_in) {
 }
 
 at::Tensor swiglu_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& gate_up_in) {
+    const at::Tensor& grad_in,
+    const at::Tensor& gate_up_in,
+    const std::optional<at::Tensor>& expert_offsets) {
   detail::check_swiglu_backward_args(grad_in, gate_up_in);
+  detail::check_swiglu_offsets(expert_offsets, gate_up_in, "swiglu_backward");
   const auto gate_up = gate_up_in.contiguous();
   const auto grad = grad_in.to(gate_up.scalar_type()).contiguous();
   const int64_t N = gate_up.size(0), F = gate_up.size(1) / 2;
+  const auto [begin, end] =
+      detail::swiglu_span(expert_offsets, N, "swiglu_backward");
   auto grad_gate_up = at::empty_like(gate_up, at::MemoryFormat::Contiguous);
+  grad_gate_up.narrow(0, 0, begin).zero_();
+  grad_gate_up.narrow(0, end, N - end).zero_();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf,
@@ -114,7 +127,7 @@ at::Tensor swiglu_backward_cpu(
         const scalar_t* x = gate_up.const_data_ptr<scalar_t>();
         const scalar_t* dy = grad.const_data_ptr<scalar_t>();
         scalar_t* dx = grad_gate_up.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+        at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
           for (int64_t i = b; i < e; ++i) {
             const scalar_t* row = x + i * 2 * F;
             scalar_t* drow = dx + i * 2 * F;

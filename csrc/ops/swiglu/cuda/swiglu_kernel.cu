@@ -16,8 +16,19 @@ namespace {
 namespace ks = kernels::swiglu;
 constexpr int kThreads = 256;
 
-at::Tensor swiglu_cuda(const at::Tensor& gate_up_in) {
+// The offsets' first and last entries on the device (null: every row).
+const int64_t* span_of(const std::optional<at::Tensor>& offsets) {
+  return offsets ? offsets->const_data_ptr<int64_t>() : nullptr;
+}
+
+at::Tensor swiglu_cuda(
+    const at::Tensor& gate_up_in,
+    const std::optional<at::Tensor>& expert_offsets_in) {
   detail::check_swiglu_args(gate_up_in, "swiglu");
+  detail::check_swiglu_offsets(expert_offsets_in, gate_up_in, "swiglu");
+  const auto expert_offsets = expert_offsets_in
+      ? std::optional<at::Tensor>(expert_offsets_in->contiguous())
+      : std::nullopt;
   detail::check_cuda(gate_up_in, "swiglu", "gate_up");
   c10::cuda::CUDAGuard guard(gate_up_in.device());
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -35,6 +46,8 @@ at::Tensor swiglu_cuda(const at::Tensor& gate_up_in) {
                 gate_up.const_data_ptr<scalar_t>(),
                 N,
                 F,
+                span_of(expert_offsets),
+                expert_offsets ? expert_offsets->numel() : 0,
                 out.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -42,8 +55,15 @@ at::Tensor swiglu_cuda(const at::Tensor& gate_up_in) {
 }
 
 at::Tensor swiglu_backward_cuda(
-    const at::Tensor& grad_in, const at::Tensor& gate_up_in) {
+    const at::Tensor& grad_in,
+    const at::Tensor& gate_up_in,
+    const std::optional<at::Tensor>& expert_offsets_in) {
   detail::check_swiglu_backward_args(grad_in, gate_up_in);
+  detail::check_swiglu_offsets(
+      expert_offsets_in, gate_up_in, "swiglu_backward");
+  const auto expert_offsets = expert_offsets_in
+      ? std::optional<at::Tensor>(expert_offsets_in->contiguous())
+      : std::nullopt;
   detail::check_cuda(gate_up_in, "swiglu_backward", "gate_up");
   c10::cuda::CUDAGuard guard(gate_up_in.device());
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -67,6 +87,8 @@ at::Tensor swiglu_backward_cuda(
                 gate_up.const_data_ptr<scalar_t>(),
                 N,
                 F,
+                span_of(expert_offsets),
+                expert_offsets ? expert_offsets->numel() : 0,
                 grad_gate_up.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
