@@ -278,13 +278,15 @@ def test_package_exports():
     assert callable(moeyard.ops.router_topk)
 
 
-def test_gpt_oss_style_experts_match_a_loop():
+@pytest.mark.parametrize("null_experts", [0, 3])
+def test_gpt_oss_style_experts_match_a_loop(null_experts):
     """nn.MoE with expert biases and the clamped SwiGLU (GPT-OSS) against a
-    per-token loop, outputs and gradients of the biases."""
+    per-token loop, outputs and gradients of the biases; with null experts
+    the activation runs over the real picks' rows only."""
     torch.manual_seed(11)
     H, F, E, K, T = 16, 8, 4, 2, 12
     moe = moeyard.MoE(H, F, E, K, router_bias=True, expert_bias=True, activation="clamped_swiglu",
-                      swiglu_limit=0.8)
+                      swiglu_limit=0.8, null_experts=null_experts)
     with torch.no_grad():
         moe.b_gate_up.normal_()
         moe.b_down.normal_()
@@ -294,10 +296,13 @@ def test_gpt_oss_style_experts_match_a_loop():
     p = (x @ moe.router.weight.t() + moe.router.bias).softmax(-1)
     w, idx = p.topk(K, -1)
     w = w / w.sum(-1, keepdim=True)
+    assert bool((idx >= E).any()) == (null_experts > 0)
     want = torch.zeros_like(x)
     for t in range(T):
         for j in range(K):
             e = idx[t, j]
+            if e >= E:  # a null pick adds nothing
+                continue
             h = moe.w_gate_up[e] @ x[t] + moe.b_gate_up[e]
             g, u = h[:F].clamp(max=0.8), h[F:].clamp(-0.8, 0.8)
             want[t] += w[t, j] * (moe.w_down[e] @ ((u + 1) * g * torch.sigmoid(1.702 * g)) + moe.b_down[e])
