@@ -1,16 +1,26 @@
 #!/usr/bin/env python3
-"""Turn text files into moeyard token shards.
+"""Turn a corpus into moeyard token shards.
 
-    python scripts/prepare_data.py --out data/mycorpus FILE_OR_DIR ... [--tokenizer tokenizer.json]
+    python scripts/prepare_data.py --out data/mycorpus INPUT ... [--tokenizer tokenizer.json]
     python scripts/prepare_data.py --builtin --out data/builtin
 
-Writes <out>/train.bin and <out>/valid.bin. The input files are read in
-sorted order and tokenized into one stream; valid.bin is its last
---valid-fraction of the tokens (at least one window of --seq-len + 1 tokens),
-train.bin the rest, so a single input file works. A corpus too small to give
-both shards a window is an error. Byte-level by default (vocabulary 256); with --tokenizer, any Hugging
-Face tokenizer.json through the `tokenizers` package. --builtin uses the
-Python standard library's own source files, which every machine has.
+Inputs, each a file or a directory (walked in sorted order):
+  - text files (.txt, .md, .py, .rst in directories; any name given
+    directly): one document each, read a block of lines at a time;
+  - JSON lines (.jsonl): one document per line, the string in --field;
+  - Parquet (.parquet): one document per row, column --field, read a row
+    group at a time;
+  - a directory written by `datasets`' save_to_disk (dataset_info.json or
+    state.json in it; a DatasetDict's --split): one document per row.
+
+The documents are tokenized in batches with the tokenizer's batch encoder
+(byte-level by default: vocabulary 256; with --tokenizer, any Hugging Face
+tokenizer.json), --eos between documents, and streamed to disk: memory stays
+constant whatever the corpus's size. valid.bin is the stream's last
+--valid-fraction of tokens (at least one window of --seq-len + 1 tokens),
+train.bin the rest, so a single input file works; a corpus too small to give
+both shards a window is an error. --builtin uses the Python standard
+library's own source files, which every machine has.
 
 Shard format (little-endian, docs/training.md): 32-byte header
   magic b"MOEYTOK1" | u32 version=1 | u32 bytes per token (2 or 4) |
@@ -19,6 +29,7 @@ followed by the tokens.
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -29,17 +40,200 @@ import sysconfig
 import numpy as np
 
 MAGIC = b"MOEYTOK1"
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+# Text files are tokenized this many characters at a time, cut after a line
+# whose successor starts with a visible character (so that no whitespace run
+# a pre-tokenizer groups is split).
+BLOCK_CHARS = 1 << 20
+# Tokens copied at a time when the stream is cut into the two shards.
+COPY_TOKENS = 1 << 22
+# Well-known end-of-text tokens, tried in order when the tokenizer's config
+# names none.
+EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|end|>")
 
 
-def write_shard(path: str, tokens: np.ndarray, vocab: int) -> None:
-    width = 2 if vocab <= 65536 else 4
-    arr = tokens.astype(np.uint16 if width == 2 else np.uint32)
+def fail(msg):
+    sys.exit(f"prepare_data: {msg}")
+
+
+# ---- inputs -------------------------------------------------------------------
+
+
+def is_dataset_dir(path):
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, n)) for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def collect(paths):
+    """The inputs in reading order: files by sorted path, datasets
+    directories whole."""
+    found = []
+    for p in paths:
+        if not os.path.exists(p):
+            fail(f"input {p} does not exist")
+        if is_dataset_dir(p) or not os.path.isdir(p):
+            found.append(p)
+            continue
+        for root, dirs, names in os.walk(p):
+            dirs.sort()
+            for d in list(dirs):
+                if is_dataset_dir(os.path.join(root, d)):
+                    found.append(os.path.join(root, d))
+                    dirs.remove(d)
+            found += [os.path.join(root, n) for n in names if n.endswith(TEXT_SUFFIXES + (".jsonl", ".parquet"))]
+    return sorted(found)
+
+
+def input_bytes(path):
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(path) for n in ns)
+    return os.path.getsize(path)
+
+
+def text_blocks(path, progress):
+    """A text file's document in blocks: (text, last block of the document)."""
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except OSError as e:
+        print(f"prepare_data: skipping {path}: {e}", file=sys.stderr)
+        return
+    with f:
+        block, size = [], 0
+        for line in f:
+            if size >= BLOCK_CHARS and line[:1].strip():
+                yield "".join(block), False
+                block, size = [], 0
+            block.append(line)
+            size += len(line)
+            progress(len(line))  # characters: close to the bytes read
+        yield "".join(block), True
+
+
+def jsonl_documents(path, field, progress):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            progress(len(raw))
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{lineno}: not JSON ({e.msg})")
+            text = obj.get(field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                fail(f"{path}:{lineno}: no string field '{field}' (--field); the line has "
+                     f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
+            yield text, True
+
+
+def parquet_documents(path, field, progress):
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+        fail(f"{path}: no column '{field}' (--field); it has {pf.schema_arrow.names}")
+    rows, size = max(pf.metadata.num_rows, 1), os.path.getsize(path)
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        progress(size * batch.num_rows / rows)
+        for text in batch.column(0).to_pylist():
+            yield text or "", True
+
+
+def dataset_documents(path, field, split, progress):
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            fail(f"{path}: no split '{split}' (--split); it has {sorted(ds)}")
+        ds = ds[split]
+    if field not in ds.column_names:
+        fail(f"{path}: no column '{field}' (--field); it has {ds.column_names}")
+    rows, size = max(len(ds), 1), input_bytes(path)
+    for batch in ds.iter(batch_size=1024):
+        texts = batch[field]
+        progress(size * len(texts) / rows)
+        for text in texts:
+            yield text or "", True
+
+
+def documents(path, a, progress):
+    """(text, ends a document) pieces of one input, in order."""
+    if is_dataset_dir(path):
+        return dataset_documents(path, a.field, a.split, progress)
+    if path.endswith(".jsonl"):
+        return jsonl_documents(path, a.field, progress)
+    if path.endswith(".parquet"):
+        return parquet_documents(path, a.field, progress)
+    return text_blocks(path, progress)
+
+
+# ---- tokenizer ----------------------------------------------------------------
+
+
+class ByteLevel:
+    vocab = 256
+    eos = None
+
+    def encode_batch(self, texts):
+        return [np.frombuffer(t.encode("utf-8", "replace"), dtype=np.uint8) for t in texts]
+
+
+class HF:
+    def __init__(self, path, eos):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(path)
+        self.vocab = self.tok.get_vocab_size()
+        self.eos = self.find_eos(path, eos)
+
+    def find_eos(self, path, eos):
+        if eos == "none":
+            return None
+        if eos != "auto":
+            token = self.tok.token_to_id(eos)
+            if token is None and eos.isdigit():
+                token = int(eos)
+            if token is None or not 0 <= token < self.vocab:
+                fail(f"--eos {eos} is neither a token of {path} nor an id below {self.vocab}")
+            return token
+        config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        names = list(EOS_NAMES)
+        if os.path.exists(config):
+            named = json.load(open(config)).get("eos_token")
+            named = named.get("content") if isinstance(named, dict) else named
+            names = ([named] if named else []) + names
+        for name in names:
+            if self.tok.token_to_id(name) is not None:
+                return self.tok.token_to_id(name)
+        return None
+
+    def encode_batch(self, texts):
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+
+# ---- output -------------------------------------------------------------------
+
+
+def header(count, width, vocab):
+    return MAGIC + struct.pack("<IIQQ", 1, width, count, vocab)
+
+
+def write_part(path, stream, first, count, width, vocab):
+    """Tokens [first, first + count) of the raw stream file as a shard,
+    atomically (written beside, fsynced, renamed)."""
+    dtype = np.uint16 if width == 2 else np.uint32
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + struct.pack("<IIQQ", 1, width, arr.size, vocab))
-        f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
+    with open(tmp, "wb") as out, open(stream, "rb") as src:
+        out.write(header(count, width, vocab))
+        src.seek(first * width)
+        left = count
+        while left:
+            chunk = np.fromfile(src, dtype=dtype, count=min(left, COPY_TOKENS))
+            chunk.tofile(out)
+            left -= chunk.size
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path)
 
 
@@ -49,20 +243,49 @@ def split_point(total: int, valid_fraction: float, window: int):
     must hold a window, else the corpus is too small."""
     n_valid = max(window, math.ceil(total * valid_fraction))
     if total - n_valid < window:
-        sys.exit(f"prepare_data: the input has {total:,} tokens, too few for a train and a valid shard of at "
-                 f"least {window:,} tokens each (--seq-len {window - 1} + 1); give more text or a smaller --seq-len")
+        fail(f"the input has {total:,} tokens, too few for a train and a valid shard of at least {window:,} tokens "
+             f"each (--seq-len {window - 1} + 1); give more text or a smaller --seq-len")
     return total - n_valid, n_valid
 
 
-def collect(paths):
-    files = []
-    for p in paths:
-        if os.path.isdir(p):
-            for root, _, names in os.walk(p):
-                files += [os.path.join(root, n) for n in names if n.endswith((".py", ".txt", ".md", ".rst"))]
-        else:
-            files.append(p)
-    return sorted(files)
+def tokenize_to(stream, files, a, tok, width):
+    """Tokenizes every input into the raw stream file; (documents, tokens,
+    input characters)."""
+    from tqdm import tqdm
+
+    dtype = np.uint16 if width == 2 else np.uint32
+    bar = tqdm(total=sum(input_bytes(p) for p in files), unit="B", unit_scale=True, desc="prepare_data",
+               mininterval=2.0, disable=None)
+    docs = tokens = chars = 0
+    batch, ends = [], []
+
+    def flush(out):
+        nonlocal tokens
+        for ids, end in zip(tok.encode_batch(batch), ends):
+            if end and tok.eos is not None:
+                ids = np.append(ids, tok.eos)
+            ids.astype(dtype).tofile(out)
+            tokens += ids.size
+        batch.clear()
+        ends.clear()
+        bar.set_postfix(docs=docs, tokens=tokens, refresh=False)
+
+    with open(stream, "wb") as out:
+        for path in files:
+            for text, end in documents(path, a, bar.update):
+                batch.append(text)
+                ends.append(end)
+                docs += end
+                chars += len(text)
+                if len(batch) >= a.batch_docs:
+                    flush(out)
+                if a.max_bytes and chars >= a.max_bytes:
+                    break
+            if a.max_bytes and chars >= a.max_bytes:
+                break
+        flush(out)
+    bar.close()
+    return docs, tokens, chars
 
 
 def main(argv=None) -> None:
@@ -71,53 +294,48 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--builtin", action="store_true", help="use the Python standard library sources")
     ap.add_argument("--tokenizer", help="a Hugging Face tokenizer.json, or a checkpoint directory holding one (default: bytes)")
+    ap.add_argument("--field", default="text", help="the text's field in JSON lines, Parquet and datasets (default text)")
+    ap.add_argument("--split", default="train", help="the split of a saved DatasetDict (default train)")
+    ap.add_argument("--eos", default="auto",
+                    help="token between documents: auto (the tokenizer config's eos_token, else a well-known "
+                         "end-of-text token; none for bytes), none, or a token or id")
+    ap.add_argument("--batch-docs", type=int, default=256, help="documents per batch-encoder call (default 256)")
     ap.add_argument("--valid-fraction", type=float, default=0.05,
                     help="share of the tokens, taken from the end, that go to valid.bin (default 0.05)")
     ap.add_argument("--seq-len", type=int, default=128,
                     help="the training window (data.seq_len): each shard gets at least seq_len + 1 tokens "
                          "(default 128)")
     ap.add_argument("--max-bytes", type=int, default=0,
-                    help="stop reading files after this many input bytes, both shards together (0: all)")
+                    help="stop reading after this many input characters, both shards together (0: all)")
     a = ap.parse_args(argv)
-    inputs = [sysconfig.get_paths()["stdlib"]] if a.builtin else a.inputs
-    files = collect(inputs)
+    if not 0.0 < a.valid_fraction < 1.0:
+        fail(f"--valid-fraction must be in (0, 1), got {a.valid_fraction}")
+    if a.seq_len < 1:
+        fail(f"--seq-len must be >= 1, got {a.seq_len}")
+    if a.batch_docs < 1:
+        fail(f"--batch-docs must be >= 1, got {a.batch_docs}")
+    files = collect([sysconfig.get_paths()["stdlib"]] if a.builtin else a.inputs)
     if not files:
-        sys.exit("prepare_data: no input files")
+        fail("no input files")
     if a.tokenizer and os.path.isdir(a.tokenizer):  # a Hugging Face checkpoint directory
         a.tokenizer = os.path.join(a.tokenizer, "tokenizer.json")
-    if a.tokenizer:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(a.tokenizer)
-        vocab = tok.get_vocab_size()
-        encode = lambda text: np.asarray(tok.encode(text).ids, dtype=np.int64)  # noqa: E731
-    else:
-        vocab = 256
-        encode = lambda text: np.frombuffer(text.encode("utf-8", "replace"), dtype=np.uint8)  # noqa: E731
-    if not 0.0 < a.valid_fraction < 1.0:
-        sys.exit(f"prepare_data: --valid-fraction must be in (0, 1), got {a.valid_fraction}")
-    if a.seq_len < 1:
-        sys.exit(f"prepare_data: --seq-len must be >= 1, got {a.seq_len}")
-    parts, total_bytes, used = [], 0, 0
-    for name in files:
-        try:
-            with open(name, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            continue
-        parts.append(encode(text))
-        total_bytes += len(text)
-        used += 1
-        if a.max_bytes and total_bytes >= a.max_bytes:
-            break
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    del parts
-    n_train, n_valid = split_point(tokens.size, a.valid_fraction, a.seq_len + 1)
+    tok = HF(a.tokenizer, a.eos) if a.tokenizer else ByteLevel()
+    if not a.tokenizer and a.eos not in ("auto", "none"):
+        fail("--eos needs --tokenizer (byte-level data has no end-of-text token)")
+    width = 2 if tok.vocab <= 65536 else 4
     os.makedirs(a.out, exist_ok=True)
-    print(f"prepare_data: {used} files, {tokens.size:,} tokens")
-    for split, part in (("train", tokens[:n_train]), ("valid", tokens[n_train:])):
-        write_shard(os.path.join(a.out, f"{split}.bin"), part, vocab)
-        print(f"prepare_data: {split}: {part.size:,} tokens -> {a.out}/{split}.bin")
+    stream = os.path.join(a.out, ".stream.tmp")
+    try:
+        docs, total, chars = tokenize_to(stream, files, a, tok, width)
+        n_train, n_valid = split_point(total, a.valid_fraction, a.seq_len + 1)
+        print(f"prepare_data: {len(files)} inputs, {docs:,} documents, {chars:,} characters, {total:,} tokens"
+              + (f" (EOS {tok.eos} between documents)" if tok.eos is not None else ""))
+        for split, first, count in (("train", 0, n_train), ("valid", n_train, n_valid)):
+            write_part(os.path.join(a.out, f"{split}.bin"), stream, first, count, width, tok.vocab)
+            print(f"prepare_data: {split}: {count:,} tokens -> {a.out}/{split}.bin")
+    finally:
+        if os.path.exists(stream):
+            os.remove(stream)
     if a.tokenizer:  # the trainer copies it into every checkpoint (for generate)
         shutil.copyfile(a.tokenizer, os.path.join(a.out, "tokenizer.json"))
 

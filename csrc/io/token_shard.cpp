@@ -9,14 +9,22 @@ namespace moeyard::io {
 
 // A file smaller than the header is not mapped: parse_token_shard reports
 // its size without reading it.
-TokenShard::TokenShard(const std::string& path)
-    : path_(path), file_(path, "token shard", kTokenShardHeaderBytes) {
+TokenShard::TokenShard(const std::string& path, uint32_t raw_width)
+    : path_(path), file_(path, "token shard", raw_width > 0 ? 0 : kTokenShardHeaderBytes) {
   const uint8_t* p = file_.data();
   TokenShardHeader h;
   try {
-    h = parse_token_shard(p, file_.size(), path);
+    raw_ = raw_width > 0 && !has_token_shard_magic(p, file_.size());
+    h = raw_ ? raw_token_file(file_.size(), raw_width, path)
+             : parse_token_shard(p, file_.size(), path);
   } catch (const FormatError& e) {
-    TORCH_CHECK(false, e.what());
+    TORCH_CHECK(
+        false,
+        e.what(),
+        raw_width == 0 && !has_token_shard_magic(p, file_.size())
+            ? "; a raw token file (no header) needs data.raw_dtype: uint16 "
+              "or uint32"
+            : "");
   }
   // count * width < file size and vocab <= 2^32: both fit in int64.
   header_ = h;

@@ -16,13 +16,17 @@ namespace moeyard::io {
 
 class TokenShard {
  public:
-  explicit TokenShard(const std::string& path);
+  // A moeyard shard; a file without its header is a raw token file of
+  // `raw_width` bytes per token (2 or 4), or an error when that is 0.
+  explicit TokenShard(const std::string& path, uint32_t raw_width = 0);
 
   int64_t size() const {
     return count_;
   }
+  // The vocabulary the shard was made for (0: a raw file, which does not
+  // say).
   int64_t vocab_size() const {
-    return vocab_;
+    return raw_ ? 0 : vocab_;
   }
   const std::string& path() const {
     return path_;
@@ -36,6 +40,7 @@ class TokenShard {
   MappedFile file_; // not copyable, so neither is a TokenShard
   TokenShardHeader header_;
   int64_t count_ = 0, vocab_ = 0;
+  bool raw_ = false;
   const uint8_t* data_ = nullptr; // the whole file
 };
 

@@ -17,6 +17,35 @@ uint64_t load_le(const uint8_t* p, int bytes) {
 
 } // namespace
 
+bool has_token_shard_magic(const uint8_t* data, size_t size) {
+  return data != nullptr && size >= sizeof(kMagic) &&
+      std::memcmp(data, kMagic, sizeof(kMagic)) == 0;
+}
+
+TokenShardHeader raw_token_file(
+    size_t size, uint32_t width, const std::string& path) {
+  if (width != 2 && width != 4) {
+    format_error(
+        "raw token file ", path, ": ", width, " bytes per token, expected 2 or 4");
+  }
+  if (size % width != 0) {
+    format_error(
+        "raw token file ",
+        path,
+        ": ",
+        size,
+        " bytes is not a whole number of ",
+        width,
+        "-byte tokens (truncated, or another dtype)");
+  }
+  TokenShardHeader h;
+  h.width = width;
+  h.count = size / width;
+  h.vocab = uint64_t(1) << (8 * width);
+  h.offset = 0;
+  return h;
+}
+
 TokenShardHeader parse_token_shard(
     const uint8_t* data, size_t size, const std::string& path) {
   if (size < kTokenShardHeaderBytes) {

@@ -20,6 +20,7 @@ struct TokenShardHeader {
   uint32_t width = 0; // bytes per token: 2 or 4
   uint64_t count = 0; // tokens after the header
   uint64_t vocab = 0; // every id is below this: 1 .. 2^(8 * width)
+  uint64_t offset = kTokenShardHeaderBytes; // where the tokens start
 };
 
 // Checks the header of the whole shard `data[0, size)` (`path` names it in
@@ -28,10 +29,21 @@ struct TokenShardHeader {
 TokenShardHeader parse_token_shard(
     const uint8_t* data, size_t size, const std::string& path);
 
-// Token i of a shard whose header parse_token_shard accepted (i < count).
+// Whether `data[0, size)` starts with a token shard's magic (null data:
+// no).
+bool has_token_shard_magic(const uint8_t* data, size_t size);
+
+// A raw token file (the common memmap format: little-endian ids of `width`
+// bytes, 2 or 4, no header) of `size` bytes: a whole number of tokens, the
+// vocabulary bounded by the width only. Throws FormatError naming `path`.
+TokenShardHeader raw_token_file(
+    size_t size, uint32_t width, const std::string& path);
+
+// Token i of a shard whose header parse_token_shard (or raw_token_file)
+// accepted (i < count).
 inline uint32_t token_at(
     const uint8_t* data, const TokenShardHeader& h, uint64_t i) {
-  const uint8_t* q = data + kTokenShardHeaderBytes + i * h.width;
+  const uint8_t* q = data + h.offset + i * h.width;
   uint32_t v = q[0] | (uint32_t(q[1]) << 8);
   if (h.width == 4) {
     v |= (uint32_t(q[2]) << 16) | (uint32_t(q[3]) << 24);

@@ -353,8 +353,39 @@ nlohmann::json data_fingerprint(const std::string& path) {
       {"sample_sha256", hex(md, n)}};
 }
 
+nlohmann::json corpus_fingerprint(const std::vector<std::string>& paths) {
+  if (paths.size() == 1) {
+    return data_fingerprint(paths[0]);
+  }
+  nlohmann::json files = nlohmann::json::array();
+  std::string joined;
+  for (const auto& p : paths) {
+    files.push_back(data_fingerprint(p));
+    joined += (joined.empty() ? "" : ", ") + p;
+  }
+  return {{"path", joined}, {"files", files}};
+}
+
 std::string fingerprint_difference(
     const nlohmann::json& was, const nlohmann::json& now) {
+  if (was.contains("files") || now.contains("files")) {
+    const auto list = [](const nlohmann::json& j) {
+      return j.contains("files") ? j.at("files") : nlohmann::json::array({j});
+    };
+    const auto a = list(was), b = list(now);
+    if (a.size() != b.size()) {
+      return std::to_string(a.size()) + " files then, " +
+          std::to_string(b.size()) + " now";
+    }
+    for (size_t i = 0; i < a.size(); ++i) {
+      const auto why = fingerprint_difference(a[i], b[i]);
+      if (!why.empty()) {
+        return "file " + std::to_string(i + 1) + " (" +
+            b[i].value("path", std::string()) + "): " + why;
+      }
+    }
+    return "";
+  }
   if (was.value("bytes", uint64_t(0)) != now.value("bytes", uint64_t(0))) {
     return std::to_string(was.value("bytes", uint64_t(0))) + " bytes then, " +
            std::to_string(now.value("bytes", uint64_t(0))) + " bytes now";

@@ -97,7 +97,11 @@ std::vector<fs::path> prune_list(
 // Identifies the contents of a token file: size, its first 32 bytes and a
 // SHA-256 of up to three 1 MiB blocks (start, middle, end).
 nlohmann::json data_fingerprint(const std::string& path);
-// "" when the two fingerprints name the same content, else what differs.
+// A corpus's: its one file's fingerprint, or {path: the files joined,
+// files: each one's} for several.
+nlohmann::json corpus_fingerprint(const std::vector<std::string>& paths);
+// "" when the two fingerprints name the same content (files compared in
+// order), else what differs.
 std::string fingerprint_difference(
     const nlohmann::json& was, const nlohmann::json& now);
 

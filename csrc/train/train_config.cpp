@@ -78,6 +78,53 @@ void check_same_architecture(
       now.routing.weight_on_input);
 }
 
+// data.train: a path or glob, a list of them, or a list of {path, weight}
+// (weights > 0, every item one); `node` is the value given (null: the
+// default stays).
+void read_train_sources(
+    config::YamlReader& r,
+    const YAML::Node& node,
+    std::vector<io::CorpusSource>& out) {
+  if (!node || node.IsNull()) {
+    return;
+  }
+  if (node.IsSequence() && node.size() > 0 && node[0].IsMap()) {
+    out.clear();
+    for (auto& item : r.child_list("train")) {
+      io::CorpusSource s;
+      item.get("path", s.path);
+      item.get("weight", s.weight, Range::greater_than(0));
+      item.finish();
+      if (s.path.empty()) {
+        item.fail("path", "is required (a file or a glob)");
+      }
+      if (!item.has("weight")) {
+        item.fail("weight", "is required in a list of {path, weight} (> 0)");
+      }
+      out.push_back(s);
+    }
+  } else if (node.IsSequence()) {
+    std::vector<std::string> paths;
+    r.get("train", paths);
+    out.clear();
+    for (const auto& p : paths) {
+      out.push_back({p, 0});
+    }
+  } else {
+    std::string path;
+    r.get("train", path);
+    out = {{path, 0}};
+  }
+  for (const auto& s : out) {
+    if (s.path.empty()) {
+      r.fail("train", "names an empty path");
+    }
+  }
+  if (out.empty()) {
+    r.fail("train", "names no file");
+  }
+}
+
 // The adaptive L1 of relu routing multiplies moe.switch_coeff: it needs that
 // routing, a coefficient to start from and no schedule of its own.
 void check_relu_l1(const TrainConfig& c, const KeyNamer& name) {
@@ -276,8 +323,16 @@ TrainConfig TrainConfig::parse(
   }
   {
     auto r = top.child("data");
-    r.get("train", c.data.train);
+    const YAML::Node& given = root;
+    read_train_sources(r, given["data"] ? given["data"]["train"] : YAML::Node(), c.data.train);
     r.get("valid", c.data.valid);
+    r.get("raw_dtype", c.data.raw_dtype);
+    if (!c.data.raw_dtype.empty() && c.data.raw_width() == 0) {
+      r.fail(
+          "raw_dtype",
+          "must be uint16, uint32 or \"\" (no raw token files), got '" +
+              c.data.raw_dtype + "'");
+    }
     r.get("seq_len", c.data.seq_len, Range::at_least(2)); // <= max_seq_len
     r.get("seed", c.data.seed, Range::at_least(0));
     r.finish();

@@ -14,6 +14,7 @@
 #include <yaml-cpp/yaml.h>
 #include <nlohmann/json.hpp>
 
+#include "io/token_corpus.h"
 #include "model/config.h"
 #include "model/lora.h"
 #include "parallel/layout.h"
@@ -26,8 +27,16 @@ struct Sources;
 namespace moeyard::train {
 
 struct DataConfig {
-  std::string train = "data/builtin/train.bin"; // token shard
-  std::string valid = "data/builtin/valid.bin"; // token shard ("" : none)
+  // Token files: a path or glob, a list of them, or a list of {path,
+  // weight} (a mixture).
+  std::vector<io::CorpusSource> train = {{"data/builtin/train.bin", 0}};
+  std::string valid = "data/builtin/valid.bin"; // path or glob ("" : none)
+  // Files without moeyard's header are raw token arrays of this type:
+  // uint16 | uint32 ("" : such files are an error).
+  std::string raw_dtype = "";
+  uint32_t raw_width() const {
+    return raw_dtype == "uint16" ? 2 : raw_dtype == "uint32" ? 4 : 0;
+  }
   int64_t seq_len = 128;
   int64_t seed = 1234;
 };

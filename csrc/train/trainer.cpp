@@ -57,31 +57,38 @@ int received_signal() {
 // by (seed, step, micro), so any step can be replayed after a resume.
 
 at::Tensor Trainer::batch(
-    const io::TokenShard& s, int64_t step, int64_t micro, bool random) {
+    const io::TokenCorpus& s, int64_t step, int64_t micro, bool random) {
   // The global micro-batch has micro_batch rows per data-parallel rank;
   // this rank reads its slice, so the run sees the same windows whatever
   // the number of processes.
-  const int64_t B = cfg_.train.micro_batch * layout_.dp, S = cfg_.data.seq_len;
+  const int64_t B = cfg_.train.micro_batch * layout_.dp;
   const int64_t mine_begin = layout_.dp_rank * cfg_.train.micro_batch,
                 mine_end = mine_begin + cfg_.train.micro_batch;
-  const int64_t span = s.size() - S;
+  const int64_t span = s.windows();
   std::vector<at::Tensor> rows;
   uint64_t state =
       static_cast<uint64_t>(cfg_.data.seed) * 0x9E3779B97F4A7C15ull +
       static_cast<uint64_t>(step) * 1000003ull + static_cast<uint64_t>(micro);
+  const auto draw = [&state] { // xorshift64*
+    state ^= state >> 12, state ^= state << 25, state ^= state >> 27;
+    return state * 2685821657736338717ull;
+  };
   for (int64_t b = 0; b < B; ++b) {
-    int64_t start;
+    at::Tensor row;
     if (random) {
-      state ^= state >> 12, state ^= state << 25,
-          state ^= state >> 27; // xorshift64*
-      start = static_cast<int64_t>(
-          (state * 2685821657736338717ull) % static_cast<uint64_t>(span));
-    } else {
-      start = (span / std::max<int64_t>(B * cfg_.train.eval_batches, 1)) *
-              (micro * B + b);
+      const uint64_t r = draw();
+      const uint64_t pick = s.weighted() ? draw() : 0; // the source
+      if (b >= mine_begin && b < mine_end) {
+        row = s.random_window(r, pick, cfg_.model.vocab_size);
+      }
+    } else if (b >= mine_begin && b < mine_end) {
+      row = s.window(
+          (span / std::max<int64_t>(B * cfg_.train.eval_batches, 1)) *
+              (micro * B + b),
+          cfg_.model.vocab_size);
     }
-    if (b >= mine_begin && b < mine_end) {
-      rows.push_back(s.read(start, S, cfg_.model.vocab_size));
+    if (row.defined()) {
+      rows.push_back(row);
     }
   }
   return at::stack(rows).to(device_);

@@ -28,7 +28,7 @@
 #include "io/checkpoint.h"
 #include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
-#include "io/token_shard.h"
+#include "io/token_corpus.h"
 #include "model/init.h"
 #include "model/transformer.h"
 #include "parallel/layout.h"
@@ -133,11 +133,17 @@ class Trainer {
       log::info(log::format(
           "finetune.lora: %ld trainable LoRA parameters, the base frozen", n));
     }
-    train_ = std::make_unique<io::TokenShard>(cfg_.data.train);
-    check_shard(*train_, "data.train");
+    const auto raw = cfg_.data.raw_width();
+    train_ = std::make_unique<io::TokenCorpus>(
+        cfg_.data.train, raw, cfg_.data.seq_len, "data.train");
+    check_vocabulary(*train_, "data.train");
     if (!cfg_.data.valid.empty()) {
-      valid_ = std::make_unique<io::TokenShard>(cfg_.data.valid);
-      check_shard(*valid_, "data.valid");
+      valid_ = std::make_unique<io::TokenCorpus>(
+          std::vector<io::CorpusSource>{{cfg_.data.valid, 0}},
+          raw,
+          cfg_.data.seq_len,
+          "data.valid");
+      check_vocabulary(*valid_, "data.valid");
     }
     metrics_path_ =
         cfg_.log.metrics.empty()
@@ -295,34 +301,27 @@ class Trainer {
       std::vector<at::Tensor>& sums, std::vector<at::Tensor>& layer_tokens);
   // rank 0: the manifest fields that describe the run, not the files.
   json manifest_state(int64_t step) const;
-  void check_shard(const io::TokenShard& s, const char* field) {
-    TORCH_CHECK(
-        s.vocab_size() <= cfg_.model.vocab_size,
-        "config: ",
-        field,
-        " (",
-        s.path(),
-        ") was made for a vocabulary of ",
-        s.vocab_size(),
-        " tokens but model.vocab_size is ",
-        cfg_.model.vocab_size);
-    TORCH_CHECK(
-        s.size() > cfg_.data.seq_len,
-        "config: ",
-        field,
-        " (",
-        s.path(),
-        ") has ",
-        s.size(),
-        " tokens, fewer than data.seq_len + 1 = ",
-        cfg_.data.seq_len + 1);
+  // Every file's vocabulary (raw files do not say) fits the model's.
+  void check_vocabulary(const io::TokenCorpus& c, const char* field) {
+    for (const auto& s : c.files()) {
+      TORCH_CHECK(
+          s->vocab_size() <= cfg_.model.vocab_size,
+          "config: ",
+          field,
+          " (",
+          s->path(),
+          ") was made for a vocabulary of ",
+          s->vocab_size(),
+          " tokens but model.vocab_size is ",
+          cfg_.model.vocab_size);
+    }
   }
 
   // The tokenizer the data was made with: tokenizer.json beside the train
   // shard (scripts/prepare_data.py puts it there), else init_from's; "" for
   // byte-level data.
   std::string tokenizer_path() const {
-    auto data_dir = fs::path(cfg_.data.train).parent_path();
+    auto data_dir = fs::path(train_->files().front()->path()).parent_path();
     if (fs::exists((data_dir.empty() ? "." : data_dir) / "tokenizer.json")) {
       return ((data_dir.empty() ? "." : data_dir) / "tokenizer.json").string();
     }
@@ -366,7 +365,7 @@ class Trainer {
   int64_t load_optimizer_state(const std::string& dir);
   void build_optimizer();
   at::Tensor batch(
-      const io::TokenShard& s, int64_t step, int64_t micro, bool random);
+      const io::TokenCorpus& s, int64_t step, int64_t micro, bool random);
   // Mean validation loss over the data-parallel ranks; with `predictions`,
   // each MoE layer's critic predictions on every validation token; the mean
   // real experts per token into `experts_per_token`.
@@ -412,7 +411,7 @@ class Trainer {
   int64_t bad_in_row_ = 0; // consecutive skipped steps
   // relu routing's switch_coeff under schedule.relu_l1_mult (checkpointed).
   double relu_l1_coeff_ = 0.0;
-  std::unique_ptr<io::TokenShard> train_, valid_;
+  std::unique_ptr<io::TokenCorpus> train_, valid_;
   std::unique_ptr<torch::optim::AdamW> opt_;
   std::vector<double> base_lr_; // per parameter group
   std::vector<std::string> names_; // parameter names in optimizer order

@@ -33,9 +33,16 @@ int64_t Trainer::start(const RunOptions& options) {
       log::warn("resume: " + note);
     }
   }
-  data_fingerprint_ = {{"train", run_dir::data_fingerprint(cfg_.data.train)}};
-  if (!cfg_.data.valid.empty()) {
-    data_fingerprint_["valid"] = run_dir::data_fingerprint(cfg_.data.valid);
+  const auto paths = [](const io::TokenCorpus& c) {
+    std::vector<std::string> out;
+    for (const auto& f : c.files()) {
+      out.push_back(f->path());
+    }
+    return out;
+  };
+  data_fingerprint_ = {{"train", run_dir::corpus_fingerprint(paths(*train_))}};
+  if (valid_) {
+    data_fingerprint_["valid"] = run_dir::corpus_fingerprint(paths(*valid_));
   }
   // Where the weights come from: a checkpoint of any layout, a Hugging
   // Face checkpoint or a fresh init (load_weights, after the checks).

@@ -1,12 +1,17 @@
 """scripts/prepare_data.py: the train/valid split is by tokens, so one input
-file gives two non-empty shards; the shards are the token stream cut once."""
+file gives two non-empty shards; the shards are the token stream cut once;
+JSON lines, Parquet and datasets directories give the same documents, with
+the end-of-text token between them; memory does not grow with the
+corpus."""
 
+import json
 import os
 import struct
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "prepare_data.py")
@@ -98,3 +103,96 @@ def test_bad_valid_fraction_is_an_error(tmp_path):
     for bad in ("0", "1", "-0.1"):
         r = prepare("--out", tmp_path / "out", "--valid-fraction", bad, src)
         assert r.returncode != 0 and "--valid-fraction" in r.stderr
+
+
+# ---- corpora in JSON lines, Parquet and datasets; EOS; constant memory ---------
+
+DOCS = [f"document {i}: " + text_of(50 + 7 * i) for i in range(40)]
+
+
+def small_tokenizer(path):
+    """A byte-level BPE with an end-of-text token, trained on DOCS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(DOCS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+    return tok
+
+
+def stream_of(out):
+    train, _ = read_shard(out / "train.bin")
+    valid, vocab = read_shard(out / "valid.bin")
+    return np.concatenate([train, valid]).tolist(), vocab
+
+
+def test_jsonl_parquet_and_datasets_give_the_same_documents(tmp_path):
+    """The same documents as JSON lines, Parquet and a saved datasets
+    directory give the same shards: each document's batch-encoded ids, then
+    the end-of-text token."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = small_tokenizer(tmp_path / "tokenizer.json")
+    eos = tok.token_to_id("<|endoftext|>")
+    want = [i for d in DOCS for i in tok.encode(d, add_special_tokens=False).ids + [eos]]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    pq.write_table(pa.table({"body": DOCS}), tmp_path / "c.parquet", row_group_size=7)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": DOCS})}).save_to_disk(str(tmp_path / "ds"))
+    for name, src in (("jsonl", "c.jsonl"), ("parquet", "c.parquet"), ("datasets", "ds")):
+        r = prepare("--out", tmp_path / name, "--tokenizer", tmp_path / "tokenizer.json", "--field", "body",
+                    "--seq-len", "16", "--batch-docs", "3", tmp_path / src)
+        assert r.returncode == 0, r.stderr
+        got, vocab = stream_of(tmp_path / name)
+        assert got == want, name
+        assert vocab == tok.get_vocab_size()
+        assert (tmp_path / name / "tokenizer.json").exists()
+    r = prepare("--out", tmp_path / "none", "--tokenizer", tmp_path / "tokenizer.json", "--field", "body",
+                "--seq-len", "16", "--eos", "none", tmp_path / "c.jsonl")
+    assert r.returncode == 0, r.stderr
+    assert stream_of(tmp_path / "none")[0] == [i for i in want if i != eos]
+
+
+@pytest.mark.parametrize("content,args,match", [
+    ('{"text": "a"}\n{"body": "b"}\n', [], r"c.jsonl:2: no string field 'text' \(--field\); the line has \['body'\]"),
+    ('{"text": "a"}\nnot json\n', [], r"c.jsonl:2: not JSON"),
+    ('{"text": "a"}\n', ["--eos", "<nope>"], r"--eos <nope> is neither a token of .* nor an id below"),
+])
+def test_corpus_errors_name_the_place(tmp_path, content, args, match):
+    import re
+
+    small_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "c.jsonl").write_text(content)
+    r = prepare("--out", tmp_path / "out", "--tokenizer", tmp_path / "tokenizer.json", *args, tmp_path / "c.jsonl")
+    assert r.returncode != 0 and re.search(match, r.stderr), r.stderr
+    assert not (tmp_path / "out" / "train.bin").exists() and not (tmp_path / "out" / ".stream.tmp").exists()
+
+
+def peak_rss_mb(tmp_path, corpus):
+    """The peak resident memory of prepare_data run on `corpus` in a fresh
+    interpreter (MB)."""
+    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    r = subprocess.run([sys.executable, "-c", code, SCRIPT, "--out", str(tmp_path / corpus.stem), "--seq-len", "64",
+                        str(corpus)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.split("RSS")[-1])
+
+
+def test_memory_does_not_grow_with_the_corpus(tmp_path):
+    """A corpus 16x larger (64 MB of JSON lines, and one 64 MB text file)
+    costs no more memory: documents are read, encoded and written a batch
+    at a time, and the shards are cut from the stream in chunks."""
+    line = json.dumps({"text": text_of(4000)}) + "\n"
+    for name, mb in (("small", 4), ("large", 64)):
+        (tmp_path / f"{name}.jsonl").write_text(line * (mb * 1024 * 1024 // len(line)))
+        (tmp_path / f"{name}.txt").write_text(text_of(4000) * (mb * 1024 * 1024 // 4000))
+    for suffix in (".jsonl", ".txt"):
+        small = peak_rss_mb(tmp_path, tmp_path / f"small{suffix}")
+        large = peak_rss_mb(tmp_path, tmp_path / f"large{suffix}")
+        assert large - small < 24, (suffix, small, large)

@@ -280,3 +280,73 @@ def test_shipped_configs_parse(tmp_path):
     m = moeyard.Transformer(model)
     total = sum(p.numel() for p in m.parameters())
     assert total > 1e8
+
+
+# ---- data sources: raw token files, lists, globs, mixtures ----------------------
+
+
+def shard_tokens(path):
+    import numpy as np
+
+    data = open(path, "rb").read()
+    width = int.from_bytes(data[12:16], "little")
+    return np.frombuffer(data[32:], dtype=np.uint16 if width == 2 else np.uint32)
+
+
+def data_run(tmp_path, shards, name, *sets):
+    cfg = write_config(tmp_path, shards, name)
+    return subprocess.run([EXE, "train", "--config", str(cfg), "--set", "train.steps=3", "--set",
+                           "train.eval_every=0", "--set", "checkpoint.every=0", *sets],
+                          capture_output=True, text=True, timeout=300)
+
+
+def losses(run):
+    import json
+
+    return [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_raw_token_files_train_as_their_shard(tmp_path, shards, dtype):
+    """A raw token file (no header) of the shard's tokens, with
+    data.raw_dtype, gives the shard's run exactly; without it the file is
+    refused, naming data.raw_dtype."""
+    raw = tmp_path / f"train.{dtype}"
+    shard_tokens(shards / "train.bin").astype(dtype).tofile(raw)
+    a = data_run(tmp_path, shards, "shard", "--set", f"data.train={shards / 'train.bin'}")
+    b = data_run(tmp_path, shards, "raw", "--set", f"data.train={raw}", "--set", f"data.raw_dtype={dtype}")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
+    assert losses(tmp_path / "shard") == losses(tmp_path / "raw")
+    c = data_run(tmp_path, shards, "refused", "--set", f"data.train={raw}")
+    assert c.returncode != 0 and "needs data.raw_dtype: uint16 or uint32" in c.stderr, c.stderr[-1500:]
+
+
+def test_lists_globs_and_weights(tmp_path, shards):
+    """A glob or a list naming one file is that file's run; a list of
+    {path, weight} trains on a mixture; the bad forms are errors naming
+    data.train."""
+    d = tmp_path / "parts"
+    d.mkdir()
+    tokens = shard_tokens(shards / "train.bin")
+    half = tokens.size // 2
+    for i, part in enumerate((tokens[:half], tokens[half:])):
+        raw = d / f"part{i}.tok"
+        part.astype("uint16").tofile(raw)
+    one = data_run(tmp_path, shards, "one", "--set", f"data.train={shards / 'train.bin'}")
+    glob1 = data_run(tmp_path, shards, "glob1", "--set", f"data.train={shards}/tr*.bin")
+    list1 = data_run(tmp_path, shards, "list1", "--set", f"data.train=[{shards / 'train.bin'}]")
+    for r in (one, glob1, list1):
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(tmp_path / "one") == losses(tmp_path / "glob1") == losses(tmp_path / "list1")
+    mix = data_run(tmp_path, shards, "mix", "--set", "data.raw_dtype=uint16", "--set",
+                   f"data.train=[{{path: '{d}/part0.tok', weight: 0.7}}, {{path: '{d}/part1.tok', weight: 0.3}}]")
+    assert mix.returncode == 0, mix.stderr[-2000:]
+    assert len(losses(tmp_path / "mix")) == 3
+    for sets, match in (
+        ([f"data.train=[{{path: '{d}/part0.tok'}}]"], r"data.train\[0\].weight.*is required"),
+        ([f"data.train={d}/nothing*.tok"], r"data.train: the glob '.*nothing\*.tok' matches no file"),
+        ([f"data.train=[{{path: '{d}/part0.tok', weight: -1}}]"], r"data.train\[0\].weight.*\(0, inf\)"),
+        (["data.raw_dtype=int8"], r"data.raw_dtype.*must be uint16, uint32"),
+    ):
+        r = data_run(tmp_path, shards, "bad", *[x for s in sets for x in ("--set", s)])
+        assert r.returncode != 0 and re.search(match, r.stderr), (sets, r.stderr[-1500:])

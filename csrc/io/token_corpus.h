@@ -1,0 +1,68 @@
+#pragma once
+// The training data as a set of token files (data.train, data.valid;
+// docs/training.md, "Data"): sources, each a path or a glob of moeyard
+// shards or raw token files, with optional mixture weights. Windows are
+// drawn from the files in proportion to their windows, or, with weights,
+// from a source chosen by weight first.
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/token_shard.h"
+
+namespace moeyard::io {
+
+struct CorpusSource {
+  std::string path; // a file or a glob (*, ?, [...]) of files
+  double weight = 0; // the share of windows drawn from it (0: by windows)
+};
+
+class TokenCorpus {
+ public:
+  // The files of every source (a glob's matches in sorted order), each
+  // longer than `seq_len` (a window of seq_len tokens); `raw_width`: bytes per token
+  // of files without a header (0: none allowed). `key` names the config
+  // field in errors: a glob matching nothing, a file too short, weights
+  // given to some sources only.
+  TokenCorpus(
+      const std::vector<CorpusSource>& sources,
+      uint32_t raw_width,
+      int64_t seq_len,
+      const std::string& key);
+
+  const std::vector<std::unique_ptr<TokenShard>>& files() const {
+    return files_;
+  }
+  // Start positions of windows over every file.
+  int64_t windows() const {
+    return windows_;
+  }
+  // Whether sources carry weights (a draw picks the source first).
+  bool weighted() const {
+    return weighted_;
+  }
+  // The seq_len tokens at window `position` in [0, windows()): files in
+  // order, each contributing its size - seq_len starts.
+  at::Tensor window(int64_t position, int64_t vocab) const;
+  // A random window from two 64-bit draws: with weights, `pick` chooses the
+  // source (in proportion to its weight) and `r` the window inside it;
+  // without, `r` chooses among all windows (`pick` unused).
+  at::Tensor random_window(uint64_t r, uint64_t pick, int64_t vocab) const;
+
+ private:
+  struct Source {
+    size_t first_file = 0, files = 0;
+    int64_t first_window = 0, windows = 0;
+    double weight = 0;
+  };
+  std::vector<std::unique_ptr<TokenShard>> files_;
+  std::vector<int64_t> first_window_; // per file, then windows_
+  std::vector<Source> sources_;
+  int64_t windows_ = 0, seq_len_ = 0;
+  bool weighted_ = false;
+};
+
+} // namespace moeyard::io
