@@ -13,6 +13,11 @@ Inputs, each a file or a directory (walked in sorted order):
   - a directory written by `datasets`' save_to_disk (dataset_info.json or
     state.json in it; a DatasetDict's --split): one document per row.
 
+With --chat, each document is a conversation (--field, default messages: a
+list of {role, content}) rendered with the tokenizer's chat template
+(tokenizer_config.json), and <out>/{train,valid}.mask.bin mark the tokens
+of the assistant's turns: the trainer learns those only.
+
 The documents are tokenized in batches with the tokenizer's batch encoder
 (byte-level by default: vocabulary 256; with --tokenizer, any Hugging Face
 tokenizer.json), --eos between documents, and streamed to disk: memory stays
@@ -120,9 +125,9 @@ def jsonl_documents(path, field, progress):
             except json.JSONDecodeError as e:
                 fail(f"{path}:{lineno}: not JSON ({e.msg})")
             text = obj.get(field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                fail(f"{path}:{lineno}: no string field '{field}' (--field); the line has "
-                     f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
+            if not isinstance(text, (str, list)):
+                fail(f"{path}:{lineno}: no field '{field}' (--field) holding a string or a conversation; the line "
+                     f"has {sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
             yield text, True
 
 
@@ -176,7 +181,7 @@ class ByteLevel:
     eos = None
 
     def encode_batch(self, texts):
-        return [np.frombuffer(t.encode("utf-8", "replace"), dtype=np.uint8) for t in texts]
+        return [(np.frombuffer(t.encode("utf-8", "replace"), dtype=np.uint8), None) for t in texts]
 
 
 class HF:
@@ -209,7 +214,45 @@ class HF:
         return None
 
     def encode_batch(self, texts):
-        return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        return [(np.asarray(e.ids, dtype=np.int64), None)
+                for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+
+class Chat(HF):
+    """Conversations through the tokenizer's chat template: each assistant
+    turn's tokens (what the template adds for it after the generation
+    prompt) are marked 1 in the mask, everything else 0."""
+
+    def __init__(self, path, eos):
+        super().__init__(path, eos)
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(os.path.dirname(path))
+        if not self.hf.chat_template:
+            fail(f"--chat: {os.path.dirname(path)} has no chat template (tokenizer_config.json chat_template)")
+
+    def render(self, messages, **kw):
+        out = self.hf.apply_chat_template(messages, tokenize=True, **kw)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def encode(self, messages):
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            fail("--chat: a conversation must be a list of {role, content}")
+        ids = self.render(messages)
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            after = self.render(messages[: i + 1])
+            if ids[: len(after)] != after or after[: len(before)] != before:
+                fail("--chat: the chat template does not render a conversation's turns as prefixes of it; "
+                     "its assistant tokens cannot be marked")
+            mask[len(before):len(after)] = 1
+        return np.asarray(ids, dtype=np.int64), mask
+
+    def encode_batch(self, conversations):
+        return [self.encode(c) for c in conversations]
 
 
 # ---- output -------------------------------------------------------------------
@@ -222,7 +265,7 @@ def header(count, width, vocab):
 def write_part(path, stream, first, count, width, vocab):
     """Tokens [first, first + count) of the raw stream file as a shard,
     atomically (written beside, fsynced, renamed)."""
-    dtype = np.uint16 if width == 2 else np.uint32
+    dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32}[width]
     tmp = path + ".tmp"
     with open(tmp, "wb") as out, open(stream, "rb") as src:
         out.write(header(count, width, vocab))
@@ -249,7 +292,8 @@ def split_point(total: int, valid_fraction: float, window: int):
 
 
 def tokenize_to(stream, files, a, tok, width):
-    """Tokenizes every input into the raw stream file; (documents, tokens,
+    """Tokenizes every input into the raw stream file (and, for
+    conversations, their loss masks into <stream>.mask); (documents, tokens,
     input characters)."""
     from tqdm import tqdm
 
@@ -261,22 +305,30 @@ def tokenize_to(stream, files, a, tok, width):
 
     def flush(out):
         nonlocal tokens
-        for ids, end in zip(tok.encode_batch(batch), ends):
+        for (ids, mask), end in zip(tok.encode_batch(batch), ends):
             if end and tok.eos is not None:
                 ids = np.append(ids, tok.eos)
+                mask = None if mask is None else np.append(mask, 0).astype(np.uint8)
             ids.astype(dtype).tofile(out)
+            if masks is not None:
+                mask.tofile(masks)
             tokens += ids.size
         batch.clear()
         ends.clear()
         bar.set_postfix(docs=docs, tokens=tokens, refresh=False)
 
+    masks = open(stream + ".mask", "wb") if a.chat else None
     with open(stream, "wb") as out:
         for path in files:
             for text, end in documents(path, a, bar.update):
+                if isinstance(text, list) != a.chat:
+                    fail(f"{path}: {'a conversation' if isinstance(text, list) else 'a text'} in --field "
+                         f"'{a.field}'; " + ("--chat reads conversations" if a.chat else
+                                             "conversations need --chat"))
                 batch.append(text)
                 ends.append(end)
                 docs += end
-                chars += len(text)
+                chars += len(text) if isinstance(text, str) else sum(len(str(m.get("content", ""))) for m in text)
                 if len(batch) >= a.batch_docs:
                     flush(out)
                 if a.max_bytes and chars >= a.max_bytes:
@@ -284,6 +336,8 @@ def tokenize_to(stream, files, a, tok, width):
             if a.max_bytes and chars >= a.max_bytes:
                 break
         flush(out)
+    if masks is not None:
+        masks.close()
     bar.close()
     return docs, tokens, chars
 
@@ -294,7 +348,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--builtin", action="store_true", help="use the Python standard library sources")
     ap.add_argument("--tokenizer", help="a Hugging Face tokenizer.json, or a checkpoint directory holding one (default: bytes)")
-    ap.add_argument("--field", default="text", help="the text's field in JSON lines, Parquet and datasets (default text)")
+    ap.add_argument("--field", help="the document's field in JSON lines, Parquet and datasets (default text; "
+                                    "messages with --chat)")
+    ap.add_argument("--chat", action="store_true",
+                    help="documents are conversations: render them with the tokenizer's chat template and write "
+                         "loss masks marking the assistant's tokens")
     ap.add_argument("--split", default="train", help="the split of a saved DatasetDict (default train)")
     ap.add_argument("--eos", default="auto",
                     help="token between documents: auto (the tokenizer config's eos_token, else a well-known "
@@ -319,7 +377,10 @@ def main(argv=None) -> None:
         fail("no input files")
     if a.tokenizer and os.path.isdir(a.tokenizer):  # a Hugging Face checkpoint directory
         a.tokenizer = os.path.join(a.tokenizer, "tokenizer.json")
-    tok = HF(a.tokenizer, a.eos) if a.tokenizer else ByteLevel()
+    a.field = a.field or ("messages" if a.chat else "text")
+    if a.chat and not a.tokenizer:
+        fail("--chat needs --tokenizer (a directory with tokenizer.json and a chat template)")
+    tok = (Chat if a.chat else HF)(a.tokenizer, a.eos) if a.tokenizer else ByteLevel()
     if not a.tokenizer and a.eos not in ("auto", "none"):
         fail("--eos needs --tokenizer (byte-level data has no end-of-text token)")
     width = 2 if tok.vocab <= 65536 else 4
@@ -332,10 +393,16 @@ def main(argv=None) -> None:
               + (f" (EOS {tok.eos} between documents)" if tok.eos is not None else ""))
         for split, first, count in (("train", 0, n_train), ("valid", n_train, n_valid)):
             write_part(os.path.join(a.out, f"{split}.bin"), stream, first, count, width, tok.vocab)
+            mask = os.path.join(a.out, f"{split}.mask.bin")
+            if a.chat:  # one 0/1 per token: 1 where the loss counts
+                write_part(mask, stream + ".mask", first, count, 1, 2)
+            elif os.path.exists(mask):  # an earlier --chat run's
+                os.remove(mask)
             print(f"prepare_data: {split}: {count:,} tokens -> {a.out}/{split}.bin")
     finally:
-        if os.path.exists(stream):
-            os.remove(stream)
+        for f in (stream, stream + ".mask"):
+            if os.path.exists(f):
+                os.remove(f)
     if a.tokenizer:  # the trainer copies it into every checkpoint (for generate)
         shutil.copyfile(a.tokenizer, os.path.join(a.out, "tokenizer.json"))
 

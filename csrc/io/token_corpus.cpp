@@ -3,7 +3,10 @@
 #include <c10/util/Exception.h>
 #include <glob.h>
 
+#include <ATen/ops/ones.h>
+
 #include <algorithm>
+#include <fstream>
 
 namespace moeyard::io {
 namespace {
@@ -28,6 +31,37 @@ std::vector<std::string> expand(const std::string& pattern, const std::string& k
       !out.empty(), "config: ", key, ": the glob '", pattern, "' matches no file");
   std::sort(out.begin(), out.end());
   return out;
+}
+
+// <name>.mask.bin beside <name>.bin: one 0/1 per token of the file.
+std::unique_ptr<TokenShard> mask_of(const TokenShard& f, const std::string& key) {
+  const auto& p = f.path();
+  const std::string suffix = ".bin";
+  if (p.size() < suffix.size() ||
+      p.compare(p.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    return nullptr;
+  }
+  const auto path = p.substr(0, p.size() - suffix.size()) + ".mask.bin";
+  if (!std::ifstream(path).good()) {
+    return nullptr;
+  }
+  auto m = std::make_unique<TokenShard>(path);
+  TORCH_CHECK(
+      m->size() == f.size() && m->vocab_size() == 2,
+      "config: ",
+      key,
+      ": the loss mask ",
+      path,
+      " has ",
+      m->size(),
+      " entries of vocabulary ",
+      m->vocab_size(),
+      "; expected one 0/1 (vocabulary 2) per token of ",
+      p,
+      " (",
+      f.size(),
+      ")");
+  return m;
 }
 
 } // namespace
@@ -71,6 +105,8 @@ TokenCorpus::TokenCorpus(
           seq_len + 1);
       first_window_.push_back(windows_);
       windows_ += f->size() - seq_len;
+      masks_.push_back(mask_of(*f, key));
+      has_masks_ = has_masks_ || masks_.back();
       files_.push_back(std::move(f));
     }
     s.files = files_.size() - s.first_file;
@@ -80,7 +116,7 @@ TokenCorpus::TokenCorpus(
   first_window_.push_back(windows_);
 }
 
-at::Tensor TokenCorpus::window(int64_t position, int64_t vocab) const {
+size_t TokenCorpus::file_of(int64_t position) const {
   TORCH_CHECK(
       position >= 0 && position < windows_,
       "data: window ",
@@ -90,15 +126,25 @@ at::Tensor TokenCorpus::window(int64_t position, int64_t vocab) const {
       ")");
   const auto it =
       std::upper_bound(first_window_.begin(), first_window_.end(), position);
-  const size_t f = static_cast<size_t>(it - first_window_.begin()) - 1;
+  return static_cast<size_t>(it - first_window_.begin()) - 1;
+}
+
+at::Tensor TokenCorpus::window(int64_t position, int64_t vocab) const {
+  const size_t f = file_of(position);
   return files_[f]->read(position - first_window_[f], seq_len_, vocab);
 }
 
-at::Tensor TokenCorpus::random_window(
-    uint64_t r, uint64_t pick, int64_t vocab) const {
+at::Tensor TokenCorpus::loss_mask(int64_t position) const {
+  const size_t f = file_of(position);
+  if (!masks_[f]) {
+    return at::ones({seq_len_}, at::kLong);
+  }
+  return masks_[f]->read(position - first_window_[f], seq_len_, 2);
+}
+
+int64_t TokenCorpus::random_position(uint64_t r, uint64_t pick) const {
   if (!weighted_) {
-    return window(
-        static_cast<int64_t>(r % static_cast<uint64_t>(windows_)), vocab);
+    return static_cast<int64_t>(r % static_cast<uint64_t>(windows_));
   }
   double total = 0;
   for (const auto& s : sources_) {
@@ -114,10 +160,8 @@ at::Tensor TokenCorpus::random_window(
     }
     u -= s.weight;
   }
-  return window(
-      chosen->first_window +
-          static_cast<int64_t>(r % static_cast<uint64_t>(chosen->windows)),
-      vocab);
+  return chosen->first_window +
+      static_cast<int64_t>(r % static_cast<uint64_t>(chosen->windows));
 }
 
 } // namespace moeyard::io

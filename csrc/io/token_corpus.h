@@ -47,10 +47,18 @@ class TokenCorpus {
   // The seq_len tokens at window `position` in [0, windows()): files in
   // order, each contributing its size - seq_len starts.
   at::Tensor window(int64_t position, int64_t vocab) const;
-  // A random window from two 64-bit draws: with weights, `pick` chooses the
-  // source (in proportion to its weight) and `r` the window inside it;
-  // without, `r` chooses among all windows (`pick` unused).
-  at::Tensor random_window(uint64_t r, uint64_t pick, int64_t vocab) const;
+  // Whether any file has a loss mask: <name>.mask.bin beside <name>.bin, a
+  // shard of 0/1 per token (scripts/prepare_data.py --chat).
+  bool has_loss_masks() const {
+    return has_masks_;
+  }
+  // The loss mask [seq_len] (int64 0/1) of window `position`: all ones in a
+  // file without a mask.
+  at::Tensor loss_mask(int64_t position) const;
+  // A random window's position from two 64-bit draws: with weights, `pick`
+  // chooses the source (in proportion to its weight) and `r` the window
+  // inside it; without, `r` chooses among all windows (`pick` unused).
+  int64_t random_position(uint64_t r, uint64_t pick) const;
 
  private:
   struct Source {
@@ -58,7 +66,12 @@ class TokenCorpus {
     int64_t first_window = 0, windows = 0;
     double weight = 0;
   };
+  // The file holding window `position`.
+  size_t file_of(int64_t position) const;
+
   std::vector<std::unique_ptr<TokenShard>> files_;
+  std::vector<std::unique_ptr<TokenShard>> masks_; // per file; null: none
+  bool has_masks_ = false;
   std::vector<int64_t> first_window_; // per file, then windows_
   std::vector<Source> sources_;
   int64_t windows_ = 0, seq_len_ = 0;

@@ -69,13 +69,13 @@ TokenShardHeader parse_token_shard(
   }
   TokenShardHeader h;
   h.width = static_cast<uint32_t>(load_le(data + 12, 4));
-  if (h.width != 2 && h.width != 4) {
+  if (h.width != 1 && h.width != 2 && h.width != 4) {
     format_error(
         "token shard ",
         path,
         ": bytes per token ",
         h.width,
-        ", expected 2 or 4");
+        ", expected 1, 2 or 4");
   }
   h.count = load_le(data + 16, 8);
   h.vocab = load_le(data + 24, 8);

@@ -3,7 +3,8 @@
 // from bytes alone: TokenShard (token_shard.h) reads files with it and the
 // fuzz harness tests/fuzz/fuzz_token_shard.cpp calls it directly.
 //
-//   0  magic "MOEYTOK1"   8  u32 version (1)   12  u32 bytes per token (2, 4)
+//   0  magic "MOEYTOK1"   8  u32 version (1)   12  u32 bytes per token (1, 2,
+//   4; 1: loss masks)
 //   16 u64 token count   24  u64 vocabulary size   32  tokens, little-endian
 
 #include <cstddef>
@@ -17,7 +18,7 @@ namespace moeyard::io {
 constexpr size_t kTokenShardHeaderBytes = 32;
 
 struct TokenShardHeader {
-  uint32_t width = 0; // bytes per token: 2 or 4
+  uint32_t width = 0; // bytes per token: 1, 2 or 4
   uint64_t count = 0; // tokens after the header
   uint64_t vocab = 0; // every id is below this: 1 .. 2^(8 * width)
   uint64_t offset = kTokenShardHeaderBytes; // where the tokens start
@@ -44,6 +45,9 @@ TokenShardHeader raw_token_file(
 inline uint32_t token_at(
     const uint8_t* data, const TokenShardHeader& h, uint64_t i) {
   const uint8_t* q = data + h.offset + i * h.width;
+  if (h.width == 1) {
+    return q[0];
+  }
   uint32_t v = q[0] | (uint32_t(q[1]) << 8);
   if (h.width == 4) {
     v |= (uint32_t(q[2]) << 16) | (uint32_t(q[3]) << 24);

@@ -388,7 +388,7 @@ at::Tensor TransformerImpl::hidden(
 }
 
 LossOutput TransformerImpl::loss(
-    const at::Tensor& tokens, const at::Tensor& mask) {
+    const at::Tensor& tokens, const at::Tensor& mask, const at::Tensor& loss_mask) {
   LossOutput r;
   const auto x = hidden(tokens, mask, r.out);
   // Under tensor parallelism out.logits holds this rank's vocabulary columns.
@@ -396,16 +396,30 @@ LossOutput TransformerImpl::loss(
   const int64_t S = tokens.size(1), V = r.out.logits.size(-1);
   const auto logits = r.out.logits.narrow(1, 0, S - 1).reshape({-1, V});
   auto target = tokens.narrow(1, 1, S - 1).reshape({-1});
-  if (mask.defined()) {
-    const auto keep = mask.narrow(1, 1, S - 1).reshape({-1}).to(at::kBool);
-    target = at::where(keep, target, -100);
+  r.keep = at::ones_like(target, target.options().dtype(at::kBool));
+  for (const auto& m : {mask, loss_mask}) {
+    if (m.defined()) {
+      TORCH_CHECK(
+          m.sizes() == tokens.sizes(),
+          "Transformer: a mask must have the shape of tokens ",
+          tokens.sizes(),
+          ", got ",
+          m.sizes());
+      r.keep = r.keep & m.narrow(1, 1, S - 1).reshape({-1}).to(at::kBool);
+    }
   }
-  r.tokens = (target != -100).sum();
+  if (mask.defined() || loss_mask.defined()) {
+    target = at::where(r.keep, target, -100);
+  }
+  r.tokens = r.keep.sum();
   if (tp) {
     r.ce = parallel::vocab_parallel_cross_entropy(
                logits, target, tp->rank * V, -100, *tp)
                .sum() /
-           r.tokens;
+           r.tokens.clamp_min(1);
+  } else if (loss_mask.defined()) { // a batch may hold no answer token
+    r.ce = at::cross_entropy_loss(logits, target, {}, at::Reduction::Sum, -100) /
+        r.tokens.clamp_min(1);
   } else {
     r.ce =
         at::cross_entropy_loss(logits, target, {}, at::Reduction::Mean, -100);

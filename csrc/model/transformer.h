@@ -294,7 +294,8 @@ struct LossOutput {
   at::Tensor loss; // ce + weighted aux terms
   at::Tensor ce; // next-token cross-entropy over real tokens
   at::Tensor aux; // weighted sum of aux losses over MoE layers
-  at::Tensor tokens; // number of predicted (real) tokens
+  at::Tensor tokens; // number of predicted (real, unmasked) tokens
+  at::Tensor keep; // [B * (S - 1)] bool: the predicted positions counted
   TransformerOutput out;
 };
 
@@ -305,8 +306,13 @@ class TransformerImpl : public torch::nn::Module {
   TransformerOutput forward(
       const at::Tensor& tokens, const at::Tensor& mask = {});
   // Next-token loss: predicts tokens[:, 1:] from tokens[:, :-1]; positions
-  // whose target is padding are excluded; plus the weighted aux losses.
-  LossOutput loss(const at::Tensor& tokens, const at::Tensor& mask = {});
+  // whose target is padding, or 0 in loss_mask [B, S] (e.g. a chat's
+  // prompt: trained on the answers only, attending to everything), are
+  // excluded (none left: a loss of 0); plus the weighted aux losses.
+  LossOutput loss(
+      const at::Tensor& tokens,
+      const at::Tensor& mask = {},
+      const at::Tensor& loss_mask = {});
   // Logits [B, s, V] of the new tokens [B, s], using and extending the
   // per-layer caches (decoding with a KV cache).
   at::Tensor forward_cached(

@@ -108,8 +108,9 @@ PYBIND11_MODULE(_C, m) {
           "loss",
           [](TransformerImpl& self,
              const at::Tensor& tokens,
-             const std::optional<at::Tensor>& mask) {
-            auto r = self.loss(tokens, opt_mask(mask));
+             const std::optional<at::Tensor>& mask,
+             const std::optional<at::Tensor>& loss_mask) {
+            auto r = self.loss(tokens, opt_mask(mask), opt_mask(loss_mask));
             py::dict d = output_dict(r.out);
             d["loss"] = r.loss;
             d["ce"] = r.ce;
@@ -118,7 +119,8 @@ PYBIND11_MODULE(_C, m) {
             return d;
           },
           py::arg("tokens"),
-          py::arg("mask") = py::none())
+          py::arg("mask") = py::none(),
+          py::arg("loss_mask") = py::none())
       .def(
           "named_parameters",
           [](TransformerImpl& self) {

@@ -56,7 +56,7 @@ int received_signal() {
 // Micro-batch `micro` of step `step`: random windows from a generator seeded
 // by (seed, step, micro), so any step can be replayed after a resume.
 
-at::Tensor Trainer::batch(
+Trainer::Batch Trainer::batch(
     const io::TokenCorpus& s, int64_t step, int64_t micro, bool random) {
   // The global micro-batch has micro_batch rows per data-parallel rank;
   // this rank reads its slice, so the run sees the same windows whatever
@@ -65,7 +65,7 @@ at::Tensor Trainer::batch(
   const int64_t mine_begin = layout_.dp_rank * cfg_.train.micro_batch,
                 mine_end = mine_begin + cfg_.train.micro_batch;
   const int64_t span = s.windows();
-  std::vector<at::Tensor> rows;
+  std::vector<at::Tensor> rows, masks;
   uint64_t state =
       static_cast<uint64_t>(cfg_.data.seed) * 0x9E3779B97F4A7C15ull +
       static_cast<uint64_t>(step) * 1000003ull + static_cast<uint64_t>(micro);
@@ -74,24 +74,25 @@ at::Tensor Trainer::batch(
     return state * 2685821657736338717ull;
   };
   for (int64_t b = 0; b < B; ++b) {
-    at::Tensor row;
+    int64_t position = 0;
     if (random) {
       const uint64_t r = draw();
       const uint64_t pick = s.weighted() ? draw() : 0; // the source
-      if (b >= mine_begin && b < mine_end) {
-        row = s.random_window(r, pick, cfg_.model.vocab_size);
-      }
-    } else if (b >= mine_begin && b < mine_end) {
-      row = s.window(
-          (span / std::max<int64_t>(B * cfg_.train.eval_batches, 1)) *
-              (micro * B + b),
-          cfg_.model.vocab_size);
+      position = s.random_position(r, pick);
+    } else {
+      position = (span / std::max<int64_t>(B * cfg_.train.eval_batches, 1)) *
+          (micro * B + b);
     }
-    if (row.defined()) {
-      rows.push_back(row);
+    if (b >= mine_begin && b < mine_end) {
+      rows.push_back(s.window(position, cfg_.model.vocab_size));
+      if (s.has_loss_masks()) {
+        masks.push_back(s.loss_mask(position));
+      }
     }
   }
-  return at::stack(rows).to(device_);
+  return {
+      at::stack(rows).to(device_),
+      masks.empty() ? at::Tensor() : at::stack(masks).to(device_)};
 }
 
 double Trainer::evaluate(
@@ -110,7 +111,8 @@ double Trainer::evaluate(
   }
   double sum = 0, experts = 0;
   for (int64_t i = 0; i < cfg_.train.eval_batches; ++i) {
-    const auto r = model_->loss(batch(*valid_, 0, i, false));
+    const auto b = batch(*valid_, 0, i, false);
+    const auto r = model_->loss(b.tokens, {}, b.loss_mask);
     sum += r.ce.item<double>();
     for (const auto& m : r.out.moe_layers) {
       experts += m.moe.real_experts_per_token.item<double>() /

@@ -57,7 +57,7 @@ json Trainer::train_critic(int64_t step) {
   // that layer's lowest picks skipped. The critic learns the clipped
   // increase at each position from the layer's input there (detached, so
   // only the critic's parameters get gradients).
-  const auto tokens = batch(*train_, step, 0, true);
+  const auto tokens = batch(*train_, step, 0, true).tokens;
   const int64_t S = tokens.size(1);
   const auto layers = moe_layers();
   model_->eval();

@@ -170,8 +170,9 @@ at::Tensor Trainer::objective(
     const int64_t S = tokens.size(1), V = r.out.logits.size(-1);
     const auto student = r.out.logits.narrow(1, 0, S - 1).reshape({-1, V});
     const auto teacher = theirs.narrow(1, 0, S - 1).reshape({-1, V});
-    const auto keep = at::ones({student.size(0)}, at::kBool).to(device_);
-    kl = parallel::vocab_parallel_kl(student, teacher, keep, tp_).mean();
+    // Over the positions the loss counts (a loss mask's answers).
+    kl = parallel::vocab_parallel_kl(student, teacher, r.keep, tp_).sum() /
+        r.tokens.clamp_min(1);
   }
   return cfg_.distill.ce_coeff * r.ce + r.aux + cfg_.distill.kl_coeff * kl;
 }

@@ -364,7 +364,13 @@ class Trainer {
   void all_reduce_grads();
   int64_t load_optimizer_state(const std::string& dir);
   void build_optimizer();
-  at::Tensor batch(
+  // This rank's rows of micro-batch `micro` of `step` (random windows), or
+  // of evaluation batch `micro` (evenly spaced windows), and their loss
+  // masks (undefined when the data has none).
+  struct Batch {
+    at::Tensor tokens, loss_mask;
+  };
+  Batch batch(
       const io::TokenCorpus& s, int64_t step, int64_t micro, bool random);
   // Mean validation loss over the data-parallel ranks; with `predictions`,
   // each MoE layer's critic predictions on every validation token; the mean

@@ -65,10 +65,10 @@ Trainer::MicroBatchSums Trainer::forward_backward(int64_t step) {
   }
   MicroBatchSums sums;
   for (int64_t micro = 0; micro < cfg_.train.grad_accum; ++micro) {
-    const auto tokens = batch(*train_, step, micro, true);
-    auto r = model_->loss(tokens);
+    const auto b = batch(*train_, step, micro, true);
+    auto r = model_->loss(b.tokens, {}, b.loss_mask);
     at::Tensor kl;
-    const auto loss = objective(tokens, r, kl);
+    const auto loss = objective(b.tokens, r, kl);
     (loss / cfg_.train.grad_accum).backward();
     const auto l = at::stack(
                        {loss.detach(),

@@ -93,10 +93,13 @@ class Transformer:
         """Returns ``{"logits": [B, S, V], "moe_layers": [per-layer stats]}``."""
         return self._impl.forward(tokens, mask)
 
-    def loss(self, tokens: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Any]:
+    def loss(self, tokens: Tensor, mask: Optional[Tensor] = None,
+             loss_mask: Optional[Tensor] = None) -> Dict[str, Any]:
         """Next-token loss plus weighted aux losses: keys loss, ce, aux, tokens,
-        logits, moe_layers."""
-        return self._impl.loss(tokens, mask)
+        logits, moe_layers. ``mask`` marks real tokens (padding is neither
+        attended to nor predicted); ``loss_mask`` the tokens to predict (a
+        chat's answers: the prompt is attended to, not trained on)."""
+        return self._impl.loss(tokens, mask, loss_mask)
 
     def named_parameters(self) -> Iterator[Tuple[str, Tensor]]:
         yield from self._impl.named_parameters()

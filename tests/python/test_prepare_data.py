@@ -26,9 +26,9 @@ def read_shard(path):
     """(tokens, vocabulary) of a token shard, checking its header."""
     data = path.read_bytes()
     magic, (version, width, count, vocab) = data[:8], struct.unpack("<IIQQ", data[8:32])
-    assert magic == b"MOEYTOK1" and version == 1 and width in (2, 4)
+    assert magic == b"MOEYTOK1" and version == 1 and width in (1, 2, 4)
     assert len(data) == 32 + count * width
-    return np.frombuffer(data[32:], dtype=np.uint16 if width == 2 else np.uint32), vocab
+    return np.frombuffer(data[32:], dtype={1: np.uint8, 2: np.uint16, 4: np.uint32}[width]), vocab
 
 
 def text_of(n):
@@ -196,3 +196,62 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
         small = peak_rss_mb(tmp_path, tmp_path / f"small{suffix}")
         large = peak_rss_mb(tmp_path, tmp_path / f"large{suffix}")
         assert large - small < 24, (suffix, small, large)
+
+
+# ---- conversations: chat template and loss masks --------------------------------
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATS = [[{"role": "user", "content": f"question {i}: " + text_of(30 + i)},
+          {"role": "assistant", "content": f"answer {i}: " + text_of(20 + 2 * i)},
+          {"role": "user", "content": "and then?"},
+          {"role": "assistant", "content": f"then {i}"}] for i in range(30)]
+
+
+def chat_tokenizer(d):
+    """A BPE with the chat's special tokens, its config naming a template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d.mkdir()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([m["content"] for c in CHATS for m in c] * 2, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": TEMPLATE, "eos_token": "<|endoftext|>"}))
+    return tok
+
+
+def test_chat_masks_mark_the_assistant_turns(tmp_path):
+    """--chat renders each conversation with the template; the mask shards
+    mark exactly the assistant turns' tokens (content and end of turn), the
+    EOS between conversations is not trained."""
+    tok = chat_tokenizer(tmp_path / "tok")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    r = prepare("--out", tmp_path / "out", "--tokenizer", tmp_path / "tok", "--chat", "--seq-len", "16",
+                tmp_path / "c.jsonl")
+    assert r.returncode == 0, r.stderr
+    ids, _ = stream_of(tmp_path / "out")
+    masks = [read_shard(tmp_path / "out" / f"{s}.mask.bin") for s in ("train", "valid")]
+    assert all(vocab == 2 for _, vocab in masks)
+    mask = np.concatenate([m for m, _ in masks]).tolist()
+    assert len(mask) == len(ids)
+    eos = tok.token_to_id("<|endoftext|>")
+    convs, cur = [], []
+    for t, m in zip(ids, mask):
+        if t == eos:
+            assert m == 0
+            convs.append(cur)
+            cur = []
+        else:
+            cur.append((t, m))
+    assert len(convs) == len(CHATS)
+    for conv, chat in zip(convs, CHATS):
+        trained = tok.decode([t for t, m in conv if m], skip_special_tokens=False)
+        assert trained == "".join(m["content"] + "<|im_end|>\n" for m in chat if m["role"] == "assistant")
+        assert tok.decode([t for t, _ in conv], skip_special_tokens=False).startswith("<|im_start|>user\n")
+    r = prepare("--out", tmp_path / "bad", "--chat", tmp_path / "c.jsonl")
+    assert r.returncode != 0 and "--chat needs --tokenizer" in r.stderr

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -350,3 +351,57 @@ def test_lists_globs_and_weights(tmp_path, shards):
     ):
         r = data_run(tmp_path, shards, "bad", *[x for s in sets for x in ("--set", s)])
         assert r.returncode != 0 and re.search(match, r.stderr), (sets, r.stderr[-1500:])
+
+
+def test_loss_masks_train_the_marked_tokens_only(tmp_path, shards):
+    """<name>.mask.bin beside a shard (prepare_data --chat): a mask of
+    zeros leaves nothing to learn (cross-entropy 0, gradient 0 with the aux
+    losses off), a mask of ones is the shard's own run."""
+    import numpy as np
+
+    tokens = shard_tokens(shards / "train.bin")
+    no_aux = ["--set", "moe.switch_coeff=0", "--set", "moe.z_coeff=0"]
+    runs = {}
+    for name, value in (("zeros", 0), ("ones", 1), ("plain", None)):
+        d = tmp_path / f"data_{name}"
+        d.mkdir()
+        shutil.copy(shards / "train.bin", d / "train.bin")
+        if value is not None:
+            mask = np.full(tokens.size, value, dtype=np.uint8)
+            (d / "train.mask.bin").write_bytes(b"MOEYTOK1" + struct.pack("<IIQQ", 1, 1, mask.size, 2)
+                                               + mask.tobytes())
+        r = data_run(tmp_path, shards, name, "--set", f"data.train={d / 'train.bin'}", *no_aux)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    assert all(m["ce"] == 0 and m["grad_norm"] == 0 for m in runs["zeros"]), runs["zeros"]
+    for a, b in zip(runs["ones"], runs["plain"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * b["grad_norm"]
+    bad = tmp_path / "data_zeros" / "train.mask.bin"
+    bad.write_bytes(bad.read_bytes()[:-1].replace(struct.pack("<Q", tokens.size), struct.pack("<Q", tokens.size - 1), 1))
+    r = data_run(tmp_path, shards, "bad", "--set", f"data.train={tmp_path / 'data_zeros' / 'train.bin'}")
+    assert r.returncode != 0 and "expected one 0/1 (vocabulary 2) per token" in r.stderr, r.stderr[-1500:]
+
+
+def test_loss_mask_in_python_leaves_masked_positions_without_gradient():
+    """Transformer.loss(tokens, loss_mask=...): the cross-entropy of the
+    marked targets only (computed again from the logits), no gradient at
+    the other positions, attention still over every token."""
+    import torch
+
+    import moeyard
+
+    torch.manual_seed(0)
+    model = moeyard.Transformer({"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                                 "ffn_size": 64, "max_seq_len": 16, "moe": {"num_experts": 4, "top_k": 2}})
+    tokens = torch.randint(0, 64, (3, 12))
+    loss_mask = torch.rand(3, 12) < 0.5
+    out = model.loss(tokens, loss_mask=loss_mask)
+    logits = out["logits"]
+    keep = loss_mask[:, 1:]
+    want = torch.nn.functional.cross_entropy(logits[:, :-1][keep], tokens[:, 1:][keep])
+    torch.testing.assert_close(out["ce"], want, atol=1e-6, rtol=1e-6)
+    assert out["tokens"].item() == keep.sum().item()
+    (g,) = torch.autograd.grad(out["ce"], logits)
+    assert g[:, :-1][~keep].abs().max().item() == 0 and g[:, :-1][keep].abs().max().item() > 0
+    none = model.loss(tokens, loss_mask=torch.zeros(3, 12, dtype=torch.bool))
+    assert none["ce"].item() == 0

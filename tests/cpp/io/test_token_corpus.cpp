@@ -47,7 +47,7 @@ class Corpus : public moeyard_test::BadFiles {
     };
     for (int i = 0; i < n; ++i) {
       const uint64_t r = next(), pick = next();
-      const auto w = c.random_window(r, pick, 256);
+      const auto w = c.window(c.random_position(r, pick), 256);
       // Every window lies in one file: all its tokens are that file's.
       EXPECT_EQ(w.min().item<int64_t>(), w.max().item<int64_t>());
       count[w[0].item<int64_t>()] += 1.0 / n;

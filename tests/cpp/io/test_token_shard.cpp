@@ -69,6 +69,7 @@ TEST_F(TokenShardFile, VocabularyMustFitTheTokenWidth) {
   };
   for (const auto& c : std::vector<Case>{
            {2, 0, "vocabulary size 0 is impossible for 2-byte tokens"},
+           {1, 257, "vocabulary size 257 is impossible for 1-byte tokens"},
            {2, 65537, "vocabulary size 65537 is impossible for 2-byte"},
            {4, (1ull << 32) + 1, "expected 1 to 4294967296"},
            // Read as int64 this was negative and passed the model check.
@@ -92,7 +93,7 @@ TEST_F(TokenShardFile, BadHeadersAndNonFiles) {
   MOEYARD_EXPECT_FILE_ERROR(p, "version 2, expected 1", TokenShard{p});
   p = write("width.bin", header(3, 0, 256));
   MOEYARD_EXPECT_FILE_ERROR(
-      p, "bytes per token 3, expected 2 or 4", TokenShard{p});
+      p, "bytes per token 3, expected 1, 2 or 4", TokenShard{p});
   MOEYARD_EXPECT_FILE_ERROR(dir(), "not a regular file", TokenShard{dir()});
   MOEYARD_EXPECT_FILE_ERROR(
       dir() + "/none.bin", "cannot open", TokenShard{dir() + "/none.bin"});
