@@ -28,7 +28,7 @@ both shards a window is an error. --builtin uses the Python standard
 library's own source files, which every machine has.
 
 Shard format (little-endian, docs/training.md): 32-byte header
-  magic b"MOEYTOK1" | u32 version=1 | u32 bytes per token (2 or 4) |
+  magic b"MOEYTOK1" | u32 version=1 | u32 bytes per token (1, 2 or 4) |
   u64 token count | u64 vocabulary size
 followed by the tokens.
 """
@@ -227,9 +227,10 @@ class Chat(HF):
         super().__init__(path, eos)
         from transformers import AutoTokenizer
 
-        self.hf = AutoTokenizer.from_pretrained(os.path.dirname(path))
+        self.hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)))
         if not self.hf.chat_template:
-            fail(f"--chat: {os.path.dirname(path)} has no chat template (tokenizer_config.json chat_template)")
+            fail(f"--chat: {os.path.dirname(os.path.abspath(path))} has no chat template "
+                 "(tokenizer_config.json chat_template)")
 
     def render(self, messages, **kw):
         out = self.hf.apply_chat_template(messages, tokenize=True, **kw)
@@ -273,6 +274,8 @@ def write_part(path, stream, first, count, width, vocab):
         left = count
         while left:
             chunk = np.fromfile(src, dtype=dtype, count=min(left, COPY_TOKENS))
+            if chunk.size == 0:
+                fail(f"{stream} ended {left:,} tokens early (the disk full?)")
             chunk.tofile(out)
             left -= chunk.size
         out.flush()
@@ -306,6 +309,8 @@ def tokenize_to(stream, files, a, tok, width):
     def flush(out):
         nonlocal tokens
         for (ids, mask), end in zip(tok.encode_batch(batch), ends):
+            if ids.size == 0:  # an empty document (or block) adds nothing
+                continue
             if end and tok.eos is not None:
                 ids = np.append(ids, tok.eos)
                 mask = None if mask is None else np.append(mask, 0).astype(np.uint8)
@@ -364,7 +369,8 @@ def main(argv=None) -> None:
                     help="the training window (data.seq_len): each shard gets at least seq_len + 1 tokens "
                          "(default 128)")
     ap.add_argument("--max-bytes", type=int, default=0,
-                    help="stop reading after this many input characters, both shards together (0: all)")
+                    help="stop reading after this many input characters, both shards together; the last "
+                         "document may be cut there, without its EOS (0: all)")
     a = ap.parse_args(argv)
     if not 0.0 < a.valid_fraction < 1.0:
         fail(f"--valid-fraction must be in (0, 1), got {a.valid_fraction}")

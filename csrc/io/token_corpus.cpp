@@ -24,7 +24,12 @@ std::vector<std::string> expand(const std::string& pattern, const std::string& k
   const int rc = ::glob(pattern.c_str(), 0, nullptr, &g);
   std::vector<std::string> out;
   for (size_t i = 0; rc == 0 && i < g.gl_pathc; ++i) {
-    out.emplace_back(g.gl_pathv[i]);
+    const std::string p = g.gl_pathv[i];
+    const std::string mask = ".mask.bin"; // a shard's loss mask, not data
+    if (p.size() < mask.size() ||
+        p.compare(p.size() - mask.size(), mask.size(), mask) != 0) {
+      out.push_back(p);
+    }
   }
   globfree(&g);
   TORCH_CHECK(

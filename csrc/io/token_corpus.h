@@ -16,7 +16,9 @@
 namespace moeyard::io {
 
 struct CorpusSource {
-  std::string path; // a file or a glob (*, ?, [...]) of files
+  // A file or a glob (*, ?, [...]) of files; a glob leaves out loss masks
+  // (*.mask.bin), which belong to the shard beside them.
+  std::string path;
   double weight = 0; // the share of windows drawn from it (0: by windows)
 };
 
@@ -51,6 +53,10 @@ class TokenCorpus {
   // shard of 0/1 per token (scripts/prepare_data.py --chat).
   bool has_loss_masks() const {
     return has_masks_;
+  }
+  // File i's loss mask (null: none).
+  const TokenShard* mask_of_file(size_t i) const {
+    return masks_[i].get();
   }
   // The loss mask [seq_len] (int64 0/1) of window `position`: all ones in a
   // file without a mask.

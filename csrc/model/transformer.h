@@ -308,7 +308,8 @@ class TransformerImpl : public torch::nn::Module {
   // Next-token loss: predicts tokens[:, 1:] from tokens[:, :-1]; positions
   // whose target is padding, or 0 in loss_mask [B, S] (e.g. a chat's
   // prompt: trained on the answers only, attending to everything), are
-  // excluded (none left: a loss of 0); plus the weighted aux losses.
+  // excluded (a loss_mask leaving none: a loss of 0); plus the weighted aux
+  // losses.
   LossOutput loss(
       const at::Tensor& tokens,
       const at::Tensor& mask = {},

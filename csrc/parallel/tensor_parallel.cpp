@@ -148,7 +148,10 @@ struct VocabParallelKL : public torch::autograd::Function<VocabParallelKL> {
     const auto log_t = split_log_softmax(teacher, g);
     const auto p_t = log_t.exp();
     const auto kept = keep.to(student.scalar_type());
-    auto kl = ((p_t * (log_t - log_s)).sum(1) * kept).contiguous();
+    // Tokens the teacher rules out (p_t = 0, log_t = -inf) add nothing.
+    const auto terms =
+        at::where(p_t > 0, p_t * (log_t - log_s), at::zeros_like(p_t));
+    auto kl = (terms.sum(1) * kept).contiguous();
     if (g) {
       g->all_reduce_sum(kl);
     }

@@ -368,6 +368,12 @@ nlohmann::json corpus_fingerprint(const std::vector<std::string>& paths) {
 
 std::string fingerprint_difference(
     const nlohmann::json& was, const nlohmann::json& now) {
+  for (const char* k : {"weights", "raw_dtype"}) { // how files are sampled
+    if (was.value(k, nlohmann::json()) != now.value(k, nlohmann::json())) {
+      return std::string(k) + " " + was.value(k, nlohmann::json()).dump() +
+          " then, " + now.value(k, nlohmann::json()).dump() + " now";
+    }
+  }
   if (was.contains("files") || now.contains("files")) {
     const auto list = [](const nlohmann::json& j) {
       return j.contains("files") ? j.at("files") : nlohmann::json::array({j});

@@ -415,6 +415,8 @@ TrainConfig TrainConfig::parse(
     auto r = top.child("log");
     r.get("every", c.log.every, Range::at_least(1));
     r.get("metrics", c.log.metrics);
+    r.get("tensorboard", c.log.tensorboard);
+    r.get("peak_tflops", c.log.peak_tflops, Range::at_least(0));
     r.finish();
   }
   {

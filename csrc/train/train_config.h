@@ -113,6 +113,9 @@ struct CheckpointConfig {
 struct LogConfig {
   int64_t every = 10;
   std::string metrics = ""; // JSONL file ("" : <checkpoint.dir>/metrics.jsonl)
+  std::string tensorboard = ""; // TensorBoard event files' directory ("": off)
+  // The device's peak TFLOP/s for the progress line's MFU (0: not shown).
+  double peak_tflops = 0.0;
 };
 
 struct ParallelConfig {

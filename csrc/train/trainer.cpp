@@ -109,11 +109,19 @@ double Trainer::evaluate(
       l->capture_input = true;
     }
   }
-  double sum = 0, experts = 0;
+  // With loss masks batches count by their marked tokens (some may hold
+  // none); without, every batch has the same number.
+  double sum = 0, counted = 0, experts = 0;
   for (int64_t i = 0; i < cfg_.train.eval_batches; ++i) {
     const auto b = batch(*valid_, 0, i, false);
     const auto r = model_->loss(b.tokens, {}, b.loss_mask);
-    sum += r.ce.item<double>();
+    if (b.loss_mask.defined()) {
+      const double n = r.tokens.item<double>();
+      sum += r.ce.item<double>() * n;
+      counted += n;
+    } else {
+      sum += r.ce.item<double>();
+    }
     for (const auto& m : r.out.moe_layers) {
       experts += m.moe.real_experts_per_token.item<double>() /
                  static_cast<double>(r.out.moe_layers.size());
@@ -131,6 +139,10 @@ double Trainer::evaluate(
   model_->train();
   if (experts_per_token) {
     *experts_per_token = dp_mean(experts / cfg_.train.eval_batches);
+  }
+  if (valid_->has_loss_masks()) {
+    const double all = dp_mean(counted);
+    return all > 0 ? dp_mean(sum) / all : 0.0;
   }
   return dp_mean(sum / cfg_.train.eval_batches);
 }
@@ -220,6 +232,10 @@ RunResult Trainer::run(const RunOptions& options) {
   RunResult result;
   int64_t step = start(options);
   std::ofstream metrics; // rank 0 writes the metrics
+  if (layout_.rank == 0 && !cfg_.log.tensorboard.empty()) {
+    tensorboard_ = std::make_unique<EventWriter>(cfg_.log.tensorboard);
+    log::info("log.tensorboard: " + tensorboard_->path());
+  }
   if (layout_.rank == 0) {
     metrics.open(metrics_path_, std::ios::app);
   }
@@ -249,6 +265,9 @@ RunResult Trainer::run(const RunOptions& options) {
       metrics << rec.dump() << "\n";
       metrics.flush();
     }
+    if (tensorboard_) {
+      log_tensorboard(rec);
+    }
     log_progress(step, s, progress);
     if (s.stop_signal != 0) {
       stop_at(step, s);
@@ -264,6 +283,45 @@ RunResult Trainer::run(const RunOptions& options) {
   }
   result.steps_done = step;
   return result;
+}
+
+void Trainer::log_tensorboard(const json& rec) {
+  const int64_t step = rec.at("step").get<int64_t>();
+  auto& tb = *tensorboard_;
+  for (const auto& [k, v] : rec.items()) {
+    if (v.is_number() && k != "step") {
+      tb.scalar(k, v.get<double>(), step);
+    }
+  }
+  tb.scalar("tokens_per_s", tokens_per_step() / rec.at("step_s").get<double>(), step);
+  // Per MoE layer: its statistics, and the experts' loads as one image
+  // (a row per layer, white: the busiest expert of the step).
+  std::vector<std::vector<double>> loads;
+  double busiest = 0;
+  for (const auto& layer : rec.at("moe_layers")) {
+    const auto name = "layer" + std::to_string(layer.at("layer").get<int64_t>());
+    for (const auto& [k, v] : layer.items()) {
+      if (v.is_number() && k != "layer" && k != "top_k") {
+        tb.scalar("moe/" + k + "/" + name, v.get<double>(), step);
+      }
+    }
+    const auto counts = layer.at("tokens_per_expert").get<std::vector<double>>();
+    loads.push_back(counts);
+    for (const double c : counts) {
+      busiest = std::max(busiest, c);
+    }
+  }
+  if (!loads.empty() && (step % cfg_.log.every == 0 || step == cfg_.train.steps)) {
+    for (auto& row : loads) {
+      for (auto& c : row) {
+        c = busiest > 0 ? c / busiest : 0;
+      }
+    }
+    int64_t h = 0, w = 0;
+    const auto png = png_heatmap(loads, 16, &h, &w);
+    tb.image("moe/expert_load", png, h, w, step);
+  }
+  tb.flush();
 }
 
 json Trainer::step_record(int64_t step, const StepOutcome& s) const {
@@ -340,8 +398,7 @@ void Trainer::log_progress(
   if (step % std::max<int64_t>(cfg_.log.every, 1) != 0 && step != total) {
     return;
   }
-  const int64_t tokens_per_step = layout_.dp * cfg_.train.micro_batch *
-                                  cfg_.train.grad_accum * cfg_.data.seq_len;
+  const double tokens_per_step = this->tokens_per_step();
   const auto now = std::chrono::steady_clock::now();
   const double dt = std::chrono::duration<double>(now - p.last).count();
   const double elapsed = std::chrono::duration<double>(now - p.start).count();
@@ -363,14 +420,24 @@ void Trainer::log_progress(
   if (teacher_) {
     experts += log::format(" | kl %.4f", s.kl);
   }
+  // Model FLOPs: 6 per active parameter and token, plus the attention's.
+  const double tflops = flops_per_token_ * tps / 1e12;
+  const std::string mfu = cfg_.log.peak_tflops > 0
+      ? log::format(" (MFU %.1f%%)", 100 * tflops / cfg_.log.peak_tflops)
+      : "";
   log::info(log::format(
-      "step %5ld/%ld | loss %.4f | lr %.2e%s | %.0f tok/s | ETA %s",
+      "step %5ld/%ld | loss %.4f | lr %.2e%s | %.0f tok/s | %.3g TFLOP/s%s | "
+      "%.2fB params | mem %.0f MB | ETA %s",
       step,
       total,
       s.loss,
       s.lr,
       experts.c_str(),
       tps,
+      tflops,
+      mfu.c_str(),
+      total_params_ / 1e9,
+      util::rss_bytes() / 1e6,
       fmt_duration(eta).c_str()));
   p.last = now;
   p.logged_from = step;

@@ -14,7 +14,7 @@ namespace {
 // Student tensors a teacher may lack; they keep their init.
 bool new_in_student(const std::string& name) {
   for (const char* part : {".moe.critic_", ".moe.selection_bias",
-                           ".moe.noise_weight"}) {
+                           ".moe.noise_weight", ".moe.router.bias"}) {
     if (name.find(part) != std::string::npos) {
       return true;
     }
@@ -73,6 +73,19 @@ void Trainer::init_student_from_teacher() {
   }
   for (const auto& b : teacher_->named_buffers()) {
     theirs[b.key()] = b.value();
+  }
+  // A LoRA teacher's factors change what its base weights compute.
+  const auto mine = model_->named_parameters();
+  for (const auto& [name, t] : theirs) {
+    TORCH_CHECK(
+        !is_lora_parameter(name) || mine.contains(name),
+        "distill.init_student: the teacher (",
+        teacher_dir_,
+        ") has LoRA factors ('",
+        name,
+        "') the student lacks; export the teacher with them merged "
+        "(moeyard convert --to hf) and name that, or give the student the "
+        "same finetune.lora");
   }
   const int64_t E = cfg_.model.moe.num_experts;
   std::set<std::string> widened; // MoE layers whose null rows were added

@@ -38,6 +38,7 @@
 #include "util/memory.h"
 
 #include "train/run_dir.h"
+#include "train/tensorboard.h"
 #include "train/trainer.h"
 
 namespace moeyard::train::detail {
@@ -112,6 +113,7 @@ class Trainer {
   // The model is built with shapes only (meta): start() gives this rank's
   // pieces memory.
   Trainer(const TrainConfig& c) : cfg_(c), model_(shapes_only(c.model)) {
+    count_model_flops();
     if (cfg_.train.threads > 0) {
       at::set_num_threads(cfg_.train.threads);
     }
@@ -178,6 +180,26 @@ class Trainer {
     int64_t first_step = 0, logged_from = 0;
   };
 
+  // total_params_ and flops_per_token_ of the whole model (before it is
+  // cut into this rank's pieces): 6 FLOPs per active parameter (dense ones
+  // and top_k / E of the experts') and token, plus the causal attention's
+  // 6 x layers x hidden x seq_len.
+  void count_model_flops() {
+    double dense = 0, expert = 0;
+    for (const auto& p : model_->named_parameters()) {
+      (is_expert_parameter(p.key()) ? expert : dense) +=
+          static_cast<double>(p.value().numel());
+    }
+    total_params_ = dense + expert;
+    const auto& m = cfg_.model;
+    const double active = dense +
+        expert * static_cast<double>(m.moe.routing.top_k) /
+            static_cast<double>(std::max<int64_t>(m.moe.num_experts, 1));
+    flops_per_token_ = 6 * active +
+        6.0 * static_cast<double>(m.num_layers * m.hidden_size) *
+            static_cast<double>(cfg_.data.seq_len);
+  }
+
   // ---- The loop (trainer.cpp) ----
   // The metrics record of a finished step (skipped ones included).
   json step_record(int64_t step, const StepOutcome& s) const;
@@ -185,8 +207,18 @@ class Trainer {
   bool checkpoint_due(int64_t step) const;
   // The validation loss into `rec`, the result and the log.
   void evaluate_into(int64_t step, json& rec, RunResult& result);
-  // Every log.every steps and at the end: loss, lr, throughput, ETA.
+  // Every log.every steps and at the end: loss, lr, throughput, model
+  // TFLOP/s (and MFU with log.peak_tflops), parameters, memory, ETA.
   void log_progress(int64_t step, const StepOutcome& s, Progress& p) const;
+  // A step's metrics record into the TensorBoard event file: its numbers,
+  // per MoE layer moe/<statistic>/layer<i>, the expert loads as an image.
+  void log_tensorboard(const json& rec);
+  // Tokens of one optimizer step over every data-parallel rank.
+  double tokens_per_step() const {
+    return static_cast<double>(
+        layout_.dp * cfg_.train.micro_batch * cfg_.train.grad_accum *
+        cfg_.data.seq_len);
+  }
   // A stop requested by a signal: saves `step`, verifies it (rank 0), waits
   // for every rank.
   void stop_at(int64_t step, const StepOutcome& s);
@@ -409,6 +441,8 @@ class Trainer {
   // initialized the student when distill.kl_coeff is 0), and its directory.
   Transformer teacher_{nullptr};
   std::string teacher_dir_;
+  std::unique_ptr<EventWriter> tensorboard_; // rank 0 with log.tensorboard
+  double total_params_ = 0, flops_per_token_ = 0;
   RunOptions options_;
   std::string run_id_; // the run the checkpoints of this run belong to
   bool discard_others_ = false; // --overwrite, until the first commit

@@ -33,16 +33,30 @@ int64_t Trainer::start(const RunOptions& options) {
       log::warn("resume: " + note);
     }
   }
-  const auto paths = [](const io::TokenCorpus& c) {
-    std::vector<std::string> out;
-    for (const auto& f : c.files()) {
-      out.push_back(f->path());
+  // What is sampled: every file and loss mask, the mixture's weights, how
+  // raw files are read.
+  const auto fingerprint = [this](const io::TokenCorpus& c, bool train) {
+    std::vector<std::string> paths;
+    for (size_t i = 0; i < c.files().size(); ++i) {
+      paths.push_back(c.files()[i]->path());
+      if (const auto* m = c.mask_of_file(i)) {
+        paths.push_back(m->path());
+      }
     }
-    return out;
+    auto fp = run_dir::corpus_fingerprint(paths);
+    if (train && c.weighted()) {
+      for (const auto& s : cfg_.data.train) {
+        fp["weights"].push_back(s.weight);
+      }
+    }
+    if (!cfg_.data.raw_dtype.empty()) {
+      fp["raw_dtype"] = cfg_.data.raw_dtype;
+    }
+    return fp;
   };
-  data_fingerprint_ = {{"train", run_dir::corpus_fingerprint(paths(*train_))}};
+  data_fingerprint_ = {{"train", fingerprint(*train_, true)}};
   if (valid_) {
-    data_fingerprint_["valid"] = run_dir::corpus_fingerprint(paths(*valid_));
+    data_fingerprint_["valid"] = fingerprint(*valid_, false);
   }
   // Where the weights come from: a checkpoint of any layout, a Hugging
   // Face checkpoint or a fresh init (load_weights, after the checks).

@@ -158,7 +158,7 @@ def test_jsonl_parquet_and_datasets_give_the_same_documents(tmp_path):
 
 
 @pytest.mark.parametrize("content,args,match", [
-    ('{"text": "a"}\n{"body": "b"}\n', [], r"c.jsonl:2: no string field 'text' \(--field\); the line has \['body'\]"),
+    ('{"text": "a"}\n{"body": "b"}\n', [], r"c.jsonl:2: no field 'text' \(--field\) holding a string or a conversation; the line has \['body'\]"),
     ('{"text": "a"}\nnot json\n', [], r"c.jsonl:2: not JSON"),
     ('{"text": "a"}\n', ["--eos", "<nope>"], r"--eos <nope> is neither a token of .* nor an id below"),
 ])

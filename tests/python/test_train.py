@@ -405,3 +405,41 @@ def test_loss_mask_in_python_leaves_masked_positions_without_gradient():
     assert g[:, :-1][~keep].abs().max().item() == 0 and g[:, :-1][keep].abs().max().item() > 0
     none = model.loss(tokens, loss_mask=torch.zeros(3, 12, dtype=torch.bool))
     assert none["ce"].item() == 0
+
+
+def test_tensorboard_event_files_hold_the_metrics(tmp_path, shards):
+    """log.tensorboard: TensorBoard's own reader finds every number of
+    metrics.jsonl at its step (per MoE layer under moe/<stat>/layer<i>), the
+    throughput, and the expert-load heatmap as a PNG of one row of cells per
+    MoE layer. The progress line shows TFLOP/s, MFU, parameters and memory."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    r = data_run(tmp_path, shards, "run", "--set", f"log.tensorboard={tb}", "--set", "log.every=1",
+                 "--set", "log.peak_tflops=100")
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = re.compile(r"tok/s \| [\d.e+-]+ TFLOP/s \(MFU [\d.]+%\) \| [\d.]+B params \| mem \d+ MB")
+    assert line.search(r.stdout + r.stderr), r.stdout[-1500:]
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    tags = acc.Tags()["scalars"]
+    for rec in records:
+        for key in ("loss", "ce", "lr", "grad_norm"):
+            got = {e.step: e.value for e in acc.Scalars(key)}
+            assert got[rec["step"]] == pytest.approx(rec[key], rel=1e-6)
+        for layer in rec["moe_layers"]:
+            got = {e.step: e.value for e in acc.Scalars(f"moe/real_experts_per_token/layer{layer['layer']}")}
+            assert got[rec["step"]] == pytest.approx(layer["real_experts_per_token"], rel=1e-6)
+    assert "tokens_per_s" in tags
+    images = acc.Images("moe/expert_load")
+    assert [i.step for i in images] == [rec["step"] for rec in records]
+    img = Image.open(io.BytesIO(images[-1].encoded_image_string))
+    layers, experts = len(records[-1]["moe_layers"]), len(records[-1]["moe_layers"][0]["tokens_per_expert"])
+    assert img.size == (experts * 16, layers * 16) and img.mode == "L"
+    counts = records[-1]["moe_layers"][0]["tokens_per_expert"]
+    busiest = max(max(layer["tokens_per_expert"]) for layer in records[-1]["moe_layers"])
+    assert [img.getpixel((16 * e + 8, 8)) for e in range(experts)] == [round(c / busiest * 255) for c in counts]

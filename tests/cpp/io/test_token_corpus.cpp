@@ -82,6 +82,20 @@ TEST_F(Corpus, WeightsSetTheSourcesShares) {
   EXPECT_NEAR(s.at(2), 0.75, 0.02);
 }
 
+TEST_F(Corpus, GlobsLeaveLossMasksToTheirShards) {
+  write("m.bin", shard(50, 3));
+  std::string mask = "MOEYTOK1" + le(1, 4) + le(1, 4) + le(50, 8) + le(2, 8);
+  for (int i = 0; i < 50; ++i) {
+    mask += static_cast<char>(i % 2);
+  }
+  write("m.mask.bin", mask);
+  TokenCorpus c({{dir() + "/m*.bin", 0}}, 0, 4, "data.train");
+  ASSERT_EQ(c.files().size(), 1u);
+  EXPECT_TRUE(c.has_loss_masks());
+  EXPECT_EQ(c.loss_mask(1)[0].item<int64_t>(), 1);
+  EXPECT_EQ(c.loss_mask(2)[0].item<int64_t>(), 0);
+}
+
 TEST_F(Corpus, ErrorsNameTheKeyAndFile) {
   const auto a = write("a.bin", shard(100, 1));
   const auto r = write("r.bin", raw(50, 1));

@@ -117,9 +117,9 @@ TEST(Tokenizer, ErrorsNameFileFieldAndValue) {
       R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}})",
       "model.merges[0]");
   expect_error(
-      R"({"normalizer": {"type": "NFKC"},
+      R"({"normalizer": {"type": "Lowercase"},
           "model": {"type": "BPE", "vocab": {}, "merges": []}})",
-      "normalizer.type: unsupported normalizer \"NFKC\"");
+      "normalizer.type: unsupported normalizer \"Lowercase\"");
   EXPECT_THROW(
       Tokenizer::from_file("/nonexistent/tokenizer.json"), std::runtime_error);
 }
