@@ -36,6 +36,8 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", build_dir, "-j", str(os.cpu_count() or 2)])
         os.makedirs(os.path.join(out_dir, "bin"), exist_ok=True)
         shutil.copy2(os.path.join(build_dir, "moeyard"), os.path.join(out_dir, "bin", "moeyard"))
+        # The shipped configs, found by moeyard.configs_dir().
+        shutil.copytree(os.path.join(ROOT, "configs"), os.path.join(out_dir, "configs"), dirs_exist_ok=True)
 
 
 setup(
@@ -46,7 +48,8 @@ setup(
     packages=find_packages("python"),
     ext_modules=[Extension("moeyard._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
-    entry_points={"console_scripts": ["moeyard=moeyard.cli:main"]},
+    entry_points={"console_scripts": ["moeyard=moeyard.cli:main", "moeyard-prepare=moeyard.prepare_data:main"]},
     python_requires=">=3.10",
-    install_requires=["torch"],
+    install_requires=["torch", "numpy", "tqdm"],
+    extras_require={"data": ["tokenizers", "datasets", "transformers"]},
 )

@@ -55,16 +55,7 @@ if(NOT _torch_cuda_major STREQUAL CUDAToolkit_VERSION_MAJOR)
     "${CUDAToolkit_VERSION}; install a torch whose CUDA major version matches")
 endif()
 
-add_library(torch::cuda INTERFACE IMPORTED)
-target_link_libraries(torch::cuda INTERFACE
-  torch::cpu "${_path_torch_cuda}" "${_path_c10_cuda}" CUDA::cudart CUDA::cublas)
-# libtorch_cuda needs the CUDA libraries of the nvidia-* wheels (NCCL, cuDNN,
-# ...): let the linker find them there rather than older system copies.
-get_filename_component(_site "${TORCH_ROOT}/.." ABSOLUTE)
-file(GLOB _nv_lib_dirs LIST_DIRECTORIES true "${_site}/nvidia/*/lib")
-foreach(_d ${_nv_lib_dirs})
-  target_link_options(torch::cuda INTERFACE "LINKER:-rpath-link,${_d}")
-endforeach()
+include("${CMAKE_CURRENT_LIST_DIR}/TorchCudaTarget.cmake")
 set(MOEYARD_CUDA ON)
 message(STATUS "moeyard: CUDA kernels on (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, "
   "torch CUDA ${TORCH_CUDA_VERSION}, archs ${CMAKE_CUDA_ARCHITECTURES})")

@@ -62,3 +62,45 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no GPU found" in r.stdout
     assert not (tmp_path / "out").exists()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD = os.environ.get("MOEYARD_BUILD_DIR", os.path.join(ROOT, "build"))
+
+
+def test_find_package_from_another_cmake_project(tmp_path):
+    """`cmake --install` of this build, then a project outside moeyard
+    finds it (find_package(moeyard), moeyard::moeyard), compiles against
+    its headers, links and runs its ops and model."""
+    import sys
+
+    prefix = tmp_path / "prefix"
+    subprocess.run(["cmake", "--install", BUILD, "--prefix", str(prefix)], check=True, capture_output=True)
+    assert (prefix / "lib" / "cmake" / "moeyard" / "moeyardConfig.cmake").exists()
+    assert (prefix / "include" / "moeyard" / "model" / "transformer.h").exists()
+    build = tmp_path / "consumer"
+    configure = subprocess.run(
+        ["cmake", "-S", os.path.join(ROOT, "tests", "cmake_consumer"), "-B", str(build), "-G", "Ninja",
+         f"-DCMAKE_PREFIX_PATH={prefix}", f"-DPython3_EXECUTABLE={sys.executable}"],
+        capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    made = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    run = subprocess.run([str(build / "consumer")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
+    gate_up = torch.arange(12, dtype=torch.float32).reshape(2, 6) / 10
+    assert float(got["swiglu_sum"]) == pytest.approx(moeyard.ops.swiglu(gate_up).sum().item(), rel=1e-6)
+    assert got["logits"] == "1 5 256"
+
+
+def test_import_refuses_another_torch():
+    """The package names the torch it was built against when another is
+    installed (here: torch's version string changed before the import)."""
+    import sys
+
+    code = "import torch; torch.__version__ = '0.0.1'; import moeyard"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"moeyard was built against torch {torch.__version__} but torch 0.0.1 is installed" in r.stderr, \
+        r.stderr[-1500:]
