@@ -281,3 +281,50 @@ def test_dropless_capacity_utilization_ignores_padding():
     mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], 1)
     for s in m(t, mask)["moe_layers"]:
         torch.testing.assert_close(s["capacity_utilization"], torch.tensor(1.0))
+
+
+def test_transformer_is_an_nn_module_sharing_the_native_tensors():
+    """moeyard.Transformer is a torch.nn.Module whose parameters are the C++
+    model's own tensors: a parent module lists them, an optimizer's update
+    changes the C++ forward, hooks fire, state_dict round-trips, .to(device)
+    works and a dtype conversion is refused with the reason."""
+    import torch
+
+    import moeyard
+
+    cfg = {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "ffn_size": 64, "max_seq_len": 16,
+           "moe": {"num_experts": 4, "top_k": 2}}
+    torch.manual_seed(0)
+    m = moeyard.Transformer(cfg)
+    assert isinstance(m, torch.nn.Module)
+    names = [n for n, _ in m._impl.named_parameters()]
+    assert [n for n, _ in m.named_parameters()] == names
+    assert all(isinstance(p, torch.nn.Parameter) for p in m.parameters())
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = m
+            self.head = torch.nn.Linear(2, 2)
+
+    holder = Holder()
+    assert {n for n, _ in holder.named_parameters()} == {f"lm.{n}" for n in names} | {"head.weight", "head.bias"}
+    tokens = torch.randint(0, 64, (2, 10))
+    seen = []
+    m.register_forward_hook(lambda mod, args, out: seen.append(out["logits"].shape))
+    before = m(tokens)["logits"].detach().clone()
+    assert seen == [before.shape]
+    opt = torch.optim.AdamW(holder.parameters(), lr=1e-2)
+    m.loss(tokens)["loss"].backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if "embed" in n)
+    opt.step()
+    after = m(tokens)["logits"].detach()
+    assert not torch.equal(before, after)  # the C++ forward sees the update
+    other = moeyard.Transformer(cfg)
+    other.load_state_dict(m.state_dict())
+    torch.testing.assert_close(other(tokens)["logits"], after)
+    assert m.to("cpu") is m and m.cpu() is m
+    with pytest.raises(TypeError, match=r"keeps each tensor's dtype .*set the model's dtype in its config"):
+        m.to(torch.float64)
+    m.zero_grad()
+    assert all(p.grad is None for p in m.parameters())
