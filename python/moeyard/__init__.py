@@ -21,6 +21,7 @@ from . import ops
 from .model import Transformer
 from .train import train
 from .nn import MoE, MoEResult
+from .hf import patch_hf_model
 
 __version__ = _C.__version__
 
@@ -35,4 +36,4 @@ def configs_dir() -> str:
     return installed if os.path.isdir(installed) else os.path.join(here, "..", "..", "configs")
 
 
-__all__ = ["MoE", "MoEResult", "Transformer", "configs_dir", "ops", "train", "__version__"]
+__all__ = ["MoE", "MoEResult", "Transformer", "configs_dir", "ops", "patch_hf_model", "train", "__version__"]

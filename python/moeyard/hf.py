@@ -1,0 +1,89 @@
+"""A bridge to ``transformers``: moeyard's ops run the experts of a loaded
+Hugging Face MoE model.
+
+``patch_hf_model(model)`` registers moeyard as an experts implementation of
+transformers' ``ExpertsInterface`` and selects it on ``model``: every
+experts module (the ``@use_experts_implementation`` classes of Mixtral,
+Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, ...) then computes with
+``route_plan``, ``permute``, ``grouped_mm`` (over each expert's rows only),
+``swiglu`` and ``unpermute``, on the model's own weights (shared, not
+copied). The router stays the model's, so the picks, and the logits up to
+rounding, are the unpatched model's.
+"""
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+NAME = "moeyard"
+
+
+def _expert_of_rows(counts: Tensor, rows: int) -> Tensor:
+    """The expert of each of `rows` expert-contiguous rows."""
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                   output_size=rows)
+
+
+def _weight(w: Tensor, transposed: bool) -> Tensor:
+    # grouped_mm takes [E, out, in]; transposed layouts store [E, in, out].
+    return w.transpose(1, 2) if transposed else w
+
+
+def experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """transformers' experts call (hidden [T, H], top-k indices and weights
+    [T, K]) through moeyard's ops. Indices outside [0, E) (expert-parallel
+    sentinels) make no row."""
+    E = self.num_experts
+    index = top_k_index.long()
+    index = torch.where((index >= 0) & (index < E), index, -1)
+    weights = top_k_weights.float()
+    row_token, slot, offsets, counts = ops.route_plan(index, weights, E)
+    rows = ops.permute(hidden_states, row_token)
+    row_expert = _expert_of_rows(counts, int(offsets[-1])) if self.has_bias else None
+
+    def project(x, weight, bias):
+        y = ops.grouped_mm(x, _weight(weight, self.is_transposed).to(x.dtype), offsets)
+        if bias is not None:
+            filled = row_expert.numel()
+            y = torch.cat([y[:filled] + bias[row_expert].to(y.dtype), y[filled:]])
+        return y
+
+    up = self.gate_up_proj if self.has_gate else self.up_proj
+    up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
+    h = project(rows, up, up_bias)
+    if not self.has_gate:
+        act = self.act_fn(h)
+    elif _plain_swiglu(self):
+        act = ops.swiglu(h, offsets)
+    else:  # the model's own gate (GPT-OSS's clamped, interleaved SwiGLU)
+        act = self._apply_gate(h)
+    out = project(act, self.down_proj, self.down_proj_bias if self.has_bias else None)
+    if getattr(self, "has_post_expert_norm", False):
+        out = self.post_expert_norm(out)
+    return ops.unpermute(out, slot, weights).to(hidden_states.dtype)
+
+
+def _plain_swiglu(experts) -> bool:
+    """Whether the module's gate is silu(gate) * up on [gate; up] halves."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    gate = getattr(type(experts), "_apply_gate", None)
+    act = getattr(experts, "act_fn", None)
+    return (getattr(experts, "is_concatenated", True) and gate in (None, _default_apply_gate)
+            and isinstance(act, torch.nn.SiLU))
+
+
+def patch_hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Runs the experts of a loaded transformers MoE model with moeyard's ops
+    (returns the model). Raises a ValueError naming the model when it has no
+    experts module that takes an experts implementation."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(NAME, experts_forward)
+    experts = [m for m in model.modules() if hasattr(m, "is_concatenated") and hasattr(m, "num_experts")]
+    if not experts or not hasattr(model, "set_experts_implementation"):
+        raise ValueError(f"patch_hf_model: {type(model).__name__} has no experts module that takes an experts "
+                         "implementation (transformers' @use_experts_implementation)")
+    model.set_experts_implementation(NAME)
+    return model
