@@ -155,6 +155,7 @@ json Trainer::manifest_state(int64_t step) const {
       {"config", cfg_.text},
       {"resolved_config", cfg_.resolved},
       {"data", data_fingerprint_},
+      {"teacher", teacher_dir_}, // the checkpoint distill.teacher resolved to
       {"data_position", step},
       {"trainer_state",
        {{"bad_in_row", bad_in_row_},

@@ -62,6 +62,21 @@ void Trainer::load_teacher() {
     p.set_requires_grad(false);
   }
   teacher_dir_ = src.dir;
+  // A run directory's `latest` may move while ranks resolve it: every rank
+  // must hold the same teacher (compared by a hash of the path).
+  if (distributed()) {
+    const auto h = static_cast<double>(
+        std::hash<std::string>{}(teacher_dir_) % (uint64_t(1) << 52));
+    auto both = at::tensor({h, -h}, at::kDouble);
+    world_->all_reduce_max(both);
+    TORCH_CHECK(
+        both[0].item<double>() == -both[1].item<double>(),
+        "distill.teacher (",
+        cfg_.distill.teacher,
+        "): the ranks resolved different checkpoints (this one ",
+        teacher_dir_,
+        "); name a step directory");
+  }
   log::info("distill.teacher: " + teacher_dir_ + " (frozen)");
 }
 

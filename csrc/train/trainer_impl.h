@@ -441,6 +441,7 @@ class Trainer {
   // initialized the student when distill.kl_coeff is 0), and its directory.
   Transformer teacher_{nullptr};
   std::string teacher_dir_;
+  std::string teacher_of_start_; // the resumed checkpoint's teacher ("": none)
   std::unique_ptr<EventWriter> tensorboard_; // rank 0 with log.tensorboard
   double total_params_ = 0, flops_per_token_ = 0;
   RunOptions options_;

@@ -67,6 +67,7 @@ int64_t Trainer::start(const RunOptions& options) {
     manifest = io::read_manifest(begin.from); // SHA-256 of every file
     step = manifest.at("step").get<int64_t>();
     check_resume_compatible(manifest, begin.from);
+    teacher_of_start_ = manifest.value("teacher", std::string());
     run_id_ = manifest.value("run_id", std::string("legacy"));
     const auto& st = manifest.value("trainer_state", json::object());
     bad_in_row_ = st.value("bad_in_row", int64_t(0));
@@ -118,6 +119,12 @@ int64_t Trainer::start(const RunOptions& options) {
   discard_others_ = overwrite && !newer.empty();
   if (cfg_.distill.enabled()) {
     load_teacher();
+    if (!teacher_of_start_.empty() && teacher_of_start_ != teacher_dir_) {
+      log::warn(
+          "distill.teacher resolves to " + teacher_dir_ +
+          " now; the checkpoint resumed was trained against " +
+          teacher_of_start_);
+    }
   }
   load_weights(begin.from);
   if (teacher_ && cfg_.distill.kl_coeff == 0) {

@@ -212,3 +212,17 @@ def test_plan_counts_the_teacher(tmp_path, shards, teacher):
     assert plan("--set", "parallel.expert_parallel=2", "--set", "train.micro_batch=4")["teacher"] == \
         dense + expert // 2 + logits
     assert plan("--set", "distill.kl_coeff=0", "--set", "distill.ce_coeff=1")["teacher"] == 0
+
+
+def test_checkpoints_record_the_teacher_and_resume_says_when_it_moved(tmp_path, shards, teacher):
+    """The manifest names the checkpoint distill.teacher resolved to; a
+    resume against another one (a copy here) says so."""
+    train_student(tmp_path, shards, teacher, "s", "--set", "moe.null_experts=4")
+    manifest = json.loads((tmp_path / "s" / "step_6" / "manifest.json").read_text())
+    assert manifest["teacher"] == str(teacher / "step_6")
+    shutil.copytree(teacher, tmp_path / "moved")
+    shutil.rmtree(tmp_path / "s" / "step_6")
+    (tmp_path / "s" / "latest").write_text("step_3\n")
+    cfg, *args = student(tmp_path, shards, tmp_path / "moved", "s", "--set", "moe.null_experts=4")
+    r = train(cfg, *args, "--resume", "auto")
+    assert f"the checkpoint resumed was trained against {teacher / 'step_6'}" in r.stdout + r.stderr
