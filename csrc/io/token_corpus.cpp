@@ -16,7 +16,8 @@ bool is_glob(const std::string& p) {
 }
 
 // A glob's matches, sorted; errors name the key and the pattern.
-std::vector<std::string> expand(const std::string& pattern, const std::string& key) {
+std::vector<std::string> expand(
+    const std::string& pattern, const std::string& key) {
   if (!is_glob(pattern)) {
     return {pattern};
   }
@@ -33,13 +34,19 @@ std::vector<std::string> expand(const std::string& pattern, const std::string& k
   }
   globfree(&g);
   TORCH_CHECK(
-      !out.empty(), "config: ", key, ": the glob '", pattern, "' matches no file");
+      !out.empty(),
+      "config: ",
+      key,
+      ": the glob '",
+      pattern,
+      "' matches no file");
   std::sort(out.begin(), out.end());
   return out;
 }
 
 // <name>.mask.bin beside <name>.bin: one 0/1 per token of the file.
-std::unique_ptr<TokenShard> mask_of(const TokenShard& f, const std::string& key) {
+std::unique_ptr<TokenShard> mask_of(
+    const TokenShard& f, const std::string& key) {
   const auto& p = f.path();
   const std::string suffix = ".bin";
   if (p.size() < suffix.size() ||
@@ -78,8 +85,10 @@ TokenCorpus::TokenCorpus(
     const std::string& key)
     : seq_len_(seq_len) {
   TORCH_CHECK(!sources.empty(), "config: ", key, " names no file");
-  const auto weighted = std::count_if(
-      sources.begin(), sources.end(), [](const auto& s) { return s.weight > 0; });
+  const auto weighted =
+      std::count_if(sources.begin(), sources.end(), [](const auto& s) {
+        return s.weight > 0;
+      });
   TORCH_CHECK(
       weighted == 0 || weighted == static_cast<int64_t>(sources.size()),
       "config: ",
@@ -166,7 +175,7 @@ int64_t TokenCorpus::random_position(uint64_t r, uint64_t pick) const {
     u -= s.weight;
   }
   return chosen->first_window +
-      static_cast<int64_t>(r % static_cast<uint64_t>(chosen->windows));
+         static_cast<int64_t>(r % static_cast<uint64_t>(chosen->windows));
 }
 
 } // namespace moeyard::io

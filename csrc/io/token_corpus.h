@@ -25,8 +25,8 @@ struct CorpusSource {
 class TokenCorpus {
  public:
   // The files of every source (a glob's matches in sorted order), each
-  // longer than `seq_len` (a window of seq_len tokens); `raw_width`: bytes per token
-  // of files without a header (0: none allowed). `key` names the config
+  // longer than `seq_len` (a window of seq_len tokens); `raw_width`: bytes per
+  // token of files without a header (0: none allowed). `key` names the config
   // field in errors: a glob matching nothing, a file too short, weights
   // given to some sources only.
   TokenCorpus(

@@ -10,7 +10,8 @@ namespace moeyard::io {
 // A file smaller than the header is not mapped: parse_token_shard reports
 // its size without reading it.
 TokenShard::TokenShard(const std::string& path, uint32_t raw_width)
-    : path_(path), file_(path, "token shard", raw_width > 0 ? 0 : kTokenShardHeaderBytes) {
+    : path_(path),
+      file_(path, "token shard", raw_width > 0 ? 0 : kTokenShardHeaderBytes) {
   const uint8_t* p = file_.data();
   TokenShardHeader h;
   try {

@@ -19,14 +19,18 @@ uint64_t load_le(const uint8_t* p, int bytes) {
 
 bool has_token_shard_magic(const uint8_t* data, size_t size) {
   return data != nullptr && size >= sizeof(kMagic) &&
-      std::memcmp(data, kMagic, sizeof(kMagic)) == 0;
+         std::memcmp(data, kMagic, sizeof(kMagic)) == 0;
 }
 
 TokenShardHeader raw_token_file(
     size_t size, uint32_t width, const std::string& path) {
   if (width != 2 && width != 4) {
     format_error(
-        "raw token file ", path, ": ", width, " bytes per token, expected 2 or 4");
+        "raw token file ",
+        path,
+        ": ",
+        width,
+        " bytes per token, expected 2 or 4");
   }
   if (size % width != 0) {
     format_error(

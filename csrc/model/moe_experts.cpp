@@ -28,22 +28,15 @@ at::Tensor add_expert_bias(
   return h + bias.to(h.scalar_type()).index_select(0, row_expert);
 }
 
-// GPT-OSS's clamped SwiGLU on the [gate | up] rows the offsets span; the
-// padding rows are zero, as ops::swiglu's (the offsets are read on the
-// host, as grouped_mm reads them).
-at::Tensor clamped_swiglu(
-    const at::Tensor& h, const at::Tensor& offsets, double alpha, double limit) {
-  const auto off = offsets.to(at::kCPU);
-  const int64_t lo = off[0].item<int64_t>(), hi = off[-1].item<int64_t>();
+// GPT-OSS's clamped SwiGLU on [gate | up] rows: an elementwise ATen
+// expression over every row (no host read of the offsets); the padding
+// rows' values are never read (the next grouped_mm and unpermute skip
+// them).
+at::Tensor clamped_swiglu(const at::Tensor& h, double alpha, double limit) {
   const int64_t F = h.size(-1) / 2;
-  const auto rows = h.narrow(0, lo, hi - lo);
-  const auto gate = rows.narrow(-1, 0, F).clamp_max(limit);
-  const auto up = rows.narrow(-1, F, F).clamp(-limit, limit);
-  const auto act = (up + 1) * (gate * at::sigmoid(gate * alpha));
-  if (hi - lo == h.size(0)) {
-    return act;
-  }
-  return at::constant_pad_nd(act, {0, 0, lo, h.size(0) - hi});
+  const auto gate = h.narrow(-1, 0, F).clamp_max(limit);
+  const auto up = h.narrow(-1, F, F).clamp(-limit, limit);
+  return (up + 1) * (gate * at::sigmoid(gate * alpha));
 }
 
 // One expert projection of the rows: grouped_mm with the base weight (cast
@@ -87,7 +80,7 @@ at::Tensor local_experts(
     h = add_expert_bias(h, w.b_gate_up, row_expert);
   }
   auto act = o.activation == "clamped_swiglu"
-                 ? clamped_swiglu(h, offsets, o.swiglu_alpha, o.swiglu_limit)
+                 ? clamped_swiglu(h, o.swiglu_alpha, o.swiglu_limit)
                  : ops::swiglu(h, offsets);
   if (o.training && o.expert_dropout > 0) {
     act = at::dropout(act, o.expert_dropout, /*train=*/true);

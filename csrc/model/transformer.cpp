@@ -296,6 +296,20 @@ void TransformerImpl::init_weights(double std) {
 
 namespace {
 
+// A [B, S] mask (nonzero = counts) must have the tokens' shape; undefined
+// is none.
+void check_token_mask(
+    const at::Tensor& m, const at::Tensor& tokens, const char* name) {
+  TORCH_CHECK(
+      !m.defined() || m.sizes() == tokens.sizes(),
+      "Transformer: ",
+      name,
+      " must have the shape of tokens ",
+      tokens.sizes(),
+      ", got ",
+      m.defined() ? m.sizes() : at::IntArrayRef{});
+}
+
 // [B, 1, S, S] bool: causal, sliding window, key padding; a query always
 // sees itself so that padding rows stay finite.
 at::Tensor attention_mask(
@@ -353,14 +367,7 @@ at::Tensor TransformerImpl::hidden(
       " ",
       tokens.sizes());
   const int64_t B = tokens.size(0), S = tokens.size(1);
-  if (mask.defined()) {
-    TORCH_CHECK(
-        mask.sizes() == tokens.sizes(),
-        "Transformer: mask must have the shape of tokens ",
-        tokens.sizes(),
-        ", got ",
-        mask.sizes());
-  }
+  check_token_mask(mask, tokens, "mask");
   auto x = embed_tokens(tokens);
   // One mask per distinct window (full and sliding layers), built once.
   std::vector<std::pair<int64_t, at::Tensor>> masks;
@@ -388,7 +395,9 @@ at::Tensor TransformerImpl::hidden(
 }
 
 LossOutput TransformerImpl::loss(
-    const at::Tensor& tokens, const at::Tensor& mask, const at::Tensor& loss_mask) {
+    const at::Tensor& tokens,
+    const at::Tensor& mask,
+    const at::Tensor& loss_mask) {
   LossOutput r;
   const auto x = hidden(tokens, mask, r.out);
   // Under tensor parallelism out.logits holds this rank's vocabulary columns.
@@ -397,14 +406,9 @@ LossOutput TransformerImpl::loss(
   const auto logits = r.out.logits.narrow(1, 0, S - 1).reshape({-1, V});
   auto target = tokens.narrow(1, 1, S - 1).reshape({-1});
   r.keep = at::ones_like(target, target.options().dtype(at::kBool));
+  check_token_mask(loss_mask, tokens, "loss_mask"); // mask: in hidden()
   for (const auto& m : {mask, loss_mask}) {
     if (m.defined()) {
-      TORCH_CHECK(
-          m.sizes() == tokens.sizes(),
-          "Transformer: a mask must have the shape of tokens ",
-          tokens.sizes(),
-          ", got ",
-          m.sizes());
       r.keep = r.keep & m.narrow(1, 1, S - 1).reshape({-1}).to(at::kBool);
     }
   }
@@ -418,7 +422,8 @@ LossOutput TransformerImpl::loss(
                .sum() /
            r.tokens.clamp_min(1);
   } else if (loss_mask.defined()) { // a batch may hold no answer token
-    r.ce = at::cross_entropy_loss(logits, target, {}, at::Reduction::Sum, -100) /
+    r.ce =
+        at::cross_entropy_loss(logits, target, {}, at::Reduction::Sum, -100) /
         r.tokens.clamp_min(1);
   } else {
     r.ce =

@@ -44,12 +44,13 @@ void Tokenizer::Impl::parse_normalizer(
       parse_normalizer(
           list[i], field + ".normalizers[" + std::to_string(i) + "]");
     }
-  } else if (type == "NFC" || type == "NFD" || type == "NFKC" ||
-             type == "NFKD") {
+  } else if (
+      type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD") {
     // Canonical (compatibility with K) decomposition, then composition
     // for the C forms; utf8proc's STABLE keeps unassigned code points.
     int form = UTF8PROC_STABLE;
-    form |= type[type.size() - 1] == 'C' ? UTF8PROC_COMPOSE : UTF8PROC_DECOMPOSE;
+    form |=
+        type[type.size() - 1] == 'C' ? UTF8PROC_COMPOSE : UTF8PROC_DECOMPOSE;
     form |= type.size() == 4 ? UTF8PROC_COMPAT : 0;
     normalizers.push_back({Norm::kUnicode, type, {}, form});
   } else if (type == "Prepend") {

@@ -274,9 +274,9 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
       for (const auto& p : teacher->named_parameters()) {
         const auto where = placement_of(*teacher, l, p.key());
         rp.teacher += p.value().nbytes() /
-            (where == parallel::Placement::kTensorParallel ? l.tp
-                 : where == parallel::Placement::kExpert   ? l.ep
-                                                           : 1);
+                      (where == parallel::Placement::kTensorParallel ? l.tp
+                       : where == parallel::Placement::kExpert       ? l.ep
+                                                                     : 1);
       }
       rp.teacher += T * V * (4 + 4);
     }

@@ -371,7 +371,7 @@ std::string fingerprint_difference(
   for (const char* k : {"weights", "raw_dtype"}) { // how files are sampled
     if (was.value(k, nlohmann::json()) != now.value(k, nlohmann::json())) {
       return std::string(k) + " " + was.value(k, nlohmann::json()).dump() +
-          " then, " + now.value(k, nlohmann::json()).dump() + " now";
+             " then, " + now.value(k, nlohmann::json()).dump() + " now";
     }
   }
   if (was.contains("files") || now.contains("files")) {
@@ -381,13 +381,13 @@ std::string fingerprint_difference(
     const auto a = list(was), b = list(now);
     if (a.size() != b.size()) {
       return std::to_string(a.size()) + " files then, " +
-          std::to_string(b.size()) + " now";
+             std::to_string(b.size()) + " now";
     }
     for (size_t i = 0; i < a.size(); ++i) {
       const auto why = fingerprint_difference(a[i], b[i]);
       if (!why.empty()) {
         return "file " + std::to_string(i + 1) + " (" +
-            b[i].value("path", std::string()) + "): " + why;
+               b[i].value("path", std::string()) + "): " + why;
       }
     }
     return "";

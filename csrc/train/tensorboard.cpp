@@ -11,7 +11,8 @@
 namespace moeyard::train {
 namespace {
 
-// ---- checksums ----------------------------------------------------------------
+// ---- checksums
+// ----------------------------------------------------------------
 
 // A reflected CRC-32 table for `poly`.
 std::array<uint32_t, 256> crc_table(uint32_t poly) {
@@ -73,7 +74,8 @@ void fixed_field(std::string& s, int field, T v) {
 }
 
 // Event {wall_time = 1, step = 2, file_version = 3 | summary = 5}.
-std::string event(int64_t step, const std::string& summary_or_version, bool version) {
+std::string event(
+    int64_t step, const std::string& summary_or_version, bool version) {
   std::string e;
   const double now = std::chrono::duration<double>(
                          std::chrono::system_clock::now().time_since_epoch())
@@ -123,8 +125,8 @@ EventWriter::EventWriter(const std::string& dir) {
                         std::chrono::system_clock::now().time_since_epoch())
                         .count();
   path_ = (std::filesystem::path(dir) /
-           ("events.out.tfevents." + std::to_string(secs) + "." + host +
-            "." + std::to_string(getpid()) + ".moeyard"))
+           ("events.out.tfevents." + std::to_string(secs) + "." + host + "." +
+            std::to_string(getpid()) + ".moeyard"))
               .string();
   out_.open(path_, std::ios::binary | std::ios::app);
   TORCH_CHECK(out_, "log.tensorboard: cannot write ", path_);

@@ -324,7 +324,8 @@ TrainConfig TrainConfig::parse(
   {
     auto r = top.child("data");
     const YAML::Node& given = root;
-    read_train_sources(r, given["data"] ? given["data"]["train"] : YAML::Node(), c.data.train);
+    read_train_sources(
+        r, given["data"] ? given["data"]["train"] : YAML::Node(), c.data.train);
     r.get("valid", c.data.valid);
     r.get("raw_dtype", c.data.raw_dtype);
     if (!c.data.raw_dtype.empty() && c.data.raw_width() == 0) {

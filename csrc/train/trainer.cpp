@@ -81,7 +81,7 @@ Trainer::Batch Trainer::batch(
       position = s.random_position(r, pick);
     } else {
       position = (span / std::max<int64_t>(B * cfg_.train.eval_batches, 1)) *
-          (micro * B + b);
+                 (micro * B + b);
     }
     if (b >= mine_begin && b < mine_end) {
       rows.push_back(s.window(position, cfg_.model.vocab_size));
@@ -293,25 +293,29 @@ void Trainer::log_tensorboard(const json& rec) {
       tb.scalar(k, v.get<double>(), step);
     }
   }
-  tb.scalar("tokens_per_s", tokens_per_step() / rec.at("step_s").get<double>(), step);
+  tb.scalar(
+      "tokens_per_s", tokens_per_step() / rec.at("step_s").get<double>(), step);
   // Per MoE layer: its statistics, and the experts' loads as one image
   // (a row per layer, white: the busiest expert of the step).
   std::vector<std::vector<double>> loads;
   double busiest = 0;
   for (const auto& layer : rec.at("moe_layers")) {
-    const auto name = "layer" + std::to_string(layer.at("layer").get<int64_t>());
+    const auto name =
+        "layer" + std::to_string(layer.at("layer").get<int64_t>());
     for (const auto& [k, v] : layer.items()) {
       if (v.is_number() && k != "layer" && k != "top_k") {
         tb.scalar("moe/" + k + "/" + name, v.get<double>(), step);
       }
     }
-    const auto counts = layer.at("tokens_per_expert").get<std::vector<double>>();
+    const auto counts =
+        layer.at("tokens_per_expert").get<std::vector<double>>();
     loads.push_back(counts);
     for (const double c : counts) {
       busiest = std::max(busiest, c);
     }
   }
-  if (!loads.empty() && (step % cfg_.log.every == 0 || step == cfg_.train.steps)) {
+  if (!loads.empty() &&
+      (step % cfg_.log.every == 0 || step == cfg_.train.steps)) {
     for (auto& row : loads) {
       for (auto& c : row) {
         c = busiest > 0 ? c / busiest : 0;
@@ -422,9 +426,10 @@ void Trainer::log_progress(
   }
   // Model FLOPs: 6 per active parameter and token, plus the attention's.
   const double tflops = flops_per_token_ * tps / 1e12;
-  const std::string mfu = cfg_.log.peak_tflops > 0
-      ? log::format(" (MFU %.1f%%)", 100 * tflops / cfg_.log.peak_tflops)
-      : "";
+  const std::string mfu =
+      cfg_.log.peak_tflops > 0
+          ? log::format(" (MFU %.1f%%)", 100 * tflops / cfg_.log.peak_tflops)
+          : "";
   log::info(log::format(
       "step %5ld/%ld | loss %.4f | lr %.2e%s | %.0f tok/s | %.3g TFLOP/s%s | "
       "%.2fB params | mem %.0f MB | ETA %s",

@@ -13,8 +13,11 @@ namespace {
 
 // Student tensors a teacher may lack; they keep their init.
 bool new_in_student(const std::string& name) {
-  for (const char* part : {".moe.critic_", ".moe.selection_bias",
-                           ".moe.noise_weight", ".moe.router.bias"}) {
+  for (const char* part :
+       {".moe.critic_",
+        ".moe.selection_bias",
+        ".moe.noise_weight",
+        ".moe.router.bias"}) {
     if (name.find(part) != std::string::npos) {
       return true;
     }
@@ -124,9 +127,8 @@ void Trainer::init_student_from_teacher() {
     }
     // Null experts the teacher lacks: its E real rows, repeated.
     TORCH_CHECK(
-        per_routed_expert(name) && src.dim() == dst.dim() &&
-            src.size(0) == E && dst.size(0) > E &&
-            src.sizes().slice(1) == dst.sizes().slice(1),
+        per_routed_expert(name) && src.dim() == dst.dim() && src.size(0) == E &&
+            dst.size(0) > E && src.sizes().slice(1) == dst.sizes().slice(1),
         "distill.init_student: tensor '",
         name,
         "' has shape ",
@@ -200,7 +202,7 @@ at::Tensor Trainer::objective(
     const auto teacher = theirs.narrow(1, 0, S - 1).reshape({-1, V});
     // Over the positions the loss counts (a loss mask's answers).
     kl = parallel::vocab_parallel_kl(student, teacher, r.keep, tp_).sum() /
-        r.tokens.clamp_min(1);
+         r.tokens.clamp_min(1);
   }
   return cfg_.distill.ce_coeff * r.ce + r.aux + cfg_.distill.kl_coeff * kl;
 }

@@ -192,12 +192,13 @@ class Trainer {
     }
     total_params_ = dense + expert;
     const auto& m = cfg_.model;
-    const double active = dense +
+    const double active =
+        dense +
         expert * static_cast<double>(m.moe.routing.top_k) /
             static_cast<double>(std::max<int64_t>(m.moe.num_experts, 1));
-    flops_per_token_ = 6 * active +
-        6.0 * static_cast<double>(m.num_layers * m.hidden_size) *
-            static_cast<double>(cfg_.data.seq_len);
+    flops_per_token_ =
+        6 * active + 6.0 * static_cast<double>(m.num_layers * m.hidden_size) *
+                         static_cast<double>(cfg_.data.seq_len);
   }
 
   // ---- The loop (trainer.cpp) ----

@@ -70,11 +70,10 @@ Trainer::MicroBatchSums Trainer::forward_backward(int64_t step) {
     at::Tensor kl;
     const auto loss = objective(b.tokens, r, kl);
     (loss / cfg_.train.grad_accum).backward();
-    const auto l = at::stack(
-                       {loss.detach(),
-                        r.ce.detach(),
-                        r.aux.detach(),
-                        kl.detach().to(r.ce.scalar_type())})
+    const auto l = at::stack({loss.detach(),
+                              r.ce.detach(),
+                              r.aux.detach(),
+                              kl.detach().to(r.ce.scalar_type())})
                        .to(at::kDouble);
     sums.losses = sums.losses.defined() ? sums.losses + l : l;
     add_routing_sums(r.out, sums.routing);

@@ -19,10 +19,13 @@ from . import ops
 NAME = "moeyard"
 
 
-def _expert_of_rows(counts: Tensor, rows: int) -> Tensor:
-    """The expert of each of `rows` expert-contiguous rows."""
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
-                                   output_size=rows)
+def _expert_of_rows(offsets: Tensor, rows: int) -> Tensor:
+    """The expert of each of `rows` expert-contiguous rows, on the device
+    (no host read of the offsets); padding rows get the last expert (their
+    values are never read)."""
+    ends = offsets[1:]
+    row = torch.arange(rows, device=offsets.device, dtype=ends.dtype)
+    return torch.searchsorted(ends, row, right=True).clamp(max=ends.numel() - 1)
 
 
 def _weight(w: Tensor, transposed: bool) -> Tensor:
@@ -38,16 +41,13 @@ def experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weig
     index = top_k_index.long()
     index = torch.where((index >= 0) & (index < E), index, -1)
     weights = top_k_weights.float()
-    row_token, slot, offsets, counts = ops.route_plan(index, weights, E)
+    row_token, slot, offsets, _ = ops.route_plan(index, weights, E)
     rows = ops.permute(hidden_states, row_token)
-    row_expert = _expert_of_rows(counts, int(offsets[-1])) if self.has_bias else None
+    row_expert = _expert_of_rows(offsets, rows.size(0)) if self.has_bias else None
 
     def project(x, weight, bias):
         y = ops.grouped_mm(x, _weight(weight, self.is_transposed).to(x.dtype), offsets)
-        if bias is not None:
-            filled = row_expert.numel()
-            y = torch.cat([y[:filled] + bias[row_expert].to(y.dtype), y[filled:]])
-        return y
+        return y if bias is None else y + bias[row_expert].to(y.dtype)
 
     up = self.gate_up_proj if self.has_gate else self.up_proj
     up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None

@@ -11,8 +11,8 @@
 
 int main() {
   const auto gate_up = at::arange(12, at::kFloat).reshape({2, 6}) / 10;
-  std::cout << std::setprecision(17) << "swiglu_sum " << moeyard::ops::swiglu(gate_up).sum().item<double>()
-            << "\n";
+  std::cout << std::setprecision(17) << "swiglu_sum "
+            << moeyard::ops::swiglu(gate_up).sum().item<double>() << "\n";
   moeyard::ModelConfig config;
   config.num_layers = 1;
   moeyard::Transformer model(config);

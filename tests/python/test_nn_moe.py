@@ -281,8 +281,8 @@ def test_package_exports():
 @pytest.mark.parametrize("null_experts", [0, 3])
 def test_gpt_oss_style_experts_match_a_loop(null_experts):
     """nn.MoE with expert biases and the clamped SwiGLU (GPT-OSS) against a
-    per-token loop, outputs and gradients of the biases; with null experts
-    the activation runs over the real picks' rows only."""
+    per-token loop, outputs and gradients of the biases, with and without
+    null experts (whose padding rows must not reach the output)."""
     torch.manual_seed(11)
     H, F, E, K, T = 16, 8, 4, 2, 12
     moe = moeyard.MoE(H, F, E, K, router_bias=True, expert_bias=True, activation="clamped_swiglu",

@@ -109,20 +109,30 @@ TEST_F(Corpus, ErrorsNameTheKeyAndFile) {
     }
   };
   expect_error(
-      [&] { TokenCorpus({{dir() + "/none*.bin", 0}}, 0, 4, "data.train"); },
+      [&] {
+        TokenCorpus({{dir() + "/none*.bin", 0}}, 0, 4, "data.train");
+      },
       "data.train: the glob '" + dir() + "/none*.bin' matches no file");
   expect_error(
-      [&] { TokenCorpus({{a, 1}, {a, 0}}, 0, 4, "data.train"); },
+      [&] {
+        TokenCorpus({{a, 1}, {a, 0}}, 0, 4, "data.train");
+      },
       "data.train: 1 of 2 sources have a weight");
   expect_error(
-      [&] { TokenCorpus({{a, 0}}, 0, 100, "data.valid"); },
-      "data.valid (" + a + ") has 100 tokens, fewer than data.seq_len + 1 = 101");
+      [&] {
+        TokenCorpus({{a, 0}}, 0, 100, "data.valid");
+      },
+      "data.valid (" + a +
+          ") has 100 tokens, fewer than data.seq_len + 1 = 101");
   expect_error(
-      [&] { TokenCorpus({{r, 0}}, 0, 4, "data.train"); },
+      [&] {
+        TokenCorpus({{r, 0}}, 0, 4, "data.train");
+      },
       "needs data.raw_dtype: uint16 or uint32");
   expect_error(
       [&] {
-        TokenCorpus({{write("odd.bin", raw(5, 1) + "x"), 0}}, 2, 4, "data.train");
+        TokenCorpus(
+            {{write("odd.bin", raw(5, 1) + "x"), 0}}, 2, 4, "data.train");
       },
       "11 bytes is not a whole number of 2-byte tokens");
 }

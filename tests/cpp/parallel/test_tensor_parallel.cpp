@@ -116,14 +116,13 @@ TEST(TensorParallel, VocabParallelKLMatchesATen) {
   keep[4] = false;
   const auto g = at::rand({N}, at::kDouble);
   auto full = student.clone().requires_grad_(true);
-  const auto want =
-      at::kl_div(
-          at::log_softmax(full, 1),
-          at::log_softmax(teacher, 1),
-          at::Reduction::None,
-          /*log_target=*/true)
-          .sum(1) *
-      keep.to(at::kDouble);
+  const auto want = at::kl_div(
+                        at::log_softmax(full, 1),
+                        at::log_softmax(teacher, 1),
+                        at::Reduction::None,
+                        /*log_target=*/true)
+                        .sum(1) *
+                    keep.to(at::kDouble);
   (want * g).sum().backward();
   auto whole = student.clone().requires_grad_(true);
   const auto one = vocab_parallel_kl(whole, teacher, keep, nullptr);

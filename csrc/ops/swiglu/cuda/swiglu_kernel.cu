@@ -26,9 +26,10 @@ at::Tensor swiglu_cuda(
     const std::optional<at::Tensor>& expert_offsets_in) {
   detail::check_swiglu_args(gate_up_in, "swiglu");
   detail::check_swiglu_offsets(expert_offsets_in, gate_up_in, "swiglu");
-  const auto expert_offsets = expert_offsets_in
-      ? std::optional<at::Tensor>(expert_offsets_in->contiguous())
-      : std::nullopt;
+  const auto expert_offsets =
+      expert_offsets_in
+          ? std::optional<at::Tensor>(expert_offsets_in->contiguous())
+          : std::nullopt;
   detail::check_cuda(gate_up_in, "swiglu", "gate_up");
   c10::cuda::CUDAGuard guard(gate_up_in.device());
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -61,9 +62,10 @@ at::Tensor swiglu_backward_cuda(
   detail::check_swiglu_backward_args(grad_in, gate_up_in);
   detail::check_swiglu_offsets(
       expert_offsets_in, gate_up_in, "swiglu_backward");
-  const auto expert_offsets = expert_offsets_in
-      ? std::optional<at::Tensor>(expert_offsets_in->contiguous())
-      : std::nullopt;
+  const auto expert_offsets =
+      expert_offsets_in
+          ? std::optional<at::Tensor>(expert_offsets_in->contiguous())
+          : std::nullopt;
   detail::check_cuda(gate_up_in, "swiglu_backward", "gate_up");
   c10::cuda::CUDAGuard guard(gate_up_in.device());
   auto stream = at::cuda::getCurrentCUDAStream();
