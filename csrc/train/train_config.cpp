@@ -417,6 +417,13 @@ TrainConfig TrainConfig::parse(
     r.get("every", c.log.every, Range::at_least(1));
     r.get("metrics", c.log.metrics);
     r.get("tensorboard", c.log.tensorboard);
+    r.get("wandb", c.log.wandb);
+    r.get("wandb_mode", c.log.wandb_mode);
+    if (c.log.wandb_mode != "online" && c.log.wandb_mode != "offline") {
+      r.fail(
+          "wandb_mode",
+          "must be online or offline, got '" + c.log.wandb_mode + "'");
+    }
     r.get("peak_tflops", c.log.peak_tflops, Range::at_least(0));
     r.finish();
   }

@@ -114,6 +114,9 @@ struct LogConfig {
   int64_t every = 10;
   std::string metrics = ""; // JSONL file ("" : <checkpoint.dir>/metrics.jsonl)
   std::string tensorboard = ""; // TensorBoard event files' directory ("": off)
+  std::string wandb = ""; // Weights & Biases project ("": off)
+  std::string wandb_mode =
+      "online"; // online | offline (wandb sync uploads later)
   // The device's peak TFLOP/s for the progress line's MFU (0: not shown).
   double peak_tflops = 0.0;
 };

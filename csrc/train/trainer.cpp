@@ -236,6 +236,17 @@ RunResult Trainer::run(const RunOptions& options) {
     tensorboard_ = std::make_unique<EventWriter>(cfg_.log.tensorboard);
     log::info("log.tensorboard: " + tensorboard_->path());
   }
+  if (layout_.rank == 0 && !cfg_.log.wandb.empty()) {
+    wandb_ = std::make_unique<WandbFeed>(WandbOptions{
+        cfg_.log.wandb,
+        cfg_.log.wandb_mode,
+        fs::path(cfg_.checkpoint.dir).filename().string(),
+        cfg_.checkpoint.dir,
+        cfg_.resolved});
+    log::info(
+        "log.wandb: project " + cfg_.log.wandb + " (" + cfg_.log.wandb_mode +
+        "), files in " + (fs::path(cfg_.checkpoint.dir) / "wandb").string());
+  }
   if (layout_.rank == 0) {
     metrics.open(metrics_path_, std::ios::app);
   }
@@ -265,8 +276,8 @@ RunResult Trainer::run(const RunOptions& options) {
       metrics << rec.dump() << "\n";
       metrics.flush();
     }
-    if (tensorboard_) {
-      log_tensorboard(rec);
+    if (tensorboard_ || wandb_) {
+      log_dashboards(rec);
     }
     log_progress(step, s, progress);
     if (s.stop_signal != 0) {
@@ -281,51 +292,30 @@ RunResult Trainer::run(const RunOptions& options) {
   if (!result.interrupted) {
     save(step);
   }
+  wandb_.reset(); // the W&B run finishes with the training's
   result.steps_done = step;
   return result;
 }
 
-void Trainer::log_tensorboard(const json& rec) {
+void Trainer::log_dashboards(const json& rec) {
   const int64_t step = rec.at("step").get<int64_t>();
-  auto& tb = *tensorboard_;
-  for (const auto& [k, v] : rec.items()) {
-    if (v.is_number() && k != "step") {
-      tb.scalar(k, v.get<double>(), step);
-    }
+  const bool with_load = step % cfg_.log.every == 0 || step == cfg_.train.steps;
+  const auto view = dashboard_step(rec, tokens_per_step(), with_load);
+  if (wandb_) {
+    wandb_->send(view);
   }
-  tb.scalar(
-      "tokens_per_s", tokens_per_step() / rec.at("step_s").get<double>(), step);
-  // Per MoE layer: its statistics, and the experts' loads as one image
-  // (a row per layer, white: the busiest expert of the step).
-  std::vector<std::vector<double>> loads;
-  double busiest = 0;
-  for (const auto& layer : rec.at("moe_layers")) {
-    const auto name =
-        "layer" + std::to_string(layer.at("layer").get<int64_t>());
-    for (const auto& [k, v] : layer.items()) {
-      if (v.is_number() && k != "layer" && k != "top_k") {
-        tb.scalar("moe/" + k + "/" + name, v.get<double>(), step);
-      }
-    }
-    const auto counts =
-        layer.at("tokens_per_expert").get<std::vector<double>>();
-    loads.push_back(counts);
-    for (const double c : counts) {
-      busiest = std::max(busiest, c);
-    }
+  if (!tensorboard_) {
+    return;
   }
-  if (!loads.empty() &&
-      (step % cfg_.log.every == 0 || step == cfg_.train.steps)) {
-    for (auto& row : loads) {
-      for (auto& c : row) {
-        c = busiest > 0 ? c / busiest : 0;
-      }
-    }
+  for (const auto& [tag, value] : view.scalars) {
+    tensorboard_->scalar(tag, value, step);
+  }
+  if (!view.expert_load.empty()) {
     int64_t h = 0, w = 0;
-    const auto png = png_heatmap(loads, 16, &h, &w);
-    tb.image("moe/expert_load", png, h, w, step);
+    const auto png = png_heatmap(view.expert_load, 16, &h, &w);
+    tensorboard_->image("moe/expert_load", png, h, w, step);
   }
-  tb.flush();
+  tensorboard_->flush();
 }
 
 json Trainer::step_record(int64_t step, const StepOutcome& s) const {

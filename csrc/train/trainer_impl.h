@@ -37,6 +37,7 @@
 #include "util/log.h"
 #include "util/memory.h"
 
+#include "train/dashboard.h"
 #include "train/run_dir.h"
 #include "train/tensorboard.h"
 #include "train/trainer.h"
@@ -211,9 +212,10 @@ class Trainer {
   // Every log.every steps and at the end: loss, lr, throughput, model
   // TFLOP/s (and MFU with log.peak_tflops), parameters, memory, ETA.
   void log_progress(int64_t step, const StepOutcome& s, Progress& p) const;
-  // A step's metrics record into the TensorBoard event file: its numbers,
-  // per MoE layer moe/<statistic>/layer<i>, the expert loads as an image.
-  void log_tensorboard(const json& rec);
+  // A step's metrics record to the dashboards (log.tensorboard, log.wandb):
+  // its numbers, per MoE layer moe/<statistic>/layer<i>, every log.every
+  // steps the expert loads as an image.
+  void log_dashboards(const json& rec);
   // Tokens of one optimizer step over every data-parallel rank.
   double tokens_per_step() const {
     return static_cast<double>(
@@ -444,6 +446,7 @@ class Trainer {
   std::string teacher_dir_;
   std::string teacher_of_start_; // the resumed checkpoint's teacher ("": none)
   std::unique_ptr<EventWriter> tensorboard_; // rank 0 with log.tensorboard
+  std::unique_ptr<WandbFeed> wandb_; // rank 0 with log.wandb
   double total_params_ = 0, flops_per_token_ = 0;
   RunOptions options_;
   std::string run_id_; // the run the checkpoints of this run belong to

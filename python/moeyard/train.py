@@ -1,6 +1,7 @@
 """``moeyard.train``: the C++ trainer from Python."""
 
 import os
+import sys
 from typing import Dict, Iterable, Optional, Union
 
 from . import _C
@@ -26,4 +27,5 @@ def train(
         items = [f"{k}={v}" for k, v in overrides.items()]
     else:
         items = list(overrides or [])
+    os.environ.setdefault("MOEYARD_PYTHON", sys.executable)  # log.wandb's feed runs on this Python
     return _C.train(os.fspath(config_path), items, resume, overwrite, allow_data_change)
