@@ -7,6 +7,7 @@
 
 #include "config/model_yaml.h"
 #include "io/checkpoint.h"
+#include "io/hf/family.h"
 #include "io/hf_checkpoint.h"
 #include "io/hf_peft.h"
 #include "model/lora.h"
@@ -18,6 +19,7 @@
 #include "version.h"
 
 namespace py = pybind11;
+using namespace pybind11::literals;
 
 using moeyard::TransformerImpl;
 
@@ -283,6 +285,58 @@ PYBIND11_MODULE(_C, m) {
       py::arg("max_shard_bytes") = int64_t(5) << 30,
       "writes config.json + safetensors in the family's own layout");
   m.def("hf_families", &moeyard::io::hf_families);
+  m.def(
+      "hf_moe_block",
+      [](const std::string& config_json) {
+        // A transformers config -> the nn.MoE of its MoE blocks: the
+        // constructor's arguments, and where the block keeps each weight
+        // (the family's tensor rules, relative to the block).
+        namespace hf = moeyard::io::hf;
+        const auto hf_config = nlohmann::json::parse(config_json);
+        const auto c = moeyard::io::hf_model_config(hf_config, "config");
+        const auto& family = hf::family_of(
+            hf_config.value("model_type", std::string()), "config");
+        py::dict args;
+        args["hidden_size"] = c.hidden_size;
+        args["ffn_size"] = hf::expert_ffn_size(c);
+        args["num_experts"] = c.moe.num_experts;
+        args["num_shared_experts"] = c.moe.num_shared_experts;
+        args["shared_ffn_size"] = c.moe.shared_ffn_size;
+        args["shared_gate"] = c.moe.shared_gate;
+        args["router_bias"] = c.moe.router_bias;
+        args["selection_bias"] = c.moe.selection_bias;
+        args["expert_bias"] = c.moe.expert_bias;
+        auto routing = c.moe.routing;
+        moeyard::for_each_moe_option(
+            routing,
+            [&](const char* name, auto& v, const auto&) { args[name] = v; });
+        const std::string ours = "{layer}.moe.", theirs = "{moe}.";
+        auto relative = [&](const std::string& name) {
+          return name.rfind(theirs, 0) == 0 ? name.substr(theirs.size())
+                                            : std::string();
+        };
+        py::list rules;
+        for (const auto& r : family.tensors) {
+          if (r.ours.rfind(ours, 0) != 0) {
+            continue;
+          }
+          py::list names;
+          for (const auto& t : r.theirs) {
+            names.append(relative(t));
+          }
+          rules.append(py::dict(
+              "ours"_a = r.ours.substr(ours.size()),
+              "theirs"_a = names,
+              "fused"_a = relative(r.fused),
+              "interleaved"_a = r.interleaved,
+              "transposed"_a = r.transposed,
+              "optional"_a = r.optional));
+        }
+        return py::make_tuple(args, rules);
+      },
+      py::arg("config_json"),
+      "the nn.MoE arguments of a transformers config's MoE blocks, and the "
+      "family's rules for the block's weights");
   m.def(
       "save_peft",
       &moeyard::io::save_peft,

@@ -1,5 +1,5 @@
-"""A bridge to ``transformers``: moeyard's ops run the experts of a loaded
-Hugging Face MoE model.
+"""A bridge to ``transformers``: moeyard runs the MoE of a loaded Hugging
+Face model, its experts only or its whole sparse blocks.
 
 ``patch_hf_model(model)`` registers moeyard as an experts implementation of
 transformers' ``ExpertsInterface`` and selects it on ``model``: every
@@ -9,6 +9,10 @@ Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, ...) then computes with
 ``swiglu`` and ``unpermute``, on the model's own weights (shared, not
 copied). The router stays the model's, so the picks, and the logits up to
 rounding, are the unpatched model's.
+
+``patch_hf_model(model, blocks=True)`` computes each whole sparse MoE block
+with ``moeyard.MoE.from_hf_block`` instead: moeyard's fused router and
+experts in one op, with its aux losses and routing statistics.
 """
 
 import torch
@@ -74,16 +78,50 @@ def _plain_swiglu(experts) -> bool:
             and isinstance(act, torch.nn.SiLU))
 
 
-def patch_hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Runs the experts of a loaded transformers MoE model with moeyard's ops
-    (returns the model). Raises a ValueError naming the model when it has no
-    experts module that takes an experts implementation."""
+def patch_hf_model(model: torch.nn.Module, blocks: bool = False) -> torch.nn.Module:
+    """Runs the MoE of a loaded transformers model with moeyard (returns the
+    model; its parameters, their names and ``save_pretrained`` are
+    unchanged).
+
+    ``blocks=False``: the experts only, through transformers'
+    ``ExpertsInterface``; the model's router makes the picks.
+    ``blocks=True``: every sparse MoE block is computed by
+    ``MoE.from_hf_block`` (moeyard's fused router, the family's routing
+    read from the config); each block keeps its last ``MoEResult`` (aux
+    losses, routing statistics) as ``block.moeyard_result``.
+
+    Raises a ValueError naming the model when it has no experts module that
+    takes an experts implementation."""
     from transformers.integrations.moe import ExpertsInterface
 
-    ExpertsInterface.register(NAME, experts_forward)
     experts = [m for m in model.modules() if hasattr(m, "is_concatenated") and hasattr(m, "num_experts")]
     if not experts or not hasattr(model, "set_experts_implementation"):
         raise ValueError(f"patch_hf_model: {type(model).__name__} has no experts module that takes an experts "
                          "implementation (transformers' @use_experts_implementation)")
+    if blocks:
+        for block in [m for m in model.modules() if any(c in experts for c in m.children())]:
+            _run_block_with_moeyard(block, model.config)
+        return model
+    ExpertsInterface.register(NAME, experts_forward)
     model.set_experts_implementation(NAME)
     return model
+
+
+def _run_block_with_moeyard(block: torch.nn.Module, config) -> None:
+    from .nn import MoE
+
+    moe = MoE.from_hf_block(block, config)
+    weight = next(block.parameters())
+    with torch.no_grad():  # does the block return (hidden, router scores)? (GPT-OSS)
+        returns_tuple = isinstance(block(torch.zeros(1, 1, moe.hidden_size, dtype=weight.dtype,
+                                                     device=weight.device)), tuple)
+
+    def forward(hidden_states: Tensor, *args, **kwargs):
+        moe.train(block.training)
+        y, result = moe(hidden_states)
+        block.moeyard_result = result
+        return (y, None) if returns_tuple else y
+
+    # Not registered as a submodule: the model's parameters keep their names.
+    block.__dict__["moeyard_moe"] = moe
+    block.forward = forward

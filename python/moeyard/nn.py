@@ -148,9 +148,47 @@ class MoE(nn.Module):
         return out[0], MoEResult(*out[1:])
 
     def _weight(self, name: str) -> Optional[Tensor]:
+        if self._hf_weights is not None:
+            view = self._hf_weights.get(name)
+            return view() if view is not None else None
         if name.startswith("router_"):
             return getattr(self.router, name[len("router_"):])
         return getattr(self, name)
+
+    _hf_weights = None  # from_hf_block: weight name -> its view of the block's tensors
+
+    @classmethod
+    def from_hf_block(cls, block: nn.Module, config) -> "MoE":
+        """The moeyard MoE of a transformers sparse MoE block (Mixtral,
+        Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, ...; ``config`` is the
+        model's config): the family's routing (read from the config as
+        ``Transformer.from_hf`` reads it) computed by moeyard's fused op on
+        the block's own tensors, which are this module's parameters (the
+        block is its submodule ``hf_block``). Where the family stores a
+        weight in another layout (shared experts' separate gate and up,
+        GPT-OSS's transposed, interleaved experts), each forward reads a
+        view of it, and gradients reach the block's tensors."""
+        import json
+
+        text = config.to_json_string() if hasattr(config, "to_json_string") else json.dumps(config)
+        args, rules = _C.hf_moe_block(text)
+        # The aux-loss coefficients are the caller's (MoEResult has the losses).
+        structure = set(inspect.signature(MoE.__init__).parameters)
+        args = {k: v for k, v in args.items() if k in _OPTIONS or k in structure}
+        tensors = dict(block.named_parameters())
+        tensors.update(block.named_buffers())
+        dtype = tensors[next(r["fused"] or r["theirs"][0] for r in rules if r["ours"] == "w_gate_up")].dtype
+        moe = cls(**args, dtype=dtype, device="meta")
+        for name in [n for n, _ in moe.named_parameters(recurse=False)] + ["selection_bias", "noise_weight"]:
+            setattr(moe, name, None)
+        moe.router = None
+        moe.hf_block = block
+        moe._hf_weights = {}
+        for rule in rules:
+            view = _hf_view(rule, tensors, type(block).__name__)
+            if view is not None:
+                moe._hf_weights[rule["ours"].replace(".", "_")] = view
+        return moe
 
     @torch.no_grad()
     def update_selection_bias(self, tokens_per_expert: Tensor, rate: float) -> None:
@@ -177,6 +215,30 @@ class MoE(nn.Module):
             f"top_k={self.top_k}, score_fn={self.score_fn}, routing={self.routing}, "
             f"capacity_factor={self.capacity_factor}"
         )
+
+
+def _hf_view(rule: dict, tensors: dict, block: str):
+    """A function giving weight ``rule["ours"]`` from the block's tensors
+    (None when an optional one is absent)."""
+    names = [rule["fused"]] if rule["fused"] in tensors else rule["theirs"]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        if rule["optional"]:
+            return None
+        raise ValueError(f"MoE.from_hf_block: {block} has no tensor '{missing[0]}' (for moeyard's "
+                         f"{rule['ours']}); its tensors: {', '.join(sorted(tensors))}")
+    sources = [tensors[n] for n in names]
+    router = rule["ours"].startswith("router.") or rule["ours"] == "selection_bias"
+
+    def view() -> Tensor:
+        w = sources[0] if len(sources) == 1 else torch.cat(sources, dim=0)  # [gate; up]
+        if rule["transposed"]:
+            w = w.transpose(-1, -2)
+        if rule["interleaved"]:  # gate, up alternating along the width -> stacked
+            w = torch.cat((w[:, 0::2], w[:, 1::2]), dim=1)
+        return w.float() if router else w  # the router is float32
+
+    return view
 
 
 def _signature():

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """A transformers experts module run by its own implementations and by
 moeyard's (moeyard.hf.patch_hf_model), forward + backward on the same
-tokens, picks and weights; implementations interleaved round by round.
+tokens, picks and weights; then the whole sparse MoE block (router
+included): transformers' with its fastest experts implementation against
+patch_hf_model(blocks=True). Implementations interleaved round by round.
 
     python scripts/bench/bench_hf_bridge.py [--rounds 7] [--tokens 2048]
 
@@ -101,6 +103,35 @@ def main():
             med = statistics.median(v)
             print(f"| {impl} | {med * 1e3:.1f} | {(max(v) - min(v)) * 1e3:.1f} | {base / med:.2f}x | "
                   f"{flops / med / 1e9:.1f} | {flops / med / gemm_rate:.2f} |")
+        bench_blocks(model, impls[-2], x, a.rounds, flops, gemm_rate)
+
+
+def bench_blocks(model, hf_impl, x, rounds, flops, gemm_rate):
+    """The sparse block as transformers runs it (its router, experts by
+    `hf_impl`) against moeyard's whole block on the same weights."""
+    import copy
+
+    model.set_experts_implementation(hf_impl)
+    ours = hf.patch_hf_model(copy.deepcopy(model), blocks=True)
+    blocks = {hf_impl: next(m for m in model.modules() if hasattr(m, "experts")),
+              "moeyard blocks": next(m for m in ours.modules() if "moeyard_moe" in m.__dict__)}
+    times = {k: [] for k in blocks}
+    for _ in range(rounds + 1):
+        for name, block in blocks.items():
+            xi = x[None].clone().requires_grad_(True)
+            block.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            y = block(xi)
+            (y[0] if isinstance(y, tuple) else y).square().mean().backward()
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times[hf_impl][1:])
+    print(f"\nthe whole block (router included), baseline transformers with {hf_impl}:")
+    print("| implementation | fwd+bwd (ms) | spread (ms) | vs baseline | expert FLOPs / GEMM rate |")
+    print("|---|---:|---:|---:|---:|")
+    for name, v in times.items():
+        med = statistics.median(v[1:])
+        print(f"| {name} | {med * 1e3:.1f} | {(max(v[1:]) - min(v[1:])) * 1e3:.1f} | {base / med:.2f}x | "
+              f"{flops / med / gemm_rate:.2f} |")
 
 
 if __name__ == "__main__":
