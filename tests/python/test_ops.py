@@ -243,21 +243,27 @@ def test_backward_rejects_wrong_grad_shape_on_cpu_and_meta_alike(i):
     assert meta_error == cpu_error
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("K", [13, 64, 1027])
-def test_grouped_mm_streaming_and_blas_paths_match_a_loop(K):
-    """Experts with <= 32 rows take the weight-streaming kernel, larger ones
-    BLAS; both against a float64 per-expert loop, with K off the vector width."""
+def test_grouped_mm_streaming_and_blas_paths_match_a_loop(K, dtype):
+    """Experts with <= 32 rows take the weight-streaming kernel (tiles of 2
+    x 4 below 4 rows, 4 x 3 from 4 rows, and their tails), larger ones BLAS;
+    both against a float64 per-expert loop of the same (rounded) values,
+    with K off the vector width and Dout off the tile widths. bfloat16: one
+    rounding of a float32 sum."""
     torch.manual_seed(0)
-    sizes = [0, 1, 3, 8, 9, 16, 17, 32, 33, 40]
+    sizes = [0, 1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32, 33, 40]
     E, Dout = len(sizes), 37
     offsets = torch.tensor([0] + sizes).cumsum(0)
-    rows = torch.randn(int(offsets[-1]), K)
-    weight = torch.randn(E, Dout, K)
+    rows = torch.randn(int(offsets[-1]), K).to(dtype)
+    weight = torch.randn(E, Dout, K).to(dtype)
     out = ops.grouped_mm(rows, weight, offsets)
+    assert out.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-4 * K ** 0.5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2 * K ** 0.5)
     for e in range(E):
         a, b = int(offsets[e]), int(offsets[e + 1])
         want = rows[a:b].double() @ weight[e].double().t()
-        assert torch.allclose(out[a:b].double(), want, rtol=1e-5, atol=1e-4 * K ** 0.5), e
+        assert torch.allclose(out[a:b].double(), want, **tol), e
 
 
 @pytest.mark.parametrize("E", [6, 16, 67])

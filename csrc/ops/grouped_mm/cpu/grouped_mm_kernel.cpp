@@ -20,6 +20,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -57,11 +58,33 @@ inline __m256 load8(const c10::Half* p) {
 }
 #endif
 
+// Prefetches `lines` cache lines from `p` into L1, `per_step` of them each
+// time step() is called: spreads the reads of the next weight tile over the
+// work on this one, so that memory streams while the cores compute.
+struct Prefetcher {
+  const char* p = nullptr;
+  int64_t lines = 0, per_step = 0;
+  void step() {
+#if defined(CPU_CAPABILITY_AVX2)
+    for (int64_t i = 0; i < per_step && lines > 0; ++i, --lines, p += 64) {
+      _mm_prefetch(p, _MM_HINT_T0);
+    }
+#endif
+  }
+};
+
 // out[r, c] = dot(x[r, :], w[c, :]) for an R x C tile: R input rows (from
 // cache) against C weight rows (streamed once from memory, float32 or
-// widened from bf16/fp16), R * C float32 vector accumulators.
+// widened from bf16/fp16), R * C float32 vector accumulators; `pf` runs
+// one step per 8 columns.
 template <int R, int C, typename WT>
-void dot_tile(const float* x, int64_t K, const WT* w, float* out, int64_t ldo) {
+void dot_tile(
+    const float* x,
+    int64_t K,
+    const WT* w,
+    float* out,
+    int64_t ldo,
+    Prefetcher& pf) {
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (true) { // raw AVX2: keeps all R * C accumulators in registers
     __m256 acc[R][C];
@@ -72,6 +95,7 @@ void dot_tile(const float* x, int64_t K, const WT* w, float* out, int64_t ldo) {
     }
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
+      pf.step();
       __m256 wv[C];
       for (int c = 0; c < C; ++c) {
         wv[c] = load8(w + c * K + k);
@@ -142,30 +166,85 @@ void dot_tile(const float* x, int64_t K, const WT* w, float* out, int64_t ldo) {
 
 // y [n, Dout] = x [n, K] w^T for n <= kSkinnyRows, parallel over Dout: tiles
 // of 4 weight rows x 2 input rows, so each weight row is read from memory
-// once and each input row from cache once per 4 weight rows. x and y are
-// float32; w float32, bfloat16 or float16 (widened as it streams in).
+// once and each input row from cache once per 4 weight rows. While the
+// passes over one tile compute, the next tile is prefetched (each weight
+// row of a typical expert is its own 4 KiB page, where the hardware
+// prefetcher alone starts over). x and y are float32; w float32, bfloat16
+// or float16 (widened as it streams in).
+// One column tile of C weight rows against every input row: R = 4 rows at
+// a time where there are 4 (12 accumulators: the FMA units stay busy), else
+// 2, then 1; the next tile is prefetched meanwhile.
+template <int C, typename WT>
+void column_tile(
+    const float* x,
+    int64_t n,
+    int64_t K,
+    const WT* w,
+    float* y,
+    int64_t ldy,
+    Prefetcher& pf) {
+  int64_t r = 0;
+  if constexpr (C == 3) {
+    for (; r + 4 <= n; r += 4) {
+      dot_tile<4, C>(x + r * K, K, w, y + r * ldy, ldy, pf);
+    }
+  }
+  for (; r + 2 <= n; r += 2) {
+    dot_tile<2, C>(x + r * K, K, w, y + r * ldy, ldy, pf);
+  }
+  if (r < n) {
+    dot_tile<1, C>(x + r * K, K, w, y + r * ldy, ldy, pf);
+  }
+}
+
+template <int C, typename WT>
+void skinny_columns(
+    const float* xp,
+    int64_t n,
+    int64_t K,
+    const WT* wp,
+    float* yp,
+    int64_t Dout,
+    int64_t j0,
+    int64_t j1) {
+  const int64_t passes = C == 3 ? n / 4 + (n % 4) / 2 + n % 2 : (n + 1) / 2;
+  const int64_t steps = std::max<int64_t>(K / 8, 1);
+  const int64_t tile_lines = (C * K * int64_t(sizeof(WT)) + 63) / 64;
+  int64_t j = j0;
+  for (; j + C <= j1; j += C) {
+    const WT* wj = wp + j * K;
+    Prefetcher pf;
+    if (j + 2 * C <= j1) { // the next tile, spread over this tile's passes
+      pf.p = reinterpret_cast<const char*>(wj + C * K);
+      pf.lines = tile_lines;
+      pf.per_step = (tile_lines + passes * steps - 1) / (passes * steps);
+    }
+    column_tile<C>(xp, n, K, wj, yp + j, Dout, pf);
+  }
+  Prefetcher none;
+  for (; j < j1; ++j) {
+    column_tile<1>(xp, n, K, wp + j * K, yp + j, Dout, none);
+  }
+}
+
+// y [n, Dout] = x [n, K] w^T for n <= kSkinnyRows, parallel over Dout:
+// tiles of weight rows x input rows held in registers, so each weight row
+// is read from memory once and each input row from cache once per tile.
+// While the passes over one tile compute, the next tile is prefetched (each
+// weight row of a typical expert is its own 4 KiB page, where the hardware
+// prefetcher alone starts over). x and y are float32; w float32, bfloat16
+// or float16 (widened as it streams in).
 template <typename WT>
 void skinny_mm(const at::Tensor& x, const at::Tensor& w, at::Tensor y) {
   const int64_t n = x.size(0), K = x.size(1), Dout = w.size(0);
   const float* xp = x.const_data_ptr<float>();
   const WT* wp = w.const_data_ptr<WT>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, Dout, 32, [&](int64_t j0, int64_t j1) {
-    int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) {
-      const WT* wj = wp + j * K;
-      int64_t r = 0;
-      for (; r + 2 <= n; r += 2) {
-        dot_tile<2, 4>(xp + r * K, K, wj, yp + r * Dout + j, Dout);
-      }
-      if (r < n) {
-        dot_tile<1, 4>(xp + r * K, K, wj, yp + r * Dout + j, Dout);
-      }
-    }
-    for (; j < j1; ++j) {
-      for (int64_t r = 0; r < n; ++r) {
-        dot_tile<1, 1>(xp + r * K, K, wp + j * K, yp + r * Dout + j, Dout);
-      }
+  at::parallel_for(0, Dout, 48, [&](int64_t j0, int64_t j1) {
+    if (n >= 4) { // 4 x 3 tiles
+      skinny_columns<3>(xp, n, K, wp, yp, Dout, j0, j1);
+    } else { // 2 x 4 tiles
+      skinny_columns<4>(xp, n, K, wp, yp, Dout, j0, j1);
     }
   });
 }
@@ -193,7 +272,9 @@ at::Tensor grouped_mm_cpu(
     }
     auto o = out.narrow(0, off[e], n);
     const bool skinny = n <= kSkinnyRows && !at::in_parallel_region();
-    if (via_f32 && skinny) { // stream the bf16/fp16 weights, widen in place
+    const bool half = input.scalar_type() == at::kBFloat16 ||
+                      input.scalar_type() == at::kHalf;
+    if (half && skinny) { // stream the bf16/fp16 weights, widen in place
       const auto x32 = input.narrow(0, off[e], n).to(at::kFloat).contiguous();
       auto y32 = at::empty({n, Dout}, x32.options());
       if (input.scalar_type() == at::kBFloat16) {
