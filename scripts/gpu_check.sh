@@ -70,7 +70,7 @@ figure_of() {
 stage pytest-gpu 300 python -m pytest tests/python -m gpu -q -p no:cacheprovider
 stage gtest-cuda 180 ctest --test-dir "$BUILD" -R 'Cuda' --output-on-failure
 
-stage bench-moe-layer 240 python scripts/bench/bench_moe_layer.py --device cuda --reps 5
+stage bench-moe-layer 240 python scripts/bench/bench_moe_layer.py --device cuda --rounds 5
 # Null experts skip real work on the GPU too: expert time against the null share.
 stage bench-skip 240 python scripts/bench/bench_skip.py --device cuda --dtype bfloat16 \
   --tokens 16384 --hidden 2048 --ffn 4096 --rounds 7
