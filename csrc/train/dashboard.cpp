@@ -78,7 +78,8 @@ WandbFeed::WandbFeed(const WandbOptions& o) {
       ::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0,
       "log.wandb: socketpair failed: ",
       std::strerror(errno));
-  // Records queue in the socket while the process logs (a few MB).
+  // Records queue in the socket while the process logs (as much as the
+  // system allows: net.core.wmem_max).
   const int buffer = 4 << 20;
   ::setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &buffer, sizeof(buffer));
   const std::string python = python_executable();
@@ -114,16 +115,27 @@ WandbFeed::WandbFeed(const WandbOptions& o) {
                 .dump());
   const std::string reply = read_line(kReadyTimeoutS);
   if (reply != "ready") {
-    const std::string why =
-        reply.rfind("error ", 0) == 0 ? reply.substr(6)
-        : reply.empty()
-            ? "it exited or did not answer in " +
-                  std::to_string(static_cast<int>(kReadyTimeoutS)) + " s"
-            : "unexpected answer '" + reply + "'";
+    int status = 0;
+    const bool exited = ::waitpid(pid_, &status, WNOHANG) == pid_;
+    std::string why;
+    if (reply.rfind("error ", 0) == 0) {
+      why = reply.substr(6);
+    } else if (!reply.empty()) {
+      why = "unexpected answer '" + reply + "'";
+    } else if (exited) {
+      why = "it exited (status " +
+            std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1) +
+            ", its error above) before the W&B run was open";
+    } else {
+      why = "no answer in " + std::to_string(static_cast<int>(kReadyTimeoutS)) +
+            " s";
+    }
     ::close(fd_);
     fd_ = -1;
-    ::kill(pid_, SIGKILL);
-    ::waitpid(pid_, nullptr, 0);
+    if (!exited) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
     pid_ = -1;
     TORCH_CHECK(false, "log.wandb: ", python, " -m moeyard.wandb_feed: ", why);
   }
@@ -133,18 +145,23 @@ WandbFeed::~WandbFeed() {
   if (pid_ < 0) {
     return;
   }
-  // End of the records: the process finishes the W&B run and exits.
-  ::shutdown(fd_, SHUT_WR);
-  read_line(kFinishTimeoutS); // its end of the socket closes as it exits
-  ::close(fd_);
+  // End of the records: the process finishes the W&B run and exits (its
+  // end of the socket closes as it does). One deadline for both waits.
   const auto until = std::chrono::steady_clock::now() +
                      std::chrono::duration<double>(kFinishTimeoutS);
+  ::shutdown(fd_, SHUT_WR);
+  if (!broken_) {
+    read_line(kFinishTimeoutS);
+  }
+  ::close(fd_);
   while (::waitpid(pid_, nullptr, WNOHANG) == 0) {
-    if (std::chrono::steady_clock::now() > until) {
-      log::warn(
-          "log.wandb: the W&B process did not finish in " +
-          std::to_string(static_cast<int>(kFinishTimeoutS)) +
-          " s; stopping it");
+    if (broken_ || std::chrono::steady_clock::now() > until) {
+      if (!broken_) {
+        log::warn(
+            "log.wandb: the W&B process did not finish in " +
+            std::to_string(static_cast<int>(kFinishTimeoutS)) +
+            " s; stopping it");
+      }
       ::kill(pid_, SIGKILL);
       ::waitpid(pid_, nullptr, 0);
       break;
@@ -173,7 +190,11 @@ void WandbFeed::send_line(const std::string& text) {
   size_t sent = 0;
   while (sent < line.size()) {
     pollfd p{fd_, POLLOUT, 0};
-    if (::poll(&p, 1, kStalledMs) == 0) {
+    const int ready = ::poll(&p, 1, kStalledMs);
+    if (ready < 0 && errno == EINTR) {
+      continue; // a signal (the trainer's stop handlers)
+    }
+    if (ready == 0) {
       log::warn(
           "log.wandb: the W&B process has read nothing for " +
           std::to_string(kStalledMs / 1000) +
@@ -181,9 +202,14 @@ void WandbFeed::send_line(const std::string& text) {
       broken_ = true;
       return;
     }
-    const ssize_t n =
-        ::send(fd_, line.data() + sent, line.size() - sent, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) {
+    // Never blocks: a line larger than the free buffer goes in pieces, each
+    // after poll() says there is room.
+    const ssize_t n = ::send(
+        fd_,
+        line.data() + sent,
+        line.size() - sent,
+        MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) {
       continue;
     }
     if (n <= 0) {
@@ -206,8 +232,15 @@ std::string WandbFeed::read_line(double timeout_s) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                           until - std::chrono::steady_clock::now())
                           .count();
+    if (left <= 0) {
+      return "";
+    }
     pollfd p{fd_, POLLIN, 0};
-    if (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) == 0) {
+    const int ready = ::poll(&p, 1, static_cast<int>(left));
+    if (ready < 0 && errno == EINTR) {
+      continue; // a signal: wait for the time that is left
+    }
+    if (ready <= 0) {
       return "";
     }
     char c = 0;

@@ -228,6 +228,14 @@ nlohmann::json Trainer::routing_stats(
   return out;
 }
 
+namespace {
+// A run directory's name, also when it is given with a trailing '/'.
+std::string run_name(const std::string& dir) {
+  auto p = fs::path(dir).lexically_normal();
+  return (p.has_filename() ? p : p.parent_path()).filename().string();
+}
+} // namespace
+
 RunResult Trainer::run(const RunOptions& options) {
   RunResult result;
   int64_t step = start(options);
@@ -240,7 +248,7 @@ RunResult Trainer::run(const RunOptions& options) {
     wandb_ = std::make_unique<WandbFeed>(WandbOptions{
         cfg_.log.wandb,
         cfg_.log.wandb_mode,
-        fs::path(cfg_.checkpoint.dir).filename().string(),
+        run_name(cfg_.checkpoint.dir),
         cfg_.checkpoint.dir,
         cfg_.resolved});
     log::info(

@@ -166,8 +166,10 @@ class MoE(nn.Module):
         the block's own tensors, which are this module's parameters (the
         block is its submodule ``hf_block``). Where the family stores a
         weight in another layout (shared experts' separate gate and up,
-        GPT-OSS's transposed, interleaved experts), each forward reads a
-        view of it, and gradients reach the block's tensors."""
+        GPT-OSS's transposed, interleaved experts), each forward builds
+        moeyard's layout from it (a copy that autograd keeps until the
+        backward), and gradients reach the block's tensors. Blocks with
+        per-expert modules instead of fused expert tensors are refused."""
         import json
 
         text = config.to_json_string() if hasattr(config, "to_json_string") else json.dumps(config)
@@ -177,7 +179,13 @@ class MoE(nn.Module):
         args = {k: v for k, v in args.items() if k in _OPTIONS or k in structure}
         tensors = dict(block.named_parameters())
         tensors.update(block.named_buffers())
-        dtype = tensors[next(r["fused"] or r["theirs"][0] for r in rules if r["ours"] == "w_gate_up")].dtype
+        experts = next(r for r in rules if r["ours"] == "w_gate_up")
+        name = experts["fused"] if experts["fused"] in tensors else experts["theirs"][0]
+        if name not in tensors:
+            raise ValueError(f"MoE.from_hf_block: {type(block).__name__} has no tensor '{name}' (its experts' "
+                             f"gate/up weights, fused as transformers keeps them); its tensors: "
+                             f"{', '.join(sorted(tensors))}")
+        dtype = tensors[name].dtype
         moe = cls(**args, dtype=dtype, device="meta")
         for name in [n for n, _ in moe.named_parameters(recurse=False)] + ["selection_bias", "noise_weight"]:
             setattr(moe, name, None)

@@ -51,13 +51,17 @@ def _step_data(record: dict) -> dict:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sock = socket.socket(fileno=sys.stdin.fileno())
+    # The socket on a descriptor of its own, /dev/null as stdin: processes
+    # that wandb starts must not hold the trainer's socket open.
+    sock = socket.socket(fileno=os.dup(0))
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     lines = sock.makefile("rb")
     spec = json.loads(lines.readline())
     try:
         run = _open_run(spec)
-    except ImportError:
-        sock.sendall(f"error wandb is not installed for {sys.executable} (pip install wandb)\n".encode())
+    except ImportError as e:
+        reason = " ".join(str(e).split())
+        sock.sendall(f"error wandb is not installed for {sys.executable} (pip install wandb): {reason}\n".encode())
         return
     except Exception as e:  # noqa: BLE001  (wandb's errors: a login, a bad project, ...)
         reason = " ".join(f"{type(e).__name__}: {e}".split())
