@@ -110,28 +110,32 @@ double Trainer::evaluate(
     }
   }
   // With loss masks batches count by their marked tokens (some may hold
-  // none); without, every batch has the same number.
-  double sum = 0, counted = 0, experts = 0;
+  // none); without, every batch has the same number. Sums stay on the
+  // device, read once at the end: [ce sum, tokens counted, experts/token].
+  at::Tensor sums;
   for (int64_t i = 0; i < cfg_.train.eval_batches; ++i) {
     const auto b = batch(*valid_, 0, i, false);
     const auto r = model_->loss(b.tokens, {}, b.loss_mask);
-    if (b.loss_mask.defined()) {
-      const double n = r.tokens.item<double>();
-      sum += r.ce.item<double>() * n;
-      counted += n;
-    } else {
-      sum += r.ce.item<double>();
-    }
+    const auto ce = r.ce.to(at::kDouble);
+    const auto n =
+        b.loss_mask.defined() ? r.tokens.to(at::kDouble) : at::ones_like(ce);
+    auto experts = at::zeros_like(ce);
     for (const auto& m : r.out.moe_layers) {
-      experts += m.moe.real_experts_per_token.item<double>() /
+      experts += m.moe.real_experts_per_token.to(at::kDouble) /
                  static_cast<double>(r.out.moe_layers.size());
     }
+    const auto row = at::stack({ce * n, n, experts});
+    sums = sums.defined() ? sums + row : row;
     for (size_t j = 0; predictions && j < layers.size(); ++j) {
       auto& p = (*predictions)[j];
       const auto now = layers[j]->critic(layers[j]->captured_input).flatten();
       p = p.defined() ? at::cat({p, now}) : now;
     }
   }
+  const auto host = sums.cpu().contiguous();
+  const double sum = host.const_data_ptr<double>()[0];
+  const double counted = host.const_data_ptr<double>()[1];
+  const double experts = host.const_data_ptr<double>()[2];
   for (auto* l : layers) {
     l->capture_input = false;
     l->captured_input = at::Tensor();

@@ -164,13 +164,6 @@ void dot_tile(
   }
 }
 
-// y [n, Dout] = x [n, K] w^T for n <= kSkinnyRows, parallel over Dout: tiles
-// of 4 weight rows x 2 input rows, so each weight row is read from memory
-// once and each input row from cache once per 4 weight rows. While the
-// passes over one tile compute, the next tile is prefetched (each weight
-// row of a typical expert is its own 4 KiB page, where the hardware
-// prefetcher alone starts over). x and y are float32; w float32, bfloat16
-// or float16 (widened as it streams in).
 // One column tile of C weight rows against every input row: R = 4 rows at
 // a time where there are 4 (12 accumulators: the FMA units stay busy), else
 // 2, then 1; the next tile is prefetched meanwhile.
@@ -183,7 +176,7 @@ void column_tile(
     float* y,
     int64_t ldy,
     Prefetcher& pf) {
-  int64_t r = 0;
+  int64_t r = 0; // passes: row_passes<C>(n)
   if constexpr (C == 3) {
     for (; r + 4 <= n; r += 4) {
       dot_tile<4, C>(x + r * K, K, w, y + r * ldy, ldy, pf);
@@ -197,6 +190,14 @@ void column_tile(
   }
 }
 
+// How many dot_tile passes column_tile<C> makes over n rows.
+template <int C>
+int64_t row_passes(int64_t n) {
+  return C == 3 ? n / 4 + (n % 4) / 2 + n % 2 : (n + 1) / 2;
+}
+
+// Columns [j0, j1) of y in tiles of C weight rows (the rest one by one),
+// each tile prefetching the next over its passes.
 template <int C, typename WT>
 void skinny_columns(
     const float* xp,
@@ -207,7 +208,7 @@ void skinny_columns(
     int64_t Dout,
     int64_t j0,
     int64_t j1) {
-  const int64_t passes = C == 3 ? n / 4 + (n % 4) / 2 + n % 2 : (n + 1) / 2;
+  const int64_t passes = row_passes<C>(n);
   const int64_t steps = std::max<int64_t>(K / 8, 1);
   const int64_t tile_lines = (C * K * int64_t(sizeof(WT)) + 63) / 64;
   int64_t j = j0;
