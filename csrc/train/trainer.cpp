@@ -202,13 +202,13 @@ nlohmann::json Trainer::scheduled_values() const {
 }
 
 nlohmann::json Trainer::routing_stats(
-    std::vector<at::Tensor>& sums, std::vector<at::Tensor>& layer_tokens) {
+    at::Tensor all, std::vector<at::Tensor>& layer_tokens) {
   json out = json::array();
-  if (sums.empty()) {
+  if (all.numel() == 0) {
     return out;
   }
   // One row per layer (routing_metrics.h), summed over ranks.
-  auto all = at::stack(sums).cpu();
+  all = all.clone();
   if (distributed()) {
     dp_->all_reduce_sum(all);
   }
@@ -226,7 +226,7 @@ nlohmann::json Trainer::routing_stats(
     out.push_back(routing_record(
         all[l], layer, block->moe->options, cfg_.model.moe.num_experts));
     layer_tokens[l] = // on the model's device, for the selection bias
-        all[l].narrow(0, 0, E).to(sums[l].device(), at::kFloat);
+        all[l].narrow(0, 0, E).to(device_, at::kFloat);
     ++l;
   }
   return out;

@@ -237,8 +237,8 @@ class Trainer {
   // layer, see routing_stats).
   static void add_routing_sums(
       const TransformerOutput& out, std::vector<at::Tensor>& sums);
-  // The logged losses (mean over every process) and a stop request (max
-  // over every process) into `out`.
+  // The logged losses (on the host; mean over every process) and a stop
+  // request (max over every process) into `out`.
   void reduce_losses(const at::Tensor& losses, StepOutcome& out);
   // Gradients over the ranks, per-expert clipping, fp32 masters' gradients.
   void reduce_gradients();
@@ -249,8 +249,21 @@ class Trainer {
   size_t critic_group() const {
     return 3 + cfg_.optim.groups.size();
   }
-  // The global gradient norm over every rank, from the buckets.
-  double global_grad_norm();
+  // The norm of each piece of the buckets' gradients that this rank counts
+  // (on the device) and each piece's kind (replicated, expert, TP).
+  struct NormPieces {
+    at::Tensor values;
+    std::vector<int> kind;
+  };
+  NormPieces grad_norm_pieces() const;
+  // The global gradient norm over every rank, from the pieces' norms (on
+  // the host).
+  double global_grad_norm(
+      const at::Tensor& norms, const std::vector<int>& kind);
+  // The step's tensors in one device-to-host copy (as double, their shapes
+  // kept).
+  static std::vector<at::Tensor> one_host_copy(
+      const std::vector<at::Tensor>& parts);
   // Why this step must be skipped ("" : it must not).
   std::string skip_reason(double loss, double grad_norm) const;
   // Counts and logs a skipped step; aborts after train.max_bad_steps.
@@ -331,9 +344,10 @@ class Trainer {
   // Drops metrics records past `step` (their steps will be run again).
   void truncate_metrics(int64_t step) const;
   // Per MoE layer, the routing statistics of the whole step: every
-  // micro-batch on every data-parallel rank (one collective).
+  // micro-batch on every data-parallel rank (one collective); `sums` is on
+  // the host, a row per MoE layer.
   nlohmann::json routing_stats(
-      std::vector<at::Tensor>& sums, std::vector<at::Tensor>& layer_tokens);
+      at::Tensor sums, std::vector<at::Tensor>& layer_tokens);
   // rank 0: the manifest fields that describe the run, not the files.
   json manifest_state(int64_t step) const;
   // Every file's vocabulary (raw files do not say) fits the model's.

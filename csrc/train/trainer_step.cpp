@@ -15,15 +15,22 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
   if (critic_due(step)) {
     out.critic = train_critic(step);
   }
-  // Across ranks: the logged losses and a stop request, the routing
-  // statistics, then the gradients (and per-expert clipping).
-  reduce_losses(sums.losses, out);
-  std::vector<at::Tensor> layer_tokens(sums.routing.size());
-  out.moe_layers = routing_stats(sums.routing, layer_tokens);
+  // Gradients across ranks (and per-expert clipping).
   reduce_gradients();
-  // The global gradient norm decides whether the step is applied.
+  // The step's one device-to-host copy: the logged losses, the routing
+  // sums and the gradient norm's pieces. Then, on the host and across
+  // ranks: the losses and a stop request, the routing statistics, the
+  // global gradient norm, which decides whether the step is applied.
+  const auto norms = grad_norm_pieces();
+  const auto routing = sums.routing.empty()
+                           ? at::zeros({0, 0}, sums.losses.options())
+                           : at::stack(sums.routing);
+  const auto host = one_host_copy({sums.losses, routing, norms.values});
+  reduce_losses(host[0], out);
+  std::vector<at::Tensor> layer_tokens(sums.routing.size());
+  out.moe_layers = routing_stats(host[1], layer_tokens);
   const auto params = optimizer_params();
-  out.grad_norm = global_grad_norm();
+  out.grad_norm = global_grad_norm(host[2], norms.kind);
   out.skipped = skip_reason(out.loss, out.grad_norm);
   if (!out.skipped.empty()) {
     note_skipped(step, out);
@@ -34,6 +41,22 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
   optimizer_step(params, out.grad_norm);
   update_selection_bias(layer_tokens);
   update_relu_l1(out.moe_layers);
+  return out;
+}
+
+std::vector<at::Tensor> Trainer::one_host_copy(
+    const std::vector<at::Tensor>& parts) {
+  std::vector<at::Tensor> flat;
+  for (const auto& t : parts) {
+    flat.push_back(t.to(at::kDouble).reshape(-1));
+  }
+  const auto all = at::cat(flat).cpu();
+  std::vector<at::Tensor> out;
+  int64_t at = 0;
+  for (const auto& t : parts) {
+    out.push_back(all.narrow(0, at, t.numel()).view(t.sizes()));
+    at += t.numel();
+  }
   return out;
 }
 
@@ -97,7 +120,7 @@ void Trainer::reduce_losses(const at::Tensor& losses, StepOutcome& out) {
   // Tensor-parallel ranks hold the same values, so over every process.
   const int sig = received_signal();
   out.stop_here = sig != 0;
-  auto v = losses.cpu().contiguous();
+  auto v = losses.clone(); // on the host (one_host_copy)
   auto stop = at::tensor({double(sig)}, at::kDouble); // max over ranks
   if (distributed()) {
     world_->all_reduce_sum(v);
@@ -152,7 +175,7 @@ std::vector<at::Tensor> Trainer::optimizer_params() const {
   return params;
 }
 
-double Trainer::global_grad_norm() {
+Trainer::NormPieces Trainer::grad_norm_pieces() const {
   at::NoGradGuard g;
   // Each bucket's part that this rank counts (its shard where the bucket is
   // split over ranks), cut at the members: the same pieces of the same
@@ -163,7 +186,7 @@ double Trainer::global_grad_norm() {
   // TP and expert slices over EP, so every parameter counts once.
   const bool sharded = cfg_.optim.sharded();
   std::vector<at::Tensor> pieces;
-  std::vector<int> kind;
+  NormPieces out;
   for (const auto& b : buckets_) {
     if (b.opt_group == critic_group()) {
       continue; // trained apart from the model
@@ -178,19 +201,21 @@ double Trainer::global_grad_norm() {
         return;
       }
       pieces.push_back(piece);
-      kind.push_back(b.kind);
+      out.kind.push_back(b.kind);
     });
   }
-  // One host copy of the norms (one device sync on GPUs).
-  const auto norms = pieces.empty() ? at::zeros({0}, at::kDouble)
-                                    : at::stack(at::_foreach_norm(pieces))
-                                          .to(at::kDouble)
-                                          .cpu()
-                                          .contiguous();
+  out.values = pieces.empty()
+                   ? at::zeros({0}, at::dtype(at::kDouble).device(device_))
+                   : at::stack(at::_foreach_norm(pieces)).to(at::kDouble);
+  return out;
+}
+
+double Trainer::global_grad_norm(
+    const at::Tensor& norms, const std::vector<int>& kind) {
   const double* np = norms.const_data_ptr<double>();
   auto sums = at::zeros({3}, at::kDouble); // replicated, expert, TP piece
   double* sp = sums.data_ptr<double>();
-  for (size_t k = 0; k < pieces.size(); ++k) {
+  for (size_t k = 0; k < kind.size(); ++k) {
     sp[kind[k]] += np[k] * np[k];
   }
   auto dense = at::stack({sums[0], sums[2]});
