@@ -60,7 +60,8 @@ figure_of() {
   case $1 in
     pytest-gpu) tail -1 "$2" | tr '|' '/' ;;
     gtest-cuda) grep -E 'tests passed|tests failed' "$2" | tail -1 ;;
-    bench-moe-layer) grep -E 'fraction|x ' "$2" | tail -1 | tr '|' '/' | cut -c1-120 ;;
+    # moeyard's first row: vs the baseline, of the measured limit
+    bench-moe-layer) grep -E '^\| moeyard \|' "$2" | head -1 | tr '|' '/' | cut -c1-120 ;;
     bench-skip) grep -E '^\| 0\.5' "$2" | tail -1 | tr '|' '/' | cut -c1-120 ;;
     train-gpu_moe_1b) cat "$OUT/train.peak" 2>/dev/null ;;
     nccl) tail -1 "$2" | tr '|' '/' ;;

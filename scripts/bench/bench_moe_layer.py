@@ -22,7 +22,8 @@ ratio to the baseline (> 1: faster) and the fraction of the limit measured
 in the same rounds: forward+backward, expert FLOPs / (time x the rate of a
 torch.mm of one expert's share of rows); decode, the bytes of the experts
 the tokens hit (plus the router) / (time x the bandwidth of a streaming
-read). Also router_topk against the unfused ATen sequence.
+read). Also router_topk against the unfused ATen sequence, and permute /
+unpermute at the memory bandwidth against ATen's index_select / index_add.
 """
 
 import argparse
@@ -208,6 +209,43 @@ def bench_router(T, E, K, device, rounds, table):
     table.append((name, "ATen softmax+topk+gather+renorm", "", rows_out))
 
 
+def bench_dispatch_ops(T, H, E, K, dtype, device, rounds, table):
+    """permute and unpermute (forward) at the memory bandwidth: the bytes
+    each must move (rows read and written, indices and weights) / (time x a
+    streaming read's bandwidth), against ATen's index_select and a
+    weighted index_add doing the same."""
+    x = torch.randn(T, H, dtype=dtype, device=device)
+    w, idx, _ = moeyard.ops.router_topk(torch.randn(T, E, device=device), K)
+    row_token, slot, _, _ = moeyard.ops.route_plan(idx, w, E)
+    rows = moeyard.ops.permute(x, row_token)
+    token_of_slot = torch.arange(T, device=device).repeat_interleave(K)
+    order = slot.flatten()
+    stream, stream_bytes = limits.stream_probe(device=device)
+    times = limits.interleaved({
+        "moeyard permute": lambda: moeyard.ops.permute(x, row_token),
+        "ATen index_select": lambda: x.index_select(0, row_token.clamp_min(0)),
+        "moeyard unpermute": lambda: moeyard.ops.unpermute(rows, slot, w),
+        "ATen weighted index_add": lambda: torch.zeros_like(x).index_add_(
+            0, token_of_slot, rows[order] * w.flatten()[:, None].to(dtype)),
+        "limit: streaming read": stream}, rounds, device)
+    bandwidth = stream_bytes / limits.median(times.pop("limit: streaming read"))
+    kind = {"moeyard permute": "permute", "ATen index_select": "permute",
+            "moeyard unpermute": "unpermute", "ATen weighted index_add": "unpermute"}
+    n, b = T * K, x.element_size()
+    moved = {"permute": (T + n) * H * b + n * 8, "unpermute": (n + T) * H * b + n * (8 + 4)}
+    name = f"permute/unpermute T={T} H={H} K={K} {str(dtype).replace('torch.', '')}"
+    print(f"\n{name}: {rounds} interleaved rounds; streaming read {bandwidth / 1e9:.1f} GB/s")
+    print("| implementation | median (ms) | spread (ms) | of the bandwidth |")
+    print("|---|---:|---:|---:|")
+    rows_out = []
+    for impl, v in times.items():
+        med = limits.median(v)
+        frac = moved[kind[impl]] / (med * bandwidth)
+        print(f"| {impl} | {med * 1e3:.3f} | {limits.spread(v) * 1e3:.3f} | {frac:.2f} |")
+        rows_out.append((impl, med, limits.spread(v), 1.0, frac))
+    table.append((name, "", f"streaming read {bandwidth / 1e9:.1f} GB/s", rows_out))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -234,6 +272,8 @@ def main():
     if a.cases in ("all", "decode"):
         for (E, K) in [(8, 2), (64, 8)]:
             bench_router(T, E, K, a.device, max(rounds, 9), table)
+        for dt in a.dtype:
+            bench_dispatch_ops(T, 1024, 64, 8, getattr(torch, dt), a.device, max(rounds, 9), table)
     if a.out:
         with open(a.out, "w") as f:
             f.write(f"torch {torch.__version__}, device {a.device}, {torch.get_num_threads()} threads\n\n")

@@ -53,6 +53,17 @@ Configs (model shapes, batch, sequence, optimizer and clipping of the yaml):
         E=8 top-2, F=1024, B=4 x S=512.
 Ratios are against the fastest transformers implementation of the same run
 (>1: moeyard has more tokens/s, or more peak memory).
+
+The floor of a config's step, measured in the same run after the children
+(scripts/bench/limits.py, interleaved rounds, same thread count): every GEMM
+of the step at its own shape, forward + backward through autograd (per
+layer q, k, v, o, the router, each expert's gate/up and down at T*K/E rows,
+then the LM head), and causal SDPA forward + backward, summed with their
+counts. "of the floor" = floor time / step time: the share of the step that
+its matrix products and attention alone would take at the rates this
+machine reaches for those shapes (an MFU against what is reachable here).
+"step TFLOP/s" divides the floor's FLOPs (6 x the active matrix parameters
+per token, plus attention) by the step time.
 """
 
 import argparse
@@ -208,6 +219,44 @@ def optim_settings(cfg):
     if t["grad_accum"] != 1:
         raise SystemExit("the benchmark times grad_accum = 1 steps")
     return o, t["micro_batch"], d["seq_len"], d["train"]
+
+
+def step_floor(mx, B, S, threads, rounds=5):
+    """(seconds, FLOPs) of the GEMMs and attention of one training step of
+    Mixtral-shaped `mx` at B x S tokens, each shape timed forward + backward
+    in interleaved rounds."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "bench"))
+    import limits
+
+    torch.set_num_threads(threads)
+    T, H, L = B * S, mx["hidden_size"], mx["num_hidden_layers"]
+    nh, nkv, hd = mx["num_attention_heads"], mx["num_key_value_heads"], mx["head_dim"]
+    E, K, Fe, V = mx["num_local_experts"], mx["num_experts_per_tok"], mx["intermediate_size"], mx["vocab_size"]
+    rows = max(1, T * K // E)
+    shapes = {  # name: (M, K, N, count per step)
+        "q, o": (T, H, nh * hd, 2 * L), "k, v": (T, H, nkv * hd, 2 * L), "router": (T, H, E, L),
+        "expert gate/up": (rows, H, 2 * Fe, E * L), "expert down": (rows, Fe, H, E * L), "lm head": (T, H, V, 1)}
+    fns, counts, flops = {}, {}, 0.0
+    for name, (m, k, n, count) in shapes.items():
+        x = torch.randn(m, k, requires_grad=True)
+        w = torch.randn(k, n, requires_grad=True)
+        g = torch.randn(m, n)
+        # autograd.grad: fresh gradients, no accumulation into .grad
+        fns[name] = lambda x=x, w=w, g=g: torch.autograd.grad(x @ w, (x, w), g)
+        counts[name] = count
+        flops += 3 * 2.0 * m * k * n * count
+    q = torch.randn(B, nh, S, hd, requires_grad=True)
+    kv = [torch.randn(B, nkv, S, hd, requires_grad=True) for _ in range(2)]
+    go = torch.randn(B, nh, S, hd)
+    fns["attention"] = lambda: torch.autograd.grad(
+        F.scaled_dot_product_attention(q, *kv, is_causal=True, enable_gqa=True), (q, *kv), go)
+    counts["attention"] = L
+    flops += 3 * 2.0 * B * nh * S * S * hd * L  # QK^T and PV, causal half of 2 x 2 S^2 hd
+    times = limits.interleaved(fns, rounds)
+    return sum(limits.median(times[n]) * counts[n] for n in fns), flops
 
 
 def moeyard_param_count(cfg):
@@ -422,6 +471,9 @@ def main():
                 path, {}, B, S, warmup, steps, max_steps, a.threads)
         if not hf:
             raise SystemExit("no transformers implementation ran")
+        floor_s, floor_flops = step_floor(mixtral, B, S, a.threads)
+        print(f"  floor (GEMMs + attention of one step, measured now): {floor_s * 1e3:.1f} ms, "
+              f"{floor_flops / floor_s / 1e9:.1f} GFLOP/s")
         best = min(hf, key=lambda k: statistics.median(hf[k]["times"]))
         ordered = [("moeyard", results["moeyard"]), (f"transformers best ({best})", hf[best])]
         ordered += [(f"transformers {k}", v) for k, v in hf.items() if k != best]
@@ -430,24 +482,30 @@ def main():
         base_tps = B * S / statistics.median(base["times"])
         for impl, r in ordered:
             med = statistics.median(r["times"])
+            # the shipped tiny.yaml has other shapes than the floor's
+            frac = None if "(info)" in impl else floor_s / med
             tps = B * S / med
             rows.append((label, impl, tps, med * 1e3, r["peak_mb"], r["start_mb"],
                          f"{len(r['times'])}/{r['ran']}", r["other_cpu"], tps / base_tps,
-                         r["peak_mb"] / base["peak_mb"]))
+                         r["peak_mb"] / base["peak_mb"], None if frac is None else floor_flops / med / 1e12,
+                         frac))
             print(f"  {impl:44s} {tps:9.0f} tok/s  {med * 1e3:8.1f} ms/step "
                   f"(min {min(r['times']) * 1e3:.1f}, max {max(r['times']) * 1e3:.1f})  peak RSS "
                   f"{r['peak_mb']:7.0f} MB (start {r['start_mb']:.0f})  {len(r['times'])}/{r['ran']} steps, other CPU {100 * r['other_cpu']:.0f}%  "
-                  f"x{tps / base_tps:.2f} tok/s, x{r['peak_mb'] / base['peak_mb']:.2f} peak vs {best}")
+                  f"x{tps / base_tps:.2f} tok/s, x{r['peak_mb'] / base['peak_mb']:.2f} peak vs {best} "
+                  + ("" if frac is None else f"{frac:.2f} of the floor"))
             if not r["clean"]:
                 print(f"  warning: fewer than {steps} clean steps in {r['ran']}: other processes used "
                       f"{100 * r['other_cpu']:.0f}% of the CPU; re-run on a quiet machine")
     md = [header, "",
           "| config | implementation | tokens/s | step (ms) | peak RSS (MB) | start RSS (MB) | "
-          "steps used/run | other CPU | tokens/s vs transformers best | peak RSS vs transformers best |",
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (label, impl, tps, ms, peak, start, used, other, rt, rp) in rows:
+          "steps used/run | other CPU | tokens/s vs transformers best | peak RSS vs transformers best | "
+          "step TFLOP/s | of the floor |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (label, impl, tps, ms, peak, start, used, other, rt, rp, tflops, frac) in rows:
         md.append(f"| {label} | {impl} | {tps:.0f} | {ms:.1f} | {peak:.0f} | {start:.0f} | {used} | "
-                  f"{100 * other:.0f}% | {rt:.2f}x | {rp:.2f}x |")
+                  f"{100 * other:.0f}% | {rt:.2f}x | {rp:.2f}x | {'' if frac is None else f'{tflops:.3f}'} | "
+                  f"{'' if frac is None else f'{frac:.2f}'} |")
     print("\n" + "\n".join(md))
     if a.out:
         with open(a.out, "w") as f:
