@@ -117,7 +117,14 @@ def test_distillation_under_parallelism_matches_one_process(tmp_path, shards, te
     cfg, *args = student(tmp_path, shards, teacher, "two", *null, micro_batch=mb)
     r = torchrun(2, "train", "--config", cfg, *args, *sets, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_run(tmp_path / "single", tmp_path / "two")
+    # Under TP the heads and the vocabulary-parallel KL round differently
+    # from one process: a router near-tie (one pick of ~1000) may flip, and
+    # AdamW's normalized update turns rounding in tiny gradients (rare
+    # tokens' embedding rows) into parameter differences of a fraction of
+    # the learning rate.
+    tp = "parallel.tensor_parallel=2" in sets
+    assert_same_run(tmp_path / "single", tmp_path / "two", moved_picks=1 if tp else 0,
+                    param_tol=1e-3 if tp else 1e-4)
     for a, b in zip(run_metrics(tmp_path / "single"), run_metrics(tmp_path / "two")):
         assert abs(a["kl"] - b["kl"]) <= 2e-5 * max(1.0, a["kl"]), (a["step"], a["kl"], b["kl"])
 

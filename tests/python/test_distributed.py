@@ -228,7 +228,10 @@ def final_model(run, step=6):
     return checkpoint.load(str(run / f"step_{step}"))
 
 
-def assert_same_run(a, b, tol=2e-5, param_tol=1e-4):
+def assert_same_run(a, b, tol=2e-5, param_tol=1e-4, moved_picks=0):
+    """Metrics, routing and final parameters equal within tolerances;
+    `moved_picks`: how many picks per layer and step may land on another
+    expert (a near-tie of router scores that rounding can flip)."""
     ma, mb = run_metrics(a), run_metrics(b)
     assert len(ma) == len(mb) == 6
     for x, y in zip(ma, mb):
@@ -237,7 +240,8 @@ def assert_same_run(a, b, tol=2e-5, param_tol=1e-4):
         if "valid_loss" in x:
             assert abs(x["valid_loss"] - y["valid_loss"]) <= tol
         for la, lb in zip(x["moe_layers"], y["moe_layers"]):
-            assert la["tokens_per_expert"] == lb["tokens_per_expert"]
+            moved = sum(abs(p - q) for p, q in zip(la["tokens_per_expert"], lb["tokens_per_expert"])) / 2
+            assert moved <= moved_picks, (x["step"], la["tokens_per_expert"], lb["tokens_per_expert"])
     pa, pb = final_model(a), final_model(b)
     assert set(pa) == set(pb)
     for n in pa:
