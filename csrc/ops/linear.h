@@ -16,6 +16,8 @@ namespace moeyard::ops {
 bool gemm_in_float32(at::ScalarType dtype, const at::Device& device);
 
 // y = x W^T (+ b), as at::linear, through float32 when gemm_in_float32.
+// Without autograd, on the CPU, at most kStreamingRows rows (decoding) go
+// through grouped_mm's weight-streaming kernel as one group.
 at::Tensor linear(
     const at::Tensor& x,
     const at::Tensor& weight,

@@ -6,6 +6,11 @@
 
 namespace moeyard::ops {
 
+// On the CPU, a group of at most this many rows streams its weights through
+// a register-tiled kernel instead of a BLAS GEMM (which packs the weights
+// first): measured faster up to ~64 rows at H=1024..2048.
+constexpr int64_t kStreamingRows = 32;
+
 // Per-expert matmul over expert-contiguous rows:
 // out[offsets[e]:offsets[e+1]] = input[offsets[e]:offsets[e+1]] @ weight[e]^T.
 // input [N, Din], weight [E, Dout, Din] (nn.Linear layout, same dtype as

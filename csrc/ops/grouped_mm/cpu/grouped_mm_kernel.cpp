@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops/grouped_mm/grouped_mm.h"
 #include "ops/grouped_mm/grouped_mm_checks.h"
 #include "ops/linear.h"
 
@@ -38,10 +39,6 @@ std::vector<int64_t> read_offsets(
   detail::check_grouped_mm_offsets(v.data(), v.size(), N, op);
   return v;
 }
-
-// Experts with at most this many rows use the streaming kernel (float32);
-// measured faster than the BLAS GEMM up to ~64 rows at H=1024..2048.
-constexpr int64_t kSkinnyRows = 32;
 
 #if defined(CPU_CAPABILITY_AVX2)
 // 8 weights as float32: loaded as is, or widened from bfloat16 (the high
@@ -228,7 +225,7 @@ void skinny_columns(
   }
 }
 
-// y [n, Dout] = x [n, K] w^T for n <= kSkinnyRows, parallel over Dout:
+// y [n, Dout] = x [n, K] w^T for n <= kStreamingRows, parallel over Dout:
 // tiles of weight rows x input rows held in registers, so each weight row
 // is read from memory once and each input row from cache once per tile.
 // While the passes over one tile compute, the next tile is prefetched (each
@@ -272,7 +269,7 @@ at::Tensor grouped_mm_cpu(
       continue;
     }
     auto o = out.narrow(0, off[e], n);
-    const bool skinny = n <= kSkinnyRows && !at::in_parallel_region();
+    const bool skinny = n <= kStreamingRows && !at::in_parallel_region();
     const bool half = input.scalar_type() == at::kBFloat16 ||
                       input.scalar_type() == at::kHalf;
     if (half && skinny) { // stream the bf16/fp16 weights, widen in place
