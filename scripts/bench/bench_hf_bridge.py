@@ -16,15 +16,16 @@ a torch.mm of one expert-sized GEMM measured in the same run.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 from moeyard import hf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import limits  # noqa: E402
 
 CASES = {
     "mixtral (E=8, F=2048, top-2)": ("mixtral", dict(num_local_experts=8, intermediate_size=2048,
@@ -77,31 +78,26 @@ def main():
             except Exception as e:  # noqa: BLE001
                 print(f"({impl}: not available here: {str(e).splitlines()[0][:100]})")
         impls.append("moeyard")
-        times = {i: [] for i in impls}
-        gemm = []
-        a_mm, b_mm = torch.randn(T * K // E, H), torch.randn(H, 2 * F)
-        for _ in range(a.rounds + 1):
-            for impl in impls:
+        def run(impl):
+            def call():
                 model.set_experts_implementation(impl)
-                xi = x.clone().requires_grad_(True)
                 experts.zero_grad(set_to_none=True)
-                t = time.perf_counter()
-                experts(xi, idx, w).square().mean().backward()
-                times[impl].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            torch.mm(a_mm, b_mm)
-            gemm.append(time.perf_counter() - t)
-        gemm_rate = 2 * (T * K // E) * H * 2 * F / statistics.median(gemm[1:])
+                experts(x.clone().requires_grad_(True), idx, w).square().mean().backward()
+            return call
+
+        fns = {impl: run(impl) for impl in impls}
+        fns["gemm"], gemm_flops = limits.gemm_probe(T * K // E, H, 2 * F)
+        times = limits.interleaved(fns, a.rounds)
+        gemm_rate = gemm_flops / limits.median(times.pop("gemm"))
         flops = 3 * 2 * T * K * 3 * H * F  # 3 GEMMs (gate_up is 2F wide), forward + 2x backward
-        base = statistics.median(times["eager"][1:])
+        base = limits.median(times["eager"])
         print(f"\n{case}: expert-sized GEMM (torch.mm [{T * K // E}x{H}] x [{H}x{2 * F}]) "
               f"{gemm_rate / 1e9:.1f} GFLOP/s in this run")
         print("| implementation | fwd+bwd (ms) | spread (ms) | vs eager | expert GFLOP/s | / GEMM rate |")
         print("|---|---:|---:|---:|---:|---:|")
         for impl in impls:
-            v = times[impl][1:]
-            med = statistics.median(v)
-            print(f"| {impl} | {med * 1e3:.1f} | {(max(v) - min(v)) * 1e3:.1f} | {base / med:.2f}x | "
+            med = limits.median(times[impl])
+            print(f"| {impl} | {med * 1e3:.1f} | {limits.spread(times[impl]) * 1e3:.1f} | {base / med:.2f}x | "
                   f"{flops / med / 1e9:.1f} | {flops / med / gemm_rate:.2f} |")
         bench_blocks(model, impls[-2], x, a.rounds, flops, gemm_rate)
 
@@ -115,22 +111,21 @@ def bench_blocks(model, hf_impl, x, rounds, flops, gemm_rate):
     ours = hf.patch_hf_model(copy.deepcopy(model), blocks=True)
     blocks = {hf_impl: next(m for m in model.modules() if hasattr(m, "experts")),
               "moeyard blocks": next(m for m in ours.modules() if "moeyard_moe" in m.__dict__)}
-    times = {k: [] for k in blocks}
-    for _ in range(rounds + 1):
-        for name, block in blocks.items():
-            xi = x[None].clone().requires_grad_(True)
+    def run(block):
+        def call():
             block.zero_grad(set_to_none=True)
-            t = time.perf_counter()
-            y = block(xi)
+            y = block(x[None].clone().requires_grad_(True))
             (y[0] if isinstance(y, tuple) else y).square().mean().backward()
-            times[name].append(time.perf_counter() - t)
-    base = statistics.median(times[hf_impl][1:])
+        return call
+
+    times = limits.interleaved({name: run(block) for name, block in blocks.items()}, rounds)
+    base = limits.median(times[hf_impl])
     print(f"\nthe whole block (router included), baseline transformers with {hf_impl}:")
     print("| implementation | fwd+bwd (ms) | spread (ms) | vs baseline | expert FLOPs / GEMM rate |")
     print("|---|---:|---:|---:|---:|")
     for name, v in times.items():
-        med = statistics.median(v[1:])
-        print(f"| {name} | {med * 1e3:.1f} | {(max(v[1:]) - min(v[1:])) * 1e3:.1f} | {base / med:.2f}x | "
+        med = limits.median(v)
+        print(f"| {name} | {med * 1e3:.1f} | {limits.spread(v) * 1e3:.1f} | {base / med:.2f}x | "
               f"{flops / med / gemm_rate:.2f} |")
 
 

@@ -214,10 +214,19 @@ def main():
                     f"{(peak - base) / want:.2f} |")
     # Load throughput: moeyard's reader (rank 0's log line) against
     # safetensors.torch.load_file of the same model file, interleaved.
+    # The memory bandwidth of a streaming read in the same rounds: a load
+    # from the page cache copies each byte once.
     from safetensors.torch import load_file
 
-    ours, theirs = [], []
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import limits
+
+    stream, stream_bytes = limits.stream_probe()
+    ours, theirs, bandwidth = [], [], []
     for _ in range(a.rounds):
+        t = time.perf_counter()
+        stream()
+        bandwidth.append(stream_bytes / 1e6 / (time.perf_counter() - t))
         _, rate = load_peak(1, ["train", "--config", cfg, "--resume", step, "--overwrite"],
                             os.path.join(a.workdir, "tp"))
         if rate:
@@ -233,7 +242,9 @@ def main():
     if ours:
         say(f"load throughput, median of {a.rounds} interleaved rounds: moeyard {statistics.median(ours):.0f} MB/s "
             f"(spread {min(ours):.0f}-{max(ours):.0f}), safetensors {statistics.median(theirs):.0f} MB/s "
-            f"(spread {min(theirs):.0f}-{max(theirs):.0f}): {statistics.median(ours) / statistics.median(theirs):.2f}x")
+            f"(spread {min(theirs):.0f}-{max(theirs):.0f}): {statistics.median(ours) / statistics.median(theirs):.2f}x; "
+            f"{statistics.median(ours) / statistics.median(bandwidth):.2f} of the memory bandwidth "
+            f"({statistics.median(bandwidth):.0f} MB/s, a streaming read in the same rounds)")
     if a.out:
         with open(a.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -9,7 +9,8 @@ fractions interleaved round by round on the same tokens and weights.
         [--device cuda] [--dtype bfloat16]
 
 The null share is set through the null experts' selection bias (found by
-bisection before timing). Expert time = layer time - layer time at
+bisection before timing). Timing: scripts/bench/limits.py (medians and
+spreads of interleaved rounds). Expert time = layer time - layer time at
 fraction 1; the ideal expert time at fraction f is (1 - f) times that at 0,
 so the saving achieved is (expert(0) - expert(f)) / (f expert(0)) (target
 >= 0.8). The expert GEMMs' FLOP rate at fraction 0 is printed against a
@@ -19,15 +20,16 @@ GEMM rate).
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 from moeyard import MoE  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import limits  # noqa: E402
 
 
 def null_share(m, x):
@@ -65,17 +67,12 @@ def main():
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--ffn", type=int, default=1024)
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (after one warm-up round)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timed with a device synchronize)")
     ap.add_argument("--dtype", default="float32", help="the experts' dtype (the router stays float32)")
     a = ap.parse_args()
     dev, dt = torch.device(a.device), getattr(torch, a.dtype)
-
-    def now():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -93,22 +90,22 @@ def main():
         else:
             shares[f] = set_fraction(m, x, f)
         biases[f] = m.selection_bias.clone()
-    times = {f: [] for f in fractions}
-    gemm = []
     a_mm = torch.randn(T * K, H, device=dev, dtype=dt)
     b_mm = torch.randn(H, 2 * F, device=dev, dtype=dt)
-    for _ in range(a.rounds + 1):  # the first round warms up
-        for f in fractions:
+
+    def at_fraction(f):
+        def run():
             m.selection_bias.copy_(biases[f])
             m.zero_grad(set_to_none=True)
-            t = now()
             step(m, x, g)
-            times[f].append(now() - t)
-        t = now()
-        torch.mm(a_mm, b_mm)
-        gemm.append(now() - t)
-    med = {f: statistics.median(v[1:]) for f, v in times.items()}
-    gemm_rate = 2 * T * K * H * 2 * F / statistics.median(gemm[1:]) / 1e9
+        return run
+
+    fns = {f: at_fraction(f) for f in fractions}
+    fns["gemm"] = lambda: torch.mm(a_mm, b_mm)
+    times = limits.interleaved(fns, a.rounds, device=dev)
+    gemm = times.pop("gemm")
+    med = {f: limits.median(v) for f, v in times.items()}
+    gemm_rate = 2 * T * K * H * 2 * F / limits.median(gemm) / 1e9
     base = med[1.0]
     expert0 = med[0.0] - base
     # Forward + backward of the expert MLPs: 3 GEMMs forward (gate_up is 2F
@@ -119,16 +116,16 @@ def main():
           f"medians of {a.rounds} interleaved rounds")
     print(f"machine GEMM rate (torch.mm [{T * K}x{H}] x [{H}x{2 * F}]) in this run: {gemm_rate:.1f} GFLOP/s")
     print()
-    print("| null fraction | layer fwd+bwd (ms) | expert time (ms) | vs fraction 0 | ideal | saving achieved | "
-          "expert GFLOP/s | / machine GEMM rate |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| null fraction | layer fwd+bwd (ms) | spread (ms) | expert time (ms) | vs fraction 0 | ideal | "
+          "saving achieved | expert GFLOP/s | / machine GEMM rate |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for f in fractions:
         expert = med[f] - base
         share = shares[f]
         rel = expert / expert0 if expert0 > 0 else float("nan")
         achieved = (1 - rel) / share if 0 < share < 1 else float("nan")
         rate = flops0 * (1 - share) / expert / 1e9 if expert > 0 and share < 1 else float("nan")
-        print(f"| {share:.3f} | {med[f] * 1e3:.1f} | {expert * 1e3:.1f} | {rel:.2f} | {1 - share:.2f} | "
+        print(f"| {share:.3f} | {med[f] * 1e3:.1f} | {limits.spread(times[f]) * 1e3:.1f} | {expert * 1e3:.1f} | {rel:.2f} | {1 - share:.2f} | "
               f"{achieved:.2f} | {rate:.1f} | {rate / gemm_rate:.2f} |")
 
 

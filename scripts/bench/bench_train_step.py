@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark one training step of moeyard's C++ trainer against transformers' Mixtral, same run.
 
-    python scripts/bench/bench_train_step.py [--configs tiny,mid] [--steps N] [--warmup N]
+    python scripts/bench/bench_train_step.py [--configs tiny,mid] [--rounds 5] [--warmup N]
                                              [--threads 2] [--hf-impls grouped_mm,eager]
                                              [--no-shipped] [--out table.md]
 
@@ -29,19 +29,21 @@ global gradient-norm clip, AdamW step, in float32 on the CPU.
                 windows of the same corpus shard, [micro_batch, seq_len].
 
 Both sides run with the same intra-op thread count, each in its own child
-process, one after the other. Per config: --warmup steps are discarded, then
-the first --steps clean steps are timed: steps during which other processes
-used less than 10% of the machine's CPU (/proc/stat minus the child's own CPU
-time; with 2 threads on 2 cores any other load slows a step several-fold). A
-child runs at most --max-steps steps; if it gets fewer clean steps it uses all
-of its steps after the warm-up and the run is flagged noisy. Step time =
-median, tokens/s = micro_batch * seq_len / median step time. Peak RSS = the child's VmHWM (/proc/<pid>/status) at the end
-of the timed steps: the whole process (interpreter or executable, libtorch,
+process; all of a config's processes live at once and take turns (scripts/
+bench/limits.py's method, with SIGSTOP / SIGCONT between the turns): after
+--warmup untimed steps each, every round runs each process for one turn
+(tiny: 1 + 3 steps, mid: 1 + 1; the first step of a turn straddles the
+pause and is dropped), then the step's floor once; a first, untimed round
+warms every process and the floor up. A slow spell of the
+shared machine then hits every implementation alike. Step time = the
+median over the rounds' timed steps, spread = max - min; "other CPU" is the
+share of the machine's CPU that other processes used during the timed
+steps (/proc/stat minus the child's own CPU time), with a warning above 10%.
+tokens/s = micro_batch * seq_len / median step time. Peak RSS = the child's
+VmHWM (/proc/<pid>/status) at the end of the timed steps: the whole process (interpreter or executable, libtorch,
 model, gradients, optimizer state, activations); "start RSS" is the process
 before the model exists (moeyard: the C++ executable with libtorch loaded;
-transformers: Python with torch and transformers imported). "other CPU" is the
-mean share of the machine's CPU used by other processes during the timed
-steps; "steps used/run" counts the timed steps and all steps after warm-up.
+transformers: Python with torch and transformers imported).
 
 Configs (model shapes, batch, sequence, optimizer and clipping of the yaml):
   tiny  configs/tiny.yaml with the Mixtral architecture: every layer MoE
@@ -54,8 +56,8 @@ Configs (model shapes, batch, sequence, optimizer and clipping of the yaml):
 Ratios are against the fastest transformers implementation of the same run
 (>1: moeyard has more tokens/s, or more peak memory).
 
-The floor of a config's step, measured in the same run after the children
-(scripts/bench/limits.py, interleaved rounds, same thread count): every GEMM
+The floor of a config's step, measured in the same rounds as the children
+(all of them paused, same thread count): every GEMM
 of the step at its own shape, forward + backward through autograd (per
 layer q, k, v, o, the router, each expert's gate/up and down at T*K/E rows,
 then the LM head), and causal SDPA forward + backward, summed with their
@@ -78,14 +80,16 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import limits  # noqa: E402
 
 CONFIGS = {
-    # name: (yaml, overrides that make it Mixtral-shaped, default warmup, default steps)
+    # name: (yaml, overrides that make it Mixtral-shaped, default warmup, timed steps per turn)
     "tiny": ("configs/tiny.yaml",
              {"moe.moe_every_n": 1, "model.qk_norm": "none", "moe.capacity_factor": 0.0,
               "moe.z_coeff": 0.0},
-             3, 20),
-    "mid": ("configs/bench_mid.yaml", {}, 1, 4),
+             3, 3),
+    "mid": ("configs/bench_mid.yaml", {}, 1, 1),
 }
 
 # moeyard model defaults (docs/model.md) of the keys the Mixtral mapping reads
@@ -143,33 +147,6 @@ def other_cpu_share(busy0, busy1, own0, own1):
     return max(0.0, (d_busy - (own1 - own0)) / max(d_total, 1))
 
 
-class Samples:
-    """Step times after the warm-up, each with the share of the machine's CPU that
-    other processes used during it; keeps the first `steps` clean ones (other
-    CPU < CLEAN), or, when the run ends first, every step after the warm-up."""
-
-    CLEAN = 0.10
-
-    def __init__(self, warmup, steps):
-        self.warmup, self.steps, self.seen, self.all = warmup, steps, 0, []
-
-    def add(self, dt, other):
-        self.seen += 1
-        if self.seen > self.warmup:
-            self.all.append((dt, other))
-
-    def clean(self):
-        return [x for x in self.all if x[1] < self.CLEAN][: self.steps]
-
-    def done(self):
-        return len(self.clean()) >= self.steps
-
-    def result(self):
-        used = self.clean() if self.done() else self.all
-        return {"times": [t for t, _ in used], "other_cpu": statistics.mean(o for _, o in used),
-                "clean": self.done(), "ran": len(self.all)}
-
-
 def set_key(cfg, dotted, value):
     d = cfg
     parts = dotted.split(".")
@@ -221,15 +198,13 @@ def optim_settings(cfg):
     return o, t["micro_batch"], d["seq_len"], d["train"]
 
 
-def step_floor(mx, B, S, threads, rounds=5):
-    """(seconds, FLOPs) of the GEMMs and attention of one training step of
-    Mixtral-shaped `mx` at B x S tokens, each shape timed forward + backward
-    in interleaved rounds."""
+def floor_fns(mx, B, S, threads):
+    """({name: fn}, {name: count per step}, FLOPs) of the GEMMs and attention
+    of one training step of Mixtral-shaped `mx` at B x S tokens, each shape
+    forward + backward through autograd (fresh gradients, no accumulation
+    into .grad)."""
     import torch
     import torch.nn.functional as F
-
-    sys.path.insert(0, os.path.join(ROOT, "scripts", "bench"))
-    import limits
 
     torch.set_num_threads(threads)
     T, H, L = B * S, mx["hidden_size"], mx["num_hidden_layers"]
@@ -244,7 +219,6 @@ def step_floor(mx, B, S, threads, rounds=5):
         x = torch.randn(m, k, requires_grad=True)
         w = torch.randn(k, n, requires_grad=True)
         g = torch.randn(m, n)
-        # autograd.grad: fresh gradients, no accumulation into .grad
         fns[name] = lambda x=x, w=w, g=g: torch.autograd.grad(x @ w, (x, w), g)
         counts[name] = count
         flops += 3 * 2.0 * m * k * n * count
@@ -255,8 +229,7 @@ def step_floor(mx, B, S, threads, rounds=5):
         F.scaled_dot_product_attention(q, *kv, is_causal=True, enable_gqa=True), (q, *kv), go)
     counts["attention"] = L
     flops += 3 * 2.0 * B * nh * S * S * hd * L  # QK^T and PV, causal half of 2 x 2 S^2 hd
-    times = limits.interleaved(fns, rounds)
-    return sum(limits.median(times[n]) * counts[n] for n in fns), flops
+    return fns, counts, flops
 
 
 def moeyard_param_count(cfg):
@@ -271,61 +244,89 @@ def moeyard_param_count(cfg):
     return n
 
 
-# ---------------------------------------------------------------- moeyard side
+# ---------------------------------------------------------------- the timed processes
 
 STEP_RE = re.compile(r"step\s+(\d+)/(\d+) \|.*\|\s+([\d.]+) tok/s")
+HF_STEP_RE = re.compile(r"^STEP ([\d.eE+-]+)$")
 
 
-def run_moeyard(path, overrides, B, S, warmup, steps, max_steps, threads):
+class Child:
+    """One implementation's training process, run only in its turns: SIGCONT,
+    `lines` step lines, SIGSTOP. The first step of a turn began before the
+    last SIGSTOP (the process goes on once it has printed a line), so its
+    time includes the pause and is dropped; the turn's later steps are
+    timed, each with the share of the machine's CPU that other processes
+    used meanwhile."""
+
+    def __init__(self, name, cmd, seconds_of):
+        self.name, self.seconds_of = name, seconds_of
+        self.p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log, self.times, self.other = [], [], []
+        self.start_mb = None
+
+    def _next_step(self):
+        for line in self.p.stdout:
+            self.log.append(line)
+            if self.start_mb is None:  # the process before the model exists
+                self.start_mb = proc_status(self.p.pid, "VmRSS")
+            dt = self.seconds_of(line)
+            if dt is not None:
+                return dt
+        raise RuntimeError(f"{self.name} stopped early:\n" + "".join(self.log[-30:]))
+
+    def warm_up(self, steps):
+        """Starts the process and runs `steps` untimed steps, then pauses it."""
+        for _ in range(steps):
+            self._next_step()
+        os.kill(self.p.pid, signal.SIGSTOP)
+
+    def turn(self, lines=2, timed=True):
+        os.kill(self.p.pid, signal.SIGCONT)
+        self._next_step()  # straddled the pause
+        for _ in range(lines - 1):
+            busy0, own0 = machine_busy(), proc_cpu(self.p.pid)
+            dt = self._next_step()
+            if timed:
+                self.times.append(dt)
+                self.other.append(other_cpu_share(busy0, machine_busy(), own0, proc_cpu(self.p.pid)))
+        os.kill(self.p.pid, signal.SIGSTOP)
+
+    def finish(self):
+        """Peak memory of the timed steps, then the process is killed (an
+        end-of-run checkpoint write is neither timed nor counted)."""
+        self.peak_mb = proc_status(self.p.pid, "VmHWM")
+        self.p.kill()
+        self.p.wait()
+        return {"times": self.times, "other_cpu": statistics.mean(self.other), "peak_mb": self.peak_mb,
+                "start_mb": self.start_mb}
+
+
+def moeyard_child(name, path, overrides, B, S, steps, threads, run_dir):
     exe = os.environ.get("MOEYARD_EXE", os.path.join(os.environ.get("MOEYARD_BUILD_DIR", os.path.join(ROOT, "build")), "moeyard"))
-    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as run_dir:
-        sets = {**overrides, "train.steps": max_steps + 1, "train.threads": threads, "log.every": 1,
-                "checkpoint.dir": run_dir, "checkpoint.every": 0, "data.valid": '""',
-                "train.eval_every": 0}
-        cmd = [exe, "train", "--config", path, "--resume", "never"]
-        for k, v in sets.items():
-            cmd += ["--set", f"{k}={v}"]
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        start_rss = peak = None
-        samples = Samples(warmup, steps)
-        log = []
-        busy0 = own0 = None
-        try:
-            for line in p.stdout:
-                log.append(line)
-                if start_rss is None:
-                    start_rss = proc_status(p.pid, "VmRSS")
-                    busy0, own0 = machine_busy(), proc_cpu(p.pid)
-                mt = STEP_RE.search(line)
-                if not mt:
-                    continue
-                busy1, own1 = machine_busy(), proc_cpu(p.pid)
-                samples.add(B * S / float(mt.group(3)), other_cpu_share(busy0, busy1, own0, own1))
-                busy0, own0 = busy1, own1
-                if samples.done() or int(mt.group(1)) >= max_steps:
-                    peak = proc_status(p.pid, "VmHWM")
-                    os.kill(p.pid, signal.SIGKILL)
-                    break
-        finally:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        if peak is None:
-            raise RuntimeError("moeyard train stopped early:\n" + "".join(log[-30:]))
-    return {**samples.result(), "peak_mb": peak, "start_mb": start_rss}
+    sets = {**overrides, "train.steps": steps, "train.threads": threads, "log.every": 1,
+            "checkpoint.dir": run_dir, "checkpoint.every": 0, "data.valid": '""',
+            "train.eval_every": 0}
+    cmd = [exe, "train", "--config", path, "--resume", "never"]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
 
+    def seconds_of(line):  # the wall time between two step lines
+        mt = STEP_RE.search(line)
+        return B * S / float(mt.group(3)) if mt else None
 
-# ---------------------------------------------------------------- transformers side
+    return Child(name, cmd, seconds_of)
+
 
 def hf_child(spec):
-    """Runs in its own process: times MixtralForCausalLM training steps, prints one JSON line."""
+    """Runs in its own process: MixtralForCausalLM training steps, one
+    "STEP <seconds>" line each, until killed."""
     import numpy as np
     import torch
 
     torch.set_num_threads(spec["threads"])
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    start_rss = proc_status("self", "VmRSS")
+    print("START", flush=True)  # the parent reads the resident memory here
     torch.manual_seed(0)
     cfg = MixtralConfig(**spec["mixtral"])
     cfg._attn_implementation = "sdpa"
@@ -338,6 +339,7 @@ def hf_child(spec):
     if cfg.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         raise SystemExit("lm_head is not tied")
     params = list(model.parameters())
+    print(f"PARAMS {sum(p.numel() for p in params)}", flush=True)
     o = spec["optim"]
     decay, no_decay = [], []
     for name, p in model.named_parameters():  # moeyard's groups: no decay on norms, embeddings, router
@@ -357,9 +359,7 @@ def hf_child(spec):
                        offset=32, shape=(count,))
     rng = np.random.default_rng(1234)
     B, S = spec["B"], spec["S"]
-    samples = Samples(spec["warmup"], spec["steps"])
-    for _ in range(spec["max_steps"]):
-        busy0, own0 = machine_busy(), proc_cpu("self")
+    while True:
         t = time.perf_counter()
         starts = rng.integers(0, count - S, B)
         x = torch.from_numpy(np.stack([tokens[s:s + S] for s in starts]).astype(np.int64))
@@ -369,25 +369,26 @@ def hf_child(spec):
         opt.step()
         opt.zero_grad(set_to_none=True)
         out.loss.item()
-        dt = time.perf_counter() - t
-        samples.add(dt, other_cpu_share(busy0, machine_busy(), own0, proc_cpu("self")))
-        if samples.done():
-            break
-    print("RESULT " + json.dumps({
-        **samples.result(), "peak_mb": proc_status("self", "VmHWM"), "start_mb": start_rss,
-        "params": sum(p.numel() for p in params)}))
+        print(f"STEP {time.perf_counter() - t}", flush=True)
 
 
-def run_hf(impl, mixtral, optim, B, S, data, warmup, steps, max_steps, threads):
+def transformers_child(impl, mixtral, optim, B, S, data, threads):
     spec = {"impl": impl, "mixtral": mixtral, "optim": optim, "B": B, "S": S,
-            "data": os.path.join(ROOT, data), "warmup": warmup, "steps": steps,
-            "max_steps": max_steps, "threads": threads}
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-child", json.dumps(spec)],
-                       cwd=ROOT, capture_output=True, text=True)
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"transformers '{impl}' failed (rc {r.returncode}):\n{r.stderr[-2000:]}")
+            "data": os.path.join(ROOT, data), "threads": threads}
+    cmd = [sys.executable, os.path.abspath(__file__), "--hf-child", json.dumps(spec)]
+
+    def seconds_of(line):
+        m = HF_STEP_RE.match(line.strip())
+        return float(m.group(1)) if m else None
+
+    return Child(f"transformers {impl}", cmd, seconds_of)
+
+
+def hf_params(child):
+    for line in child.log:
+        if line.startswith("PARAMS "):
+            return int(line.split()[1])
+    return None
 
 
 # ---------------------------------------------------------------- main
@@ -406,10 +407,8 @@ def cpu_name():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="tiny,mid")
-    ap.add_argument("--steps", type=int, help="timed steps (default: tiny 20, mid 4)")
-    ap.add_argument("--warmup", type=int, help="discarded steps (default: tiny 3, mid 1)")
-    ap.add_argument("--max-steps", type=int,
-                    help="give up waiting for clean steps after this many (default: warmup + 4 x steps)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians and spreads over them)")
+    ap.add_argument("--warmup", type=int, help="untimed steps of each process first (default: tiny 3, mid 1)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of both sides")
     ap.add_argument("--hf-impls", default="grouped_mm,eager",
                     help="transformers experts implementations (also: batched_mm)")
@@ -437,73 +436,87 @@ def main():
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.2f} before the run: other processes share the CPU")
-    rows = []  # (config, implementation, tok/s, step ms, peak, start, other, ratio tok/s, ratio peak)
+    rows = []  # (config, implementation, tok/s, step ms, spread, peak, start, other, ratios, TFLOP/s, frac)
     for name in a.configs.split(","):
         path, overrides, cfg = load_config(name)
-        _, _, w_def, s_def = CONFIGS[name]
-        warmup = w_def if a.warmup is None else a.warmup
-        steps = s_def if a.steps is None else a.steps
-        max_steps = a.max_steps or warmup + 4 * steps
+        warmup = CONFIGS[name][2] if a.warmup is None else a.warmup
         mixtral = mixtral_kwargs(cfg)
         optim, B, S, data = optim_settings(cfg)
         n_ours = moeyard_param_count(cfg)
         label = f"{name} (B={B} S={S} H={mixtral['hidden_size']} L={mixtral['num_hidden_layers']} " \
                 f"E={mixtral['num_local_experts']} K={mixtral['num_experts_per_tok']} " \
                 f"F={mixtral['intermediate_size']})"
-        print(f"\n{label}: {warmup} warm-up + {steps} timed steps")
+        print(f"\n{label}: {warmup} warm-up steps, then {a.rounds} interleaved rounds")
         print(f"  overrides of {path}: {overrides or 'none'}")
-        results = {}
-        r = run_moeyard(path, overrides, B, S, warmup, steps, max_steps, a.threads)
-        results["moeyard"] = r
-        print(f"  moeyard: {n_ours} parameters")
-        hf = {}
-        for impl in a.hf_impls.split(","):
+        per_turn = CONFIGS[name][3]
+        steps = warmup + 1 + (per_turn + 1) * (a.rounds + 1) + 2
+        with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
+            children = [moeyard_child("moeyard", path, overrides, B, S, steps, a.threads, f"{tmp}/a")]
+            children += [transformers_child(impl, mixtral, optim, B, S, data, a.threads)
+                         for impl in a.hf_impls.split(",")]
+            if name == "tiny" and not a.no_shipped:
+                children.append(moeyard_child("moeyard, tiny.yaml as shipped (info)", path, {}, B, S, steps,
+                                              a.threads, f"{tmp}/b"))
             try:
-                hf[impl] = run_hf(impl, mixtral, optim, B, S, data, warmup, steps, max_steps, a.threads)
-            except RuntimeError as e:
-                print(f"  (transformers '{impl}' skipped: {str(e)[-300:]})")
-                continue
-            print(f"  transformers MixtralForCausalLM ({impl}): {hf[impl]['params']} parameters")
-            if hf[impl]["params"] != n_ours:
-                raise SystemExit(f"parameter counts differ: moeyard {n_ours}, transformers {hf[impl]['params']}")
-        if name == "tiny" and not a.no_shipped:
-            results["moeyard, tiny.yaml as shipped (info)"] = run_moeyard(
-                path, {}, B, S, warmup, steps, max_steps, a.threads)
-        if not hf:
-            raise SystemExit("no transformers implementation ran")
-        floor_s, floor_flops = step_floor(mixtral, B, S, a.threads)
-        print(f"  floor (GEMMs + attention of one step, measured now): {floor_s * 1e3:.1f} ms, "
-              f"{floor_flops / floor_s / 1e9:.1f} GFLOP/s")
-        best = min(hf, key=lambda k: statistics.median(hf[k]["times"]))
-        ordered = [("moeyard", results["moeyard"]), (f"transformers best ({best})", hf[best])]
-        ordered += [(f"transformers {k}", v) for k, v in hf.items() if k != best]
-        ordered += [(k, v) for k, v in results.items() if k != "moeyard"]
+                for c in children:  # one at a time: start-up, warm-up, pause
+                    c.warm_up(warmup + 1)
+                for c in children:
+                    n = hf_params(c)
+                    if n is not None and n != n_ours:
+                        raise SystemExit(f"parameter counts differ: moeyard {n_ours}, {c.name} {n}")
+                fns, counts, floor_flops = floor_fns(mixtral, B, S, a.threads)
+                floor = {k: [] for k in fns}
+                for c in children:  # an untimed round first, as in limits.interleaved
+                    c.turn(per_turn + 1, timed=False)
+                limits.interleaved(fns, 0)
+                for r in range(a.rounds):
+                    for c in children:
+                        c.turn(per_turn + 1)
+                    for k, t in limits.interleaved(fns, 1, warm_up=False).items():
+                        floor[k] += t
+                    print(f"  round {r + 1}/{a.rounds}: " + ", ".join(
+                        f"{c.name} {c.times[-1] * 1e3:.0f} ms" for c in children), flush=True)
+                results = {c.name: c.finish() for c in children}
+            finally:
+                for c in children:
+                    if c.p.poll() is None:
+                        c.p.kill()
+                        c.p.wait()
+        print(f"  moeyard: {n_ours} parameters (transformers' checked equal)")
+        floor_rounds = [sum(floor[k][r] * counts[k] for k in fns) for r in range(a.rounds)]
+        floor_s = limits.median(floor_rounds)
+        print(f"  floor (GEMMs + attention of one step, same rounds): {floor_s * 1e3:.1f} ms "
+              f"(spread {limits.spread(floor_rounds) * 1e3:.1f}), {floor_flops / floor_s / 1e9:.1f} GFLOP/s")
+        hf = {k: v for k, v in results.items() if k.startswith("transformers ")}
+        best = min(hf, key=lambda k: limits.median(hf[k]["times"]))
+        ordered = [("moeyard", results["moeyard"]), (f"{best} (best)", hf[best])]
+        ordered += [(k, v) for k, v in hf.items() if k != best]
+        ordered += [(k, v) for k, v in results.items() if "(info)" in k]
         base = hf[best]
-        base_tps = B * S / statistics.median(base["times"])
+        base_tps = B * S / limits.median(base["times"])
         for impl, r in ordered:
-            med = statistics.median(r["times"])
+            med = limits.median(r["times"])
             # the shipped tiny.yaml has other shapes than the floor's
             frac = None if "(info)" in impl else floor_s / med
             tps = B * S / med
-            rows.append((label, impl, tps, med * 1e3, r["peak_mb"], r["start_mb"],
-                         f"{len(r['times'])}/{r['ran']}", r["other_cpu"], tps / base_tps,
-                         r["peak_mb"] / base["peak_mb"], None if frac is None else floor_flops / med / 1e12,
-                         frac))
-            print(f"  {impl:44s} {tps:9.0f} tok/s  {med * 1e3:8.1f} ms/step "
-                  f"(min {min(r['times']) * 1e3:.1f}, max {max(r['times']) * 1e3:.1f})  peak RSS "
-                  f"{r['peak_mb']:7.0f} MB (start {r['start_mb']:.0f})  {len(r['times'])}/{r['ran']} steps, other CPU {100 * r['other_cpu']:.0f}%  "
-                  f"x{tps / base_tps:.2f} tok/s, x{r['peak_mb'] / base['peak_mb']:.2f} peak vs {best} "
-                  + ("" if frac is None else f"{frac:.2f} of the floor"))
-            if not r["clean"]:
-                print(f"  warning: fewer than {steps} clean steps in {r['ran']}: other processes used "
-                      f"{100 * r['other_cpu']:.0f}% of the CPU; re-run on a quiet machine")
+            rows.append((label, impl, tps, med * 1e3, limits.spread(r["times"]) * 1e3, r["peak_mb"],
+                         r["start_mb"], r["other_cpu"], tps / base_tps, r["peak_mb"] / base["peak_mb"],
+                         None if frac is None else floor_flops / med / 1e12, frac))
+            print(f"  {impl:44s} {tps:9.0f} tok/s  {med * 1e3:8.1f} ms/step (spread "
+                  f"{limits.spread(r['times']) * 1e3:.1f})  peak RSS {r['peak_mb']:7.0f} MB (start "
+                  f"{r['start_mb']:.0f})  other CPU {100 * r['other_cpu']:.0f}%  x{tps / base_tps:.2f} tok/s, "
+                  f"x{r['peak_mb'] / base['peak_mb']:.2f} peak vs {best}"
+                  + ("" if frac is None else f"  {frac:.2f} of the floor"))
+            if r["other_cpu"] > 0.10:
+                print(f"  warning: other processes used {100 * r['other_cpu']:.0f}% of the CPU during "
+                      f"{impl}'s steps; re-run on a quiet machine")
     md = [header, "",
-          "| config | implementation | tokens/s | step (ms) | peak RSS (MB) | start RSS (MB) | "
-          "steps used/run | other CPU | tokens/s vs transformers best | peak RSS vs transformers best | "
+          "| config | implementation | tokens/s | step (ms) | spread (ms) | peak RSS (MB) | start RSS (MB) | "
+          "other CPU | tokens/s vs transformers best | peak RSS vs transformers best | "
           "step TFLOP/s | of the floor |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (label, impl, tps, ms, peak, start, used, other, rt, rp, tflops, frac) in rows:
-        md.append(f"| {label} | {impl} | {tps:.0f} | {ms:.1f} | {peak:.0f} | {start:.0f} | {used} | "
+    for (label, impl, tps, ms, spr, peak, start, other, rt, rp, tflops, frac) in rows:
+        md.append(f"| {label} | {impl} | {tps:.0f} | {ms:.1f} | {spr:.1f} | {peak:.0f} | {start:.0f} | "
                   f"{100 * other:.0f}% | {rt:.2f}x | {rp:.2f}x | {'' if frac is None else f'{tflops:.3f}'} | "
                   f"{'' if frac is None else f'{frac:.2f}'} |")
     print("\n" + "\n".join(md))

@@ -23,17 +23,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def interleaved(fns, rounds, device="cpu"):
+def interleaved(fns, rounds, device="cpu", warm_up=True):
     """{name: [seconds per round]} over `rounds` timed rounds (after one
-    warm-up round)."""
+    warm-up round unless warm_up is False)."""
     times = {name: [] for name in fns}
-    for r in range(rounds + 1):
+    first = 1 if warm_up else 0
+    for r in range(rounds + first):
         for name, fn in fns.items():
             _sync(device)
             t = time.perf_counter()
             fn()
             _sync(device)
-            if r > 0:
+            if r >= first:
                 times[name].append(time.perf_counter() - t)
     return times
 

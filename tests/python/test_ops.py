@@ -1,6 +1,7 @@
 """opcheck, gradcheck and reference checks of every torch.ops.moeyard op."""
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -264,6 +265,39 @@ def test_grouped_mm_streaming_and_blas_paths_match_a_loop(K, dtype):
         a, b = int(offsets[e]), int(offsets[e + 1])
         want = rows[a:b].double() @ weight[e].double().t()
         assert torch.allclose(out[a:b].double(), want, **tol), e
+
+
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])
+def test_streaming_kernels_pass_under_each_lower_cpu_capability(capability):
+    """MOEYARD_CPU_CAPABILITY caps the streaming kernels' instruction set
+    (by default the best the CPU runs: on AVX512_BF16 CPUs, bf16 products
+    by VDPBF16PS): the float32, bf16 and fp16 streaming tests and the
+    decoding-logits test pass under each lower one too, so every kernel is
+    tested on the machines that run the best one."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    tests = [f"{here}/test_ops.py", f"{here}/test_model.py"]
+    picks = "streaming_and_blas or reduced_precision or few_row_products"
+    env = dict(os.environ, MOEYARD_CPU_CAPABILITY=capability)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", picks],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+def test_a_bad_cpu_capability_is_named():
+    import subprocess
+    import sys
+
+    python_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python")
+    env = dict(os.environ, MOEYARD_CPU_CAPABILITY="sse9", PYTHONPATH=python_dir)
+    code = ("import torch, moeyard\nops = torch.ops.moeyard\n"
+            "ops.grouped_mm(torch.randn(2, 8), torch.randn(1, 4, 8), torch.tensor([0, 2]))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "MOEYARD_CPU_CAPABILITY = 'sse9'" in r.stderr and "avx512_bf16" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("E", [6, 16, 67])

@@ -21,14 +21,62 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#include "ops/grouped_mm/cpu/streaming.h"
 #include "ops/grouped_mm/grouped_mm.h"
 #include "ops/grouped_mm/grouped_mm_checks.h"
 #include "ops/linear.h"
 
 namespace moeyard::ops {
+
+namespace streaming {
+namespace {
+Isa best_isa() {
+  Isa isa = Isa::kDefault;
+#if defined(CPU_CAPABILITY_AVX2)
+  isa = Isa::kAvx2;
+#endif
+#if defined(MOEYARD_CPU_AVX512)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    isa = Isa::kAvx512;
+    if (__builtin_cpu_supports("avx512bf16")) {
+      isa = Isa::kAvx512Bf16;
+    }
+  }
+#endif
+  return isa;
+}
+} // namespace
+
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    const Isa best = best_isa();
+    const char* env = std::getenv("MOEYARD_CPU_CAPABILITY");
+    if (env == nullptr || *env == '\0') {
+      return best;
+    }
+    const std::string v = env;
+    const Isa asked = v == "default" ? Isa::kDefault
+        : v == "avx2"                ? Isa::kAvx2
+        : v == "avx512"              ? Isa::kAvx512
+        : v == "avx512_bf16"         ? Isa::kAvx512Bf16
+                                     : Isa(-1);
+    TORCH_CHECK(
+        asked != Isa(-1),
+        "MOEYARD_CPU_CAPABILITY = '",
+        v,
+        "': expected default, avx2, avx512 or avx512_bf16");
+    return std::min(asked, best);
+  }();
+  return isa;
+}
+} // namespace streaming
+
 namespace {
 
 std::vector<int64_t> read_offsets(
@@ -238,6 +286,27 @@ void skinny_mm(const at::Tensor& x, const at::Tensor& w, at::Tensor y) {
   const float* xp = x.const_data_ptr<float>();
   const WT* wp = w.const_data_ptr<WT>();
   float* yp = y.data_ptr<float>();
+#if defined(MOEYARD_CPU_AVX512)
+  if (streaming::cpu_isa() >= streaming::Isa::kAvx512) {
+    at::parallel_for(0, Dout, 48, [&](int64_t j0, int64_t j1) {
+      if constexpr (std::is_same_v<WT, float>) {
+        streaming::columns_avx512(xp, n, K, wp, yp, Dout, j0, j1);
+      } else {
+        streaming::columns_avx512_widen(
+            xp,
+            n,
+            K,
+            reinterpret_cast<const uint16_t*>(wp),
+            std::is_same_v<WT, c10::BFloat16>,
+            yp,
+            Dout,
+            j0,
+            j1);
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, Dout, 48, [&](int64_t j0, int64_t j1) {
     if (n >= 4) { // 4 x 3 tiles
       skinny_columns<3>(xp, n, K, wp, yp, Dout, j0, j1);
@@ -245,6 +314,25 @@ void skinny_mm(const at::Tensor& x, const at::Tensor& w, at::Tensor y) {
       skinny_columns<4>(xp, n, K, wp, yp, Dout, j0, j1);
     }
   });
+}
+
+// skinny_mm for bfloat16 x and w on CPUs with AVX512_BF16: VDPBF16PS
+// multiplies bf16 pairs exactly and sums in float32; y is rounded to
+// bfloat16 once, as on the widening path.
+void skinny_mm_bf16(const at::Tensor& x, const at::Tensor& w, at::Tensor y) {
+#if defined(MOEYARD_CPU_AVX512)
+  const int64_t n = x.size(0), K = x.size(1), Dout = w.size(0);
+  auto y32 = at::empty({n, Dout}, x.options().dtype(at::kFloat));
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.const_data_ptr());
+  float* yp = y32.data_ptr<float>();
+  at::parallel_for(0, Dout, 48, [&](int64_t j0, int64_t j1) {
+    streaming::columns_avx512_bf16(xp, n, K, wp, yp, Dout, j0, j1);
+  });
+  y.copy_(y32);
+#else
+  TORCH_CHECK(false, "grouped_mm: built without the AVX-512 kernels");
+#endif
 }
 
 at::Tensor grouped_mm_cpu(
@@ -273,6 +361,11 @@ at::Tensor grouped_mm_cpu(
     const bool half = input.scalar_type() == at::kBFloat16 ||
                       input.scalar_type() == at::kHalf;
     if (half && skinny) { // stream the bf16/fp16 weights, widen in place
+      if (input.scalar_type() == at::kBFloat16 &&
+          streaming::cpu_isa() == streaming::Isa::kAvx512Bf16) {
+        skinny_mm_bf16(input.narrow(0, off[e], n), weight[e], o);
+        continue;
+      }
       const auto x32 = input.narrow(0, off[e], n).to(at::kFloat).contiguous();
       auto y32 = at::empty({n, Dout}, x32.options());
       if (input.scalar_type() == at::kBFloat16) {
