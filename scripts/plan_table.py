@@ -33,7 +33,7 @@ def plan(config, world, sets):
 
 def peaks(p, mode):
     # RankPlan::step_peak's sum, with the activations of `mode`.
-    step = max(r["params"] + r["grads"] + r["optimizer"] + r["grad_buffer"] + r["update_temp"] + r["logits"]
+    step = max(r["params"] + r["grads"] + r["optimizer"] + r["grad_buffer"] + r["logits"]
                + r["teacher"] + r["activations"][mode] for r in p["ranks"])
     load = max(r["load_peak"] for r in p["ranks"])
     return step, load

@@ -194,7 +194,8 @@ MoEOutput MoELayerImpl::forward(
   return moe_forward(x, weights(), o, mask, token_ids, drop);
 }
 
-void MoELayerImpl::update_selection_bias(const at::Tensor& load, double rate) {
+void MoELayerImpl::update_selection_bias(
+    const at::Tensor& load, double rate, const at::Tensor& gate) {
   TORCH_CHECK(
       selection_bias.defined(),
       "MoE: update_selection_bias needs moe.selection_bias: true");
@@ -202,11 +203,15 @@ void MoELayerImpl::update_selection_bias(const at::Tensor& load, double rate) {
   // The real experts are balanced; null experts have their own controller.
   const int64_t E = load.size(0) - options.null_experts;
   const auto l = load.narrow(0, 0, E).to(at::kFloat);
-  selection_bias.narrow(0, 0, E).add_(at::sign(l.mean() - l), rate);
+  const auto move = at::sign(l.mean() - l);
+  selection_bias.narrow(0, 0, E).add_(gate.defined() ? move * gate : move, rate);
 }
 
 void MoELayerImpl::update_null_bias(
-    const at::Tensor& load, double target, double rate) {
+    const at::Tensor& load,
+    double target,
+    double rate,
+    const at::Tensor& gate) {
   const int64_t Z = options.null_experts;
   TORCH_CHECK(
       selection_bias.defined() && Z > 0,
@@ -215,8 +220,9 @@ void MoELayerImpl::update_null_bias(
   at::NoGradGuard g;
   const auto l = load.to(at::kFloat);
   const auto share = l.narrow(0, l.size(0) - Z, Z).sum() / l.sum().clamp_min(1);
+  const auto move = at::sign(target - share);
   selection_bias.narrow(0, l.size(0) - Z, Z)
-      .add_(at::sign(target - share), rate);
+      .add_(gate.defined() ? move * gate : move, rate);
 }
 
 // ---- Block, Transformer ---------------------------------------------------

@@ -195,12 +195,20 @@ class MoELayerImpl : public torch::nn::Module {
   // skipped.
   at::Tensor critic(const at::Tensor& x) const;
   // Aux-loss-free balancing of the real experts: bias += rate *
-  // sign(mean_load - load_e).
-  void update_selection_bias(const at::Tensor& tokens_per_expert, double rate);
+  // sign(mean_load - load_e), times `gate` where given (a 0/1 scalar on
+  // the bias's device: the trainer's skip guard, never read on the host).
+  void update_selection_bias(
+      const at::Tensor& tokens_per_expert,
+      double rate,
+      const at::Tensor& gate = {});
   // Null-fraction controller: the null experts' selection bias moves by
-  // rate * sign(target - their share of tokens_per_expert [E + Z]).
+  // rate * sign(target - their share of tokens_per_expert [E + Z]), times
+  // `gate` where given.
   void update_null_bias(
-      const at::Tensor& tokens_per_expert, double target, double rate);
+      const at::Tensor& tokens_per_expert,
+      double target,
+      double rate,
+      const at::Tensor& gate = {});
   // Expert parallelism: keeps this rank's experts (layout.first_expert) of
   // the expert parameters (same names, sliced) and routes rows through the
   // layout's expert-parallel group (not owned).

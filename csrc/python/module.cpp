@@ -68,6 +68,7 @@ PYBIND11_MODULE(_C, m) {
         d["final_valid_loss"] = r.final_valid_loss;
         d["skipped_steps"] = r.skipped_steps;
         d["interrupted"] = r.interrupted;
+        d["host_reads"] = r.host_reads;
         return d;
       },
       py::arg("config"),

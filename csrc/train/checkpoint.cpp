@@ -114,19 +114,17 @@ void Trainer::save_optimizer_state(
           meta[key] = piece;
         }
       };
-  auto& state = opt_->state();
   size_t i = 0;
-  for (auto& group : opt_->param_groups()) {
-    for (auto& p : group.params()) {
-      auto it = state.find(p.unsafeGetTensorImpl());
+  for (const auto& group : opt_->groups()) {
+    for (const auto& p : group.params) {
+      const AdamWState* s = opt_->state(p);
       const auto& n = names_[i];
-      if (it != state.end() && layout_.writes(placement(n))) {
-        auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
-        keep(n, n + ".exp_avg", s.exp_avg());
-        keep(n, n + ".exp_avg_sq", s.exp_avg_sq());
+      if (s && layout_.writes(placement(n))) {
+        keep(n, n + ".exp_avg", s->exp_avg);
+        keep(n, n + ".exp_avg_sq", s->exp_avg_sq);
         // The step count is whole: written with the first piece only.
         if (layout_.piece(placement(n)).index == 0) {
-          t[n + ".step"] = at::full({}, s.step(), at::kLong);
+          t[n + ".step"] = s->step.to(at::kCPU, at::kLong);
         }
         if (opt_is_master_[i]) {
           keep(n, n + ".master", p);
@@ -144,7 +142,7 @@ std::string Trainer::rng_file(int64_t dp_rank) const {
 
 json Trainer::manifest_state(int64_t step) const {
   json recent = json::array();
-  for (const double l : recent_losses_) {
+  for (const double l : spike_window()) {
     recent.push_back(l);
   }
   return {
@@ -217,21 +215,15 @@ void Trainer::commit(
 void Trainer::load_unsharded_state(const io::CheckpointReader& reader) {
   at::NoGradGuard g;
   size_t i = 0;
-  for (auto& group : opt_->param_groups()) {
-    for (auto& p : group.params()) {
+  for (const auto& group : opt_->groups()) {
+    for (const auto& p : group.params) {
       const auto& n = names_[i];
       if (reader.has(n + ".exp_avg")) {
         const auto want = piece(n);
-        auto read = [&](const std::string& key) {
-          auto t = at::empty_like(p);
-          reader.read(key, t, want);
-          return t;
-        };
-        auto s = std::make_unique<torch::optim::AdamWParamState>();
-        s->exp_avg(read(n + ".exp_avg"));
-        s->exp_avg_sq(read(n + ".exp_avg_sq"));
-        s->step(reader.read_whole(n + ".step").item<int64_t>());
-        opt_->state()[p.unsafeGetTensorImpl()] = std::move(s);
+        auto& s = opt_->reset_state(
+            p, reader.read_whole(n + ".step").item<int64_t>());
+        reader.read(n + ".exp_avg", s.exp_avg, want);
+        reader.read(n + ".exp_avg_sq", s.exp_avg_sq, want);
         if (opt_is_master_[i]) {
           auto master = p.detach();
           reader.read(n + ".master", master, want);

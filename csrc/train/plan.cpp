@@ -119,7 +119,7 @@ BlockActivations block_activations(
 
 int64_t RankPlan::step_peak(const std::string& recompute) const {
   const auto it = activations.find(recompute);
-  return params + grads + optimizer + grad_buffer + update_temp + logits +
+  return params + grads + optimizer + grad_buffer + logits +
          teacher + (it == activations.end() ? 0 : it->second);
 }
 
@@ -199,22 +199,15 @@ Plan make_plan(const TrainConfig& cfg, int64_t world) {
       (expert ? largest_expert : largest_dense) =
           std::max(expert ? largest_expert : largest_dense, numel);
     }
-    // AdamW's update makes two float32 temporaries of the tensor it
-    // updates: a parameter, or a sharded bucket's shard (buckets hold up to
-    // kShardBucketElements, or one larger tensor).
+    // Gradient reduction: one float32 buffer per bucket, one bucket at a
+    // time (trainer_shard.cpp); the unsharded optimizer in one process
+    // reduces nothing. Buckets hold up to kShardBucketElements, or one
+    // larger tensor.
     const auto bucket = [](int64_t total, int64_t one, int64_t ranks) {
       return (std::max(one, std::min(total, kShardBucketElements)) + ranks -
               1) /
              ranks;
     };
-    rp.update_temp = 8 * (cfg.optim.sharded()
-                              ? std::max(
-                                    bucket(dense_fp32, largest_dense, l.dp),
-                                    bucket(expert_fp32, largest_expert, l.edp))
-                              : std::max(largest_dense, largest_expert));
-    // Gradient reduction: one float32 buffer per bucket, one bucket at a
-    // time (trainer_shard.cpp); the unsharded optimizer in one process
-    // reduces nothing.
     const bool multi = world > 1;
     if (cfg.optim.sharded() || multi) {
       rp.grad_buffer = 4 * std::max(
@@ -354,7 +347,6 @@ std::string format_plan(const Plan& plan, const TrainConfig& cfg) {
     o << "  gradients              " << gb(r.grads) << "\n";
     o << "  optimizer state        " << gb(r.optimizer) << "\n";
     o << "  reduction buffer       " << gb(r.grad_buffer) << "\n";
-    o << "  AdamW temporaries      " << gb(r.update_temp) << "\n";
     o << "  logits (loss)          " << gb(r.logits) << "\n";
     if (r.teacher > 0) {
       o << "  teacher (distill)      " << gb(r.teacher) << "\n";
@@ -388,7 +380,6 @@ std::string plan_json(const Plan& plan) {
          {"grads", r.grads},
          {"optimizer", r.optimizer},
          {"grad_buffer", r.grad_buffer},
-         {"update_temp", r.update_temp},
          {"logits", r.logits},
          {"teacher", r.teacher},
          {"activations", r.activations},

@@ -21,7 +21,6 @@ struct RankPlan {
   int64_t grads = 0; // trainable pieces' gradients, in the parameters' dtypes
   int64_t optimizer = 0; // fp32 masters and AdamW moments (its shard)
   int64_t grad_buffer = 0; // the float32 reduction buffer (transient)
-  int64_t update_temp = 0; // AdamW's temporaries of its largest tensor
   // Tensors saved for backward per micro-batch, by train.recompute mode
   // (every block), and "configured" (the config's mode and layers).
   std::map<std::string, int64_t> activations;

@@ -90,9 +90,15 @@ Trainer::Batch Trainer::batch(
       }
     }
   }
+  // To a GPU from pinned memory, without waiting: a copy from pageable
+  // memory would wait for the device to finish its queue.
+  const auto to_device = [&](const at::Tensor& t) {
+    return device_.is_cuda() ? t.pin_memory().to(device_, /*non_blocking=*/true)
+                             : t;
+  };
   return {
-      at::stack(rows).to(device_),
-      masks.empty() ? at::Tensor() : at::stack(masks).to(device_)};
+      to_device(at::stack(rows)),
+      masks.empty() ? at::Tensor() : to_device(at::stack(masks))};
 }
 
 double Trainer::evaluate(
@@ -201,20 +207,11 @@ nlohmann::json Trainer::scheduled_values() const {
   return out;
 }
 
-nlohmann::json Trainer::routing_stats(
-    at::Tensor all, std::vector<at::Tensor>& layer_tokens) {
+nlohmann::json Trainer::routing_records(const at::Tensor& rows) const {
   json out = json::array();
-  if (all.numel() == 0) {
+  if (rows.numel() == 0) {
     return out;
   }
-  // One row per layer (routing_metrics.h), summed over ranks.
-  all = all.clone();
-  if (distributed()) {
-    dp_->all_reduce_sum(all);
-  }
-  // tokens_per_expert: the real experts, then the null ones.
-  const int64_t E =
-      cfg_.model.moe.num_experts + cfg_.model.moe.routing.null_experts;
   size_t l = 0;
   int64_t layer = -1;
   for (const auto& m : model_->layers->children()) {
@@ -224,9 +221,7 @@ nlohmann::json Trainer::routing_stats(
       continue;
     }
     out.push_back(routing_record(
-        all[l], layer, block->moe->options, cfg_.model.moe.num_experts));
-    layer_tokens[l] = // on the model's device, for the selection bias
-        all[l].narrow(0, 0, E).to(device_, at::kFloat);
+        rows[l], layer, block->moe->options, cfg_.model.moe.num_experts));
     ++l;
   }
   return out;
@@ -269,31 +264,41 @@ RunResult Trainer::run(const RunOptions& options) {
   progress.first_step = progress.logged_from = step;
   while (step < cfg_.train.steps) {
     const auto began = std::chrono::steady_clock::now();
-    const auto s = train_step(step);
-    const double step_s =
+    auto p = train_step(step);
+    p.step_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - began)
             .count();
     ++step;
-    if (s.skipped.empty()) {
-      result.final_loss = s.loss;
-    } else {
-      ++result.skipped_steps;
+    const bool stop = p.stop_signal != 0;
+    pending_.push_back(std::move(p));
+    if (!flush_due(step, stop)) {
+      continue;
     }
-    json rec = step_record(step, s);
-    rec["step_s"] = step_s;
-    if (eval_due(step)) {
-      evaluate_into(step, rec, result);
+    StepOutcome last;
+    for (auto& s : flush()) {
+      note_outcome(s); // may abort (train.max_bad_steps)
+      if (s.skipped.empty()) {
+        result.final_loss = s.loss;
+      } else {
+        ++result.skipped_steps;
+      }
+      json rec = step_record(s.step, s);
+      rec["step_s"] = s.step_s;
+      if (s.step == step && eval_due(step)) {
+        evaluate_into(step, rec, result);
+      }
+      if (metrics.is_open()) {
+        metrics << rec.dump() << "\n";
+        metrics.flush();
+      }
+      if (tensorboard_ || wandb_) {
+        log_dashboards(rec);
+      }
+      log_progress(s.step, s, progress);
+      last = std::move(s);
     }
-    if (metrics.is_open()) {
-      metrics << rec.dump() << "\n";
-      metrics.flush();
-    }
-    if (tensorboard_ || wandb_) {
-      log_dashboards(rec);
-    }
-    log_progress(step, s, progress);
-    if (s.stop_signal != 0) {
-      stop_at(step, s);
+    if (stop) {
+      stop_at(step, last);
       result.interrupted = true;
       break;
     }
@@ -306,6 +311,7 @@ RunResult Trainer::run(const RunOptions& options) {
   }
   wandb_.reset(); // the W&B run finishes with the training's
   result.steps_done = step;
+  result.host_reads = host_reads_;
   return result;
 }
 
@@ -350,7 +356,7 @@ json Trainer::step_record(int64_t step, const StepOutcome& s) const {
     rec["skip_reason"] = s.skipped;
   }
   // The values routing used this step (after clamping to the model).
-  rec.update(scheduled_values()); // what the schedules gave routing
+  rec.update(s.scheduled);
   return rec;
 }
 

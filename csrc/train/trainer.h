@@ -16,6 +16,9 @@ struct RunResult {
   double final_valid_loss = 0.0;
   int64_t skipped_steps = 0;
   bool interrupted = false;
+  // Device-to-host reads of the steps' numbers: one per logging interval
+  // (and at evaluation, checkpoint and stop points).
+  int64_t host_reads = 0;
 };
 
 // How a run treats the checkpoints already in checkpoint.dir

@@ -9,7 +9,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/StringUtil.h>
-#include <torch/optim/adamw.h>
 
 #include <algorithm>
 #include <atomic>
@@ -37,6 +36,7 @@
 #include "util/log.h"
 #include "util/memory.h"
 
+#include "train/adamw.h"
 #include "train/dashboard.h"
 #include "train/run_dir.h"
 #include "train/tensorboard.h"
@@ -163,12 +163,31 @@ class Trainer {
   }
   // What one optimizer step did, for the metrics and the loop.
   struct StepOutcome {
+    int64_t step = 0; // 1-based, as logged
     double loss = 0, ce = 0, aux = 0, kl = 0, grad_norm = 0, lr = 0;
+    double step_s = 0; // wall time of train_step
     std::string skipped; // "" : applied; else why it was skipped
     int stop_signal = 0; // a stop was requested (on any rank) by this signal
     bool stop_here = false; // this rank received the signal
     nlohmann::json moe_layers = nlohmann::json::array();
     nlohmann::json critic; // per MoE layer, on critic target steps
+    nlohmann::json scheduled; // what the schedules gave routing
+  };
+  // A finished step whose numbers are still on the device: the host reads
+  // them with the rest of the logging interval's in one copy (flush).
+  struct PendingStep {
+    int64_t step = 0; // 1-based, as logged
+    double lr = 0, step_s = 0;
+    int stop_signal = 0;
+    bool stop_here = false;
+    nlohmann::json critic, scheduled;
+    // float64 [6]: loss, ce, aux, kl (means over micro-batches and
+    // data-parallel ranks), the global gradient norm, the skip code (0
+    // applied, 1 non-finite, 2 loss spike).
+    at::Tensor values;
+    // float64 [MoE layers, statistics] (routing_metrics.h), summed over the
+    // data-parallel ranks.
+    at::Tensor routing;
   };
   // What the micro-batches of a step leave on the device.
   struct MicroBatchSums {
@@ -227,7 +246,17 @@ class Trainer {
   void stop_at(int64_t step, const StepOutcome& s);
 
   // ---- One step (trainer_step.cpp), in the order it runs ----
-  StepOutcome train_step(int64_t step);
+  // Everything up to the update, on the device: no value comes to the host.
+  PendingStep train_step(int64_t step);
+  // The pending steps' outcomes, read in one device-to-host copy.
+  std::vector<StepOutcome> flush();
+  // Whether the steps so far are read now: at logging, evaluation,
+  // checkpoint and stop points, and each step where the host needs the
+  // step's routing (schedule.relu_l1_mult).
+  bool flush_due(int64_t step, bool stop) const;
+  // A read step's consequences on the host: the bad-step count (aborts
+  // after train.max_bad_steps), the adaptive relu L1.
+  void note_outcome(const StepOutcome& s);
   // Sets each parameter group's learning rate for `step`; the first's.
   double set_learning_rate(int64_t step);
   // The micro-batch loop: gradients of the mean loss accumulate; losses
@@ -237,14 +266,16 @@ class Trainer {
   // layer, see routing_stats).
   static void add_routing_sums(
       const TransformerOutput& out, std::vector<at::Tensor>& sums);
-  // The logged losses (on the host; mean over every process) and a stop
-  // request (max over every process) into `out`.
-  void reduce_losses(const at::Tensor& losses, StepOutcome& out);
+  // A stop request (max over every process, on the host) into `out`.
+  void reduce_stop(PendingStep& out);
+  // [loss, ce, aux, kl] per micro-batch, mean over the data-parallel ranks
+  // (on the device).
+  at::Tensor mean_losses(const at::Tensor& sums);
+  // The micro-batches' routing rows summed over the data-parallel ranks
+  // (on the device), float64.
+  at::Tensor summed_routing(const std::vector<at::Tensor>& rows);
   // Gradients over the ranks, per-expert clipping, fp32 masters' gradients.
   void reduce_gradients();
-  // The optimizer's parameters that have a gradient, the critics' aside
-  // (what clipping scales).
-  std::vector<at::Tensor> optimizer_params() const;
   // The optimizer group of the routing critics (the last).
   size_t critic_group() const {
     return 3 + cfg_.optim.groups.size();
@@ -256,20 +287,24 @@ class Trainer {
     std::vector<int> kind;
   };
   NormPieces grad_norm_pieces() const;
-  // The global gradient norm over every rank, from the pieces' norms (on
-  // the host).
-  double global_grad_norm(
-      const at::Tensor& norms, const std::vector<int>& kind);
+  // The global gradient norm over every rank, from the pieces' norms (a
+  // float64 scalar on the device).
+  at::Tensor global_grad_norm(const NormPieces& pieces);
   // The step's tensors in one device-to-host copy (as double, their shapes
   // kept).
   static std::vector<at::Tensor> one_host_copy(
       const std::vector<at::Tensor>& parts);
-  // Why this step must be skipped ("" : it must not).
-  std::string skip_reason(double loss, double grad_norm) const;
+  // Whether this step must be skipped, as the code of PendingStep::values
+  // (on the device).
+  at::Tensor skip_code(const at::Tensor& loss, const at::Tensor& grad_norm) const;
   // Counts and logs a skipped step; aborts after train.max_bad_steps.
-  void note_skipped(int64_t step, const StepOutcome& out);
-  // An accepted step's loss joins the spike guard's window.
-  void note_accepted(double loss);
+  void note_skipped(const StepOutcome& out);
+  // An applied step's loss joins the spike guard's window (on the device).
+  void note_loss(const at::Tensor& loss, const at::Tensor& applied);
+  // The spike guard's window holding `losses` (the last of them), and the
+  // accepted losses it holds, oldest first.
+  void reset_spike_window(const std::vector<double>& losses);
+  std::vector<double> spike_window() const;
   // ---- The sharded optimizer (trainer_shard.cpp) ----
   // buckets_ from params_ and param_group_ (`n_groups` optimizer groups),
   // with this rank's masters when the optimizer is sharded.
@@ -304,10 +339,12 @@ class Trainer {
   // at a time).
   void load_sharded_state(const io::CheckpointReader& reader);
 
-  // Clipping to optim.grad_clip, AdamW, fp32 masters back into the model.
-  void optimizer_step(const std::vector<at::Tensor>& params, double grad_norm);
-  // Aux-loss-free balancing from the step's global expert loads.
-  void update_selection_bias(const std::vector<at::Tensor>& layer_tokens);
+  // Clipping to optim.grad_clip and AdamW, both skipped where `skip` (a
+  // device flag) is 1; fp32 masters back into the model.
+  void optimizer_step(const at::Tensor& grad_norm, const at::Tensor& skip);
+  // Aux-loss-free balancing from the step's global expert loads (the
+  // summed routing rows), where `applied` (a device flag) is 1.
+  void update_selection_bias(const at::Tensor& routing, const at::Tensor& applied);
   // Adaptive L1 of relu routing (schedule.relu_l1_mult): the step's real
   // experts per token (records of routing_stats) move relu_l1_coeff_.
   void update_relu_l1(const nlohmann::json& moe_layers);
@@ -343,11 +380,10 @@ class Trainer {
   void check_resume_compatible(const json& manifest, const fs::path& from);
   // Drops metrics records past `step` (their steps will be run again).
   void truncate_metrics(int64_t step) const;
-  // Per MoE layer, the routing statistics of the whole step: every
-  // micro-batch on every data-parallel rank (one collective); `sums` is on
-  // the host, a row per MoE layer.
-  nlohmann::json routing_stats(
-      at::Tensor sums, std::vector<at::Tensor>& layer_tokens);
+  // Per MoE layer, the routing statistics of the whole step (every
+  // micro-batch on every data-parallel rank) from its summed rows, on the
+  // host.
+  nlohmann::json routing_records(const at::Tensor& rows) const;
   // rank 0: the manifest fields that describe the run, not the files.
   json manifest_state(int64_t step) const;
   // Every file's vocabulary (raw files do not say) fits the model's.
@@ -466,12 +502,19 @@ class Trainer {
   std::string run_id_; // the run the checkpoints of this run belong to
   bool discard_others_ = false; // --overwrite, until the first commit
   json data_fingerprint_; // data.train and data.valid
-  std::deque<double> recent_losses_; // accepted steps, for the spike guard
+  // The spike guard's window: the last train.spike_window accepted losses,
+  // oldest first, NaN where none yet (float64, on the device).
+  at::Tensor recent_losses_;
   int64_t bad_in_row_ = 0; // consecutive skipped steps
+  std::vector<PendingStep> pending_; // run, not yet read (flush)
+  int64_t host_reads_ = 0; // flushes so far
+  // The gradient norm pieces' kinds, on the device and as last built.
+  at::Tensor norm_kinds_;
+  std::vector<int> norm_kinds_host_;
   // relu routing's switch_coeff under schedule.relu_l1_mult (checkpointed).
   double relu_l1_coeff_ = 0.0;
   std::unique_ptr<io::TokenCorpus> train_, valid_;
-  std::unique_ptr<torch::optim::AdamW> opt_;
+  std::unique_ptr<AdamW> opt_;
   std::vector<double> base_lr_; // per parameter group
   std::vector<std::string> names_; // parameter names in optimizer order
   std::vector<at::Tensor> params_,

@@ -66,20 +66,13 @@ void Trainer::build_optimizer() {
     member_master[g].push_back(
         opt_t.unsafeGetTensorImpl() != t.unsafeGetTensorImpl());
   }
-  auto options = [&](double lr, double wd) {
-    return std::make_unique<torch::optim::AdamWOptions>(
-        torch::optim::AdamWOptions(lr)
-            .betas({o.beta1, o.beta2})
-            .eps(o.eps)
-            .weight_decay(wd));
-  };
   build_buckets(n_groups);
   if (o.sharded()) {
     for (const auto& b : buckets_) {
       members[b.opt_group].push_back(b.master);
     }
   }
-  std::vector<torch::optim::OptimizerParamGroup> groups;
+  std::vector<AdamWGroup> groups;
   for (size_t g = 0; g < n_groups; ++g) {
     double lr = o.lr, wd = g == 0 ? o.weight_decay : 0.0;
     if (g == 2) {
@@ -90,14 +83,15 @@ void Trainer::build_optimizer() {
       lr = o.lr * o.groups[g - 3].lr_mult;
       wd = o.groups[g - 3].weight_decay;
     }
-    groups.emplace_back(members[g], options(lr, wd));
+    // The critics are trained apart from the model: not clipped with it.
+    groups.push_back(
+        {members[g], lr, wd, o.beta1, o.beta2, o.eps, g != critic_group()});
     base_lr_.push_back(lr);
     names_.insert(names_.end(), member_names[g].begin(), member_names[g].end());
     opt_is_master_.insert(
         opt_is_master_.end(), member_master[g].begin(), member_master[g].end());
   }
-  opt_ = std::make_unique<torch::optim::AdamW>(
-      groups, torch::optim::AdamWOptions(o.lr));
+  opt_ = std::make_unique<AdamW>(std::move(groups));
   if (!o.freeze.empty()) {
     TORCH_CHECK(
         frozen > 0,

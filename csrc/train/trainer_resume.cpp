@@ -62,6 +62,7 @@ int64_t Trainer::start(const RunOptions& options) {
   // Face checkpoint or a fresh init (load_weights, after the checks).
   int64_t step = 0;
   json manifest;
+  std::vector<double> recent; // the spike guard's accepted losses
   relu_l1_coeff_ = cfg_.model.moe.routing.switch_coeff;
   if (!begin.from.empty()) {
     manifest = io::read_manifest(begin.from); // SHA-256 of every file
@@ -73,7 +74,7 @@ int64_t Trainer::start(const RunOptions& options) {
     bad_in_row_ = st.value("bad_in_row", int64_t(0));
     relu_l1_coeff_ = st.value("relu_l1_coeff", relu_l1_coeff_);
     for (const auto& l : st.value("recent_losses", json::array())) {
-      recent_losses_.push_back(l.get<double>());
+      recent.push_back(l.get<double>());
     }
   } else {
     run_id_ = [] {
@@ -88,6 +89,7 @@ int64_t Trainer::start(const RunOptions& options) {
       return std::string(buf);
     }();
   }
+  reset_spike_window(recent);
   // Checkpoints newer than the start belong to another run, or to the
   // future of an older step: never mixed with this run's silently.
   std::vector<std::string> newer;
@@ -214,9 +216,8 @@ void Trainer::log_memory() const {
   for (const auto& b : buckets_) {
     state += b.master.defined() ? b.master.nbytes() : 0;
   }
-  for (const auto& [key, s] : opt_->state()) {
-    const auto& a = static_cast<const torch::optim::AdamWParamState&>(*s);
-    state += a.exp_avg().nbytes() + a.exp_avg_sq().nbytes();
+  for (const auto& [key, s] : opt_->states()) {
+    state += s.exp_avg.nbytes() + s.exp_avg_sq.nbytes();
   }
   log::info(log::format(
       "memory: this rank holds %.3f MB of parameters and %.3f MB of "

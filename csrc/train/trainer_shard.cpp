@@ -228,13 +228,11 @@ void Trainer::gather_sharded_params() {
 
 void Trainer::save_sharded_state(
     io::TensorMap& t, std::map<std::string, std::string>& meta) const {
-  auto& state = opt_->state();
   for (const auto& b : buckets_) {
-    auto it = state.find(b.master.unsafeGetTensorImpl());
-    if (it == state.end()) {
+    const AdamWState* s = opt_->state(b.master);
+    if (!s) {
       continue; // before the first step
     }
-    const auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
     b.for_each_overlap([&](size_t m, int64_t at_m, int64_t at_s, int64_t len) {
       const auto& n = param_names_[b.members[m]];
       const auto where = placement(n);
@@ -256,14 +254,14 @@ void Trainer::save_sharded_state(
         t[key] = v.narrow(0, at_s, len).detach();
         meta[key] = info;
       };
-      keep(n + ".exp_avg", s.exp_avg());
-      keep(n + ".exp_avg_sq", s.exp_avg_sq());
+      keep(n + ".exp_avg", s->exp_avg);
+      keep(n + ".exp_avg_sq", s->exp_avg_sq);
       if (b.dtype != at::kFloat && b.dtype != at::kDouble) {
         keep(n + ".master", b.master);
       }
       // The step count is whole: written with the piece at element 0.
       if (at_m == 0 && piece.index == 0) {
-        t[n + ".step"] = at::full({}, s.step(), at::kLong);
+        t[n + ".step"] = s->step.to(at::kCPU, at::kLong);
       }
     });
   }
@@ -272,9 +270,8 @@ void Trainer::save_sharded_state(
 void Trainer::load_sharded_state(const io::CheckpointReader& reader) {
   at::NoGradGuard g;
   for (auto& b : buckets_) {
-    auto s = std::make_unique<torch::optim::AdamWParamState>();
-    s->exp_avg(at::zeros_like(b.master));
-    s->exp_avg_sq(at::zeros_like(b.master));
+    auto exp_avg = at::zeros_like(b.master);
+    auto exp_avg_sq = at::zeros_like(b.master);
     int64_t step = -1;
     b.for_each_overlap([&](size_t m, int64_t at_m, int64_t at_s, int64_t len) {
       const auto& n = param_names_[b.members[m]];
@@ -289,8 +286,8 @@ void Trainer::load_sharded_state(const io::CheckpointReader& reader) {
         reader.read(key, piece_buf, piece(n));
         return piece_buf.view(-1).narrow(0, at_m, len);
       };
-      s->exp_avg().narrow(0, at_s, len).copy_(part(n + ".exp_avg"));
-      s->exp_avg_sq().narrow(0, at_s, len).copy_(part(n + ".exp_avg_sq"));
+      exp_avg.narrow(0, at_s, len).copy_(part(n + ".exp_avg"));
+      exp_avg_sq.narrow(0, at_s, len).copy_(part(n + ".exp_avg_sq"));
       if (reader.has(n + ".master")) {
         b.master.detach().narrow(0, at_s, len).copy_(part(n + ".master"));
       }
@@ -308,8 +305,9 @@ void Trainer::load_sharded_state(const io::CheckpointReader& reader) {
       step = st;
     });
     if (step >= 0) {
-      s->step(step);
-      opt_->state()[b.master.unsafeGetTensorImpl()] = std::move(s);
+      auto& s = opt_->reset_state(b.master, step);
+      s.exp_avg = exp_avg;
+      s.exp_avg_sq = exp_avg_sq;
     }
   }
 }

@@ -6,10 +6,12 @@
 
 namespace moeyard::train::detail {
 
-Trainer::StepOutcome Trainer::train_step(int64_t step) {
-  StepOutcome out;
+Trainer::PendingStep Trainer::train_step(int64_t step) {
+  PendingStep out;
+  out.step = step + 1;
   apply_moe_schedules(step);
   out.lr = set_learning_rate(step);
+  out.scheduled = scheduled_values(); // what the schedules gave routing
   // Micro-batches: forward, loss, backward of loss / grad_accum.
   auto sums = forward_backward(step);
   if (critic_due(step)) {
@@ -17,31 +19,75 @@ Trainer::StepOutcome Trainer::train_step(int64_t step) {
   }
   // Gradients across ranks (and per-expert clipping).
   reduce_gradients();
-  // The step's one device-to-host copy: the logged losses, the routing
-  // sums and the gradient norm's pieces. Then, on the host and across
-  // ranks: the losses and a stop request, the routing statistics, the
-  // global gradient norm, which decides whether the step is applied.
-  const auto norms = grad_norm_pieces();
-  const auto routing = sums.routing.empty()
-                           ? at::zeros({0, 0}, sums.losses.options())
-                           : at::stack(sums.routing);
-  const auto host = one_host_copy({sums.losses, routing, norms.values});
-  reduce_losses(host[0], out);
-  std::vector<at::Tensor> layer_tokens(sums.routing.size());
-  out.moe_layers = routing_stats(host[1], layer_tokens);
-  const auto params = optimizer_params();
-  out.grad_norm = global_grad_norm(host[2], norms.kind);
-  out.skipped = skip_reason(out.loss, out.grad_norm);
-  if (!out.skipped.empty()) {
-    note_skipped(step, out);
-    return out;
-  }
-  note_accepted(out.loss);
+  // A stop request, over every process (on the host: no device value).
+  reduce_stop(out);
+  // From here to the update, nothing leaves the device: the losses and
+  // routing sums over the data-parallel ranks, the global gradient norm,
+  // the skip guard's verdict, AdamW (skipped inside its kernel), the
+  // selection bias. The host reads them once per logging interval (flush).
+  const auto losses = mean_losses(sums.losses);
+  out.routing = summed_routing(sums.routing);
+  const auto norm = global_grad_norm(grad_norm_pieces());
+  const auto code = skip_code(losses[0], norm);
+  const auto skip = (code != 0).to(at::kFloat);
   // Clip, AdamW, then aux-loss-free balancing from this step's loads.
-  optimizer_step(params, out.grad_norm);
-  update_selection_bias(layer_tokens);
-  update_relu_l1(out.moe_layers);
+  optimizer_step(norm, skip);
+  const auto applied = 1 - skip;
+  note_loss(losses[0], applied);
+  update_selection_bias(out.routing, applied);
+  out.values = at::cat({losses, norm.view(1), code.view(1)});
   return out;
+}
+
+std::vector<Trainer::StepOutcome> Trainer::flush() {
+  // The interval's numbers in one device-to-host copy.
+  std::vector<at::Tensor> parts;
+  for (const auto& p : pending_) {
+    parts.push_back(p.values);
+    parts.push_back(p.routing);
+  }
+  const auto host = one_host_copy(parts);
+  ++host_reads_;
+  std::vector<StepOutcome> out;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    const auto& p = pending_[i];
+    StepOutcome s;
+    const double* v = host[2 * i].const_data_ptr<double>();
+    s.step = p.step;
+    s.loss = v[0];
+    s.ce = v[1];
+    s.aux = v[2];
+    s.kl = v[3];
+    s.grad_norm = v[4];
+    s.skipped = v[5] == 0 ? "" : v[5] == 1 ? "non-finite" : "loss spike";
+    s.lr = p.lr;
+    s.step_s = p.step_s;
+    s.stop_signal = p.stop_signal;
+    s.stop_here = p.stop_here;
+    s.critic = p.critic;
+    s.scheduled = p.scheduled;
+    s.moe_layers = routing_records(host[2 * i + 1]);
+    out.push_back(std::move(s));
+  }
+  pending_.clear();
+  return out;
+}
+
+bool Trainer::flush_due(int64_t step, bool stop) const {
+  // The adaptive relu L1 moves its coefficient from each step's routing,
+  // read on the host before the next step.
+  return stop || step == cfg_.train.steps ||
+         step % std::max<int64_t>(cfg_.log.every, 1) == 0 || eval_due(step) ||
+         checkpoint_due(step) || cfg_.schedule.relu_l1_mult != 0;
+}
+
+void Trainer::note_outcome(const StepOutcome& s) {
+  if (!s.skipped.empty()) {
+    note_skipped(s);
+    return;
+  }
+  bad_in_row_ = 0;
+  update_relu_l1(s.moe_layers);
 }
 
 std::vector<at::Tensor> Trainer::one_host_copy(
@@ -62,10 +108,9 @@ std::vector<at::Tensor> Trainer::one_host_copy(
 
 double Trainer::set_learning_rate(int64_t step) {
   const double lr_f = cfg_.optim.lr_factor().value(step, cfg_.train.steps);
-  auto& groups = opt_->param_groups();
+  auto& groups = opt_->groups();
   for (size_t g = 0; g < groups.size(); ++g) {
-    static_cast<torch::optim::AdamWOptions&>(groups[g].options())
-        .lr(base_lr_[g] * lr_f);
+    groups[g].lr = base_lr_[g] * lr_f;
   }
   return base_lr_[0] * lr_f;
 }
@@ -116,23 +161,37 @@ void Trainer::add_routing_sums(
   }
 }
 
-void Trainer::reduce_losses(const at::Tensor& losses, StepOutcome& out) {
-  // Tensor-parallel ranks hold the same values, so over every process.
+void Trainer::reduce_stop(PendingStep& out) {
   const int sig = received_signal();
   out.stop_here = sig != 0;
-  auto v = losses.clone(); // on the host (one_host_copy)
   auto stop = at::tensor({double(sig)}, at::kDouble); // max over ranks
   if (distributed()) {
-    world_->all_reduce_sum(v);
-    v.div_(static_cast<double>(layout_.world));
     world_->all_reduce_max(stop);
   }
-  const double* vp = v.const_data_ptr<double>();
-  out.loss = vp[0] / cfg_.train.grad_accum;
-  out.ce = vp[1] / cfg_.train.grad_accum;
-  out.aux = vp[2] / cfg_.train.grad_accum;
-  out.kl = vp[3] / cfg_.train.grad_accum;
   out.stop_signal = static_cast<int>(stop.item<double>());
+}
+
+at::Tensor Trainer::mean_losses(const at::Tensor& sums) {
+  // Tensor-parallel ranks hold the same values: the mean over the
+  // data-parallel ranks is every process's.
+  auto v = sums.clone();
+  if (distributed()) {
+    dp_->all_reduce_sum(v);
+    v.div_(static_cast<double>(dp_->size()));
+  }
+  return v / static_cast<double>(cfg_.train.grad_accum);
+}
+
+at::Tensor Trainer::summed_routing(const std::vector<at::Tensor>& rows) {
+  if (rows.empty()) {
+    return at::zeros({0, 0}, at::dtype(at::kDouble).device(device_));
+  }
+  // One row per layer (routing_metrics.h), summed over ranks.
+  auto all = at::stack(rows).to(at::kDouble);
+  if (distributed()) {
+    dp_->all_reduce_sum(all);
+  }
+  return all;
 }
 
 void Trainer::reduce_gradients() {
@@ -152,27 +211,6 @@ void Trainer::reduce_gradients() {
       masters_[i].mutable_grad() = params_[i].grad().to(at::kFloat);
     }
   }
-}
-
-std::vector<at::Tensor> Trainer::optimizer_params() const {
-  std::vector<at::Tensor> params;
-  if (cfg_.optim.sharded()) {
-    for (const auto& b : buckets_) {
-      if (b.opt_group != critic_group()) {
-        params.push_back(b.master);
-      }
-    }
-    return params;
-  }
-  const auto& groups = opt_->param_groups();
-  for (size_t g = 0; g < groups.size(); ++g) {
-    for (const auto& p : groups[g].params()) {
-      if (p.grad().defined() && g != critic_group()) {
-        params.push_back(p);
-      }
-    }
-  }
-  return params;
 }
 
 Trainer::NormPieces Trainer::grad_norm_pieces() const {
@@ -210,13 +248,19 @@ Trainer::NormPieces Trainer::grad_norm_pieces() const {
   return out;
 }
 
-double Trainer::global_grad_norm(
-    const at::Tensor& norms, const std::vector<int>& kind) {
-  const double* np = norms.const_data_ptr<double>();
-  auto sums = at::zeros({3}, at::kDouble); // replicated, expert, TP piece
-  double* sp = sums.data_ptr<double>();
-  for (size_t k = 0; k < kind.size(); ++k) {
-    sp[kind[k]] += np[k] * np[k];
+at::Tensor Trainer::global_grad_norm(const NormPieces& n) {
+  at::NoGradGuard g;
+  // Squares summed by kind: replicated, expert, TP piece.
+  auto sums = at::zeros({3}, at::dtype(at::kDouble).device(device_));
+  if (!n.kind.empty()) {
+    if (n.kind != norm_kinds_host_) { // the same pieces step after step
+      norm_kinds_host_ = n.kind;
+      norm_kinds_ = at::tensor(
+                        std::vector<int64_t>(n.kind.begin(), n.kind.end()),
+                        at::kLong)
+                        .to(device_);
+    }
+    sums.index_add_(0, norm_kinds_, n.values.square());
   }
   auto dense = at::stack({sums[0], sums[2]});
   auto expert = sums.narrow(0, 1, 1).clone();
@@ -233,32 +277,35 @@ double Trainer::global_grad_norm(
   if (ep_) {
     ep_->all_reduce_sum(expert);
   }
-  return std::sqrt(
-      dense[0].item<double>() + split.item<double>() + expert.item<double>());
+  return (dense[0] + split[0] + expert[0]).sqrt();
 }
 
-std::string Trainer::skip_reason(double loss, double grad_norm) const {
-  if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
-    return "non-finite";
-  }
-  // The spike guard needs a few accepted steps for a meaningful median.
+at::Tensor Trainer::skip_code(
+    const at::Tensor& loss, const at::Tensor& grad_norm) const {
+  at::NoGradGuard g;
+  const auto finite = at::isfinite(loss) & at::isfinite(grad_norm);
+  // The spike guard needs a few accepted steps for a meaningful median:
+  // the window holds the last spike_window accepted losses (NaN where
+  // none yet), oldest first; NaN sorts last, so the accepted ones come
+  // first in order and the median is the middle one (the upper of two).
+  auto spike = at::zeros_like(finite);
   const double f = cfg_.train.spike_factor;
-  if (f > 0 && recent_losses_.size() >= 5) {
-    std::vector<double> v(recent_losses_.begin(), recent_losses_.end());
-    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-    const double median = v[v.size() / 2];
-    if (loss > f * median) {
-      return "loss spike";
-    }
+  if (f > 0 && recent_losses_.numel() >= 5) {
+    const auto count = at::isfinite(recent_losses_).sum();
+    const auto sorted = std::get<0>(recent_losses_.sort());
+    const auto median =
+        sorted.gather(0, at::floor_divide(count, 2).view(1)).squeeze(0);
+    spike = (count >= 5) & (loss > f * median);
   }
-  return "";
+  const auto one = at::ones_like(loss);
+  return at::where(finite, at::where(spike, 2 * one, 0 * one), one);
 }
 
-void Trainer::note_skipped(int64_t step, const StepOutcome& out) {
+void Trainer::note_skipped(const StepOutcome& out) {
   ++bad_in_row_;
   log::warn(log::format(
       "step %ld: %s (loss %g, grad norm %g); step skipped (%ld in a row)",
-      step + 1,
+      out.step,
       out.skipped == "loss spike"
           ? log::format(
                 "loss above %g x the running median", cfg_.train.spike_factor)
@@ -278,25 +325,50 @@ void Trainer::note_skipped(int64_t step, const StepOutcome& out) {
       ")");
 }
 
-void Trainer::note_accepted(double loss) {
-  bad_in_row_ = 0;
-  recent_losses_.push_back(loss);
-  while (static_cast<int64_t>(recent_losses_.size()) >
-         cfg_.train.spike_window) {
-    recent_losses_.pop_front();
+void Trainer::note_loss(const at::Tensor& loss, const at::Tensor& applied) {
+  at::NoGradGuard g;
+  const int64_t w = recent_losses_.numel();
+  const auto pushed =
+      at::cat({recent_losses_.narrow(0, 1, w - 1), loss.view(1)});
+  recent_losses_ = at::where(applied.to(at::kBool), pushed, recent_losses_);
+}
+
+void Trainer::reset_spike_window(const std::vector<double>& losses) {
+  const int64_t w = cfg_.train.spike_window;
+  recent_losses_ = at::full(
+      {w},
+      std::numeric_limits<double>::quiet_NaN(),
+      at::dtype(at::kDouble).device(device_));
+  const int64_t n = std::min<int64_t>(w, losses.size());
+  if (n > 0) {
+    const std::vector<double> last(losses.end() - n, losses.end());
+    recent_losses_.narrow(0, w - n, n).copy_(at::tensor(last, at::kDouble));
   }
 }
 
-void Trainer::optimizer_step(
-    const std::vector<at::Tensor>& params, double grad_norm) {
-  if (cfg_.optim.grad_clip > 0 && grad_norm > cfg_.optim.grad_clip) {
-    at::NoGradGuard g;
-    const double s = cfg_.optim.grad_clip / (grad_norm + 1e-6);
-    for (auto p : params) {
-      p.mutable_grad().mul_(s);
+std::vector<double> Trainer::spike_window() const {
+  std::vector<double> out;
+  const auto h = recent_losses_.cpu();
+  const double* p = h.const_data_ptr<double>();
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    if (std::isfinite(p[i])) {
+      out.push_back(p[i]);
     }
   }
-  opt_->step();
+  return out;
+}
+
+void Trainer::optimizer_step(const at::Tensor& grad_norm, const at::Tensor& skip) {
+  // Clipping to optim.grad_clip: AdamW divides the gradients by
+  // (norm + 1e-6) / grad_clip where the norm exceeds grad_clip.
+  at::Tensor divisor;
+  if (cfg_.optim.grad_clip > 0) {
+    const double c = cfg_.optim.grad_clip;
+    divisor = at::where(
+                  grad_norm > c, (grad_norm + 1e-6) / c, at::ones_like(grad_norm))
+                  .to(at::kFloat);
+  }
+  opt_->step(skip, divisor);
   if (cfg_.optim.sharded()) {
     gather_sharded_params();
     return;
@@ -320,22 +392,27 @@ void Trainer::update_relu_l1(const nlohmann::json& moe_layers) {
 }
 
 void Trainer::update_selection_bias(
-    const std::vector<at::Tensor>& layer_tokens) {
+    const at::Tensor& routing, const at::Tensor& applied) {
   const auto& sc = cfg_.schedule;
   if (sc.bias_update_rate <= 0 && sc.null_bias_rate <= 0) {
     return;
   }
-  size_t l = 0;
+  // tokens_per_expert: the real experts, then the null ones.
+  const int64_t E =
+      cfg_.model.moe.num_experts + cfg_.model.moe.routing.null_experts;
+  const auto gate = applied.to(at::kFloat);
+  int64_t l = 0;
   for (const auto& m : model_->layers->children()) {
     auto block = std::dynamic_pointer_cast<BlockImpl>(m);
     if (block && block->moe) {
       auto& moe = *block->moe;
+      const auto load = routing[l].narrow(0, 0, E).to(at::kFloat);
       if (moe.selection_bias.defined() && sc.bias_update_rate > 0) {
-        moe.update_selection_bias(layer_tokens[l], sc.bias_update_rate);
+        moe.update_selection_bias(load, sc.bias_update_rate, gate);
       }
       if (sc.null_bias_rate > 0) {
         moe.update_null_bias(
-            layer_tokens[l], sc.null_target_fraction, sc.null_bias_rate);
+            load, sc.null_target_fraction, sc.null_bias_rate, gate);
       }
       ++l;
     }

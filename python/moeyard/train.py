@@ -21,7 +21,8 @@ def train(
     or a checkpoint directory. ``overwrite`` and ``allow_data_change`` are
     the ``--overwrite`` and ``--allow-data-change`` flags (docs/training.md,
     "Resuming"). Returns steps, final_loss, final_valid_loss, skipped_steps,
-    interrupted.
+    interrupted, host_reads (device-to-host reads of the steps' numbers:
+    one per logging interval).
     """
     if isinstance(overrides, dict):
         items = [f"{k}={v}" for k, v in overrides.items()]

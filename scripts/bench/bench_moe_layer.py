@@ -2,7 +2,7 @@
 """One MoE layer against its peers and against the machine's limits.
 
     python scripts/bench/bench_moe_layer.py [--device cpu|cuda] [--dtype float32 bfloat16]
-                                            [--rounds 5] [--quick] [--cases all|decode|train]
+                                            [--rounds 5] [--quick] [--cases all|decode|train] [--profile]
                                             [--out table.md]
 
 Configurations: coarse H=1024 F=2048 E=8 K=2 and fine-grained H=1024 F=512
@@ -62,7 +62,27 @@ def hf_block(E, H, F_, K, impl, dtype, device, moe):
     return blk
 
 
-def run_case(T, H, F_, E, K, dtype, device, backward, rounds, table):
+def profile_layer(call, flops, gemm_rate, reps=3):
+    """What bounds moeyard's forward+backward: the torch profiler's time per
+    op over `reps` calls, the expert GEMMs' share of the layer's time, and
+    their FLOP rate against the limit's (of the limit = share x rate)."""
+    call()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            call()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    gemm = sum(e.cpu_time_total for e in ev if e.key in ("moeyard::grouped_mm", "moeyard::grouped_mm_backward"))
+    print(f"  profile of moeyard ({reps} calls): expert GEMMs (grouped_mm, grouped_mm_backward) "
+          f"{gemm / total:.2f} of the time, at {flops * reps / (gemm * 1e-6) / gemm_rate:.2f} of the limit's "
+          f"GEMM rate; the rest by op (self time):")
+    rest = sorted((e for e in ev if e.key not in ("moeyard::grouped_mm", "moeyard::grouped_mm_backward")
+                   and e.self_cpu_time_total > 0.01 * total), key=lambda e: -e.self_cpu_time_total)
+    for e in rest[:8]:
+        print(f"    {e.key:40s} {e.self_cpu_time_total / total:.3f}")
+
+
+def run_case(T, H, F_, E, K, dtype, device, backward, rounds, table, profile=False):
     torch.manual_seed(0)
     moe = moeyard.MoE(H, F_, E, K, dtype=dtype, device=device)
     x = torch.randn(T, H, dtype=dtype, device=device)
@@ -190,6 +210,8 @@ def run_case(T, H, F_, E, K, dtype, device, backward, rounds, table):
         rows_out.append((impl, med, limits.spread(v), limits.median(times[baseline]) / med, frac))
         print(f"| {impl} | {med * 1e3:.2f} | {limits.spread(v) * 1e3:.2f} | {rows_out[-1][3]:.2f}x | {frac:.2f} |")
     table.append((name, baseline, limit, rows_out))
+    if profile and backward and device == "cpu":
+        profile_layer(fns["moeyard"], flops, gemm_rate)
 
 
 def bench_router(T, E, K, device, rounds, table):
@@ -256,6 +278,9 @@ def main():
     ap.add_argument("--cases", choices=["all", "decode", "train"], default="all",
                     help="decode: the T=32 forward cases and router_topk; train: the forward+backward cases "
                          "(bfloat16 baselines on CPUs without bf16 GEMM units take minutes per round)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each forward+backward case, profile moeyard's layer: the expert GEMMs' "
+                         "share of its time and their rate, the rest by op")
     a = ap.parse_args()
     T = 512 if a.quick else 4096
     rounds = 2 if a.quick else a.rounds
@@ -266,7 +291,7 @@ def main():
         dtype = getattr(torch, dt)
         for (H, F_, E, K) in [(1024, 2048, 8, 2), (1024, 512, 64, 8)]:
             if a.cases in ("all", "train"):
-                run_case(T, H, F_, E, K, dtype, a.device, True, rounds, table)
+                run_case(T, H, F_, E, K, dtype, a.device, True, rounds, table, a.profile)
             if a.cases in ("all", "decode"):
                 run_case(32, H, F_, E, K, dtype, a.device, False, max(rounds, 9), table)
     if a.cases in ("all", "decode"):
