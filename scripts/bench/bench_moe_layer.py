@@ -62,22 +62,24 @@ def hf_block(E, H, F_, K, impl, dtype, device, moe):
     return blk
 
 
-def profile_layer(call, flops, gemm_rate, reps=3):
-    """What bounds moeyard's forward+backward: the torch profiler's time per
-    op over `reps` calls, the expert GEMMs' share of the layer's time, and
-    their FLOP rate against the limit's (of the limit = share x rate)."""
+def profile_layer(call, work, rate, unit, reps=3):
+    """What bounds moeyard's layer: the torch profiler's time per op over
+    `reps` calls, the expert GEMMs' share of the layer's time, and their
+    rate (`work` per call, FLOPs or bytes) against the limit's `rate`
+    (the layer's fraction of the limit = share x that)."""
     call()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(reps):
             call()
     ev = prof.key_averages()
+    gemm_ops = ("moeyard::grouped_mm", "moeyard::grouped_mm_backward")
     total = sum(e.self_cpu_time_total for e in ev)
-    gemm = sum(e.cpu_time_total for e in ev if e.key in ("moeyard::grouped_mm", "moeyard::grouped_mm_backward"))
+    gemm = sum(e.cpu_time_total for e in ev if e.key in gemm_ops)
     print(f"  profile of moeyard ({reps} calls): expert GEMMs (grouped_mm, grouped_mm_backward) "
-          f"{gemm / total:.2f} of the time, at {flops * reps / (gemm * 1e-6) / gemm_rate:.2f} of the limit's "
-          f"GEMM rate; the rest by op (self time):")
-    rest = sorted((e for e in ev if e.key not in ("moeyard::grouped_mm", "moeyard::grouped_mm_backward")
-                   and e.self_cpu_time_total > 0.01 * total), key=lambda e: -e.self_cpu_time_total)
+          f"{gemm / total:.2f} of the time, at {work * reps / (gemm * 1e-6) / rate:.2f} of the limit's "
+          f"{unit}; the rest by op (self time):")
+    rest = sorted((e for e in ev if e.key not in gemm_ops and e.self_cpu_time_total > 0.01 * total),
+                  key=lambda e: -e.self_cpu_time_total)
     for e in rest[:8]:
         print(f"    {e.key:40s} {e.self_cpu_time_total / total:.3f}")
 
@@ -92,6 +94,11 @@ def run_case(T, H, F_, E, K, dtype, device, backward, rounds, table, profile=Fal
     def step(fn):
         def call():
             with grad_ctx():
+                # A training step's first micro-batch: the weights' gradients
+                # are new tensors, not added to the last call's.
+                moe.zero_grad(set_to_none=True)
+                for b in hf_blocks:
+                    b.zero_grad(set_to_none=True)
                 xx = x.clone().requires_grad_(backward)
                 y = fn(xx)
                 if backward:
@@ -101,10 +108,11 @@ def run_case(T, H, F_, E, K, dtype, device, backward, rounds, table, profile=Fal
     fns = {"moeyard": step(lambda xx: moe(xx)[0])}
     # transformers' block with each experts implementation that runs here
     # (batched_mm is left out: it gathers a weight matrix per token, tens of GiB)
-    hf_names = []
+    hf_names, hf_blocks = [], []
     for impl in ["grouped_mm", "eager"]:
         try:
             blk = hf_block(E, H, F_, K, impl, dtype, device, moe)
+            hf_blocks.append(blk)
 
             def hf(xx, blk=blk):
                 out = blk(xx.view(1, T, H))
@@ -138,6 +146,7 @@ def run_case(T, H, F_, E, K, dtype, device, backward, rounds, table, profile=Fal
     w2 = (torch.randn(K * F_, H, dtype=dtype, device=device) * 0.01).requires_grad_(backward)
 
     def bound_a(xx):
+        w1.grad = w2.grad = None
         h = xx @ w1
         return (F.silu(h[:, : K * F_]) * h[:, K * F_:]) @ w2
     fns["bound a (dense, same FLOPs)"] = step(bound_a)
@@ -153,6 +162,8 @@ def run_case(T, H, F_, E, K, dtype, device, backward, rounds, table, profile=Fal
 
     def bound_b():
         with grad_ctx():
+            for t in wg + wd:
+                t.grad = None
             r = rows.clone().requires_grad_(backward)
             outs = []
             for e in range(E):
@@ -168,6 +179,7 @@ def run_case(T, H, F_, E, K, dtype, device, backward, rounds, table, profile=Fal
 
         def grouped():
             with grad_ctx():
+                moe.zero_grad(set_to_none=True)
                 r = rows.clone().requires_grad_(backward)
                 h = torch._grouped_mm(r, moe.w_gate_up.transpose(1, 2), offs=offs_t)
                 y = torch._grouped_mm(F.silu(h[:, :F_]) * h[:, F_:], moe.w_down.transpose(1, 2), offs=offs_t)
@@ -210,8 +222,11 @@ def run_case(T, H, F_, E, K, dtype, device, backward, rounds, table, profile=Fal
         rows_out.append((impl, med, limits.spread(v), limits.median(times[baseline]) / med, frac))
         print(f"| {impl} | {med * 1e3:.2f} | {limits.spread(v) * 1e3:.2f} | {rows_out[-1][3]:.2f}x | {frac:.2f} |")
     table.append((name, baseline, limit, rows_out))
-    if profile and backward and device == "cpu":
-        profile_layer(fns["moeyard"], flops, gemm_rate)
+    if profile and device == "cpu":
+        if backward:
+            profile_layer(fns["moeyard"], flops, gemm_rate, "GEMM rate")
+        else:  # the experts' weight bytes, without the router's
+            profile_layer(fns["moeyard"], expert_bytes - E * H * 4, bandwidth, "bandwidth")
 
 
 def bench_router(T, E, K, device, rounds, table):
@@ -279,8 +294,8 @@ def main():
                     help="decode: the T=32 forward cases and router_topk; train: the forward+backward cases "
                          "(bfloat16 baselines on CPUs without bf16 GEMM units take minutes per round)")
     ap.add_argument("--profile", action="store_true",
-                    help="after each forward+backward case, profile moeyard's layer: the expert GEMMs' "
-                         "share of its time and their rate, the rest by op")
+                    help="after each case, profile moeyard's layer: the expert GEMMs' share of its time "
+                         "and their rate (of the GEMM rate or the bandwidth), the rest by op")
     a = ap.parse_args()
     T = 512 if a.quick else 4096
     rounds = 2 if a.quick else a.rounds
@@ -293,7 +308,7 @@ def main():
             if a.cases in ("all", "train"):
                 run_case(T, H, F_, E, K, dtype, a.device, True, rounds, table, a.profile)
             if a.cases in ("all", "decode"):
-                run_case(32, H, F_, E, K, dtype, a.device, False, max(rounds, 9), table)
+                run_case(32, H, F_, E, K, dtype, a.device, False, max(rounds, 9), table, a.profile)
     if a.cases in ("all", "decode"):
         for (E, K) in [(8, 2), (64, 8)]:
             bench_router(T, E, K, a.device, max(rounds, 9), table)

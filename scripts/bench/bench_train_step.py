@@ -72,6 +72,7 @@ import argparse
 import json
 import os
 import re
+import select
 import signal
 import statistics
 import subprocess
@@ -124,6 +125,12 @@ def proc_status(pid, key):
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def proc_state(pid):
+    """R, S, T (stopped), ... of /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def machine_busy():
@@ -252,33 +259,54 @@ HF_STEP_RE = re.compile(r"^STEP ([\d.eE+-]+)$")
 
 class Child:
     """One implementation's training process, run only in its turns: SIGCONT,
-    `lines` step lines, SIGSTOP. The first step of a turn began before the
-    last SIGSTOP (the process goes on once it has printed a line), so its
-    time includes the pause and is dropped; the turn's later steps are
+    `lines` step lines, SIGSTOP. Lines the process printed before it
+    stopped are drained first; the next step began before the pause, so
+    its time includes the pause and is dropped; the turn's later steps are
     timed, each with the share of the machine's CPU that other processes
     used meanwhile."""
 
     def __init__(self, name, cmd, seconds_of):
         self.name, self.seconds_of = name, seconds_of
-        self.p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.fd, self.pending = self.p.stdout.fileno(), b""
         self.log, self.times, self.other = [], [], []
         self.start_mb = None
 
+    def _read_line(self, timeout=None):
+        """The next line (None: none within `timeout` seconds)."""
+        while b"\n" not in self.pending:
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if not ready:
+                return None
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                raise RuntimeError(f"{self.name} stopped early:\n" + "".join(self.log[-30:]))
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        line = line.decode(errors="replace") + "\n"
+        self.log.append(line)
+        if self.start_mb is None:  # the process before the model exists
+            self.start_mb = proc_status(self.p.pid, "VmRSS")
+        return line
+
     def _next_step(self):
-        for line in self.p.stdout:
-            self.log.append(line)
-            if self.start_mb is None:  # the process before the model exists
-                self.start_mb = proc_status(self.p.pid, "VmRSS")
-            dt = self.seconds_of(line)
+        while True:
+            dt = self.seconds_of(self._read_line())
             if dt is not None:
                 return dt
-        raise RuntimeError(f"{self.name} stopped early:\n" + "".join(self.log[-30:]))
+
+    def _pause(self):
+        os.kill(self.p.pid, signal.SIGSTOP)
+        while proc_state(self.p.pid) != "T":
+            time.sleep(0.001)
+        while self._read_line(timeout=0) is not None:  # printed before the stop
+            pass
 
     def warm_up(self, steps):
         """Starts the process and runs `steps` untimed steps, then pauses it."""
         for _ in range(steps):
             self._next_step()
-        os.kill(self.p.pid, signal.SIGSTOP)
+        self._pause()
 
     def turn(self, lines=2, timed=True):
         os.kill(self.p.pid, signal.SIGCONT)
@@ -289,7 +317,7 @@ class Child:
             if timed:
                 self.times.append(dt)
                 self.other.append(other_cpu_share(busy0, machine_busy(), own0, proc_cpu(self.p.pid)))
-        os.kill(self.p.pid, signal.SIGSTOP)
+        self._pause()
 
     def finish(self):
         """Peak memory of the timed steps, then the process is killed (an
@@ -449,7 +477,9 @@ def main():
         print(f"\n{label}: {warmup} warm-up steps, then {a.rounds} interleaved rounds")
         print(f"  overrides of {path}: {overrides or 'none'}")
         per_turn = CONFIGS[name][3]
-        steps = warmup + 1 + (per_turn + 1) * (a.rounds + 1) + 2
+        # (a process may run a step or two past a turn's last line before
+        # it stops: room for them; it is killed after the last round)
+        steps = warmup + 1 + 3 * (per_turn + 1) * (a.rounds + 1) + 20
         with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
             children = [moeyard_child("moeyard", path, overrides, B, S, steps, a.threads, f"{tmp}/a")]
             children += [transformers_child(impl, mixtral, optim, B, S, data, a.threads)
