@@ -16,6 +16,9 @@ namespace moeyard::parallel {
 namespace {
 
 // Waits for a collective; a failure or timeout names what was waited for.
+// On an NCCL group the current CUDA stream waits, not the host: a wait with
+// a timeout would block the host until the device has finished everything
+// queued before it; NCCL's watchdog enforces the group's timeout instead.
 void wait(
     const c10::intrusive_ptr<c10d::Work>& work,
     const Group& g,
@@ -26,7 +29,11 @@ void wait(
   }
   std::string why;
   try {
-    work->wait(timeout);
+    if (g.device.is_cuda()) {
+      work->wait();
+    } else {
+      work->wait(timeout);
+    }
     return;
   } catch (const c10::Error& e) {
     why = e.what_without_backtrace();

@@ -255,10 +255,11 @@ at::Tensor Trainer::global_grad_norm(const NormPieces& n) {
   if (!n.kind.empty()) {
     if (n.kind != norm_kinds_host_) { // the same pieces step after step
       norm_kinds_host_ = n.kind;
-      norm_kinds_ = at::tensor(
-                        std::vector<int64_t>(n.kind.begin(), n.kind.end()),
-                        at::kLong)
-                        .to(device_);
+      auto kinds = at::tensor(
+          std::vector<int64_t>(n.kind.begin(), n.kind.end()), at::kLong);
+      norm_kinds_ = device_.is_cuda()
+                        ? kinds.pin_memory().to(device_, /*non_blocking=*/true)
+                        : kinds;
     }
     sums.index_add_(0, norm_kinds_, n.values.square());
   }
@@ -298,7 +299,13 @@ at::Tensor Trainer::skip_code(
     spike = (count >= 5) & (loss > f * median);
   }
   const auto one = at::ones_like(loss);
-  return at::where(finite, at::where(spike, 2 * one, 0 * one), one);
+  auto code = at::where(finite, at::where(spike, 2 * one, 0 * one), one);
+  // Every tensor-parallel rank takes the same verdict, whatever the last
+  // bits of its loss.
+  if (tp_) {
+    tp_->all_reduce_max(code);
+  }
+  return code;
 }
 
 void Trainer::note_skipped(const StepOutcome& out) {
