@@ -204,7 +204,8 @@ void MoELayerImpl::update_selection_bias(
   const int64_t E = load.size(0) - options.null_experts;
   const auto l = load.narrow(0, 0, E).to(at::kFloat);
   const auto move = at::sign(l.mean() - l);
-  selection_bias.narrow(0, 0, E).add_(gate.defined() ? move * gate : move, rate);
+  selection_bias.narrow(0, 0, E).add_(
+      gate.defined() ? move * gate : move, rate);
 }
 
 void MoELayerImpl::update_null_bias(

@@ -16,7 +16,8 @@ AdamWState& AdamW::reset_state(const at::Tensor& p, int64_t step) {
   auto& s = states_[p.unsafeGetTensorImpl()];
   s.exp_avg = at::zeros_like(p, at::MemoryFormat::Contiguous);
   s.exp_avg_sq = at::zeros_like(p, at::MemoryFormat::Contiguous);
-  s.step = at::full({}, static_cast<double>(step), p.options().dtype(at::kFloat));
+  s.step =
+      at::full({}, static_cast<double>(step), p.options().dtype(at::kFloat));
   return s;
 }
 
@@ -34,11 +35,12 @@ void AdamW::step(const at::Tensor& skip, const at::Tensor& grad_divisor) {
       if (!p.grad().defined()) {
         continue;
       }
-      const AdamWState* s = state(p);
-      auto& st = s ? states_[p.unsafeGetTensorImpl()] : reset_state(p, 0);
-      auto& l = by_kind[{static_cast<int>(p.device().type()),
-                         p.device().index(),
-                         p.scalar_type()}];
+      const auto it = states_.find(p.unsafeGetTensorImpl());
+      auto& st = it != states_.end() ? it->second : reset_state(p, 0);
+      auto& l = by_kind[{
+          static_cast<int>(p.device().type()),
+          p.device().index(),
+          p.scalar_type()}];
       l.params.push_back(p);
       l.grads.push_back(p.grad().contiguous());
       l.exp_avgs.push_back(st.exp_avg);

@@ -119,8 +119,8 @@ BlockActivations block_activations(
 
 int64_t RankPlan::step_peak(const std::string& recompute) const {
   const auto it = activations.find(recompute);
-  return params + grads + optimizer + grad_buffer + logits +
-         teacher + (it == activations.end() ? 0 : it->second);
+  return params + grads + optimizer + grad_buffer + logits + teacher +
+         (it == activations.end() ? 0 : it->second);
 }
 
 Plan make_plan(const TrainConfig& cfg, int64_t world) {

@@ -296,7 +296,8 @@ class Trainer {
       const std::vector<at::Tensor>& parts);
   // Whether this step must be skipped, as the code of PendingStep::values
   // (on the device).
-  at::Tensor skip_code(const at::Tensor& loss, const at::Tensor& grad_norm) const;
+  at::Tensor skip_code(
+      const at::Tensor& loss, const at::Tensor& grad_norm) const;
   // Counts and logs a skipped step; aborts after train.max_bad_steps.
   void note_skipped(const StepOutcome& out);
   // An applied step's loss joins the spike guard's window (on the device).
@@ -344,7 +345,8 @@ class Trainer {
   void optimizer_step(const at::Tensor& grad_norm, const at::Tensor& skip);
   // Aux-loss-free balancing from the step's global expert loads (the
   // summed routing rows), where `applied` (a device flag) is 1.
-  void update_selection_bias(const at::Tensor& routing, const at::Tensor& applied);
+  void update_selection_bias(
+      const at::Tensor& routing, const at::Tensor& applied);
   // Adaptive L1 of relu routing (schedule.relu_l1_mult): the step's real
   // experts per token (records of routing_stats) move relu_l1_coeff_.
   void update_relu_l1(const nlohmann::json& moe_layers);

@@ -365,15 +365,17 @@ std::vector<double> Trainer::spike_window() const {
   return out;
 }
 
-void Trainer::optimizer_step(const at::Tensor& grad_norm, const at::Tensor& skip) {
+void Trainer::optimizer_step(
+    const at::Tensor& grad_norm, const at::Tensor& skip) {
   // Clipping to optim.grad_clip: AdamW divides the gradients by
   // (norm + 1e-6) / grad_clip where the norm exceeds grad_clip.
   at::Tensor divisor;
   if (cfg_.optim.grad_clip > 0) {
     const double c = cfg_.optim.grad_clip;
-    divisor = at::where(
-                  grad_norm > c, (grad_norm + 1e-6) / c, at::ones_like(grad_norm))
-                  .to(at::kFloat);
+    divisor =
+        at::where(
+            grad_norm > c, (grad_norm + 1e-6) / c, at::ones_like(grad_norm))
+            .to(at::kFloat);
   }
   opt_->step(skip, divisor);
   if (cfg_.optim.sharded()) {

@@ -53,10 +53,14 @@ TEST(AdamW, MatchesTheFormulaWithSkipsAndClipping) {
       {{a, frozen}, 1e-2, 0.1, 0.9, 0.95, 1e-8, /*clipped=*/true},
       {{b}, 3e-2, 0.0, 0.8, 0.99, 1e-6, /*clipped=*/false}};
   AdamW opt(groups);
-  Reference ra{values(a), std::vector<double>(a.numel()),
-               std::vector<double>(a.numel())};
-  Reference rb{values(b), std::vector<double>(b.numel()),
-               std::vector<double>(b.numel())};
+  Reference ra{
+      values(a),
+      std::vector<double>(a.numel()),
+      std::vector<double>(a.numel())};
+  Reference rb{
+      values(b),
+      std::vector<double>(b.numel()),
+      std::vector<double>(b.numel())};
   const auto frozen0 = frozen.clone();
   const double divisors[] = {1.0, 2.5, 1.7, 1.0};
   const bool skips[] = {false, true, false, false};

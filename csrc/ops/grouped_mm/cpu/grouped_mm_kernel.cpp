@@ -61,11 +61,11 @@ Isa cpu_isa() {
       return best;
     }
     const std::string v = env;
-    const Isa asked = v == "default" ? Isa::kDefault
-        : v == "avx2"                ? Isa::kAvx2
-        : v == "avx512"              ? Isa::kAvx512
-        : v == "avx512_bf16"         ? Isa::kAvx512Bf16
-                                     : Isa(-1);
+    const Isa asked = v == "default"       ? Isa::kDefault
+                      : v == "avx2"        ? Isa::kAvx2
+                      : v == "avx512"      ? Isa::kAvx512
+                      : v == "avx512_bf16" ? Isa::kAvx512Bf16
+                                           : Isa(-1);
     TORCH_CHECK(
         asked != Isa(-1),
         "MOEYARD_CPU_CAPABILITY = '",
